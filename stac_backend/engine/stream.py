@@ -1,0 +1,107 @@
+"""A stream: one camera's frames pushed chunk by chunk through the model with its own caches.
+
+    stream = Stream(model, chunk_size=4)           # full cache by default
+    out = stream.push(frames)                      # frames [C <= 4, 3, H, W], uint8 or float in [0, 1]
+    out["depth"], out["world_points"], out["extrinsics"], ...   # each [C, ...]
+    stream.memory_bytes()                          # bytes held by the stream's caches right now
+
+Each push is one step: the chunk's frames attend to each other both ways and to the cache of
+earlier frames, and the camera head is causal across frames through its own small cache. Pushing
+chunks of C frames gives exactly what ``model(images, chunk_size=C)`` gives on the whole sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..cache.base import CachePolicy, StepInfo
+from ..cache.full import FullCache
+from ..model.camera_head import CameraKVCache
+from ..model.config import ModelConfig
+from ..model.vggt import VGGT
+from .frames import FrameInput, to_frame_tensor
+
+
+class Stream:
+    def __init__(self, model: VGGT, chunk_size: int = 4, cache: Optional[CachePolicy] = None):
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        self.model = model
+        self.chunk_size = chunk_size
+        self.cache = cache if cache is not None else FullCache()
+        self.camera_cache = CameraKVCache()
+        self.frames_seen = 0
+        self.image_hw: Optional[tuple[int, int]] = None
+        self.broken: Optional[str] = None
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def push(self, frames: FrameInput) -> dict[str, Tensor]:
+        """Run one step on a chunk of frames; returns per-frame outputs [C, ...] (detached)."""
+        images = to_frame_tensor(
+            frames, self.config.patch_size, self.chunk_size, self.image_hw, device=self.device, dtype=self.dtype
+        )
+        if self.broken is not None:
+            raise RuntimeError(f"stream is unusable after an earlier failure ({self.broken}); reset it or open a new one")
+        count, _, height, width = images.shape
+        try:
+            out = self._step(images, count, height, width)
+        except Exception as exc:
+            # A step that fails half-way leaves some layers' caches updated and others not.
+            self.broken = f"{type(exc).__name__}: {exc}"
+            raise
+        result = {name: value[0] for name, value in out.items()}
+        result["frame_index"] = torch.arange(self.frames_seen, self.frames_seen + count)
+        self.image_hw = (height, width)
+        self.frames_seen += count
+        return result
+
+    def _step(self, images: Tensor, count: int, height: int, width: int) -> dict[str, Tensor]:
+        with torch.inference_mode():
+            out = self.model.forward_step(images.unsqueeze(0), self.frames_seen, self.cache, self.camera_cache)
+            self.cache.end_step(
+                StepInfo(
+                    frame_offset=self.frames_seen,
+                    num_frames=count,
+                    tokens_per_frame=self.config.tokens_per_frame(height, width),
+                    patch_start_idx=self.config.patch_start_idx,
+                    grid_hw=(height // self.config.patch_size, width // self.config.patch_size),
+                    world_points=out.get("world_points"),
+                    world_points_conf=out.get("world_points_conf"),
+                )
+            )
+        return out
+
+    def memory_bytes(self) -> int:
+        """Bytes of every cache tensor this stream holds (global-attention cache + camera cache)."""
+        return self.cache.memory_bytes() + self.camera_cache.memory_bytes()
+
+    def reset(self) -> None:
+        """Forget everything; the next push starts a new stream (frame 0)."""
+        self.cache.reset()
+        self.camera_cache.clear()
+        self.frames_seen = 0
+        self.image_hw = None
+        self.broken = None
+
+    close = reset
+
+
+def full_cache_bytes_per_frame(config: ModelConfig, height: int, width: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes one more frame adds to a stream with the full cache.
+
+    Global attention keeps keys and values of every token of every layer:
+    2 * depth * tokens_per_frame * embed_dim elements; the camera trunk keeps keys and values of one
+    token per (iteration, block): 2 * iterations * trunk_depth * (2 * embed_dim) elements.
+    """
+    element = torch.empty((), dtype=dtype).element_size()
+    aggregator = 2 * config.depth * config.tokens_per_frame(height, width) * config.embed_dim
+    camera = 2 * config.camera_iterations * config.camera_trunk_depth * 2 * config.embed_dim if config.enable_camera else 0
+    return (aggregator + camera) * element

@@ -1,0 +1,127 @@
+"""Writing a stream's results: per-frame arrays, a merged point cloud and the camera trajectory.
+
+Used by the in-process ``stac stream`` and by the gRPC client alike, so both produce the same files:
+- ``frames/frame_00000.npz``: depth, depth_conf, world_points, world_points_conf, pose_enc,
+  extrinsics, intrinsics of one frame;
+- ``points.ply``: confidence-filtered world points of all frames, coloured by the input pixels
+  (binary little-endian PLY; at most ``max_points_per_frame`` per frame, chosen deterministically);
+- ``trajectory.json``: per frame extrinsics (camera-from-world), intrinsics and camera centre;
+- ``trajectory_tum.txt``: the same poses as camera-to-world in TUM format (index tx ty tz qx qy qz qw).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+
+from .model.pose import matrix_to_quaternion
+
+FRAME_ARRAYS = ("depth", "depth_conf", "world_points", "world_points_conf", "pose_enc", "extrinsics", "intrinsics")
+
+
+def write_ply(path: Path, points: np.ndarray, colors: Optional[np.ndarray] = None) -> None:
+    """Binary PLY of points [N, 3] (float32) with optional colours [N, 3] (uint8)."""
+    points = np.ascontiguousarray(points, dtype="<f4").reshape(-1, 3)
+    fields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")]
+    if colors is not None:
+        fields += [("red", "u1"), ("green", "u1"), ("blue", "u1")]
+    rows = np.empty(len(points), dtype=fields)
+    rows["x"], rows["y"], rows["z"] = points[:, 0], points[:, 1], points[:, 2]
+    if colors is not None:
+        colors = np.asarray(colors, dtype=np.uint8).reshape(-1, 3)
+        rows["red"], rows["green"], rows["blue"] = colors[:, 0], colors[:, 1], colors[:, 2]
+    header = ["ply", "format binary_little_endian 1.0", f"element vertex {len(points)}"]
+    header += [f"property float {n}" for n in "xyz"]
+    if colors is not None:
+        header += [f"property uchar {n}" for n in ("red", "green", "blue")]
+    header.append("end_header")
+    with open(path, "wb") as f:
+        f.write(("\n".join(header) + "\n").encode("ascii"))
+        f.write(rows.tobytes())
+
+
+def read_ply_points(path: Path) -> np.ndarray:
+    """Points [N, 3] of a PLY written by ``write_ply`` (for tests and tools)."""
+    data = Path(path).read_bytes()
+    end = data.index(b"end_header\n") + len(b"end_header\n")
+    header = data[:end].decode("ascii").splitlines()
+    count = int(next(line for line in header if line.startswith("element vertex")).split()[-1])
+    has_color = any("red" in line for line in header)
+    dtype = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")] + ([("r", "u1"), ("g", "u1"), ("b", "u1")] if has_color else [])
+    rows = np.frombuffer(data[end:], dtype=dtype, count=count)
+    return np.stack([rows["x"], rows["y"], rows["z"]], axis=1)
+
+
+class ReconstructionWriter:
+    """Collects a stream's per-frame outputs and writes them under one folder."""
+
+    def __init__(self, out_dir: Path, conf_threshold: float = 2.0, max_points_per_frame: int = 20000, save_frames: bool = True):
+        self.out_dir = Path(out_dir)
+        self.conf_threshold = conf_threshold
+        self.max_points_per_frame = max_points_per_frame
+        self.save_frames = save_frames
+        self.points: list[np.ndarray] = []
+        self.colors: list[np.ndarray] = []
+        self.poses: list[dict] = []
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if save_frames:
+            (self.out_dir / "frames").mkdir(exist_ok=True)
+
+    def add(self, frame_index: int, outputs: Mapping[str, np.ndarray], image: Optional[np.ndarray] = None) -> None:
+        """outputs: one frame's arrays (no frame dimension); image: [3, H, W] float in [0, 1] or uint8."""
+        arrays = {k: _numpy(outputs[k]) for k in FRAME_ARRAYS if k in outputs}
+        if self.save_frames:
+            np.savez_compressed(self.out_dir / "frames" / f"frame_{frame_index:05d}.npz", **arrays)
+        if "world_points" in arrays:
+            pts = arrays["world_points"].reshape(-1, 3)
+            conf = arrays["world_points_conf"].reshape(-1)
+            keep = np.flatnonzero((conf > self.conf_threshold) & np.isfinite(pts).all(axis=1))
+            if len(keep) > self.max_points_per_frame:
+                keep = np.random.default_rng(frame_index).choice(keep, self.max_points_per_frame, replace=False)
+                keep.sort()
+            self.points.append(pts[keep].astype(np.float32))
+            if image is not None:
+                rgb = _numpy(image)
+                rgb = (rgb * 255).round() if rgb.dtype != np.uint8 else rgb
+                self.colors.append(rgb.reshape(3, -1).T[keep].astype(np.uint8))
+        if "extrinsics" in arrays:
+            extr = arrays["extrinsics"].astype(np.float64)
+            R, t = extr[:3, :3], extr[:3, 3]
+            self.poses.append(
+                {
+                    "frame": int(frame_index),
+                    "extrinsics": extr.tolist(),
+                    "intrinsics": arrays["intrinsics"].astype(np.float64).tolist(),
+                    "center": (-R.T @ t).tolist(),
+                }
+            )
+
+    @property
+    def num_points(self) -> int:
+        return int(sum(len(p) for p in self.points))
+
+    def finish(self) -> dict:
+        """Write the point cloud and trajectory; returns a summary."""
+        points = np.concatenate(self.points) if self.points else np.zeros((0, 3), np.float32)
+        colors = np.concatenate(self.colors) if self.colors and len(self.colors) == len(self.points) else None
+        write_ply(self.out_dir / "points.ply", points, colors)
+        (self.out_dir / "trajectory.json").write_text(json.dumps({"frames": self.poses}, indent=1))
+        with open(self.out_dir / "trajectory_tum.txt", "w") as f:
+            f.write("# frame tx ty tz qx qy qz qw (camera-to-world)\n")
+            for pose in self.poses:
+                extr = np.asarray(pose["extrinsics"])
+                R_wc = extr[:3, :3].T
+                q = matrix_to_quaternion(torch.from_numpy(R_wc)).numpy()
+                c = pose["center"]
+                f.write(f"{pose['frame']} {c[0]:.6f} {c[1]:.6f} {c[2]:.6f} {q[0]:.6f} {q[1]:.6f} {q[2]:.6f} {q[3]:.6f}\n")
+        return {"frames": len(self.poses), "points": int(len(points)), "out_dir": str(self.out_dir)}
+
+
+def _numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy() if x.dtype in (torch.bfloat16, torch.float16) else x.detach().cpu().numpy()
+    return np.asarray(x)

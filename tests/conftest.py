@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny random model whose camera head predicts a plausible field of view."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stac_backend.model import build_model
+
+torch.set_num_threads(2)
+
+
+def make_tiny_model(seed: int = 0, **config_changes):
+    """The tiny preset with LayerScale 1 (not 0.01), so attention across frames visibly matters and
+    equivalence tests are not vacuous."""
+    from stac_backend.model import config_with, get_preset
+
+    changes = {"init_values": 1.0, "camera_init_values": 1.0, **config_changes}
+    config = config_with(get_preset("tiny"), **changes)
+    model = build_model(config, seed=seed)
+    with torch.no_grad():
+        # Random weights put the field of view near 0 (focal length near infinity); bias it to ~1 rad.
+        model.camera_head.pose_branch.fc2.bias[7:].fill_(1.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return make_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def frames12():
+    generator = torch.Generator().manual_seed(1)
+    return torch.rand(12, 3, 56, 84, generator=generator)
