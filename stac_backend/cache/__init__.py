@@ -1,0 +1,43 @@
+"""Per-stream key/value cache policies for the global-attention layers.
+
+``make_cache(config, geometry)`` builds the policy a ``CacheConfig`` names:
+``full``, ``window``, ``sink_window``, ``heavy_hitter`` or ``stac``.
+"""
+
+from __future__ import annotations
+
+from .base import CacheGeometry, CachePolicy, StepInfo
+from .config import POLICIES, CacheConfig
+from .full import FullCache
+from .heavy_hitter import HeavyHitterCache
+from .stac import StacCache
+from .window import SinkWindowCache, WindowCache
+
+
+def make_cache(config: CacheConfig, geometry: CacheGeometry) -> CachePolicy:
+    if config.policy == "full":
+        return FullCache()
+    if config.policy == "window":
+        return WindowCache(config, geometry)
+    if config.policy == "sink_window":
+        return SinkWindowCache(config, geometry)
+    if config.policy == "heavy_hitter":
+        return HeavyHitterCache(config, geometry)
+    if config.policy == "stac":
+        return StacCache(config, geometry)
+    raise ValueError(f"unknown cache policy {config.policy!r}; choose one of {POLICIES}")
+
+
+__all__ = [
+    "CacheConfig",
+    "CacheGeometry",
+    "CachePolicy",
+    "StepInfo",
+    "POLICIES",
+    "make_cache",
+    "FullCache",
+    "WindowCache",
+    "SinkWindowCache",
+    "HeavyHitterCache",
+    "StacCache",
+]

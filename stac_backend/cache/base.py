@@ -3,7 +3,8 @@
 A ``CachePolicy`` instance belongs to one stream. The model calls ``attend(layer, q, k, v)`` at each
 global-attention layer of a step (q, k, v after q/k norm and RoPE, [B, heads, N_step, head_dim]);
 the policy decides which keys/values of earlier steps take part, stores what it wants to keep of
-the new ones, and returns the attention output. After the heads have run, the engine calls
+the new ones, and returns the attention output. Before the forward the engine calls
+``begin_step(info)`` (which frames the step holds); after the heads have run it calls
 ``end_step(info)`` so the policy can do its end-of-step work (score decay, pruning, pooling) with
 the step's predictions at hand (e.g. world points, for spatial policies).
 
@@ -17,7 +18,26 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class CacheGeometry:
+    """The numbers of the model a policy needs (and nothing more about it)."""
+
+    num_layers: int  # global-attention layers
+    num_heads: int
+    head_dim: int
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    # The camera trunk's cache (kept by the stream, bounded by CacheConfig.camera_window) costs
+    # this much per frame; bounds and budgets include it.
+    camera_bytes_per_frame: int = 0
+
+    @property
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
 
 
 @dataclass
@@ -33,6 +53,16 @@ class StepInfo:
     world_points_conf: Optional[Tensor] = None  # [B, C, H, W]
 
 
+def camera_bytes_bound(config, geometry: CacheGeometry) -> int:
+    """Most bytes the camera-trunk cache holds under ``config.camera_window`` (pinned + window + chunk frames)."""
+    if config.camera_window is None:
+        if config.memory_budget_bytes is not None and geometry.camera_bytes_per_frame:
+            raise ValueError("a memory budget needs a bounded camera_window")
+        return 0
+    frames = config.camera_window + len(config.pinned_frames) + config.chunk
+    return frames * geometry.camera_bytes_per_frame
+
+
 class CachePolicy(ABC):
     """One stream's global-attention cache under some retention rule."""
 
@@ -42,6 +72,9 @@ class CachePolicy(ABC):
     @abstractmethod
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Attention of the step's queries over retained past keys plus the step's own keys."""
+
+    def begin_step(self, info: StepInfo) -> None:
+        """Called before the step's forward (predictions in ``info`` are not known yet)."""
 
     def end_step(self, info: StepInfo) -> None:
         """End-of-step maintenance; the default keeps everything as stored by ``attend``."""

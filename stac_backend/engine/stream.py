@@ -1,6 +1,7 @@
 """A stream: one camera's frames pushed chunk by chunk through the model with its own caches.
 
     stream = Stream(model, chunk_size=4)           # full cache by default
+    stream = Stream(model, cache="stac")           # or a CacheConfig / CachePolicy
     out = stream.push(frames)                      # frames [C <= 4, 3, H, W], uint8 or float in [0, 1]
     out["depth"], out["world_points"], out["extrinsics"], ...   # each [C, ...]
     stream.memory_bytes()                          # bytes held by the stream's caches right now
@@ -12,27 +13,55 @@ chunks of C frames gives exactly what ``model(images, chunk_size=C)`` gives on t
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from ..cache.base import CachePolicy, StepInfo
-from ..cache.full import FullCache
+from ..cache import CacheConfig, CacheGeometry, CachePolicy, StepInfo, make_cache
 from ..model.camera_head import CameraKVCache
 from ..model.config import ModelConfig
 from ..model.vggt import VGGT
 from .frames import FrameInput, to_frame_tensor
 
 
+def cache_geometry(model: VGGT) -> CacheGeometry:
+    param = next(model.parameters())
+    c = model.config
+    element = param.element_size()
+    camera = 2 * c.camera_iterations * c.camera_trunk_depth * 2 * c.embed_dim * element if c.enable_camera else 0
+    return CacheGeometry(c.depth, c.num_heads, c.head_dim, param.dtype, str(param.device), camera)
+
+
 class Stream:
-    def __init__(self, model: VGGT, chunk_size: int = 4, cache: Optional[CachePolicy] = None):
-        if not isinstance(chunk_size, int) or chunk_size < 1:
+    """One camera stream. ``cache``: a policy name, a ``CacheConfig``, a ready ``CachePolicy`` or
+    None (full cache). ``chunk_size`` defaults to the CacheConfig's chunk (else 4)."""
+
+    def __init__(
+        self,
+        model: VGGT,
+        chunk_size: Optional[int] = None,
+        cache: Union[str, CacheConfig, CachePolicy, None] = None,
+    ):
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        if cache is None or isinstance(cache, str):
+            cache = CacheConfig(policy=cache or "full", chunk=chunk_size or 4)
+        camera_window = None
+        if isinstance(cache, CacheConfig):
+            if chunk_size is not None and chunk_size != cache.chunk:
+                cache = cache.replace(chunk=chunk_size)
+            self.chunk_size = cache.chunk
+            camera_window = cache.camera_window
+            cache = make_cache(cache, cache_geometry(model))
+        else:
+            config = getattr(cache, "config", None)
+            self.chunk_size = chunk_size or getattr(config, "chunk", 4)
+            camera_window = getattr(config, "camera_window", None)
         self.model = model
-        self.chunk_size = chunk_size
-        self.cache = cache if cache is not None else FullCache()
-        self.camera_cache = CameraKVCache()
+        self.cache: CachePolicy = cache
+        pinned = getattr(getattr(cache, "config", None), "pinned_frames", (0,))
+        self.camera_cache = CameraKVCache(camera_window, pinned)
         self.frames_seen = 0
         self.image_hw: Optional[tuple[int, int]] = None
         self.broken: Optional[str] = None
@@ -53,6 +82,8 @@ class Stream:
         count, _, height, width = images.shape
         try:
             out = self._step(images, count, height, width)
+        except ValueError:
+            raise  # refused before any state changed (e.g. a memory budget too small)
         except Exception as exc:
             # A step that fails half-way leaves some layers' caches updated and others not.
             self.broken = f"{type(exc).__name__}: {exc}"
@@ -64,24 +95,32 @@ class Stream:
         return result
 
     def _step(self, images: Tensor, count: int, height: int, width: int) -> dict[str, Tensor]:
+        info = StepInfo(
+            frame_offset=self.frames_seen,
+            num_frames=count,
+            tokens_per_frame=self.config.tokens_per_frame(height, width),
+            patch_start_idx=self.config.patch_start_idx,
+            grid_hw=(height // self.config.patch_size, width // self.config.patch_size),
+        )
+        # Budget checks happen here, before any state changes: a refused step leaves the stream intact.
+        self.cache.begin_step(info)
         with torch.inference_mode():
             out = self.model.forward_step(images.unsqueeze(0), self.frames_seen, self.cache, self.camera_cache)
-            self.cache.end_step(
-                StepInfo(
-                    frame_offset=self.frames_seen,
-                    num_frames=count,
-                    tokens_per_frame=self.config.tokens_per_frame(height, width),
-                    patch_start_idx=self.config.patch_start_idx,
-                    grid_hw=(height // self.config.patch_size, width // self.config.patch_size),
-                    world_points=out.get("world_points"),
-                    world_points_conf=out.get("world_points_conf"),
-                )
-            )
+            info.world_points = out.get("world_points")
+            info.world_points_conf = out.get("world_points_conf")
+            self.cache.end_step(info)
+            self.camera_cache.end_step(self.frames_seen)
         return out
 
     def memory_bytes(self) -> int:
         """Bytes of every cache tensor this stream holds (global-attention cache + camera cache)."""
         return self.cache.memory_bytes() + self.camera_cache.memory_bytes()
+
+    def memory_bound(self) -> Optional[int]:
+        """Most bytes this stream's caches can ever hold at its frame size (None: unbounded / unknown yet)."""
+        if self.image_hw is None or not hasattr(self.cache, "bytes_bound"):
+            return None
+        return self.cache.bytes_bound(self.config.tokens_per_frame(*self.image_hw))
 
     def reset(self) -> None:
         """Forget everything; the next push starts a new stream (frame 0)."""

@@ -36,21 +36,49 @@ class DenseCameraAttention:
 class CameraKVCache:
     """Causal memory of the camera trunk: keys/values of earlier frames per (iteration, block).
 
-    Small (one token per frame per entry) but it grows with the stream, so it is counted in a
-    stream's memory.
+    One token per frame per entry - small, but it grows with the stream, so it is counted in a
+    stream's memory and can be bounded: with ``max_frames`` set, only the pinned frames and the
+    most recent ``max_frames`` frames are kept (a sliding window with attention sinks).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_frames: Optional[int] = None, pinned_frames: tuple[int, ...] = (0,)) -> None:
+        if max_frames is not None and max_frames < 1:
+            raise ValueError(f"max_frames must be positive or None, got {max_frames}")
+        self.max_frames = max_frames
+        self.pinned_frames = tuple(pinned_frames)
         self.keys: dict[tuple[int, int], Tensor] = {}
         self.values: dict[tuple[int, int], Tensor] = {}
+        self.frames = torch.zeros(0, dtype=torch.long)  # stream index of each cached token
+        self._pending = 0
 
     def attend(self, iteration: int, block: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         key = (iteration, block)
+        self._pending = k.shape[2]
         if key in self.keys:
             k = torch.cat([self.keys[key], k], dim=2)
             v = torch.cat([self.values[key], v], dim=2)
         self.keys[key], self.values[key] = k, v
         return F.scaled_dot_product_attention(q, k, v)
+
+    def end_step(self, frame_offset: int) -> None:
+        """Record the step's frames and drop those that fell out of the window."""
+        new = torch.arange(frame_offset, frame_offset + self._pending)
+        self.frames = torch.cat([self.frames, new])
+        self._pending = 0
+        if self.max_frames is None or not self.keys:
+            return
+        latest = int(self.frames.max())
+        keep = self.frames > latest - self.max_frames
+        for f in self.pinned_frames:
+            keep |= self.frames == f
+        if bool(keep.all()):
+            return
+        idx = keep.nonzero().squeeze(1)
+        self.frames = self.frames[idx]
+        for key in self.keys:
+            device_idx = idx.to(self.keys[key].device)
+            self.keys[key] = self.keys[key].index_select(2, device_idx)
+            self.values[key] = self.values[key].index_select(2, device_idx)
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
@@ -58,6 +86,8 @@ class CameraKVCache:
     def clear(self) -> None:
         self.keys.clear()
         self.values.clear()
+        self.frames = torch.zeros(0, dtype=torch.long)
+        self._pending = 0
 
 
 def activate_pose(raw: Tensor) -> Tensor:

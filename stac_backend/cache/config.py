@@ -1,0 +1,107 @@
+"""``CacheConfig``: which policy bounds a stream's cache, with its sizes, validated up front.
+
+Sizes are in frame-equivalents (one frame = tokens_per_frame tokens per layer and head) like the
+STAC reference; defaults are the reference settings. ``memory_budget_bytes`` optionally caps a
+stream's total cache memory: bounded policies check that their fixed part fits and the ``stac``
+policy gives what is left to its voxel pool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+POLICIES = ("full", "window", "sink_window", "heavy_hitter", "stac")
+DEFAULT_CAMERA_WINDOW = 64
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    policy: str = "stac"
+    chunk: int = 4  # frames per step
+    window: int = 4  # most recent frames always kept
+    pinned_frames: tuple[int, ...] = (0,)  # always kept (attention sink); sink_window / heavy_hitter / stac
+    hh: int = 2  # heavy-hitter frame-equivalents kept by decayed attention score
+    gamma: float = 0.9  # score decay per step
+    retrieval: int = 2  # frame-equivalents of pooled tokens retrieved per step (stac)
+    retrieval_start_frame: int = 16  # no retrieval before this many frames
+    retrieval_every: Optional[int] = None  # steps between retrievals; default max(1, window // chunk)
+    retrieval_radius: int = 2  # voxels (Chebyshev) around the window's voxels
+    include_buffer: bool = True  # also retrieve buffered raw tokens (bias 0)
+    voxel_size: float = 0.05
+    conf_threshold: float = 2.0  # tokens whose point confidence is not above this are not pooled
+    buffer_size: int = 8
+    max_pivots: int = 4
+    merge_cos: float = 0.8
+    max_voxels: Optional[int] = 4096  # hard cap of the voxel pool per stream
+    memory_budget_bytes: Optional[int] = None  # cap of all cache memory of a stream
+    # Camera-trunk history (one token per frame): frames kept besides the pinned ones. None keeps
+    # all (the default of ``full``); bounded policies default to 64 frames.
+    camera_window: Optional[int] = -1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pinned_frames", tuple(int(f) for f in self.pinned_frames))
+        if self.camera_window == -1:  # "default": unbounded for full, 64 frames otherwise
+            object.__setattr__(self, "camera_window", None if self.policy == "full" else DEFAULT_CAMERA_WINDOW)
+        self.validate()
+
+    def validate(self) -> None:
+        problems = []
+        if self.policy not in POLICIES:
+            problems.append(f"unknown cache policy {self.policy!r}; choose one of {POLICIES}")
+        for name in ("chunk", "window", "buffer_size", "max_pivots"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        for name in ("hh", "retrieval", "retrieval_start_frame", "retrieval_radius"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                problems.append(f"{name} must be a non-negative integer, got {value!r}")
+        if self.camera_window is not None and (not isinstance(self.camera_window, int) or self.camera_window < 1):
+            problems.append(f"camera_window must be a positive integer or None, got {self.camera_window!r}")
+        if self.retrieval_every is not None and (not isinstance(self.retrieval_every, int) or self.retrieval_every < 1):
+            problems.append(f"retrieval_every must be a positive integer, got {self.retrieval_every!r}")
+        if not (isinstance(self.gamma, (int, float)) and 0 < self.gamma <= 1):
+            problems.append(f"gamma must lie in (0, 1], got {self.gamma!r}")
+        if not (isinstance(self.voxel_size, (int, float)) and math.isfinite(self.voxel_size) and self.voxel_size > 0):
+            problems.append(f"voxel_size must be a positive number, got {self.voxel_size!r}")
+        if not math.isfinite(float(self.conf_threshold)):
+            problems.append("conf_threshold must be finite")
+        if not -1 <= self.merge_cos <= 1:
+            problems.append(f"merge_cos must lie in [-1, 1], got {self.merge_cos!r}")
+        if self.max_voxels is not None and (not isinstance(self.max_voxels, int) or self.max_voxels < 1):
+            problems.append(f"max_voxels must be a positive integer or None, got {self.max_voxels!r}")
+        if self.memory_budget_bytes is not None and (not isinstance(self.memory_budget_bytes, int) or self.memory_budget_bytes <= 0):
+            problems.append(f"memory_budget_bytes must be a positive integer or None, got {self.memory_budget_bytes!r}")
+        if any(f < 0 for f in self.pinned_frames):
+            problems.append("pinned_frames must be frame indices >= 0")
+        if self.policy != "full" and isinstance(self.chunk, int) and isinstance(self.window, int) and self.chunk > self.window:
+            problems.append(f"chunk ({self.chunk}) may not be larger than the window ({self.window}): "
+                            "frames of the current chunk would fall out of the window they were just added to")
+        if problems:
+            raise ValueError("invalid CacheConfig: " + "; ".join(problems))
+
+    @property
+    def refresh_steps(self) -> int:
+        return self.retrieval_every or max(1, self.window // self.chunk)
+
+    def replace(self, **changes: Any) -> "CacheConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CacheConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown CacheConfig fields: {unknown}")
+        return cls(**data)
+
+    @classmethod
+    def unbounded(cls, policy: str, frames: int, **changes: Any) -> "CacheConfig":
+        """Sizes large enough that nothing is ever evicted from a stream of ``frames`` frames."""
+        return cls(policy=policy, window=max(frames, 4), hh=frames, camera_window=None, **changes)

@@ -1,0 +1,148 @@
+"""STAC's working temporal cache: tokens kept by decayed cumulative attention (``heavy_hitter``).
+
+Every cached token carries a score per (layer, head). Each step, the attention mass a key receives
+(summed over the step's queries, rescaled by live keys / queries) is added to its score after the
+old score decays by gamma. After the step, independently per (layer, head): the pinned frames and
+the most recent ``window`` frames are kept whole, and of the rest the ``hh`` frame-equivalents with
+the highest scores. So a head holds at most (pinned + window + hh + chunk) frame-equivalents.
+
+Subclasses (the ``stac`` policy) receive the evicted tokens through ``on_evict`` and may add extra
+keys (retrieved pivots, with a logit bias) through ``extra_keys``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .attention import attention_with_key_mass
+from .base import CacheGeometry, CachePolicy, StepInfo, camera_bytes_bound
+from .config import CacheConfig
+from .token_store import LayerTokens, bytes_per_token, step_token_ids
+
+MUST_KEEP = float("inf")
+
+
+class HeavyHitterCache(CachePolicy):
+    name = "heavy_hitter"
+    tracks_positions = False
+
+    def __init__(self, config: CacheConfig, geometry: CacheGeometry):
+        self.config = config
+        self.geometry = geometry
+        self.layers: dict[int, LayerTokens] = {}
+        self.evicted_tokens = 0
+        self._step: Optional[StepInfo] = None
+
+    # ------------------------------------------------------------------ step
+    def begin_step(self, info: StepInfo) -> None:
+        self._step = info
+        self.check_budget(info)
+
+    def extra_keys(self, layer: int) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Extra (k [H,T,D], v, bias [H,T], valid [H,T]) attended this step; none here."""
+        return None
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if q.shape[0] != 1:
+            raise ValueError("a cache policy serves one stream: batch size must be 1")
+        if self._step is None:
+            raise RuntimeError("begin_step() must be called before attend()")
+        H, M = k.shape[1], k.shape[2]
+        store = self.layers.get(layer)
+        parts_k, parts_v, bias, valid = [], [], [], []
+        old = 0 if store is None else store.num_tokens
+        if store is not None:
+            parts_k.append(store.k)
+            parts_v.append(store.v)
+        extra = self.extra_keys(layer)
+        n_extra = 0
+        if extra is not None:
+            ek, ev, eb, evalid = extra
+            n_extra = ek.shape[1]
+            parts_k.append(ek.to(k.dtype))
+            parts_v.append(ev.to(v.dtype))
+        parts_k.append(k[0])
+        parts_v.append(v[0])
+        keys, values = torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1)
+        key_bias = key_valid = None
+        if n_extra:
+            zeros_old = torch.zeros(H, old, device=k.device)
+            zeros_new = torch.zeros(H, M, device=k.device)
+            key_bias = torch.cat([zeros_old, eb.float(), zeros_new], dim=1)[None]
+            ones_old = torch.ones(H, old, dtype=torch.bool, device=k.device)
+            ones_new = torch.ones(H, M, dtype=torch.bool, device=k.device)
+            key_valid = torch.cat([ones_old, evalid, ones_new], dim=1)[None]
+        out, mass = attention_with_key_mass(q, keys[None], values[None], key_bias=key_bias, key_valid=key_valid)
+        live = key_valid[0].sum(dim=1, keepdim=True).float() if key_valid is not None else torch.full((H, 1), float(keys.shape[1]), device=k.device)
+        score = mass[0] * (live / q.shape[2])
+        frame, index = step_token_ids(H, self._step.frame_offset, self._step.num_frames, self._step.tokens_per_frame, k.device)
+        position = torch.full((H, M, 3), float("nan"), device=k.device) if self.tracks_positions else None
+        new_score = score[:, old + n_extra :]
+        if store is None:
+            self.layers[layer] = LayerTokens(k[0], v[0], frame, index, new_score, position)
+        else:
+            store.score = self.config.gamma * store.score + score[:, :old]
+            store.append(k[0], v[0], frame, index, new_score, position)
+        return out
+
+    def end_step(self, info: StepInfo) -> None:
+        latest = info.frame_offset + info.num_frames - 1
+        budget = self.config.hh * info.tokens_per_frame
+        for layer in sorted(self.layers):
+            store = self.layers[layer]
+            protected = store.frame > latest - self.config.window
+            for f in self.config.pinned_frames:
+                protected |= store.frame == f
+            n_protected = int(protected[0].sum())
+            n_keep = n_protected + min(budget, store.num_tokens - n_protected)
+            if n_keep >= store.num_tokens:
+                continue
+            priority = torch.where(protected, torch.full_like(store.score, MUST_KEEP), store.score)
+            keep = torch.topk(priority, n_keep, dim=1, sorted=False).indices.sort(dim=1).values
+            evict_mask = torch.ones_like(store.score, dtype=torch.bool).scatter_(1, keep, False)
+            evict = evict_mask.nonzero()  # [E, 2] (head, token)
+            self.on_evict(layer, store, evict[:, 0], evict[:, 1], info)
+            self.evicted_tokens += evict.shape[0]
+            self.layers[layer] = store.select(keep)
+        self._step = None
+
+    def on_evict(self, layer: int, store: LayerTokens, heads: Tensor, tokens: Tensor, info: StepInfo) -> None:
+        """Evicted tokens (per-head indices into ``store``) are dropped here; ``stac`` pools them."""
+
+    # ------------------------------------------------------------------ memory
+    def hot_bytes_bound(self, tokens_per_frame: int) -> int:
+        """Most bytes the hot store (during a step, with the chunk's new tokens) and the camera-trunk
+        cache can hold."""
+        g = self.geometry
+        frames = len(self.config.pinned_frames) + self.config.window + self.config.hh + self.config.chunk
+        per_token = bytes_per_token(g.head_dim, g.element_size, with_score=True, with_position=self.tracks_positions)
+        return g.num_layers * g.num_heads * frames * tokens_per_frame * per_token + camera_bytes_bound(self.config, g)
+
+    def bytes_bound(self, tokens_per_frame: int) -> int:
+        """Most bytes this policy ever holds for a stream of frames of this size."""
+        return self.hot_bytes_bound(tokens_per_frame)
+
+    def check_budget(self, info: StepInfo) -> None:
+        """Refuse, before any work, a memory budget the fixed part of the cache cannot fit."""
+        budget = self.config.memory_budget_bytes
+        need = self.hot_bytes_bound(info.tokens_per_frame)
+        if budget is not None and need > budget:
+            raise ValueError(
+                f"memory budget {budget} B is too small for the {self.name} cache at {info.tokens_per_frame} tokens/frame: "
+                f"pinned + window + hh + chunk frames need {need} B; lower window/hh or raise the budget"
+            )
+
+    def memory_bytes(self) -> int:
+        return sum(s.memory_bytes() for s in self.layers.values())
+
+    def reset(self) -> None:
+        self.layers.clear()
+        self._step = None
+        self.evicted_tokens = 0
+
+    def stats(self) -> dict:
+        tokens = next(iter(self.layers.values())).num_tokens if self.layers else 0
+        return {"memory_bytes": self.memory_bytes(), "tokens_per_head": tokens, "evicted_tokens": self.evicted_tokens}

@@ -1,0 +1,165 @@
+"""STAC: the temporal heavy-hitter cache plus a long-term spatial cache with retrieval (``stac``).
+
+On top of ``heavy_hitter``:
+- each new patch token gets a 3D position: the point head's world points averaged over its patch,
+  kept only where the averaged confidence exceeds ``conf_threshold`` (special tokens have none);
+- tokens evicted from the hot cache go into the stream's ``VoxelPool`` (merged into voxel-aligned
+  pivots) instead of being dropped; tokens without a position are dropped;
+- from frame ``retrieval_start_frame`` on, every ``refresh_steps`` steps, the pivots of voxels near
+  the recent window's voxels are retrieved (up to ``retrieval`` frame-equivalents per layer and
+  head) and attended in the following steps with logit bias log(C).
+
+Memory is bounded: hot store (pinned + window + hh + chunk frames) + retrieved tokens + the pool's
+``max_voxels`` rows. Given ``memory_budget_bytes``, the pool gets what the rest leaves over.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import CacheGeometry, StepInfo
+from .config import CacheConfig
+from .heavy_hitter import HeavyHitterCache
+from .token_store import LayerTokens
+from .voxel_pool import VoxelPool
+
+Retrieved = tuple[Tensor, Tensor, Tensor, Tensor]  # k [H,T,D], v [H,T,D], bias [H,T], valid [H,T]
+
+
+def patch_positions(world_points: Tensor, conf: Tensor, patch_size_hw: tuple[int, int], conf_threshold: float) -> Tensor:
+    """Per-patch positions [C, gh*gw, 3] (NaN where confidence is too low or points are not finite)."""
+    C, H, W, _ = world_points.shape
+    ph, pw = patch_size_hw
+    pts = F.avg_pool2d(world_points.permute(0, 3, 1, 2).float(), (ph, pw))  # [C, 3, gh, gw]
+    cf = F.avg_pool2d(conf.float().unsqueeze(1), (ph, pw))[:, 0]  # [C, gh, gw]
+    pts = pts.permute(0, 2, 3, 1).reshape(C, -1, 3)
+    ok = (cf.reshape(C, -1) > conf_threshold) & torch.isfinite(pts).all(dim=-1)
+    return torch.where(ok[..., None], pts, torch.full_like(pts, float("nan")))
+
+
+class StacCache(HeavyHitterCache):
+    name = "stac"
+    tracks_positions = True
+
+    def __init__(self, config: CacheConfig, geometry: CacheGeometry):
+        super().__init__(config, geometry)
+        self.pool: Optional[VoxelPool] = None
+        self.retrieved: dict[int, Retrieved] = {}
+        self.steps = 0
+        self.pooled_tokens = 0
+        self.dropped_tokens = 0
+
+    # ------------------------------------------------------------------ sizes
+    def retrieved_bytes_bound(self, tokens_per_frame: int) -> int:
+        g = self.geometry
+        per_token = 2 * g.head_dim * g.element_size + 4 + 1  # k, v, bias float32, valid bool
+        return g.num_layers * g.num_heads * self.config.retrieval * tokens_per_frame * per_token
+
+    def pool_voxels(self, tokens_per_frame: int) -> int:
+        """The pool's voxel cap: the configured max_voxels, lowered to fit a memory budget."""
+        c, g = self.config, self.geometry
+        cap = c.max_voxels
+        if c.memory_budget_bytes is not None:
+            per_voxel = VoxelPool.bytes_for(1, g.num_layers, g.num_heads, g.head_dim, g.dtype, c.buffer_size, c.max_pivots)
+            left = c.memory_budget_bytes - self.hot_bytes_bound(tokens_per_frame) - self.retrieved_bytes_bound(tokens_per_frame)
+            fits = left // per_voxel
+            if fits < 1:
+                raise ValueError(
+                    f"memory budget {c.memory_budget_bytes} B leaves no room for the voxel pool at {tokens_per_frame} "
+                    f"tokens/frame (hot cache and retrieval need {c.memory_budget_bytes - left} B, one voxel {per_voxel} B)"
+                )
+            cap = fits if cap is None else min(cap, fits)
+        if cap is None:
+            raise ValueError("the stac policy needs max_voxels or memory_budget_bytes to bound its voxel pool")
+        return int(cap)
+
+    def bytes_bound(self, tokens_per_frame: int) -> int:
+        c, g = self.config, self.geometry
+        pool = VoxelPool.bytes_for(self.pool_voxels(tokens_per_frame), g.num_layers, g.num_heads, g.head_dim, g.dtype,
+                                   c.buffer_size, c.max_pivots)
+        return self.hot_bytes_bound(tokens_per_frame) + self.retrieved_bytes_bound(tokens_per_frame) + pool
+
+    def check_budget(self, info: StepInfo) -> None:
+        if self.pool is None:
+            c, g = self.config, self.geometry
+            self.pool = VoxelPool(
+                g.num_layers, g.num_heads, g.head_dim, voxel_size=c.voxel_size, buffer_size=c.buffer_size,
+                max_pivots=c.max_pivots, merge_cos=c.merge_cos, max_voxels=self.pool_voxels(info.tokens_per_frame),
+                initial_voxels=min(256, self.pool_voxels(info.tokens_per_frame)), dtype=g.dtype, device=g.device,
+            )
+
+    # ------------------------------------------------------------------ step
+    def extra_keys(self, layer: int) -> Optional[Retrieved]:
+        found = self.retrieved.get(layer)
+        return found if found is not None and found[0].shape[1] > 0 else None
+
+    def end_step(self, info: StepInfo) -> None:
+        if info.world_points is None or info.world_points_conf is None:
+            raise ValueError("the stac policy needs the point head's world points at the end of each step")
+        self._attach_positions(info)
+        super().end_step(info)  # prunes; evicted tokens arrive in on_evict
+        self.steps += 1
+        latest = info.frame_offset + info.num_frames - 1
+        if self.config.retrieval and latest + 1 >= self.config.retrieval_start_frame and self.steps % self.config.refresh_steps == 0:
+            self._retrieve(info, latest)
+
+    def _attach_positions(self, info: StepInfo) -> None:
+        C, P, psi = info.num_frames, info.tokens_per_frame, info.patch_start_idx
+        H, W = info.world_points.shape[2:4]
+        gh, gw = info.grid_hw
+        patches = patch_positions(info.world_points[0], info.world_points_conf[0], (H // gh, W // gw), self.config.conf_threshold)
+        pos = torch.full((C, P, 3), float("nan"), device=patches.device)
+        pos[:, psi:] = patches
+        pos = pos.reshape(1, C * P, 3)
+        for store in self.layers.values():
+            store.position[:, -C * P :] = pos.to(store.position.device)
+
+    def _voxels(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        # Confidence was already applied when positions were attached (NaN = no position).
+        always = torch.zeros(points.shape[:1], device=points.device)
+        return VoxelPool.voxel_coords(points, always, self.config.voxel_size, -1.0)
+
+    def on_evict(self, layer: int, store: LayerTokens, heads: Tensor, tokens: Tensor, info: StepInfo) -> None:
+        points = store.position[heads, tokens]
+        coords, valid = self._voxels(points)
+        self.dropped_tokens += int((~valid).sum())
+        if not bool(valid.any()):
+            return
+        heads, tokens, coords = heads[valid], tokens[valid], coords[valid]
+        self.pool.insert(layer, heads, store.k[heads, tokens], store.v[heads, tokens], store.score[heads, tokens], coords, self.steps)
+        self.pooled_tokens += int(valid.sum())
+
+    def _retrieve(self, info: StepInfo, latest: int) -> None:
+        first = next(iter(self.layers.values()))
+        recent = (first.frame[0] > latest - self.config.window)
+        points = first.position[0][recent]
+        coords, valid = self._voxels(points)
+        query = torch.unique(coords[valid], dim=0)
+        budget = self.config.retrieval * info.tokens_per_frame
+        self.retrieved = {
+            layer: self.pool.retrieve(layer, query, budget, self.steps, self.config.retrieval_radius, self.config.include_buffer)
+            for layer in self.layers
+        }
+
+    # ------------------------------------------------------------------ memory
+    def memory_bytes(self) -> int:
+        retrieved = sum(t.numel() * t.element_size() for r in self.retrieved.values() for t in r)
+        return super().memory_bytes() + retrieved + (self.pool.memory_bytes() if self.pool is not None else 0)
+
+    def reset(self) -> None:
+        super().reset()
+        self.pool = None
+        self.retrieved = {}
+        self.steps = self.pooled_tokens = self.dropped_tokens = 0
+
+    def stats(self) -> dict:
+        out = super().stats()
+        out.update(pooled_tokens=self.pooled_tokens, unpositioned_dropped=self.dropped_tokens,
+                   retrieved_per_head=max((r[0].shape[1] for r in self.retrieved.values()), default=0))
+        if self.pool is not None:
+            out.update({f"pool_{k}": v for k, v in self.pool.stats().items()})
+        return out

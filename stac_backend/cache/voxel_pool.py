@@ -1,0 +1,746 @@
+"""STAC's long-term spatial token cache: a bounded, vectorised voxel pool (one per stream).
+
+Tokens evicted from the hot (temporal) cache are not dropped: they are filed by the 3D position
+of their patch into voxels and compressed there into a few merged "pivots" per
+(layer, head, voxel). Before a step, pivots of voxels near the current view are retrieved and
+appended to the hot keys/values with a logit bias ``log(C)``. See stac-reference.md section 2.
+
+Public API
+----------
+``VoxelPool(num_layers, num_heads, head_dim, *, voxel_size=0.05, buffer_size=8, max_pivots=4,
+merge_cos=0.8, score_gate=0.2, max_voxels=4096, initial_voxels=256, dtype=torch.float32,
+device="cpu")``
+
+* ``VoxelPool.voxel_coords(points [N,3], conf [N], voxel_size=0.05, conf_threshold=2.0)``
+  -> ``(coords LongTensor [N,3], valid BoolTensor [N])``; static.
+* ``insert(layer, head [M], k [M,D], v [M,D], score [M], coords [M,3], step)`` -> None.
+* ``retrieve(layer, query_coords [Q,3], max_tokens, step, radius=2, include_buffer=True)``
+  -> ``(k [H,T,D], v [H,T,D], bias [H,T] float32, valid [H,T] bool)``.
+* ``memory_bytes()`` -> bytes of every tensor the pool holds (exact, including the voxel table).
+* ``VoxelPool.bytes_for(max_voxels, num_layers, num_heads, head_dim, dtype, buffer_size=8,
+  max_pivots=4)`` -> the most ``memory_bytes()`` can ever be; static.
+* ``contains(coords [N,3])`` -> BoolTensor [N], which voxels are held.
+* ``num_voxels`` / ``capacity`` (properties) and ``stats()`` -> dict of counters.
+
+Storage
+-------
+One voxel table per stream (packed voxel key -> row index, plus the last step each row was
+used), shared by every layer and head: row ``r`` is the same voxel in every (layer, head).
+Per-row data are dense tensors with a voxel axis of the current capacity:
+
+* pivots: ``piv_k/piv_v [L, H, V, P, D]`` (pool dtype), ``piv_w/piv_s/piv_c [L, H, V, P]``
+  (float32; a slot holds a pivot iff ``piv_c > 0``);
+* buffers: ``buf_k/buf_v [L, H, V, B, D]``, ``buf_s [L, H, V, B]`` float32,
+  ``buf_n [L, H, V]`` int32 (slots ``0 .. buf_n-1`` are occupied);
+* table: ``row_key [V]`` int64 (-1 = free row), ``row_last_used [V]`` int64.
+
+Capacity starts at ``initial_voxels`` and doubles on demand up to ``max_voxels`` (growth copies
+the tensors, so the transient peak during a growth is old + new). ``memory_bytes()`` is the sum
+of ``nbytes`` of these tensors; ``bytes_for(max_voxels, ...)`` is the same sum at full
+capacity, so a per-stream byte budget converts to ``max_voxels`` by bisection or by dividing
+by ``bytes_for(1, ...)`` (the size is linear in ``max_voxels``).
+
+Insertion semantics (per layer; vectorised over all (head, voxel) rows, looping only over
+"rounds")
+----------------------------------------------------------------------------------------
+Tokens are grouped by (head, voxel row) and kept in arrival order. Each round, for every row:
+
+1. If the row has at least one pivot, each pending token finds its most similar pivot
+   (cosine between the token key and the pivot key, pivots as of the start of the round).
+   ``cos >= merge_cos`` -> the token is merged into that pivot with weight
+   ``a = exp(cos)``: ``K <- (W K + sum a_i k_i) / (W + sum a_i)``, V likewise,
+   ``W += sum a_i``, ``S += sum s_i``, ``C += n``. Otherwise the token goes to the buffer only if
+   its score is above ``score_gate`` x the row's mean pivot score per merged token
+   (``sum S / sum C`` after this round's merges); else it is dropped (counted in stats).
+2. If the row has no pivot, every pending token goes to the buffer.
+3. Buffer candidates are taken by score (highest first, ties in arrival order) until the buffer
+   is full; the rest stay pending for the next round.
+4. A full buffer collapses into one pivot: seed = the highest-score token (first on ties),
+   ``a_i = exp(cos(k_i, k_seed))``, ``K = sum a_i k_i / sum a_i``, V likewise, ``W = sum a_i``,
+   ``S = sum s_i``, ``C = buffer_size``. If the row already holds ``max_pivots`` pivots, its
+   lowest-W pivot (first on ties) is first merged into its most similar sibling (cosine of
+   pivot keys): the victim's weight is discounted to ``W_v' = W_v exp(cos - 1)``, then
+   ``K = (W_v' K_v + W_n K_n) / (W_v' + W_n)``, V likewise, ``W = W_v' + W_n``, S and C add.
+   The new pivot takes the freed slot.
+
+The number of rounds is about ``ceil(tokens per row / buffer_size) + 1``. Merging math is fp32;
+K/V are stored in the pool dtype.
+
+Retrieval semantics
+-------------------
+Candidate voxels are the voxels in the table within Chebyshev distance ``radius`` (in voxel
+units) of any query voxel. Per head, their pivots are ranked by W (descending; ties by voxel
+key, then slot) and up to ``max_tokens`` are returned with bias ``log(C)``. With
+``include_buffer`` the candidates' buffered raw tokens, ranked by score, fill the rest of the
+``max_tokens`` budget after the pivots, with bias 0. Per head the valid entries come first;
+``T`` is the largest per-head count (<= ``max_tokens``); padding has ``valid=False``, zero K/V
+and bias ``-inf``.
+
+Eviction rule (hard cap ``max_voxels``)
+--------------------------------------
+When new voxels arrive and no free row is left at ``max_voxels``, whole voxel rows (all layers,
+all heads) are evicted: **least recently used first** (``row_last_used`` = the last ``step``
+passed to an ``insert`` that put a token in the voxel or a ``retrieve`` that had it as a
+candidate), **ties broken by the lowest total W** (summed over layers, heads and pivots), then
+by the lowest row index. Voxels referenced by the same ``insert`` call are never evicted by it.
+If even that leaves too few rows, the new voxels with the most tokens in the call are admitted
+(ties: lowest voxel key) and the other tokens are dropped (counted in ``stats()``).
+
+Relation to the reference implementation (github.com/Rainzor/STAC)
+-----------------------------------------------------------------
+Facts taken from it (``stac/merger.py``, ``merger-cuda/csrc/kernels/merger_kernels.cu``,
+``stac/stac_voxel.py`` and the STAC-mode defaults in its model wrapper): token-to-pivot similarity is the cosine to the
+pivot key (the CUDA kernel; the Python path uses a stored seed key instead), merge weight
+``exp(cos)``; the non-merging token gate ``score > 0.2 x row mean S/C`` (``score_threshold=0.2``,
+``replace_threshold = sim_threshold = 0.8`` in its STAC mode); the victim discount
+``exp(cos - 1)`` in the sibling merge; retrieval of pivots ranked by W with bias ``log(C)`` and
+raw buffer tokens with bias 0; buffer 8, pivots 4, voxel 0.05, radius 2 voxels. Deliberate
+differences: tokens that do not fit a full buffer are handled in the same call (next round)
+instead of being carried to the next call; the pool has a hard voxel cap with the eviction rule
+above (the reference grows without bound); raw buffer tokens share the ``max_tokens`` budget
+after the pivots (in the reference, a fixed-size pivot output leaves them no room).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["VoxelPool"]
+
+# Voxel coordinates are packed into one int64 key: 21 bits per axis, offset by 2**20.
+_BITS = 21
+_OFFSET = 1 << 20
+_MAX_RADIUS = 64
+# Keep |coord| small enough that coord +/- radius never leaves the 21-bit field, so neighbour
+# keys can be formed by adding packed offsets.
+_COORD_LIMIT = _OFFSET - 1 - _MAX_RADIUS
+_EPS = 1e-6
+
+
+def _pack(coords: Tensor) -> Tensor:
+    """Pack integer voxel coords [N, 3] into int64 keys [N] (monotone per axis)."""
+    c = coords.to(torch.int64) + _OFFSET
+    return c[:, 0] | (c[:, 1] << _BITS) | (c[:, 2] << (2 * _BITS))
+
+
+@dataclass(frozen=True)
+class _Field:
+    """One stored tensor: shape = lead + (V,) + tail."""
+
+    lead: tuple[int, ...]
+    tail: tuple[int, ...]
+    dtype: torch.dtype
+    fill: float = 0
+
+
+def _field_specs(
+    num_layers: int,
+    num_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    buffer_size: int,
+    max_pivots: int,
+) -> dict[str, _Field]:
+    """Every tensor the pool holds; used both to allocate and to compute bytes_for()."""
+    LH = (num_layers, num_heads)
+    P, B, D = max_pivots, buffer_size, head_dim
+    return {
+        "piv_k": _Field(LH, (P, D), dtype),
+        "piv_v": _Field(LH, (P, D), dtype),
+        "piv_w": _Field(LH, (P,), torch.float32),
+        "piv_s": _Field(LH, (P,), torch.float32),
+        "piv_c": _Field(LH, (P,), torch.float32),
+        "buf_k": _Field(LH, (B, D), dtype),
+        "buf_v": _Field(LH, (B, D), dtype),
+        "buf_s": _Field(LH, (B,), torch.float32),
+        "buf_n": _Field(LH, (), torch.int32),
+        "row_key": _Field((), (), torch.int64, fill=-1),
+        "row_last_used": _Field((), (), torch.int64, fill=-1),
+    }
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+class VoxelPool:
+    """Bounded per-stream voxel pool of merged key/value pivots (see module docstring)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        voxel_size: float = 0.05,
+        buffer_size: int = 8,
+        max_pivots: int = 4,
+        merge_cos: float = 0.8,
+        score_gate: float = 0.2,
+        max_voxels: int = 4096,
+        initial_voxels: int = 256,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.num_layers = _check_int("num_layers", num_layers, 1)
+        self.num_heads = _check_int("num_heads", num_heads, 1)
+        self.head_dim = _check_int("head_dim", head_dim, 1)
+        self.buffer_size = _check_int("buffer_size", buffer_size, 1)
+        # A full row needs a sibling to merge its weakest pivot into.
+        self.max_pivots = _check_int("max_pivots", max_pivots, 2)
+        self.max_voxels = _check_int("max_voxels", max_voxels, 1)
+        initial_voxels = _check_int("initial_voxels", initial_voxels, 1)
+        if not (isinstance(voxel_size, (int, float)) and math.isfinite(voxel_size) and voxel_size > 0):
+            raise ValueError(f"voxel_size must be a finite float > 0, got {voxel_size!r}")
+        if not (isinstance(merge_cos, (int, float)) and -1.0 <= merge_cos <= 1.0):
+            raise ValueError(f"merge_cos must be in [-1, 1], got {merge_cos!r}")
+        if not (isinstance(score_gate, (int, float)) and math.isfinite(score_gate) and score_gate >= 0):
+            raise ValueError(f"score_gate must be a finite float >= 0, got {score_gate!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        self.voxel_size = float(voxel_size)
+        self.merge_cos = float(merge_cos)
+        self.score_gate = float(score_gate)
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+        self._specs = _field_specs(
+            num_layers, num_heads, head_dim, dtype, buffer_size, max_pivots
+        )
+        self._cap = 0
+        self._tensors: dict[str, Tensor] = {}
+        self._grow(min(initial_voxels, self.max_voxels))
+
+        self._evicted_voxels = 0
+        self._inserted_tokens = 0
+        self._merged_tokens = 0
+        self._gated_tokens = 0
+        self._capacity_dropped_tokens = 0
+        self._pivots_created = 0
+        self._sibling_merges = 0
+
+    # ------------------------------------------------------------------ sizes and memory
+    @staticmethod
+    def bytes_for(
+        max_voxels: int,
+        num_layers: int,
+        num_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        buffer_size: int = 8,
+        max_pivots: int = 4,
+    ) -> int:
+        """Largest ``memory_bytes()`` of a pool with these settings (at full capacity)."""
+        _check_int("max_voxels", max_voxels, 0)
+        specs = _field_specs(num_layers, num_heads, head_dim, dtype, buffer_size, max_pivots)
+        total = 0
+        for f in specs.values():
+            total += math.prod(f.lead) * max_voxels * math.prod(f.tail) * _itemsize(f.dtype)
+        return total
+
+    def memory_bytes(self) -> int:
+        """Exact bytes of every tensor the pool currently holds."""
+        return sum(t.nbytes for t in self._tensors.values())
+
+    @property
+    def capacity(self) -> int:
+        """Rows currently allocated (grows up to ``max_voxels``)."""
+        return self._cap
+
+    @property
+    def num_voxels(self) -> int:
+        """Voxels currently held in the table."""
+        return int((self._tensors["row_key"] >= 0).sum())
+
+    def stats(self) -> dict[str, int]:
+        """Counters for monitoring: occupancy, evictions and token fates."""
+        t = self._tensors
+        return {
+            "voxels": self.num_voxels,
+            "capacity": self._cap,
+            "max_voxels": self.max_voxels,
+            "pivots": int((t["piv_c"] > 0).sum()),
+            "buffered_tokens": int(t["buf_n"].sum()),
+            "evicted_voxels": self._evicted_voxels,
+            "inserted_tokens": self._inserted_tokens,
+            "merged_tokens": self._merged_tokens,
+            "gated_tokens": self._gated_tokens,
+            "capacity_dropped_tokens": self._capacity_dropped_tokens,
+            "pivots_created": self._pivots_created,
+            "sibling_merges": self._sibling_merges,
+            "memory_bytes": self.memory_bytes(),
+        }
+
+    def _grow(self, new_cap: int) -> None:
+        """Reallocate every field with ``new_cap`` rows, keeping the existing rows."""
+        for name, f in self._specs.items():
+            shape = f.lead + (new_cap,) + f.tail
+            new = torch.full(shape, f.fill, dtype=f.dtype, device=self.device)
+            old = self._tensors.get(name)
+            if old is not None:
+                new.narrow(len(f.lead), 0, self._cap).copy_(old)
+            self._tensors[name] = new
+        self._cap = new_cap
+
+    # Per-layer flat views over (head, row): index g = head * capacity + row.
+    def _lv(self, name: str, layer: int) -> Tensor:
+        t = self._tensors[name][layer]
+        return t.view((self.num_heads * self._cap,) + tuple(t.shape[2:]))
+
+    # ------------------------------------------------------------------ coordinates
+    @staticmethod
+    def voxel_coords(
+        points: Tensor,
+        conf: Tensor,
+        voxel_size: float = 0.05,
+        conf_threshold: float = 2.0,
+    ) -> tuple[Tensor, Tensor]:
+        """Voxel coordinates ``floor(xyz / voxel_size)`` and which points may be pooled.
+
+        A point is valid iff its xyz and confidence are finite, ``conf > conf_threshold`` and
+        its voxel coordinate fits the packed key range (|coord| < ~2**20). Invalid rows get
+        coordinate (0, 0, 0); use the mask.
+        """
+        if not isinstance(points, Tensor) or points.dim() != 2 or points.shape[1] != 3:
+            raise ValueError(f"points must be [N, 3], got {getattr(points, 'shape', points)!r}")
+        if not points.is_floating_point():
+            raise ValueError(f"points must be floating point, got {points.dtype}")
+        if not isinstance(conf, Tensor) or conf.shape != points.shape[:1]:
+            raise ValueError(
+                f"conf must be [N]={tuple(points.shape[:1])}, got {getattr(conf, 'shape', conf)!r}"
+            )
+        if not (isinstance(voxel_size, (int, float)) and math.isfinite(voxel_size) and voxel_size > 0):
+            raise ValueError(f"voxel_size must be a finite float > 0, got {voxel_size!r}")
+        # Divide in the points' own precision (at least fp32) by the voxel size rounded to that
+        # precision, as the reference does: a point written as exactly k * voxel_size in that
+        # dtype then lands in voxel k (fp64 division would put -0.05f in voxel -2).
+        dt = torch.promote_types(points.dtype, torch.float32)
+        q = torch.floor(points.to(dt) / torch.tensor(float(voxel_size), dtype=dt))
+        valid = torch.isfinite(q).all(dim=1) & torch.isfinite(conf) & (conf > conf_threshold)
+        valid &= (q.abs() <= _COORD_LIMIT).all(dim=1)
+        coords = torch.where(valid[:, None], q, torch.zeros_like(q)).to(torch.int64)
+        return coords, valid
+
+    def _keys(self, coords: Tensor, name: str) -> Tensor:
+        if coords.dim() != 2 or coords.shape[1] != 3:
+            raise ValueError(f"{name} must be [N, 3], got {tuple(coords.shape)}")
+        if coords.is_floating_point() or coords.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got {coords.dtype}")
+        coords = coords.to(self.device, torch.int64)
+        if coords.numel() and bool((coords.abs() > _COORD_LIMIT).any()):
+            raise ValueError(f"{name} outside the supported range |coord| <= {_COORD_LIMIT}")
+        return _pack(coords)
+
+    def contains(self, coords: Tensor) -> Tensor:
+        """BoolTensor [N]: which voxel coordinates [N, 3] are currently held in the table."""
+        return self._lookup(self._keys(coords, "coords")) >= 0
+
+    def _lookup(self, keys: Tensor) -> Tensor:
+        """Row index of each key, -1 if the voxel is not in the table."""
+        sorted_keys, order = torch.sort(self._tensors["row_key"])  # free rows (-1) sort first
+        pos = torch.searchsorted(sorted_keys, keys).clamp_max(self._cap - 1)
+        hit = sorted_keys[pos] == keys
+        return torch.where(hit, order[pos], torch.full_like(pos, -1))
+
+    # ------------------------------------------------------------------ table management
+    def _clear_rows(self, rows: Tensor) -> None:
+        t = self._tensors
+        for name in ("piv_w", "piv_s", "piv_c", "buf_s"):
+            t[name][:, :, rows] = 0
+        t["buf_n"][:, :, rows] = 0
+        t["row_key"][rows] = -1
+        t["row_last_used"][rows] = -1
+
+    def _evict(self, n: int, protect: Tensor) -> None:
+        """Evict up to ``n`` rows: least recently used, then lowest total W, then lowest row."""
+        t = self._tensors
+        cand = t["row_key"] >= 0
+        cand[protect] = False
+        idx = cand.nonzero().squeeze(1)
+        if idx.numel() == 0 or n <= 0:
+            return
+        total_w = t["piv_w"].sum(dim=(0, 1, 3))[idx]
+        last = t["row_last_used"][idx]
+        # Lexicographic (last, total_w, row) through stable sorts, least significant first;
+        # idx is already ascending.
+        order = torch.argsort(total_w, stable=True)
+        order = order[torch.argsort(last[order], stable=True)]
+        victims = idx[order[:n]]
+        self._clear_rows(victims)
+        self._evicted_voxels += int(victims.numel())
+
+    def _resolve_rows(self, keys: Tensor, step: int) -> Tensor:
+        """Row per token, admitting new voxels (growing / evicting); -1 = token dropped."""
+        t = self._tensors
+        uniq, inv, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+        rows_u = self._lookup(uniq)
+        new = rows_u < 0
+        n_new = int(new.sum())
+        if n_new:
+            free = (t["row_key"] < 0).nonzero().squeeze(1)
+            if free.numel() < n_new and self._cap < self.max_voxels:
+                used = self._cap - free.numel()
+                self._grow(min(self.max_voxels, max(2 * self._cap, used + n_new)))
+                t = self._tensors
+                free = (t["row_key"] < 0).nonzero().squeeze(1)
+            if free.numel() < n_new:
+                self._evict(n_new - free.numel(), rows_u[~new])
+                free = (t["row_key"] < 0).nonzero().squeeze(1)
+            new_idx = new.nonzero().squeeze(1)
+            if free.numel() < n_new:
+                # Admit the voxels that bring the most tokens (stable: ties -> smaller key).
+                order = torch.argsort(-counts[new_idx], stable=True)
+                dropped = new_idx[order[free.numel():]]
+                self._capacity_dropped_tokens += int(counts[dropped].sum())
+                new_idx = torch.sort(new_idx[order[: free.numel()]]).values
+            take = free[: new_idx.numel()]
+            t["row_key"][take] = uniq[new_idx]
+            rows_u[new_idx] = take
+        present = rows_u[rows_u >= 0]
+        t["row_last_used"][present] = step
+        return rows_u[inv]
+
+    # ------------------------------------------------------------------ insertion
+    def insert(
+        self,
+        layer: int,
+        head: Tensor,
+        k: Tensor,
+        v: Tensor,
+        score: Tensor,
+        coords: Tensor,
+        step: int,
+    ) -> None:
+        """File ``M`` evicted tokens of one layer into their voxels (see module docstring).
+
+        Args:
+            layer: global-attention layer index in ``[0, num_layers)``.
+            head: LongTensor [M], head of each token.
+            k, v: [M, D] keys / values.
+            score: [M] the tokens' (decayed cumulative attention) scores.
+            coords: LongTensor [M, 3] voxel coordinates (from ``voxel_coords``; pass only
+                valid tokens).
+            step: current stream step, used for least-recently-used eviction.
+        """
+        H, D = self.num_heads, self.head_dim
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ValueError(f"step must be an int, got {step!r}")
+        if not isinstance(head, Tensor) or head.dim() != 1:
+            raise ValueError(f"head must be a 1-D integer tensor [M], got {getattr(head, 'shape', head)!r}")
+        M = head.shape[0]
+        if head.is_floating_point() or head.dtype == torch.bool:
+            raise ValueError(f"head must be an integer tensor, got {head.dtype}")
+        for name, t, shape in (("k", k, (M, D)), ("v", v, (M, D)), ("score", score, (M,))):
+            if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {getattr(t, 'shape', t)!r}")
+        if not isinstance(coords, Tensor) or tuple(coords.shape) != (M, 3):
+            raise ValueError(f"coords must have shape {(M, 3)}, got {getattr(coords, 'shape', coords)!r}")
+        head = head.to(self.device, torch.int64)
+        if M and bool(((head < 0) | (head >= H)).any()):
+            raise ValueError(f"head values must be in [0, {H})")
+        keys = self._keys(coords, "coords")
+        if M == 0:
+            return
+        self._inserted_tokens += M
+
+        rows = self._resolve_rows(keys, step)
+        keep = rows >= 0
+        g = head * self._cap + rows  # flat (head, row) index into the per-layer views
+        kf = k.to(self.device, torch.float32)
+        vf = v.to(self.device, torch.float32)
+        sf = score.to(self.device, torch.float32)
+        if not bool(keep.all()):
+            g, kf, vf, sf = g[keep], kf[keep], vf[keep], sf[keep]
+        # Group tokens by row, keeping arrival order inside a row. From here on a token is
+        # its position in these sorted arrays, so ascending positions = (row, arrival) order.
+        order = torch.argsort(g, stable=True)
+        g, kf, vf, sf = g[order], kf[order], vf[order], sf[order]
+
+        pending = torch.arange(g.numel(), device=self.device)
+        while pending.numel():
+            pending = self._round(layer, g, kf, vf, sf, pending)
+
+    def _round(
+        self, layer: int, g: Tensor, kf: Tensor, vf: Tensor, sf: Tensor, pending: Tensor
+    ) -> Tensor:
+        """One vectorised round over all rows; returns the tokens still pending."""
+        P, B, D = self.max_pivots, self.buffer_size, self.head_dim
+        pk, pv = self._lv("piv_k", layer), self._lv("piv_v", layer)
+        pw, ps, pc = self._lv("piv_w", layer), self._lv("piv_s", layer), self._lv("piv_c", layer)
+
+        gp = g[pending]
+        slot_used = pc[gp] > 0  # [n, P]
+        has_piv = slot_used.any(dim=1)
+        to_buffer = ~has_piv
+
+        if bool(has_piv.any()):
+            idx = has_piv.nonzero().squeeze(1)
+            tok, gt = pending[idx], gp[idx]
+            kt = kf[tok]
+            kn = F.normalize(kt, dim=-1, eps=_EPS)
+            pn = F.normalize(pk[gt].float(), dim=-1, eps=_EPS)  # [m, P, D]
+            cos = torch.einsum("md,mpd->mp", kn, pn).clamp_(-1.0, 1.0)
+            cos = cos.masked_fill(~slot_used[idx], float("-inf"))
+            best_p = torch.argmax(cos, dim=1)  # first maximum on ties
+            best = cos.gather(1, best_p[:, None]).squeeze(1)
+            merge = best >= self.merge_cos
+
+            if bool(merge.any()):
+                mi = merge.nonzero().squeeze(1)
+                flat = gt[mi] * P + best_p[mi]  # pivot index into [H*cap*P]
+                a = torch.exp(best[mi])
+                uslot, inv = torch.unique(flat, return_inverse=True)
+                nu = uslot.numel()
+                ka = torch.zeros(nu, D, device=self.device).index_add_(0, inv, a[:, None] * kt[mi])
+                va = torch.zeros(nu, D, device=self.device).index_add_(
+                    0, inv, a[:, None] * vf[tok[mi]]
+                )
+                asum = torch.zeros(nu, device=self.device).index_add_(0, inv, a)
+                ssum = torch.zeros(nu, device=self.device).index_add_(0, inv, sf[tok[mi]])
+                csum = torch.zeros(nu, device=self.device).index_add_(
+                    0, inv, torch.ones_like(a)
+                )
+                pk_f, pv_f = pk.view(-1, D), pv.view(-1, D)
+                pw_f, ps_f, pc_f = pw.view(-1), ps.view(-1), pc.view(-1)
+                w_old = pw_f[uslot]
+                w_new = w_old + asum
+                pk_f[uslot] = ((w_old[:, None] * pk_f[uslot].float() + ka) / w_new[:, None]).to(
+                    self.dtype
+                )
+                pv_f[uslot] = ((w_old[:, None] * pv_f[uslot].float() + va) / w_new[:, None]).to(
+                    self.dtype
+                )
+                pw_f[uslot] = w_new
+                ps_f[uslot] = ps_f[uslot] + ssum
+                pc_f[uslot] = pc_f[uslot] + csum
+                self._merged_tokens += int(mi.numel())
+
+            rest = ~merge
+            if self.score_gate > 0 and bool(rest.any()):
+                # Reference gate: keep a non-merging token only if its score beats
+                # score_gate x the row's mean score per merged token (after this round's merges).
+                row_mean = ps[gt].sum(dim=1) / pc[gt].sum(dim=1).clamp_min(_EPS)
+                passes = sf[tok] > self.score_gate * row_mean
+                gated = rest & ~passes
+                self._gated_tokens += int(gated.sum())
+                rest = rest & passes
+            to_buffer[idx[rest]] = True
+
+        cand = pending[to_buffer]
+        if cand.numel() == 0:
+            return cand
+        # Highest score first inside each row; ties keep (row, arrival) order.
+        cand = cand[torch.argsort(-sf[cand], stable=True)]
+        cand = cand[torch.argsort(g[cand], stable=True)]
+        gc = g[cand]
+        uniq_g, counts = torch.unique_consecutive(gc, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(cand.numel(), device=self.device) - torch.repeat_interleave(starts, counts)
+
+        bn = self._lv("buf_n", layer)
+        n_before = bn[gc].to(torch.int64)
+        accept = rank < (B - n_before)
+        a_tok, a_g = cand[accept], gc[accept]
+        a_slot = a_g * B + n_before[accept] + rank[accept]
+        self._lv("buf_k", layer).view(-1, D)[a_slot] = kf[a_tok].to(self.dtype)
+        self._lv("buf_v", layer).view(-1, D)[a_slot] = vf[a_tok].to(self.dtype)
+        self._lv("buf_s", layer).view(-1)[a_slot] = sf[a_tok]
+        room = B - bn[uniq_g].to(torch.int64)
+        bn[uniq_g] += torch.minimum(counts, room).to(bn.dtype)
+
+        full = uniq_g[bn[uniq_g] == B]
+        if full.numel():
+            self._collapse(layer, full)
+        return torch.sort(cand[~accept]).values
+
+    def _collapse(self, layer: int, rows_g: Tensor) -> None:
+        """Turn the full buffers of ``rows_g`` (flat head*cap+row) into one pivot each."""
+        P, D = self.max_pivots, self.head_dim
+        F_ = rows_g.numel()
+        ar = torch.arange(F_, device=self.device)
+        bk = self._lv("buf_k", layer)[rows_g].float()  # [F, B, D]
+        bv = self._lv("buf_v", layer)[rows_g].float()
+        bs = self._lv("buf_s", layer)[rows_g]  # [F, B]
+
+        seed = torch.argmax(bs, dim=1)  # highest score, first on ties
+        kn = F.normalize(bk, dim=-1, eps=_EPS)
+        cos = torch.einsum("fbd,fd->fb", kn, kn[ar, seed]).clamp_(-1.0, 1.0)
+        a = torch.exp(cos)
+        w = a.sum(dim=1)
+        k_new = (a[..., None] * bk).sum(dim=1) / w[:, None]
+        v_new = (a[..., None] * bv).sum(dim=1) / w[:, None]
+        s_new = bs.sum(dim=1)
+        c_new = torch.full_like(w, float(self.buffer_size))
+
+        pk, pv = self._lv("piv_k", layer), self._lv("piv_v", layer)
+        pw, ps, pc = self._lv("piv_w", layer), self._lv("piv_s", layer), self._lv("piv_c", layer)
+        used = pc[rows_g] > 0  # [F, P]
+        slot = torch.argmax((~used).to(torch.int8), dim=1)  # first free slot
+        full = used.all(dim=1)
+        if bool(full.any()):
+            fi = full.nonzero().squeeze(1)
+            gf = rows_g[fi]
+            far = torch.arange(fi.numel(), device=self.device)
+            w_rows = pw[gf]  # [f, P]
+            victim = torch.argmin(w_rows, dim=1)  # lowest W, first on ties
+            kp = pk[gf].float()
+            vp = pv[gf].float()
+            kpn = F.normalize(kp, dim=-1, eps=_EPS)
+            sim = torch.einsum("fpd,fd->fp", kpn, kpn[far, victim]).clamp_(-1.0, 1.0)
+            sim[far, victim] = float("-inf")
+            nb = torch.argmax(sim, dim=1)  # most similar sibling, first on ties
+            c = sim[far, nb]
+            # The victim's weight is discounted by exp(cos - 1) <= 1, as in the reference
+            # kernel: its tokens were weighted against their own seed, not the sibling's.
+            w_v = w_rows[far, victim] * torch.exp(c - 1.0)
+            w_n = w_rows[far, nb]
+            w_m = w_v + w_n
+            k_m = (w_v[:, None] * kp[far, victim] + w_n[:, None] * kp[far, nb]) / w_m[:, None]
+            v_m = (w_v[:, None] * vp[far, victim] + w_n[:, None] * vp[far, nb]) / w_m[:, None]
+            pk[gf, nb] = k_m.to(self.dtype)
+            pv[gf, nb] = v_m.to(self.dtype)
+            pw[gf, nb] = w_m
+            ps[gf, nb] = ps[gf, victim] + ps[gf, nb]
+            pc[gf, nb] = pc[gf, victim] + pc[gf, nb]
+            slot[fi] = victim
+            self._sibling_merges += int(fi.numel())
+
+        pk[rows_g, slot] = k_new.to(self.dtype)
+        pv[rows_g, slot] = v_new.to(self.dtype)
+        pw[rows_g, slot] = w
+        ps[rows_g, slot] = s_new
+        pc[rows_g, slot] = c_new
+        self._lv("buf_n", layer)[rows_g] = 0
+        self._pivots_created += F_
+
+    # ------------------------------------------------------------------ retrieval
+    def retrieve(
+        self,
+        layer: int,
+        query_coords: Tensor,
+        max_tokens: int,
+        step: int,
+        radius: int = 2,
+        include_buffer: bool = True,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Pivots (and optionally buffered tokens) of the voxels near ``query_coords``.
+
+        Args:
+            layer: global-attention layer index.
+            query_coords: LongTensor [Q, 3], voxels hit by the recent window's tokens.
+            max_tokens: per-head budget of returned tokens.
+            step: current stream step (marks the candidate voxels as used).
+            radius: Chebyshev radius in voxels (2 -> 5x5x5 neighbourhood).
+            include_buffer: also return buffered raw tokens after the pivots (bias 0).
+
+        Returns:
+            ``k [H, T, D]``, ``v [H, T, D]`` (pool dtype), ``bias [H, T]`` float32
+            (``log(C)`` for pivots, 0 for raw tokens, ``-inf`` for padding) and
+            ``valid [H, T]`` bool; ``T <= max_tokens``.
+        """
+        H, D, P, B = self.num_heads, self.head_dim, self.max_pivots, self.buffer_size
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        _check_int("max_tokens", max_tokens, 0)
+        _check_int("radius", radius, 0)
+        if radius > _MAX_RADIUS:
+            raise ValueError(f"radius must be <= {_MAX_RADIUS}, got {radius}")
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ValueError(f"step must be an int, got {step!r}")
+        if not isinstance(query_coords, Tensor):
+            raise ValueError("query_coords must be a LongTensor [Q, 3]")
+        qkeys = self._keys(query_coords, "query_coords")
+
+        def empty() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            return (
+                torch.zeros(H, 0, D, dtype=self.dtype, device=self.device),
+                torch.zeros(H, 0, D, dtype=self.dtype, device=self.device),
+                torch.zeros(H, 0, dtype=torch.float32, device=self.device),
+                torch.zeros(H, 0, dtype=torch.bool, device=self.device),
+            )
+
+        if qkeys.numel() == 0 or max_tokens == 0:
+            return empty()
+        r = torch.arange(-radius, radius + 1, device=self.device)
+        offs = torch.cartesian_prod(r, r, r)
+        # Packing is linear per axis within the coordinate limit, so neighbour keys are sums.
+        off_keys = offs[:, 0] + (offs[:, 1] << _BITS) + (offs[:, 2] << (2 * _BITS))
+        cand = torch.unique((torch.unique(qkeys)[:, None] + off_keys[None, :]).reshape(-1))
+        rows = self._lookup(cand)
+        rows = rows[rows >= 0]  # ascending voxel key order
+        if rows.numel() == 0:
+            return empty()
+        self._tensors["row_last_used"][rows] = step
+        R = rows.numel()
+
+        t = self._tensors
+        # ---- pivots, ranked by W per head ----
+        c = t["piv_c"][layer][:, rows].reshape(H, R * P)
+        w = t["piv_w"][layer][:, rows].reshape(H, R * P)
+        p_valid = c > 0
+        p_order = torch.argsort(
+            torch.where(p_valid, w, torch.full_like(w, float("-inf"))),
+            dim=1, descending=True, stable=True,
+        )
+        n_piv = p_valid.sum(dim=1).clamp_max(max_tokens)  # [H]
+        tp = int(n_piv.max())
+        p_sel = p_order[:, :tp]
+        p_ok = torch.arange(tp, device=self.device)[None, :] < n_piv[:, None]
+        hh = torch.arange(H, device=self.device)[:, None]
+        # Gather only the selected vectors (not every candidate's [P, D] block).
+        p_row, p_slot = rows[p_sel // P], p_sel % P
+        parts_k = [t["piv_k"][layer][hh, p_row, p_slot]]
+        parts_v = [t["piv_v"][layer][hh, p_row, p_slot]]
+        parts_b = [torch.log(c.gather(1, p_sel).clamp_min(1.0))]
+        parts_ok = [p_ok]
+
+        # ---- buffered raw tokens fill the remaining budget, by score ----
+        if include_buffer:
+            bn = t["buf_n"][layer][:, rows]  # [H, R]
+            b_valid = (torch.arange(B, device=self.device)[None, None, :] < bn[..., None]).reshape(H, R * B)
+            s = t["buf_s"][layer][:, rows].reshape(H, R * B)
+            b_order = torch.argsort(
+                torch.where(b_valid, s, torch.full_like(s, float("-inf"))),
+                dim=1, descending=True, stable=True,
+            )
+            n_buf = torch.minimum(b_valid.sum(dim=1), max_tokens - n_piv)
+            tb = int(n_buf.max())
+            if tb > 0:
+                b_sel = b_order[:, :tb]
+                b_row, b_slot = rows[b_sel // B], b_sel % B
+                parts_k.append(t["buf_k"][layer][hh, b_row, b_slot])
+                parts_v.append(t["buf_v"][layer][hh, b_row, b_slot])
+                parts_b.append(torch.zeros(H, tb, device=self.device))
+                parts_ok.append(torch.arange(tb, device=self.device)[None, :] < n_buf[:, None])
+
+        k_all = torch.cat(parts_k, dim=1)
+        v_all = torch.cat(parts_v, dim=1)
+        b_all = torch.cat(parts_b, dim=1)
+        ok_all = torch.cat(parts_ok, dim=1)
+        # Compact per head: valid entries first, in order (pivots, then raw tokens).
+        n_out = ok_all.sum(dim=1)
+        T = int(n_out.max())
+        pos = torch.cumsum(ok_all.to(torch.int64), dim=1) - 1
+        hh = torch.arange(H, device=self.device)[:, None].expand_as(pos)
+        k_out = torch.zeros(H, T, D, dtype=self.dtype, device=self.device)
+        v_out = torch.zeros(H, T, D, dtype=self.dtype, device=self.device)
+        bias = torch.full((H, T), float("-inf"), dtype=torch.float32, device=self.device)
+        valid = torch.zeros(H, T, dtype=torch.bool, device=self.device)
+        k_out[hh[ok_all], pos[ok_all]] = k_all[ok_all]
+        v_out[hh[ok_all], pos[ok_all]] = v_all[ok_all]
+        bias[hh[ok_all], pos[ok_all]] = b_all[ok_all].float()
+        valid[hh[ok_all], pos[ok_all]] = True
+        return k_out, v_out, bias, valid

@@ -1,0 +1,85 @@
+"""Frame-window baselines: the last W frames (``window``), or frame 0 plus the last W frames
+(``sink_window``, STream3R's window mode / StreamingLLM's attention sink).
+
+Memory is flat: at most (pinned + W + chunk) frames of tokens per layer, whatever the stream length.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import CacheGeometry, CachePolicy, StepInfo, camera_bytes_bound
+from .config import CacheConfig
+from .token_store import LayerTokens, bytes_per_token, step_token_ids
+
+
+class WindowCache(CachePolicy):
+    name = "window"
+
+    def __init__(self, config: CacheConfig, geometry: CacheGeometry, pinned_frames: tuple[int, ...] = ()):
+        self.config = config
+        self.geometry = geometry
+        self.window = config.window
+        self.pinned = tuple(pinned_frames)
+        self.layers: dict[int, LayerTokens] = {}
+        self._step: Optional[StepInfo] = None
+
+    def begin_step(self, info: StepInfo) -> None:
+        budget = self.config.memory_budget_bytes
+        if budget is not None and self.bytes_bound(info.tokens_per_frame) > budget:
+            raise ValueError(f"memory budget {budget} B is too small for a {self.name} cache of {self.window} frames "
+                             f"at {info.tokens_per_frame} tokens/frame (needs {self.bytes_bound(info.tokens_per_frame)} B)")
+        self._step = info
+
+    def bytes_bound(self, tokens_per_frame: int) -> int:
+        g = self.geometry
+        frames = len(self.pinned) + self.window + self.config.chunk
+        hot = g.num_layers * g.num_heads * frames * tokens_per_frame * bytes_per_token(g.head_dim, g.element_size, False, False)
+        return hot + camera_bytes_bound(self.config, g)
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if q.shape[0] != 1:
+            raise ValueError("a cache policy serves one stream: batch size must be 1")
+        if self._step is None:
+            raise RuntimeError("begin_step() must be called before attend()")
+        store = self.layers.get(layer)
+        frame, index = step_token_ids(k.shape[1], self._step.frame_offset, self._step.num_frames, self._step.tokens_per_frame, k.device)
+        if store is None:
+            store = self.layers[layer] = LayerTokens(k[0], v[0], frame, index, None, None)
+        else:
+            store.append(k[0], v[0], frame, index, None, None)
+        return F.scaled_dot_product_attention(q, store.k[None], store.v[None])
+
+    def end_step(self, info: StepInfo) -> None:
+        latest = info.frame_offset + info.num_frames - 1
+        for layer, store in self.layers.items():
+            frames = store.frame[0]
+            keep = frames > latest - self.window
+            for f in self.pinned:
+                keep |= frames == f
+            if not bool(keep.all()):
+                idx = keep.nonzero().squeeze(1)
+                self.layers[layer] = store.select(idx.expand(store.frame.shape[0], -1))
+        self._step = None
+
+    def memory_bytes(self) -> int:
+        return sum(s.memory_bytes() for s in self.layers.values())
+
+    def reset(self) -> None:
+        self.layers.clear()
+        self._step = None
+
+    def stats(self) -> dict:
+        tokens = next(iter(self.layers.values())).num_tokens if self.layers else 0
+        return {"memory_bytes": self.memory_bytes(), "tokens": tokens}
+
+
+class SinkWindowCache(WindowCache):
+    name = "sink_window"
+
+    def __init__(self, config: CacheConfig, geometry: CacheGeometry):
+        super().__init__(config, geometry, pinned_frames=config.pinned_frames)

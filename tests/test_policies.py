@@ -1,0 +1,148 @@
+"""Cache policies: exactness with unbounded budgets, hard memory bounds on long streams,
+determinism, and configuration errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stac_backend.cache import CacheConfig, StacCache, make_cache
+from stac_backend.engine import Stream
+from stac_backend.engine.stream import cache_geometry
+from stac_backend.model import OUTPUT_NAMES
+
+from conftest import make_tiny_model
+
+COMPARED = [n for n in OUTPUT_NAMES if n != "intrinsics"]  # intrinsics derive from pose_enc (compared)
+
+
+def run(model, frames, cache, chunk=4):
+    stream = Stream(model, cache=cache)
+    outs, memory = [], []
+    for i in range(0, len(frames), chunk):
+        outs.append(stream.push(frames[i : i + chunk]))
+        memory.append(stream.memory_bytes())
+    return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}, memory, stream
+
+
+@pytest.fixture(scope="module")
+def frames24():
+    return torch.rand(24, 3, 56, 84, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_model, frames24):
+    return run(tiny_model, frames24, "full")[0]
+
+
+@pytest.mark.parametrize("policy", ["heavy_hitter", "stac", "window", "sink_window"])
+def test_unbounded_budget_reproduces_full(tiny_model, frames24, full_run, policy):
+    config = CacheConfig.unbounded(policy, len(frames24), retrieval_start_frame=8)
+    out, _, stream = run(tiny_model, frames24, config)
+    for name in COMPARED:
+        diff = (out[name] - full_run[name]).abs().max().item()
+        assert diff <= 1e-5, f"{policy}: {name} differs by {diff}"
+    assert stream.cache.stats().get("evicted_tokens", 0) == 0
+
+
+@pytest.mark.parametrize("policy", ["heavy_hitter", "stac", "window", "sink_window"])
+def test_bounded_policies_differ_from_full(tiny_model, frames24, full_run, policy):
+    """Sanity: with the reference (small) sizes the policies really evict and change the output."""
+    out, _, _ = run(tiny_model, frames24, CacheConfig(policy=policy, window=4, hh=1))
+    assert (out["pose_enc"] - full_run["pose_enc"]).abs().max() > 1e-4
+
+
+def test_stac_is_bit_identical_across_runs(tiny_model, frames24):
+    config = CacheConfig(policy="stac", voxel_size=1e-3, conf_threshold=0.0, retrieval_start_frame=8)
+    a, mem_a, _ = run(tiny_model, frames24, config)
+    b, mem_b, _ = run(tiny_model, frames24, config)
+    for name in OUTPUT_NAMES:
+        assert torch.equal(a[name], b[name]), name
+    assert mem_a == mem_b
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return make_tiny_model(seed=5)
+
+
+def test_long_stream_memory_bounds(small_model):
+    """300 frames: full grows linearly, window policies stay flat, stac stays under its bound."""
+    frames = torch.rand(300, 3, 28, 42, generator=torch.Generator().manual_seed(4))
+    budget = 1_000_000
+    configs = {
+        "full": CacheConfig(policy="full"),
+        "window": CacheConfig(policy="window", window=8),
+        "sink_window": CacheConfig(policy="sink_window", window=8),
+        # tiny voxels + low confidence bar: evicted tokens spread over many voxels and fill the pool
+        "stac": CacheConfig(policy="stac", voxel_size=3e-3, conf_threshold=0.0, retrieval_start_frame=16,
+                            memory_budget_bytes=budget),
+    }
+    memory, streams = {}, {}
+    for name, config in configs.items():
+        _, memory[name], streams[name] = run(small_model, frames, config)
+    steps = len(memory["full"])
+    per_step = memory["full"][1] - memory["full"][0]
+    assert all(memory["full"][i] == memory["full"][0] + i * per_step for i in range(steps))
+    # flat once the camera-trunk window (64 frames = 16 steps) is full
+    for name in ("window", "sink_window"):
+        assert len(set(memory[name][17:])) == 1, f"{name} memory not flat: {memory[name][15:20]}"
+        assert max(memory[name]) <= streams[name].memory_bound()
+    stac = streams["stac"].cache
+    bound = streams["stac"].memory_bound()
+    assert bound <= budget
+    assert max(memory["stac"]) <= bound
+    stats = stac.stats()
+    assert stats["pool_evicted_voxels"] > 0, stats  # the voxel cap was actually reached
+    assert stats["retrieved_per_head"] > 0, stats
+    assert memory["stac"][-1] < memory["full"][-1] / 5
+
+
+def test_budget_too_small_is_refused_without_harm(tiny_model, frames24):
+    stream = Stream(tiny_model, cache=CacheConfig(policy="stac", memory_budget_bytes=10_000))
+    with pytest.raises(ValueError, match="memory budget"):
+        stream.push(frames24[:4])
+    assert stream.frames_seen == 0 and stream.memory_bytes() == 0
+    hh = Stream(tiny_model, cache=CacheConfig(policy="heavy_hitter", memory_budget_bytes=1000))
+    with pytest.raises(ValueError, match="memory budget"):
+        hh.push(frames24[:4])
+
+
+def test_budget_sets_pool_size(tiny_model):
+    geometry = cache_geometry(tiny_model)
+    tokens = tiny_model.config.tokens_per_frame(56, 84)
+    small = StacCache(CacheConfig(memory_budget_bytes=5_000_000, max_voxels=None), geometry)
+    large = StacCache(CacheConfig(memory_budget_bytes=50_000_000, max_voxels=None), geometry)
+    assert 0 < small.pool_voxels(tokens) < large.pool_voxels(tokens)
+    assert small.bytes_bound(tokens) <= 5_000_000
+    capped = StacCache(CacheConfig(memory_budget_bytes=50_000_000, max_voxels=10), geometry)
+    assert capped.pool_voxels(tokens) == 10
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"policy": "lru"}, "unknown cache policy"),
+        ({"window": 0}, "window"),
+        ({"hh": -1}, "hh"),
+        ({"voxel_size": 0.0}, "voxel_size"),
+        ({"voxel_size": -0.05}, "voxel_size"),
+        ({"gamma": 0.0}, "gamma"),
+        ({"gamma": 1.5}, "gamma"),
+        ({"chunk": 8, "window": 4}, "chunk"),
+        ({"max_voxels": 0}, "max_voxels"),
+        ({"memory_budget_bytes": 0}, "memory_budget_bytes"),
+        ({"memory_budget_bytes": -5}, "memory_budget_bytes"),
+        ({"retrieval_every": 0}, "retrieval_every"),
+    ],
+)
+def test_invalid_configuration_is_refused(changes, message):
+    with pytest.raises(ValueError, match=message):
+        CacheConfig(**changes)
+
+
+def test_policy_rejects_batched_input(tiny_model):
+    cache = make_cache(CacheConfig(policy="window"), cache_geometry(tiny_model))
+    q = torch.rand(2, 4, 5, 16)
+    with pytest.raises(ValueError, match="batch size"):
+        cache.attend(0, q, q, q)
