@@ -74,7 +74,7 @@ def video_source(path: Path, mode: str = "crop", target: int = 518, max_frames: 
 
 
 def synthetic_source(num_frames: int, height: int, width: int, trajectory: str = "loop", seed: int = 0) -> FrameSource:
-    from .data.synthetic import make_sequence
+    from .data import make_sequence
 
     seq = make_sequence(num_frames=num_frames, height=height, width=width, trajectory=trajectory, seed=seed)
     return FrameSource(iter(list(seq.images)), num_frames, f"synthetic {trajectory} scene, {num_frames} frames {width}x{height}")

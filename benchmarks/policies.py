@@ -1,0 +1,157 @@
+"""Stream one long sequence through every cache policy; write per-step memory, time and the
+deviation of each policy's outputs from the full cache, as JSON.
+
+    python benchmarks/policies.py --preset tiny --frames 300 --out docs/benchmarks/policies_tiny_cpu.json
+    python benchmarks/policies.py --preset vggt-1b --device cuda --dtype bfloat16 --frames 1000 \
+        --height 392 --width 518 --out docs/benchmarks/policies_vggt1b_h100.json
+
+Frames come from the synthetic scene generator (a looped trajectory) when available, else random.
+Weights are random unless --checkpoint is given. A policy that runs out of memory is recorded with
+the frame it reached. Deviation is the mean absolute difference from ``full`` of depth, world points
+and pose encoding, on the frames both ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stac_backend.cache import POLICIES, CacheConfig  # noqa: E402
+from stac_backend.engine import Stream  # noqa: E402
+from stac_backend.model import build_model  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPARED = ("depth", "world_points", "pose_enc")
+
+
+def make_frames(count: int, height: int, width: int, seed: int) -> torch.Tensor:
+    try:
+        from stac_backend.data import make_sequence
+
+        return make_sequence(num_frames=count, height=height, width=width, trajectory="loop", seed=seed).images
+    except ImportError:
+        return torch.rand(count, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def policy_config(name: str, args: argparse.Namespace) -> CacheConfig:
+    if name == "window":
+        return CacheConfig(policy="window", window=args.baseline_window, chunk=args.chunk)
+    return CacheConfig(policy=name, chunk=args.chunk)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_policy(model, frames, name, args, reference):
+    stream = Stream(model, cache=policy_config(name, args))
+    steps, deviations = [], {k: [] for k in COMPARED}
+    status = "ok"
+    keep = {} if name == "full" else None
+    for start in range(0, len(frames), args.chunk):
+        chunk = frames[start : start + args.chunk]
+        sync(args.device)
+        t0 = time.perf_counter()
+        try:
+            out = stream.push(chunk.to(args.device))
+            sync(args.device)
+        except torch.OutOfMemoryError:
+            status = f"out of memory at frame {start}"
+            break
+        seconds = time.perf_counter() - t0
+        steps.append({"frame": start + len(chunk), "seconds": seconds, "seconds_per_frame": seconds / len(chunk),
+                      "cache_bytes": stream.memory_bytes()})
+        for i, index in enumerate(range(start, start + len(chunk))):
+            if index % args.compare_every:
+                continue
+            values = {k: out[k][i].float().cpu() for k in COMPARED}
+            if keep is not None:
+                keep[index] = {k: v.half() for k, v in values.items()}
+            elif reference is not None and index in reference:
+                for k in COMPARED:
+                    deviations[k].append((values[k] - reference[index][k].float()).abs().mean().item())
+        if not args.quiet and len(steps) % 25 == 0:
+            print(f"  {name}: frame {start + len(chunk)}, {seconds / len(chunk) * 1000:.1f} ms/frame, "
+                  f"cache {stream.memory_bytes() / 2**20:.1f} MiB", file=sys.stderr)
+    result = {
+        "policy": name,
+        "config": policy_config(name, args).to_dict(),
+        "status": status,
+        "frames": steps[-1]["frame"] if steps else 0,
+        "steps": steps,
+        "memory_bound_bytes": stream.memory_bound(),
+        "stats": {k: v for k, v in stream.cache.stats().items() if isinstance(v, (int, float))},
+        "mean_abs_deviation_from_full": {k: (sum(v) / len(v) if v else None) for k, v in deviations.items()},
+    }
+    del stream
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return result, keep
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--checkpoint", type=Path, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--frames", type=int, default=300)
+    p.add_argument("--height", type=int, default=56)
+    p.add_argument("--width", type=int, default=84)
+    p.add_argument("--chunk", type=int, default=4)
+    p.add_argument("--baseline-window", type=int, default=8)
+    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--compare-every", type=int, default=1, help="compare every k-th frame with full")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (tiny models run best on 1)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = build_model(args.preset if args.checkpoint is None else None, checkpoint=args.checkpoint,
+                        device=args.device, dtype=DTYPES[args.dtype], seed=args.seed)
+    frames = make_frames(args.frames, args.height, args.width, args.seed)
+    names = [n.strip() for n in args.policies.split(",") if n.strip()]
+    if "full" in names:  # the reference runs first
+        names.remove("full")
+        names.insert(0, "full")
+    results, reference = [], None
+    for name in names:
+        print(f"policy {name} ...", file=sys.stderr)
+        result, kept = run_policy(model, frames, name, args, reference)
+        if name == "full":
+            reference = kept
+        results.append(result)
+        last = result["steps"][-1] if result["steps"] else {}
+        print(f"policy {name}: {result['status']}, {result['frames']} frames, last {last.get('seconds_per_frame', 0) * 1000:.1f} ms/frame, "
+              f"cache {last.get('cache_bytes', 0) / 2**20:.2f} MiB", file=sys.stderr)
+    report = {
+        "benchmark": "policies",
+        "preset": args.preset,
+        "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+        "dtype": args.dtype,
+        "frames": args.frames,
+        "image_hw": [args.height, args.width],
+        "chunk": args.chunk,
+        "torch": torch.__version__,
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
