@@ -146,3 +146,27 @@ def test_policy_rejects_batched_input(tiny_model):
     q = torch.rand(2, 4, 5, 16)
     with pytest.raises(ValueError, match="batch size"):
         cache.attend(0, q, q, q)
+
+
+@pytest.mark.parametrize("policy", ["full", "window", "heavy_hitter", "stac"])
+def test_streams_batched_in_one_step_equal_separate_streams(tiny_model, policy):
+    """Three streams at different points of their lives share each step; each equals its solo run."""
+    from stac_backend.engine import push_many
+
+    g = torch.Generator().manual_seed(11)
+    videos = [torch.rand(20, 3, 56, 84, generator=g) for _ in range(3)]
+    starts = [0, 4, 8]  # stream b joins at step starts[b] // 4
+    config = CacheConfig(policy=policy, retrieval_start_frame=8, voxel_size=1e-2, conf_threshold=0.0)
+    solo = [run(tiny_model, v, config)[0] for v in videos]
+    streams = [Stream(tiny_model, cache=config) for _ in videos]
+    got = [[] for _ in videos]
+    for step in range(0, 28, 4):
+        active = [b for b in range(3) if starts[b] <= step < starts[b] + 20]
+        chunks = [streams[b].validate(videos[b][step - starts[b] : step - starts[b] + 4]) for b in active]
+        for b, out in zip(active, push_many([streams[b] for b in active], chunks)):
+            got[b].append(out)
+    for b in range(3):
+        merged = {k: torch.cat([o[k] for o in got[b]]) for k in got[b][0]}
+        for name in COMPARED:
+            diff = (merged[name] - solo[b][name]).abs().max().item()
+            assert diff <= 1e-4, f"stream {b} {name} differs by {diff}"

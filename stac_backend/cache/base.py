@@ -63,15 +63,45 @@ def camera_bytes_bound(config, geometry: CacheGeometry) -> int:
     return frames * geometry.camera_bytes_per_frame
 
 
+@dataclass
+class KeySet:
+    """The keys/values one stream's queries attend to at one layer in this step."""
+
+    k: Tensor  # [H, Nk, D]: retained past tokens (+ retrieved ones) + the step's new tokens
+    v: Tensor  # [H, Nk, D]
+    bias: Optional[Tensor] = None  # [H, Nk] float32 additive logit bias (e.g. log C of pivots)
+    valid: Optional[Tensor] = None  # [H, Nk] bool; False = padding
+    need_mass: bool = False  # whether absorb() wants the per-key probability mass
+
+
 class CachePolicy(ABC):
-    """One stream's global-attention cache under some retention rule."""
+    """One stream's global-attention cache under some retention rule.
+
+    Attention is split in two so that the engine can run one attention call for many streams:
+    ``prepare`` stores the step's new keys and returns everything to attend to; the engine
+    attends (with per-key mass if asked); ``absorb`` takes the mass back (e.g. to update scores).
+    ``attend`` does all three for a single stream.
+    """
 
     #: short name used in configs, logs and benchmark files
     name: str = "base"
 
     @abstractmethod
+    def prepare(self, layer: int, k: Tensor, v: Tensor) -> KeySet:
+        """Store the step's new keys/values k, v [H, M, D]; return the key set to attend to."""
+
+    def absorb(self, layer: int, mass: Optional[Tensor], num_queries: int) -> None:
+        """Per-key probability mass [H, Nk] (summed over the step's queries) of the last prepare()."""
+
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Attention of the step's queries over retained past keys plus the step's own keys."""
+        """Attention of one stream's step queries q [1, H, M, D] over its key set."""
+        if q.shape[0] != 1:
+            raise ValueError("a cache policy serves one stream: batch size must be 1")
+        from .key_sets import attend_key_sets
+
+        out, masses = attend_key_sets(q, [self.prepare(layer, k[0], v[0])])
+        self.absorb(layer, masses[0], q.shape[2])
+        return out
 
     def begin_step(self, info: StepInfo) -> None:
         """Called before the step's forward (predictions in ``info`` are not known yet)."""

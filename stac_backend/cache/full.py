@@ -7,10 +7,9 @@ The reference every bounded policy is measured against. Memory grows by exactly
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .base import CachePolicy
+from .base import CachePolicy, KeySet
 
 
 class FullCache(CachePolicy):
@@ -20,19 +19,19 @@ class FullCache(CachePolicy):
         self.keys: dict[int, Tensor] = {}
         self.values: dict[int, Tensor] = {}
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def prepare(self, layer: int, k: Tensor, v: Tensor) -> KeySet:
         if layer in self.keys:
             # One copy per step into an exactly-sized tensor: memory_bytes stays exact.
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
+            k = torch.cat([self.keys[layer], k], dim=1)
+            v = torch.cat([self.values[layer], v], dim=1)
         self.keys[layer], self.values[layer] = k, v
-        return F.scaled_dot_product_attention(q, k, v)
+        return KeySet(k, v)
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
 
     def num_tokens(self, layer: int = 0) -> int:
-        return 0 if layer not in self.keys else self.keys[layer].shape[2]
+        return 0 if layer not in self.keys else self.keys[layer].shape[1]
 
     def reset(self) -> None:
         self.keys.clear()

@@ -17,8 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .attention import attention_with_key_mass
-from .base import CacheGeometry, CachePolicy, StepInfo, camera_bytes_bound
+from .base import CacheGeometry, CachePolicy, KeySet, StepInfo, camera_bytes_bound
 from .config import CacheConfig
 from .token_store import LayerTokens, bytes_per_token, step_token_ids
 
@@ -35,6 +34,7 @@ class HeavyHitterCache(CachePolicy):
         self.layers: dict[int, LayerTokens] = {}
         self.evicted_tokens = 0
         self._step: Optional[StepInfo] = None
+        self._pending: dict[int, tuple] = {}  # layer -> what absorb() needs from prepare()
 
     # ------------------------------------------------------------------ step
     def begin_step(self, info: StepInfo) -> None:
@@ -45,48 +45,46 @@ class HeavyHitterCache(CachePolicy):
         """Extra (k [H,T,D], v, bias [H,T], valid [H,T]) attended this step; none here."""
         return None
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if q.shape[0] != 1:
-            raise ValueError("a cache policy serves one stream: batch size must be 1")
+    def prepare(self, layer: int, k: Tensor, v: Tensor) -> KeySet:
         if self._step is None:
-            raise RuntimeError("begin_step() must be called before attend()")
-        H, M = k.shape[1], k.shape[2]
+            raise RuntimeError("begin_step() must be called before attention")
+        H, M = k.shape[0], k.shape[1]
         store = self.layers.get(layer)
-        parts_k, parts_v, bias, valid = [], [], [], []
         old = 0 if store is None else store.num_tokens
-        if store is not None:
-            parts_k.append(store.k)
-            parts_v.append(store.v)
+        parts_k = [] if store is None else [store.k]
+        parts_v = [] if store is None else [store.v]
         extra = self.extra_keys(layer)
-        n_extra = 0
-        if extra is not None:
-            ek, ev, eb, evalid = extra
-            n_extra = ek.shape[1]
-            parts_k.append(ek.to(k.dtype))
-            parts_v.append(ev.to(v.dtype))
-        parts_k.append(k[0])
-        parts_v.append(v[0])
-        keys, values = torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1)
-        key_bias = key_valid = None
+        n_extra = 0 if extra is None else extra[0].shape[1]
         if n_extra:
-            zeros_old = torch.zeros(H, old, device=k.device)
-            zeros_new = torch.zeros(H, M, device=k.device)
-            key_bias = torch.cat([zeros_old, eb.float(), zeros_new], dim=1)[None]
-            ones_old = torch.ones(H, old, dtype=torch.bool, device=k.device)
-            ones_new = torch.ones(H, M, dtype=torch.bool, device=k.device)
-            key_valid = torch.cat([ones_old, evalid, ones_new], dim=1)[None]
-        out, mass = attention_with_key_mass(q, keys[None], values[None], key_bias=key_bias, key_valid=key_valid)
-        live = key_valid[0].sum(dim=1, keepdim=True).float() if key_valid is not None else torch.full((H, 1), float(keys.shape[1]), device=k.device)
-        score = mass[0] * (live / q.shape[2])
+            parts_k.append(extra[0].to(k.dtype))
+            parts_v.append(extra[1].to(v.dtype))
+        parts_k.append(k)
+        parts_v.append(v)
+        keys, values = torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1)
+        bias = valid = None
+        if n_extra:
+            bias = torch.zeros(H, keys.shape[1], device=k.device)
+            bias[:, old : old + n_extra] = extra[2].float()
+            valid = torch.ones(H, keys.shape[1], dtype=torch.bool, device=k.device)
+            valid[:, old : old + n_extra] = extra[3]
+        # Store the new tokens now (their scores arrive in absorb).
         frame, index = step_token_ids(H, self._step.frame_offset, self._step.num_frames, self._step.tokens_per_frame, k.device)
         position = torch.full((H, M, 3), float("nan"), device=k.device) if self.tracks_positions else None
-        new_score = score[:, old + n_extra :]
+        placeholder = torch.zeros(H, M, device=k.device)
         if store is None:
-            self.layers[layer] = LayerTokens(k[0], v[0], frame, index, new_score, position)
+            self.layers[layer] = LayerTokens(k, v, frame, index, placeholder, position)
         else:
-            store.score = self.config.gamma * store.score + score[:, :old]
-            store.append(k[0], v[0], frame, index, new_score, position)
-        return out
+            store.append(k, v, frame, index, placeholder, position)
+        self._pending[layer] = (old, n_extra, M, valid)
+        return KeySet(keys, values, bias, valid, need_mass=True)
+
+    def absorb(self, layer: int, mass: Optional[Tensor], num_queries: int) -> None:
+        old, n_extra, new, valid = self._pending.pop(layer)
+        live = valid.sum(dim=1, keepdim=True).float() if valid is not None else float(mass.shape[1])
+        score = mass * (live / num_queries)  # rescaled by live keys / queries
+        store = self.layers[layer]
+        decayed = self.config.gamma * store.score[:, :old] + score[:, :old]
+        store.score = torch.cat([decayed, score[:, old + n_extra :]], dim=1)
 
     def end_step(self, info: StepInfo) -> None:
         latest = info.frame_offset + info.num_frames - 1

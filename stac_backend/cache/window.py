@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .base import CacheGeometry, CachePolicy, StepInfo, camera_bytes_bound
+from .base import CacheGeometry, CachePolicy, KeySet, StepInfo, camera_bytes_bound
 from .config import CacheConfig
 from .token_store import LayerTokens, bytes_per_token, step_token_ids
 
@@ -41,18 +39,16 @@ class WindowCache(CachePolicy):
         hot = g.num_layers * g.num_heads * frames * tokens_per_frame * bytes_per_token(g.head_dim, g.element_size, False, False)
         return hot + camera_bytes_bound(self.config, g)
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if q.shape[0] != 1:
-            raise ValueError("a cache policy serves one stream: batch size must be 1")
+    def prepare(self, layer: int, k: Tensor, v: Tensor) -> KeySet:
         if self._step is None:
-            raise RuntimeError("begin_step() must be called before attend()")
+            raise RuntimeError("begin_step() must be called before attention")
         store = self.layers.get(layer)
-        frame, index = step_token_ids(k.shape[1], self._step.frame_offset, self._step.num_frames, self._step.tokens_per_frame, k.device)
+        frame, index = step_token_ids(k.shape[0], self._step.frame_offset, self._step.num_frames, self._step.tokens_per_frame, k.device)
         if store is None:
-            store = self.layers[layer] = LayerTokens(k[0], v[0], frame, index, None, None)
+            store = self.layers[layer] = LayerTokens(k, v, frame, index, None, None)
         else:
-            store.append(k[0], v[0], frame, index, None, None)
-        return F.scaled_dot_product_attention(q, store.k[None], store.v[None])
+            store.append(k, v, frame, index, None, None)
+        return KeySet(store.k, store.v)
 
     def end_step(self, info: StepInfo) -> None:
         latest = info.frame_offset + info.num_frames - 1

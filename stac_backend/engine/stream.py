@@ -18,10 +18,11 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..cache import CacheConfig, CacheGeometry, CachePolicy, StepInfo, make_cache
+from ..cache import CacheConfig, CacheGeometry, CachePolicy, make_cache
 from ..model.camera_head import CameraKVCache
 from ..model.config import ModelConfig
 from ..model.vggt import VGGT
+from .batch import run_batched_step
 from .frames import FrameInput, to_frame_tensor
 
 
@@ -72,44 +73,23 @@ class Stream:
     def config(self) -> ModelConfig:
         return self.model.config
 
-    def push(self, frames: FrameInput) -> dict[str, Tensor]:
-        """Run one step on a chunk of frames; returns per-frame outputs [C, ...] (detached)."""
-        images = to_frame_tensor(
-            frames, self.config.patch_size, self.chunk_size, self.image_hw, device=self.device, dtype=self.dtype
-        )
+    def validate(self, frames: FrameInput) -> Tensor:
+        """Checked float frames [C, 3, H, W] on the model's device; raises ValueError naming the problem."""
         if self.broken is not None:
             raise RuntimeError(f"stream is unusable after an earlier failure ({self.broken}); reset it or open a new one")
-        count, _, height, width = images.shape
-        try:
-            out = self._step(images, count, height, width)
-        except ValueError:
-            raise  # refused before any state changed (e.g. a memory budget too small)
-        except Exception as exc:
-            # A step that fails half-way leaves some layers' caches updated and others not.
-            self.broken = f"{type(exc).__name__}: {exc}"
-            raise
-        result = {name: value[0] for name, value in out.items()}
-        result["frame_index"] = torch.arange(self.frames_seen, self.frames_seen + count)
-        self.image_hw = (height, width)
-        self.frames_seen += count
-        return result
-
-    def _step(self, images: Tensor, count: int, height: int, width: int) -> dict[str, Tensor]:
-        info = StepInfo(
-            frame_offset=self.frames_seen,
-            num_frames=count,
-            tokens_per_frame=self.config.tokens_per_frame(height, width),
-            patch_start_idx=self.config.patch_start_idx,
-            grid_hw=(height // self.config.patch_size, width // self.config.patch_size),
+        return to_frame_tensor(
+            frames, self.config.patch_size, self.chunk_size, self.image_hw, device=self.device, dtype=self.dtype
         )
-        # Budget checks happen here, before any state changes: a refused step leaves the stream intact.
-        self.cache.begin_step(info)
-        with torch.inference_mode():
-            out = self.model.forward_step(images.unsqueeze(0), self.frames_seen, self.cache, self.camera_cache)
-            info.world_points = out.get("world_points")
-            info.world_points_conf = out.get("world_points_conf")
-            self.cache.end_step(info)
-            self.camera_cache.end_step(self.frames_seen)
+
+    def push(self, frames: FrameInput) -> dict[str, Tensor]:
+        """Run one step on a chunk of frames; returns per-frame outputs [C, ...] (detached)."""
+        images = self.validate(frames)
+        return push_many([self], [images])[0]
+
+    def _advance(self, out: dict[str, Tensor], count: int, image_hw: tuple[int, int]) -> dict[str, Tensor]:
+        out["frame_index"] = torch.arange(self.frames_seen, self.frames_seen + count)
+        self.image_hw = image_hw
+        self.frames_seen += count
         return out
 
     def memory_bytes(self) -> int:
@@ -144,3 +124,20 @@ def full_cache_bytes_per_frame(config: ModelConfig, height: int, width: int, dty
     aggregator = 2 * config.depth * config.tokens_per_frame(height, width) * config.embed_dim
     camera = 2 * config.camera_iterations * config.camera_trunk_depth * 2 * config.embed_dim if config.enable_camera else 0
     return (aggregator + camera) * element
+
+
+def push_many(streams: list[Stream], images: list[Tensor]) -> list[dict[str, Tensor]]:
+    """One step for several streams at once (frames already validated by ``Stream.validate``).
+
+    A ValueError (e.g. a memory budget refused at the start of a step) leaves all streams intact;
+    any other failure marks the streams of the step as broken, since their caches may be half-updated.
+    """
+    try:
+        outs = run_batched_step(streams, images)
+    except ValueError:
+        raise
+    except Exception as exc:
+        for s in streams:
+            s.broken = f"{type(exc).__name__}: {exc}"
+        raise
+    return [s._advance(out, frames.shape[0], tuple(frames.shape[-2:])) for s, out, frames in zip(streams, outs, images)]

@@ -9,7 +9,7 @@ The aggregator knows nothing about how (or whether) that cache is bounded.
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence
+from typing import Optional, Protocol, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,7 @@ from .layers import AttendFn, Block, dense_attention
 from .patch_embed import build_patch_embed
 from .rope import RotaryEmbedding2D, frame_token_positions
 
+FrameOffset = Union[int, Sequence[int]]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -69,22 +70,27 @@ class Aggregator(nn.Module):
     def patch_start_idx(self) -> int:
         return self.config.patch_start_idx
 
-    def embed(self, images: Tensor, frame_offset: int) -> Tensor:
-        """Tokens [B*S, P, D] of images [B, S, 3, H, W] in [0, 1]; frame_offset = index of images[:, 0] in its stream."""
+    def embed(self, images: Tensor, frame_offset: FrameOffset) -> Tensor:
+        """Tokens [B*S, P, D] of images [B, S, 3, H, W] in [0, 1].
+
+        frame_offset: stream index of images[:, 0] - one int for all rows, or one per row (when
+        several streams share a step).
+        """
         B, S, _, H, W = images.shape
         x = ((images - self._mean.to(images.dtype)) / self._std.to(images.dtype)).reshape(B * S, 3, H, W)
         patches = self.patch_embed(x)
-        # Which special-token variant each frame gets: 0 for the stream's first frame, else 1.
-        variant = (torch.arange(S, device=images.device) + frame_offset > 0).long()
-        camera = self.camera_token[0, variant].to(patches.dtype)  # [S, 1, D]
-        registers = self.register_token[0, variant].to(patches.dtype)  # [S, R, D]
-        special = torch.cat([camera, registers], dim=1).unsqueeze(0).expand(B, -1, -1, -1)
+        offsets = torch.as_tensor(frame_offset, device=images.device).reshape(-1, 1).expand(B, 1)
+        # Which special-token variant each frame gets: 0 for its stream's first frame, else 1.
+        variant = (torch.arange(S, device=images.device)[None, :] + offsets > 0).long()  # [B, S]
+        camera = self.camera_token[0, variant].to(patches.dtype)  # [B, S, 1, D]
+        registers = self.register_token[0, variant].to(patches.dtype)  # [B, S, R, D]
+        special = torch.cat([camera, registers], dim=2)
         return torch.cat([special.reshape(B * S, -1, patches.shape[-1]), patches], dim=1)
 
     def forward(
         self,
         images: Tensor,
-        frame_offset: int = 0,
+        frame_offset: FrameOffset = 0,
         global_attention: Optional[GlobalAttention] = None,
         keep_layers: Optional[Sequence[int]] = None,
     ) -> list[Optional[Tensor]]:

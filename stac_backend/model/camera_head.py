@@ -51,14 +51,19 @@ class CameraKVCache:
         self.frames = torch.zeros(0, dtype=torch.long)  # stream index of each cached token
         self._pending = 0
 
-    def attend(self, iteration: int, block: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def prepare(self, iteration: int, block: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the step's keys/values [H, M, D]; return all keys/values to attend to [H, N, D]."""
         key = (iteration, block)
-        self._pending = k.shape[2]
+        self._pending = k.shape[1]
         if key in self.keys:
-            k = torch.cat([self.keys[key], k], dim=2)
-            v = torch.cat([self.values[key], v], dim=2)
+            k = torch.cat([self.keys[key], k], dim=1)
+            v = torch.cat([self.values[key], v], dim=1)
         self.keys[key], self.values[key] = k, v
-        return F.scaled_dot_product_attention(q, k, v)
+        return k, v
+
+    def attend(self, iteration: int, block: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        keys, values = self.prepare(iteration, block, k[0], v[0])
+        return F.scaled_dot_product_attention(q, keys[None], values[None])
 
     def end_step(self, frame_offset: int) -> None:
         """Record the step's frames and drop those that fell out of the window."""
@@ -77,8 +82,8 @@ class CameraKVCache:
         self.frames = self.frames[idx]
         for key in self.keys:
             device_idx = idx.to(self.keys[key].device)
-            self.keys[key] = self.keys[key].index_select(2, device_idx)
-            self.values[key] = self.values[key].index_select(2, device_idx)
+            self.keys[key] = self.keys[key].index_select(1, device_idx)
+            self.values[key] = self.values[key].index_select(1, device_idx)
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
@@ -88,6 +93,26 @@ class CameraKVCache:
         self.values.clear()
         self.frames = torch.zeros(0, dtype=torch.long)
         self._pending = 0
+
+
+class BatchedCameraAttention:
+    """Camera-trunk attention for several streams in one call, each over its own cache."""
+
+    def __init__(self, caches: list["CameraKVCache"]):
+        self.caches = caches
+
+    def attend(self, iteration: int, block: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if len(self.caches) == 1:
+            return self.caches[0].attend(iteration, block, q, k, v)
+        sets = [c.prepare(iteration, block, k[b], v[b]) for b, c in enumerate(self.caches)]
+        longest = max(ks.shape[1] for ks, _ in sets)
+        keys = q.new_zeros(len(sets), q.shape[1], longest, q.shape[3])
+        values = torch.zeros_like(keys)
+        valid = torch.zeros(len(sets), 1, 1, longest, dtype=torch.bool, device=q.device)
+        for b, (ks, vs) in enumerate(sets):
+            keys[b, :, : ks.shape[1]], values[b, :, : ks.shape[1]] = ks, vs
+            valid[b, ..., : ks.shape[1]] = True
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=valid)
 
 
 def activate_pose(raw: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .aggregator import Aggregator, DenseGlobalAttention, GlobalAttention
+from .aggregator import Aggregator, DenseGlobalAttention, FrameOffset, GlobalAttention
 from .camera_head import CameraAttention, CameraHead, DenseCameraAttention
 from .config import ModelConfig
 from .dpt_head import DPTHead
@@ -82,11 +82,11 @@ class VGGT(nn.Module):
     def forward_step(
         self,
         images: Tensor,
-        frame_offset: int,
+        frame_offset: FrameOffset,
         global_attention: GlobalAttention,
         camera_attention: Optional[CameraAttention] = None,
     ) -> dict[str, Tensor]:
-        """One step over images [B, C, 3, H, W]; frame_offset = stream index of images[:, 0]."""
+        """One step over images [B, C, 3, H, W]; frame_offset = stream index of images[:, 0] (per row or shared)."""
         c = self.config
         H, W = images.shape[-2:]
         layers = self.aggregator(images, frame_offset, global_attention, keep_layers=c.kept_layers)

@@ -1,0 +1,54 @@
+"""One attention call for the queries of several streams, each over its own key set.
+
+Streams hold caches of different lengths (and some policies add biased or padded keys), so the
+key sets are right-padded to the longest and masked. When no stream needs per-key probability
+mass and no bias is present, the call is plain scaled-dot-product attention (fast fused kernels);
+otherwise the blockwise attention that also returns per-key mass.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .attention import attention_with_key_mass
+from .base import KeySet
+
+
+def attend_key_sets(q: Tensor, sets: Sequence[KeySet]) -> tuple[Tensor, list[Optional[Tensor]]]:
+    """q [B, H, M, D] (stream b's queries in row b); returns out [B, H, M, D] and per-stream mass [H, Nk_b] (or None)."""
+    if q.shape[0] != len(sets):
+        raise ValueError(f"{q.shape[0]} query rows but {len(sets)} key sets")
+    need_mass = any(s.need_mass for s in sets)
+    if len(sets) == 1:
+        s = sets[0]
+        if not need_mass and s.bias is None and s.valid is None:
+            return F.scaled_dot_product_attention(q, s.k[None], s.v[None]), [None]
+        bias = None if s.bias is None else s.bias[None]
+        valid = None if s.valid is None else s.valid[None]
+        out, mass = attention_with_key_mass(q, s.k[None], s.v[None], key_bias=bias, key_valid=valid, need_mass=need_mass)
+        return out, [mass[0] if s.need_mass else None]
+
+    H, D = q.shape[1], q.shape[3]
+    lengths = [s.k.shape[1] for s in sets]
+    longest = max(lengths)
+    keys = q.new_zeros(len(sets), H, longest, D)
+    values = q.new_zeros(len(sets), H, longest, sets[0].v.shape[2])
+    valid = torch.zeros(len(sets), H, longest, dtype=torch.bool, device=q.device)
+    has_bias = any(s.bias is not None for s in sets)
+    bias = torch.zeros(len(sets), H, longest, device=q.device) if has_bias else None
+    for b, s in enumerate(sets):
+        n = lengths[b]
+        keys[b, :, :n] = s.k
+        values[b, :, :n] = s.v
+        valid[b, :, :n] = True if s.valid is None else s.valid
+        if s.bias is not None:
+            bias[b, :, :n] = s.bias
+    if not need_mass and not has_bias:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=valid[:, :, None, :])
+        return out, [None] * len(sets)
+    out, mass = attention_with_key_mass(q, keys, values, key_bias=bias, key_valid=valid, need_mass=True)
+    return out, [mass[b, :, : lengths[b]] if s.need_mass else None for b, s in enumerate(sets)]
