@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: stream a generated scene through the small model and
-# write depth, point cloud and trajectory to out/demo.
+# The main job on the embedded default: start a local Triton server with the small model, stream a
+# generated scene through it over gRPC, write depth, point cloud and trajectory to out/demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-stac stream synthetic:32 --out out/demo --chunk-size 4 "$@"
+stac demo --out out/demo "$@"

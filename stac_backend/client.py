@@ -1,0 +1,118 @@
+"""gRPC client SDK for the ``stac`` model on Triton.
+
+    from stac_backend.client import StacClient
+    client = StacClient("localhost:8001")
+    for out in client.stream(frames, stream_id=17, chunk_size=4):   # frames: iterable of [3, H, W]
+        out["depth"], out["world_points"], out["extrinsics"], ...   # numpy, [C, ...]
+
+Each stream is one Triton sequence: the first chunk carries sequence_start, the last
+sequence_end. The stream id is also sent as an ``x-stream-id`` header so that a proxy in front
+of several Triton replicas can route every chunk of a stream to the same replica.
+
+Retries: only errors that mean the request never reached the model (the server was unreachable)
+are retried, at most ``retries`` times with exponential backoff. A chunk the model may already have
+consumed is never re-sent, since that would feed the same frames into the stream twice.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+
+OUTPUT_KEYS = {
+    "DEPTH": "depth",
+    "DEPTH_CONF": "depth_conf",
+    "WORLD_POINTS": "world_points",
+    "WORLD_POINTS_CONF": "world_points_conf",
+    "POSE_ENC": "pose_enc",
+    "EXTRINSICS": "extrinsics",
+    "INTRINSICS": "intrinsics",
+    "FRAME_INDEX": "frame_index",
+    "CACHE_BYTES": "cache_bytes",
+}
+RETRYABLE = ("StatusCode.UNAVAILABLE",)
+
+
+class StreamError(RuntimeError):
+    """The server refused or failed a chunk; the message is the server's."""
+
+
+def as_uint8_frames(frames) -> np.ndarray:
+    """[C, 3, H, W] uint8 from uint8 or float-in-[0, 1] tensors/arrays."""
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu().numpy()
+    frames = np.asarray(frames)
+    if frames.dtype == np.uint8:
+        return np.ascontiguousarray(frames)
+    return np.ascontiguousarray((np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
+
+
+class StacClient:
+    def __init__(self, url: str = "localhost:8001", model: str = "stac", retries: int = 3, backoff_s: float = 0.2,
+                 timeout_s: Optional[float] = 120.0, ssl: bool = False, root_certificates: Optional[str] = None):
+        import tritonclient.grpc as grpcclient
+
+        self._grpc = grpcclient
+        self.url = url
+        self.model = model
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.timeout_s = timeout_s
+        self.client = grpcclient.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates)
+
+    def send_chunk(self, stream_id: int, frames, start: bool = False, end: bool = False) -> dict[str, np.ndarray]:
+        """One chunk [C, 3, H, W] of one stream; returns outputs without the batch dimension."""
+        data = as_uint8_frames(frames)[None]
+        inputs = [self._grpc.InferInput("FRAMES", list(data.shape), "UINT8")]
+        inputs[0].set_data_from_numpy(data)
+        outputs = [self._grpc.InferRequestedOutput(name) for name in OUTPUT_KEYS]
+        attempt = 0
+        while True:
+            try:
+                result = self.client.infer(
+                    self.model, inputs, outputs=outputs, sequence_id=int(stream_id), sequence_start=start,
+                    sequence_end=end, headers={"x-stream-id": str(stream_id)}, client_timeout=self.timeout_s,
+                )
+                break
+            except self._grpc.InferenceServerException as exc:
+                transient = any(code in str(exc.status()) for code in RETRYABLE)
+                if not transient or attempt >= self.retries:
+                    raise StreamError(f"stream {stream_id}: {exc.message()}") from exc
+                time.sleep(self.backoff_s * 2**attempt)
+                attempt += 1
+        return {key: result.as_numpy(name)[0] for name, key in OUTPUT_KEYS.items()}
+
+    def stream(self, frames: Iterable, stream_id: int, chunk_size: int = 4) -> Iterator[dict[str, np.ndarray]]:
+        """Send frames [3, H, W] as chunks of ``chunk_size``; START on the first, END on the last."""
+        chunk: list = []
+        previous: Optional[np.ndarray] = None
+        first = True
+        for frame in frames:
+            chunk.append(as_uint8_frames(frame[None])[0])
+            if len(chunk) == chunk_size:
+                if previous is not None:  # one chunk of lookahead: the last one must carry END
+                    yield self.send_chunk(stream_id, previous, start=first)
+                    first = False
+                previous, chunk = np.stack(chunk), []
+        if chunk:
+            if previous is not None:
+                yield self.send_chunk(stream_id, previous, start=first)
+                first = False
+            previous = np.stack(chunk)
+        if previous is not None:
+            yield self.send_chunk(stream_id, previous, start=first, end=True)
+
+    def end_stream(self, stream_id: int, frames) -> dict[str, np.ndarray]:
+        return self.send_chunk(stream_id, frames, end=True)
+
+    def is_ready(self) -> bool:
+        try:
+            return bool(self.client.is_server_ready()) and bool(self.client.is_model_ready(self.model))
+        except Exception:  # noqa: BLE001 - unreachable means not ready
+            return False
+
+    def close(self) -> None:
+        self.client.close()

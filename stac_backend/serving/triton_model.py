@@ -1,0 +1,183 @@
+"""The Triton Python-backend model: a thin translation between Triton requests and StreamSessions.
+
+``model_repository/stac/1/model.py`` re-exports ``TritonPythonModel`` from here. Configuration
+comes from the model config's ``parameters`` (see ``repository.py`` for the keys).
+
+Wire format (why uint8): frames travel as FRAMES uint8 [1, C, 3, H, W] - the camera's own 8-bit
+pixels, 4x smaller than float32 on the network and in Triton's shared memory, and unable to carry
+NaNs; conversion to [0, 1] floats happens on the model's device. The leading 1 is Triton's batch
+dimension: one request carries one chunk of one stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+try:  # only importable inside Triton's Python-backend stub
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # pragma: no cover - unit tests import this module without Triton
+    pb_utils = None
+
+from .sessions import FrameRequest, RequestError, StepResult
+
+log = logging.getLogger("stac.triton")
+
+# Output tensor name -> (engine output key, numpy dtype)
+OUTPUTS = {
+    "DEPTH": ("depth", np.float32),
+    "DEPTH_CONF": ("depth_conf", np.float32),
+    "WORLD_POINTS": ("world_points", np.float32),
+    "WORLD_POINTS_CONF": ("world_points_conf", np.float32),
+    "POSE_ENC": ("pose_enc", np.float32),
+    "EXTRINSICS": ("extrinsics", np.float32),
+    "INTRINSICS": ("intrinsics", np.float32),
+    "FRAME_INDEX": ("frame_index", np.int64),
+}
+
+METRICS = {
+    "active_streams": ("stac_active_streams", "live streams holding cache state", "GAUGE"),
+    "cache_bytes": ("stac_cache_bytes", "bytes held by all streams' caches", "GAUGE"),
+    "reserved_cache_bytes": ("stac_reserved_cache_bytes", "sum of live streams' memory bounds", "GAUGE"),
+    "evicted_tokens_live_streams": ("stac_evicted_tokens", "tokens evicted from live streams' hot caches", "GAUGE"),
+    "streams_started": ("stac_streams_started_total", "streams started", "COUNTER"),
+    "streams_ended": ("stac_streams_ended_total", "streams ended by END or a repeated START", "COUNTER"),
+    "streams_expired": ("stac_streams_expired_total", "streams freed by the idle TTL", "COUNTER"),
+    "rejected_starts": ("stac_rejected_starts_total", "STARTs refused by admission control", "COUNTER"),
+    "failed_requests": ("stac_failed_requests_total", "requests answered with an error", "COUNTER"),
+    "frames": ("stac_frames_total", "frames reconstructed", "COUNTER"),
+}
+
+
+def read_parameters(model_config: dict[str, Any]) -> dict[str, str]:
+    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+
+
+def build_sessions(model_config: dict[str, Any], instance_kind: str, device_id: int, model_dir: Optional[str]):
+    """Model + StreamSessions from the model config (no Triton imports: unit-testable).
+
+    model_dir: the model's folder in the repository (Triton's args["model_repository"]); a
+    relative CHECKPOINT is resolved against it.
+    """
+    import torch
+
+    from ..cache import CacheConfig
+    from ..model import build_model
+    from .sessions import ServingLimits, StreamSessions
+
+    p = read_parameters(model_config)
+    device = p.get("DEVICE", "auto") or "auto"
+    if device == "auto":
+        device = f"cuda:{device_id}" if instance_kind.upper() == "GPU" and torch.cuda.is_available() else "cpu"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[p.get("DTYPE", "float32") or "float32"]
+    checkpoint = p.get("CHECKPOINT", "")
+    if checkpoint:
+        path = Path(checkpoint)
+        if not path.is_absolute() and model_dir:
+            path = Path(model_dir) / path
+        checkpoint = str(path)
+    preset = p.get("PRESET", "") or None
+    if not checkpoint and preset is None:
+        preset = "tiny"
+    if not checkpoint:
+        log.warning("no CHECKPOINT parameter: serving random weights for preset %s", preset)
+    model = build_model(preset, checkpoint=checkpoint or None, device=device, dtype=dtype)
+    cache = CacheConfig.from_dict(json.loads(p.get("CACHE_CONFIG", "") or "{}"))
+    seq = model_config.get("sequence_batching", {})
+    triton_idle_s = int(seq.get("max_sequence_idle_microseconds", 1_000_000) or 1_000_000) / 1e6
+    limits = ServingLimits(
+        max_streams=int(p.get("MAX_STREAMS", "16") or 16),
+        max_cache_bytes=int(p["MAX_CACHE_BYTES"]) if p.get("MAX_CACHE_BYTES") else None,
+        # Never shorter than Triton's own idle timeout: a stream Triton still considers live keeps its state.
+        idle_ttl_s=max(float(p.get("IDLE_TTL_S", "0") or 0), triton_idle_s),
+        max_image_pixels=int(p.get("MAX_IMAGE_PIXELS", str(518 * 518)) or 518 * 518),
+    )
+    return StreamSessions(model, cache, limits)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        self.model_config = json.loads(args["model_config"])
+        repository = args.get("model_repository")
+        self.sessions = build_sessions(
+            self.model_config, args.get("model_instance_kind", "CPU"), int(args.get("model_instance_device_id", 0) or 0), repository
+        )
+        self._metrics = {}
+        self._families = []  # a MetricFamily must outlive its Metrics
+        if pb_utils is not None and hasattr(pb_utils, "MetricFamily"):
+            labels = {"model": self.model_config.get("name", "stac"), "instance": args.get("model_instance_name", "0")}
+            for key, (name, description, kind) in METRICS.items():
+                family = pb_utils.MetricFamily(name=name, description=description, kind=getattr(pb_utils.MetricFamily, kind))
+                self._families.append(family)
+                self._metrics[key] = (family.Metric(labels=labels), kind)
+        self._counted = {key: 0 for key in METRICS}
+
+    def execute(self, requests):
+        parsed = [self._parse(r) for r in requests]
+        ok = [i for i, p in enumerate(parsed) if isinstance(p, FrameRequest)]
+        results: list[Any] = list(parsed)
+        if ok:
+            for i, result in zip(ok, self.sessions.handle([parsed[i] for i in ok])):
+                results[i] = result
+        responses = [self._respond(r) for r in results]
+        self._publish_metrics()
+        return responses
+
+    def finalize(self) -> None:
+        self.sessions.close_all()
+        self._metrics.clear()
+        self._families.clear()
+
+    # ------------------------------------------------------------------ translation
+    def _parse(self, request):
+        try:
+            start = _control(request, "START", pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START)
+            end = _control(request, "END", pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END)
+            corr = pb_utils.get_input_tensor_by_name(request, "CORRID")
+            corr_id = int(corr.as_numpy().reshape(-1)[0]) if corr is not None else request.correlation_id()
+            tensor = pb_utils.get_input_tensor_by_name(request, "FRAMES")
+            if tensor is None:
+                return RequestError("missing input FRAMES (uint8 [1, frames, 3, H, W])")
+            frames = tensor.as_numpy()
+            if frames.ndim != 5 or frames.shape[0] != 1:
+                return RequestError(
+                    f"FRAMES must be [1, frames, 3, H, W] (one chunk per request), got shape {list(frames.shape)}"
+                )
+            return FrameRequest(corr_id=corr_id, start=start, end=end, frames=frames[0])
+        except Exception as exc:  # noqa: BLE001 - any malformed request is that client's error
+            return RequestError(f"malformed request: {exc}")
+
+    def _respond(self, result):
+        if isinstance(result, RequestError):
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result)))
+        assert isinstance(result, StepResult)
+        tensors = []
+        for name, (key, dtype) in OUTPUTS.items():
+            value = result.outputs[key].detach()
+            array = value.float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
+            tensors.append(pb_utils.Tensor(name, np.ascontiguousarray(array.astype(dtype))[None]))
+        tensors.append(pb_utils.Tensor("CACHE_BYTES", np.array([[result.cache_bytes]], dtype=np.int64)))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
+
+    def _publish_metrics(self) -> None:
+        if not self._metrics:
+            return
+        stats = self.sessions.stats()
+        for key, (metric, kind) in self._metrics.items():
+            value = stats.get(key, 0)
+            if kind == "GAUGE":
+                metric.set(value)
+            elif value > self._counted[key]:
+                metric.increment(value - self._counted[key])
+                self._counted[key] = value
+
+
+def _control(request, name: str, flag: int) -> bool:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is not None:
+        return bool(tensor.as_numpy().reshape(-1)[0])
+    return bool(request.flags() & flag)
