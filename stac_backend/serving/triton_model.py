@@ -118,7 +118,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         parsed = [self._parse(r) for r in requests]
-        ok = [i for i, p in enumerate(parsed) if isinstance(p, FrameRequest)]
+        ok = [i for i, p in enumerate(parsed) if isinstance(p, FrameRequest)]  # null requests are None
         results: list[Any] = list(parsed)
         if ok:
             for i, result in zip(ok, self.sessions.handle([parsed[i] for i in ok])):
@@ -135,6 +135,9 @@ class TritonPythonModel:
     # ------------------------------------------------------------------ translation
     def _parse(self, request):
         try:
+            ready = pb_utils.get_input_tensor_by_name(request, "READY")
+            if ready is not None and not bool(ready.as_numpy().reshape(-1)[0]):
+                return None
             start = _control(request, "START", pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START)
             end = _control(request, "END", pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END)
             corr = pb_utils.get_input_tensor_by_name(request, "CORRID")
@@ -152,6 +155,8 @@ class TritonPythonModel:
             return RequestError(f"malformed request: {exc}")
 
     def _respond(self, result):
+        if result is None:  # a null request (direct strategy, idle slot): nothing to compute, nothing touched
+            return pb_utils.InferenceResponse(output_tensors=[])
         if isinstance(result, RequestError):
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result)))
         assert isinstance(result, StepResult)
