@@ -204,3 +204,30 @@ def test_start_beyond_stream_limit_is_refused(server, client, model):
         client.send_chunk(sid, frames[:4], start=True, end=True)
     assert metrics(server)["stac_active_streams"] == 0
     assert client.is_ready()
+
+
+def test_direct_strategy_null_requests_touch_no_stream(tmp_path, model):
+    """With the direct strategy, idle batch slots arrive as null requests (READY=0): they must be
+    answered without touching any stream while the other streams stay exact."""
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_checkpoint(model, checkpoint)
+    settings = ServeSettings(preset="", device="cpu", cache_config=CACHE, strategy="direct", max_batch_size=4,
+                             max_queue_delay_us=20000)
+    repo = write_repository(tmp_path / "repo", settings, checkpoint_file=checkpoint)
+    videos = {700 + s: video(70 + s, 4 * (s + 1)) for s in range(3)}  # streams end at different times
+    results: dict[int, list] = {sid: [] for sid in videos}
+    with TritonServer(repo, log_file=tmp_path / "triton.log", exit_timeout_s=5) as srv:
+
+        def run_stream(sid):
+            c = StacClient(srv.grpc_url)
+            frames = videos[sid]
+            for i in range(0, len(frames), 4):
+                results[sid].append(c.send_chunk(sid, frames[i : i + 4], start=i == 0, end=i + 4 >= len(frames)))
+            c.close()
+
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(run_stream, videos))
+        assert metrics(srv)["stac_active_streams"] == 0
+    for sid, frames in videos.items():
+        for got, want in zip(results[sid], local_reference(model, frames)):
+            assert np.abs(got["depth"] - want["depth"].numpy()).max() <= 1e-4
