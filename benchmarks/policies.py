@@ -32,13 +32,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 COMPARED = ("depth", "world_points", "pose_enc")
 
 
-def make_frames(count: int, height: int, width: int, seed: int) -> torch.Tensor:
+def make_frames(count: int, height: int, width: int, seed: int, device: str = "cpu") -> torch.Tensor:
+    """uint8 frames [count, 3, H, W] on the CPU (rendered on ``device``)."""
     try:
         from stac_backend.data import make_sequence
 
-        return make_sequence(num_frames=count, height=height, width=width, trajectory="loop", seed=seed).images
+        images = make_sequence(num_frames=count, height=height, width=width, trajectory="loop", seed=seed, device=device).images
     except ImportError:
-        return torch.rand(count, 3, height, width, generator=torch.Generator().manual_seed(seed))
+        images = torch.rand(count, 3, height, width, generator=torch.Generator().manual_seed(seed))
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
 def policy_config(name: str, args: argparse.Namespace) -> CacheConfig:
@@ -57,7 +59,11 @@ def run_policy(model, frames, name, args, reference):
     steps, deviations = [], {k: [] for k in COMPARED}
     status = "ok"
     keep = {} if name == "full" else None
+    began = time.perf_counter()
     for start in range(0, len(frames), args.chunk):
+        if args.max_seconds is not None and time.perf_counter() - began > args.max_seconds:
+            status = f"stopped at frame {start}: time limit {args.max_seconds} s"
+            break
         chunk = frames[start : start + args.chunk]
         sync(args.device)
         t0 = time.perf_counter()
@@ -66,6 +72,7 @@ def run_policy(model, frames, name, args, reference):
             sync(args.device)
         except torch.OutOfMemoryError:
             status = f"out of memory at frame {start}"
+            stream.reset()
             break
         seconds = time.perf_counter() - t0
         steps.append({"frame": start + len(chunk), "seconds": seconds, "seconds_per_frame": seconds / len(chunk),
@@ -113,6 +120,7 @@ def main() -> int:
     p.add_argument("--compare-every", type=int, default=1, help="compare every k-th frame with full")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (tiny models run best on 1)")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop a policy after this long (recorded)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
@@ -120,7 +128,7 @@ def main() -> int:
 
     model = build_model(args.preset if args.checkpoint is None else None, checkpoint=args.checkpoint,
                         device=args.device, dtype=DTYPES[args.dtype], seed=args.seed)
-    frames = make_frames(args.frames, args.height, args.width, args.seed)
+    frames = make_frames(args.frames, args.height, args.width, args.seed, args.device)
     names = [n.strip() for n in args.policies.split(",") if n.strip()]
     if "full" in names:  # the reference runs first
         names.remove("full")

@@ -8,6 +8,7 @@ otherwise the blockwise attention that also returns per-key mass.
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -16,6 +17,19 @@ from torch import Tensor
 
 from .attention import attention_with_key_mass
 from .base import KeySet
+
+# On CUDA with OpenAI Triton installed, the fused kernel replaces the blockwise reference
+# (STAC_FUSED_ATTENTION=0 turns it off, e.g. to compare).
+USE_FUSED = os.environ.get("STAC_FUSED_ATTENTION", "1") != "0"
+
+
+def _attention_with_mass(q, k, v, bias, valid, need_mass):
+    if USE_FUSED and q.is_cuda:
+        from ..kernels.attention_mass import fused_attention_with_key_mass, fused_available
+
+        if fused_available(q.device):
+            return fused_attention_with_key_mass(q, k, v, bias, valid, need_mass)
+    return attention_with_key_mass(q, k, v, key_bias=bias, key_valid=valid, need_mass=need_mass)
 
 
 def attend_key_sets(q: Tensor, sets: Sequence[KeySet]) -> tuple[Tensor, list[Optional[Tensor]]]:
@@ -29,7 +43,7 @@ def attend_key_sets(q: Tensor, sets: Sequence[KeySet]) -> tuple[Tensor, list[Opt
             return F.scaled_dot_product_attention(q, s.k[None], s.v[None]), [None]
         bias = None if s.bias is None else s.bias[None]
         valid = None if s.valid is None else s.valid[None]
-        out, mass = attention_with_key_mass(q, s.k[None], s.v[None], key_bias=bias, key_valid=valid, need_mass=need_mass)
+        out, mass = _attention_with_mass(q, s.k[None], s.v[None], bias, valid, need_mass)
         return out, [mass[0] if s.need_mass else None]
 
     H, D = q.shape[1], q.shape[3]
@@ -50,5 +64,5 @@ def attend_key_sets(q: Tensor, sets: Sequence[KeySet]) -> tuple[Tensor, list[Opt
     if not need_mass and not has_bias:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=valid[:, :, None, :])
         return out, [None] * len(sets)
-    out, mass = attention_with_key_mass(q, keys, values, key_bias=bias, key_valid=valid, need_mass=True)
+    out, mass = _attention_with_mass(q, keys, values, bias, valid, True)
     return out, [mass[b, :, : lengths[b]] if s.need_mass else None for b, s in enumerate(sets)]

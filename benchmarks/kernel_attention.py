@@ -1,0 +1,75 @@
+"""Fused attention-with-key-mass kernel vs torch SDPA (no mass) vs the blockwise reference, on the
+shapes of a vggt-1b streaming step (16 heads x 64 dims, a chunk of 4 frames x 1041 tokens as
+queries). Writes JSON. Needs a CUDA GPU and OpenAI Triton.
+
+    python benchmarks/kernel_attention.py --out docs/benchmarks/kernel_attention_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stac_backend.cache.attention import attention_with_key_mass  # noqa: E402
+from stac_backend.kernels.attention_mass import fused_attention_with_key_mass  # noqa: E402
+
+
+def bench(fn, warmup=3, reps=10) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--frames", default="13,24,50,100,200", help="key counts in frames of 1041 tokens")
+    p.add_argument("--batch", default="1,8")
+    args = p.parse_args()
+    tokens, H, D = 1041, 16, 64
+    M = 4 * tokens
+    rows = []
+    for B in [int(b) for b in args.batch.split(",")]:
+        for frames in [int(f) for f in args.frames.split(",")]:
+            N = frames * tokens
+            if B * H * N * D * 2 * 2 > 30e9:
+                continue
+            q = torch.randn(B, H, M, D, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
+            bias = torch.zeros(B, H, N, device="cuda")
+            sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+            fused = bench(lambda: fused_attention_with_key_mass(q, k, v, bias))
+            fused_no_mass = bench(lambda: fused_attention_with_key_mass(q, k, v, bias, need_mass=False))
+            reference = bench(lambda: attention_with_key_mass(q, k, v, key_bias=bias), warmup=1, reps=2) if N <= 60000 else None
+            flops = 4 * B * H * M * N * D  # q.k and p.v of plain attention
+            row = {"batch": B, "queries": M, "keys": N, "key_frames": frames, "sdpa_ms": sdpa, "fused_with_mass_ms": fused,
+                   "fused_no_mass_ms": fused_no_mass, "reference_blockwise_ms": reference,
+                   "fused_over_sdpa": fused / sdpa, "sdpa_tflops": flops / sdpa / 1e9, "fused_tflops_equiv": flops / fused / 1e9}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del q, k, v
+            torch.cuda.empty_cache()
+    report = {"benchmark": "kernel_attention", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "heads": H, "head_dim": D, "dtype": "bfloat16", "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

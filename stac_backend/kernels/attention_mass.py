@@ -1,0 +1,177 @@
+"""Fused GPU attention that also returns each key's probability mass (OpenAI Triton).
+
+out[b,h,i]  = sum_j softmax_j(q_i . k_j * scale + bias_j) v_j
+mass[b,h,j] = sum_i softmax_j(q_i . k_j * scale + bias_j)          (summed over the step's queries)
+
+Two kernels, never materialising the [M, N] probability matrix:
+1. ``_forward``: flash-attention forward per query block (online softmax over key blocks, fp32
+   accumulators), writing the output and each query's log-sum-exp (base 2);
+2. ``_key_mass``: per key block, a loop over all query blocks that recomputes the scores and sums
+   exp2(s - lse) down the queries - no atomics, deterministic.
+Work: two q.k^T products and one p.v product, 1.5x plain attention's FLOPs.
+
+``bias`` is an additive per-key logit bias (log C for merged pivots); invalid (padding) keys are
+passed as a bias of -inf. Keys whose bias is -inf receive mass 0; a query with no finite key gets
+output 0. Inputs bf16/fp16/fp32 on CUDA, head dim 16..256 (power of two).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - CPU-only installs
+    HAVE_TRITON = False
+
+LOG2E = 1.4426950408889634
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _forward(
+        Q, K, V, BIAS, OUT, LSE,
+        stride_qb, stride_qh, stride_qm,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn,
+        stride_bb, stride_bh,
+        stride_ob, stride_oh, stride_om,
+        H, M, N, qk_scale,
+        HAS_BIAS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < M, other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            in_n = offs_n < N
+            k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                        mask=in_n[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            if HAS_BIAS:
+                bias = tl.load(BIAS + b * stride_bb + h * stride_bh + offs_n, mask=in_n, other=float("-inf"))
+                s += bias[None, :] * 1.4426950408889634
+            else:
+                s = tl.where(in_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # Rows that have seen no finite key yet keep a finite reference point.
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_ref[:, None])
+            alpha = tl.exp2(m_i - m_ref)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                        mask=in_n[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        has_key = l_i > 0
+        out = tl.where(has_key[:, None], acc / tl.where(has_key, l_i, 1.0)[:, None], 0.0)
+        o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_m[:, None] < M)
+        lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
+        tl.store(LSE + bh * M + offs_m, lse, mask=offs_m < M)
+
+    @triton.jit
+    def _key_mass(
+        Q, K, BIAS, LSE, MASS,
+        stride_qb, stride_qh, stride_qm,
+        stride_kb, stride_kh, stride_kn,
+        stride_bb, stride_bh,
+        H, M, N, qk_scale,
+        HAS_BIAS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        in_n = offs_n < N
+        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=in_n[:, None], other=0.0)
+        if HAS_BIAS:
+            bias = tl.load(BIAS + b * stride_bb + h * stride_bh + offs_n, mask=in_n, other=float("-inf")) * 1.4426950408889634
+        else:
+            bias = tl.where(in_n, 0.0, float("-inf"))
+        mass = tl.zeros([BLOCK_N], tl.float32)
+        for start_m in range(0, M, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            in_m = offs_m < M
+            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                        mask=in_m[:, None], other=0.0)
+            lse = tl.load(LSE + bh * M + offs_m, mask=in_m, other=float("inf"))
+            s = tl.dot(q, tl.trans(k)) * qk_scale + bias[None, :]
+            p = tl.exp2(s - lse[:, None])
+            mass += tl.sum(tl.where(in_m[:, None], p, 0.0), 0)
+        tl.store(MASS + bh * N + offs_n, mass, mask=in_n)
+
+
+def fused_attention_with_key_mass(
+    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, valid: Optional[Tensor] = None, need_mass: bool = True,
+    block_m: int = 64, block_n: int = 64,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """q [B,H,M,D], k/v [B,H,N,D], bias [B,H,N] (float), valid [B,H,N] (bool) -> out [B,H,M,D], mass [B,H,N] fp32."""
+    if not HAVE_TRITON:
+        raise RuntimeError("the fused attention kernel needs OpenAI Triton (pip install triton) and a CUDA GPU")
+    B, H, M, D = q.shape
+    N = k.shape[2]
+    if D & (D - 1) or not 16 <= D <= 256:
+        raise ValueError(f"head dim must be a power of two in [16, 256], got {D}")
+    if k.shape != (B, H, N, D) or v.shape != (B, H, N, D):
+        raise ValueError(f"k/v must be [B,H,N,{D}] matching q: q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}")
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    has_bias = bias is not None or valid is not None
+    if has_bias:
+        full_bias = torch.zeros(B, H, N, device=q.device, dtype=torch.float32)
+        if bias is not None:
+            full_bias = full_bias + bias.float().expand(B, H, N)
+        if valid is not None:
+            full_bias = full_bias.masked_fill(~valid.expand(B, H, N), float("-inf"))
+        full_bias = full_bias.contiguous()
+    else:
+        full_bias = q  # unused placeholder pointer
+    out = torch.empty_like(q)
+    lse = torch.empty(B * H, M, device=q.device, dtype=torch.float32)
+    qk_scale = LOG2E / math.sqrt(D)
+    bias_strides = (full_bias.stride(0), full_bias.stride(1)) if has_bias else (0, 0)
+    _forward[(triton.cdiv(M, block_m), B * H)](
+        q, k, v, full_bias, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        *bias_strides,
+        out.stride(0), out.stride(1), out.stride(2),
+        H, M, N, qk_scale,
+        HAS_BIAS=has_bias, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+    if not need_mass:
+        return out, None
+    mass = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
+    _key_mass[(triton.cdiv(N, block_n), B * H)](
+        q, k, full_bias, lse, mass,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        *bias_strides,
+        H, M, N, qk_scale,
+        HAS_BIAS=has_bias, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+    return out, mass
+
+
+def fused_available(device: torch.device) -> bool:
+    return HAVE_TRITON and device.type == "cuda"

@@ -1,0 +1,44 @@
+"""The fused attention-with-key-mass kernel equals the blockwise reference (needs CUDA + Triton;
+on CPU it can be run in Triton's interpreter: TRITON_INTERPRET=1 pytest tests/test_kernels.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from stac_backend.cache.attention import attention_with_key_mass
+from stac_backend.kernels.attention_mass import HAVE_TRITON, fused_attention_with_key_mass
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(
+    not HAVE_TRITON or not (torch.cuda.is_available() or INTERPRET), reason="needs a CUDA GPU and OpenAI Triton"
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32])
+@pytest.mark.parametrize("shape", [(1, 2, 37, 91, 64), (2, 4, 130, 300, 64), (1, 16, 1041, 3123, 64)])
+def test_fused_matches_reference(dtype, shape):
+    B, H, M, N, D = shape
+    if DEVICE == "cpu" and M * N > 20000:
+        pytest.skip("too slow in the interpreter")
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(B, H, n, D, generator=g, device=DEVICE) for n in (M, N, N))
+    bias = torch.randn(B, H, N, generator=g, device=DEVICE).abs().log1p()
+    valid = torch.rand(B, H, N, generator=g, device=DEVICE) > 0.1
+    ref_out, ref_mass = attention_with_key_mass(q.double(), k.double(), v.double(), key_bias=bias.double(), key_valid=valid)
+    out, mass = fused_attention_with_key_mass(q.to(dtype), k.to(dtype), v.to(dtype), bias, valid)
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-5
+    assert (out.double() - ref_out).abs().max().item() <= tol
+    # masses are sums over M queries of probabilities: compare relative to the total M
+    assert ((mass.double() - ref_mass).abs().max() / M).item() <= tol
+    assert torch.equal(mass[~valid], torch.zeros_like(mass[~valid]))
+
+
+def test_fully_masked_rows_give_zero_output():
+    q = torch.randn(1, 1, 16, 16, device=DEVICE)
+    k = torch.randn(1, 1, 32, 16, device=DEVICE)
+    out, mass = fused_attention_with_key_mass(q, k, k, valid=torch.zeros(1, 1, 32, dtype=torch.bool, device=DEVICE))
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(mass, torch.zeros_like(mass))
