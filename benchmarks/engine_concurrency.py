@@ -85,17 +85,25 @@ def main() -> int:
     model = build_model(args.preset, device=args.device, dtype=DTYPES[args.dtype])
     frames = (torch.rand(64, 3, args.height, args.width) * 255).to(torch.uint8)
     rows = []
+
+    def write():
+        report = {"benchmark": "engine_concurrency", "preset": args.preset,
+                  "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                  "dtype": args.dtype, "image_hw": [args.height, args.width], "policy": args.policy, "chunk": args.chunk,
+                  "torch": torch.__version__, "rows": rows}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+
     for n in [int(x) for x in args.streams.split(",")]:
         for batched in ([True, False] if args.sequential else [True]):
-            row = measure(model, frames, n, args, batched)
+            try:
+                row = measure(model, frames, n, args, batched)
+            except Exception as exc:  # noqa: BLE001 - recorded, the sweep goes on
+                row = {"streams": n, "batched": batched, "status": f"failed: {type(exc).__name__}: {str(exc)[:300]}"}
             rows.append(row)
             print(json.dumps(row), flush=True)
-            if row["status"] != "ok":
-                break
-    report = {"benchmark": "engine_concurrency", "preset": args.preset, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-              "dtype": args.dtype, "image_hw": [args.height, args.width], "policy": args.policy, "chunk": args.chunk, "torch": torch.__version__, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+            write()
+    write()
     return 0
 
 

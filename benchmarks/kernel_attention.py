@@ -39,10 +39,27 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--frames", default="13,24,50,100,200", help="key counts in frames of 1041 tokens")
     p.add_argument("--batch", default="1,8")
+    p.add_argument("--tune", action="store_true", help="first time a few block/warp configurations")
     args = p.parse_args()
     tokens, H, D = 1041, 16, 64
     M = 4 * tokens
     rows = []
+    tuning = []
+    if args.tune:
+        q = torch.randn(1, H, M, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, H, 13 * tokens, D, device="cuda", dtype=torch.bfloat16)
+        bias = torch.zeros(1, H, k.shape[2], device="cuda")
+        for bm, bn, w, st in [(64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 128, 4, 2)]:
+            try:
+                t_fwd = bench(lambda: fused_attention_with_key_mass(q, k, k, bias, need_mass=False, block_m=bm, block_n=bn, num_warps=w, num_stages=st))
+                t_all = bench(lambda: fused_attention_with_key_mass(q, k, k, bias, mass_block_m=bm, mass_block_n=bn, mass_num_warps=w, mass_num_stages=st))
+                t_mass = t_all - bench(lambda: fused_attention_with_key_mass(q, k, k, bias, need_mass=False))
+            except Exception as exc:  # noqa: BLE001 - a config may not compile
+                tuning.append({"config": [bm, bn, w, st], "error": str(exc)[:200]})
+                continue
+            tuning.append({"config": [bm, bn, w, st], "forward_ms": t_fwd, "mass_ms_estimate": t_mass})
+            print(json.dumps(tuning[-1]), flush=True)
+        del q, k
     for B in [int(b) for b in args.batch.split(",")]:
         for frames in [int(f) for f in args.frames.split(",")]:
             N = frames * tokens
@@ -65,7 +82,7 @@ def main() -> int:
             del q, k, v
             torch.cuda.empty_cache()
     report = {"benchmark": "kernel_attention", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "heads": H, "head_dim": D, "dtype": "bfloat16", "rows": rows}
+              "heads": H, "head_dim": D, "dtype": "bfloat16", "tuning": tuning, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     return 0

@@ -46,7 +46,8 @@ def make_frames(count: int, height: int, width: int, seed: int, device: str = "c
 def policy_config(name: str, args: argparse.Namespace) -> CacheConfig:
     if name == "window":
         return CacheConfig(policy="window", window=args.baseline_window, chunk=args.chunk)
-    return CacheConfig(policy=name, chunk=args.chunk)
+    overrides = json.loads(args.stac_overrides) if name == "stac" and args.stac_overrides else {}
+    return CacheConfig(policy=name, chunk=args.chunk, **overrides)
 
 
 def sync(device: str) -> None:
@@ -120,6 +121,7 @@ def main() -> int:
     p.add_argument("--compare-every", type=int, default=1, help="compare every k-th frame with full")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (tiny models run best on 1)")
+    p.add_argument("--stac-overrides", default="", help='JSON CacheConfig fields for stac, e.g. {"conf_threshold": 0}')
     p.add_argument("--max-seconds", type=float, default=None, help="stop a policy after this long (recorded)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quiet", action="store_true")

@@ -35,7 +35,9 @@ class CacheConfig:
     buffer_size: int = 8
     max_pivots: int = 4
     merge_cos: float = 0.8
-    max_voxels: Optional[int] = 4096  # hard cap of the voxel pool per stream
+    # Hard cap of the voxel pool per stream. The reference grows it without bound; 512 voxels hold
+    # 6,144 token slots per (layer, head), about 6 frames of tokens (0.6 GB for vggt-1b in bf16).
+    max_voxels: Optional[int] = 512
     memory_budget_bytes: Optional[int] = None  # cap of all cache memory of a stream
     # Camera-trunk history (one token per frame): frames kept besides the pinned ones. None keeps
     # all (the default of ``full``); bounded policies default to 64 frames.

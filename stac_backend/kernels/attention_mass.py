@@ -46,6 +46,7 @@ if HAVE_TRITON:
         stride_ob, stride_oh, stride_om,
         H, M, N, qk_scale,
         HAS_BIAS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -63,7 +64,7 @@ if HAVE_TRITON:
             in_n = offs_n < N
             k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
                         mask=in_n[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             if HAS_BIAS:
                 bias = tl.load(BIAS + b * stride_bb + h * stride_bh + offs_n, mask=in_n, other=float("-inf"))
                 s += bias[None, :] * 1.4426950408889634
@@ -77,7 +78,7 @@ if HAVE_TRITON:
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
                         mask=in_n[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         has_key = l_i > 0
         out = tl.where(has_key[:, None], acc / tl.where(has_key, l_i, 1.0)[:, None], 0.0)
@@ -94,6 +95,7 @@ if HAVE_TRITON:
         stride_bb, stride_bh,
         H, M, N, qk_scale,
         HAS_BIAS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         bh = tl.program_id(1)
@@ -115,7 +117,7 @@ if HAVE_TRITON:
             q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                         mask=in_m[:, None], other=0.0)
             lse = tl.load(LSE + bh * M + offs_m, mask=in_m, other=float("inf"))
-            s = tl.dot(q, tl.trans(k)) * qk_scale + bias[None, :]
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias[None, :]
             p = tl.exp2(s - lse[:, None])
             mass += tl.sum(tl.where(in_m[:, None], p, 0.0), 0)
         tl.store(MASS + bh * N + offs_n, mass, mask=in_n)
@@ -123,7 +125,8 @@ if HAVE_TRITON:
 
 def fused_attention_with_key_mass(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, valid: Optional[Tensor] = None, need_mass: bool = True,
-    block_m: int = 64, block_n: int = 64,
+    block_m: int = 128, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
+    mass_block_m: int = 128, mass_block_n: int = 64, mass_num_warps: int = 4, mass_num_stages: int = 2,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """q [B,H,M,D], k/v [B,H,N,D], bias [B,H,N] (float), valid [B,H,N] (bool) -> out [B,H,M,D], mass [B,H,N] fp32."""
     if not HAVE_TRITON:
@@ -148,6 +151,8 @@ def fused_attention_with_key_mass(
     out = torch.empty_like(q)
     lse = torch.empty(B * H, M, device=q.device, dtype=torch.float32)
     qk_scale = LOG2E / math.sqrt(D)
+    # fp32 inputs get exact fp32 products (tl.dot would otherwise use TF32 on tensor cores)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
     bias_strides = (full_bias.stride(0), full_bias.stride(1)) if has_bias else (0, 0)
     _forward[(triton.cdiv(M, block_m), B * H)](
         q, k, v, full_bias, out, lse,
@@ -157,18 +162,20 @@ def fused_attention_with_key_mass(
         *bias_strides,
         out.stride(0), out.stride(1), out.stride(2),
         H, M, N, qk_scale,
-        HAS_BIAS=has_bias, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_BIAS=has_bias, D=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if not need_mass:
         return out, None
     mass = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
-    _key_mass[(triton.cdiv(N, block_n), B * H)](
+    _key_mass[(triton.cdiv(N, mass_block_n), B * H)](
         q, k, full_bias, lse, mass,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         *bias_strides,
         H, M, N, qk_scale,
-        HAS_BIAS=has_bias, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_BIAS=has_bias, D=D, BLOCK_M=mass_block_m, BLOCK_N=mass_block_n, PRECISION=precision,
+        num_warps=mass_num_warps, num_stages=mass_num_stages,
     )
     return out, mass
 

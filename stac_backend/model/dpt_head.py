@@ -134,18 +134,23 @@ class DPTHead(nn.Module):
         """
         first = layers[self.intermediate_layer_idx[0]]
         B, S = first.shape[:2]
-        chunk = max(1, frames_chunk_size or S)
-        parts = [self._forward_frames(layers, image_hw, patch_start_idx, s, min(s + chunk, S)) for s in range(0, S, chunk)]
+        # Frames are independent here: flatten streams x frames and go through in chunks, which
+        # bounds memory (and keeps interpolation outputs under INT_MAX elements) for big batches.
+        flat = [None if t is None else t.reshape(B * S, 1, *t.shape[2:]) for t in layers]
+        chunk = max(1, frames_chunk_size or B * S)
+        parts = [self._forward_frames(flat, image_hw, patch_start_idx, s, min(s + chunk, B * S)) for s in range(0, B * S, chunk)]
         if self.feature_only:
-            return torch.cat(parts, dim=1)
-        return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+            return torch.cat(parts, dim=0).reshape(B, S, *parts[0].shape[2:])
+        pred = torch.cat([p[0] for p in parts], dim=0)
+        conf = torch.cat([p[1] for p in parts], dim=0)
+        return pred.reshape(B, S, *pred.shape[2:]), conf.reshape(B, S, *conf.shape[2:])
 
     def _forward_frames(self, layers, image_hw, patch_start_idx, start, end):
         H, W = image_hw
         ph, pw = H // self.patch_size, W // self.patch_size
         maps = []
         for i, layer in enumerate(self.intermediate_layer_idx):
-            x = layers[layer][:, start:end, patch_start_idx:]
+            x = layers[layer][start:end, :, patch_start_idx:]  # [frames, 1, P, C]
             B, S = x.shape[:2]
             x = self.norm(x.reshape(B * S, -1, x.shape[-1]))
             x = x.permute(0, 2, 1).reshape(B * S, x.shape[-1], ph, pw)
