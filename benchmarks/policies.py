@@ -61,9 +61,10 @@ def run_policy(model, frames, name, args, reference):
     status = "ok"
     keep = {} if name == "full" else None
     began = time.perf_counter()
+    limit = args.full_max_seconds if name == "full" and args.full_max_seconds else args.max_seconds
     for start in range(0, len(frames), args.chunk):
-        if args.max_seconds is not None and time.perf_counter() - began > args.max_seconds:
-            status = f"stopped at frame {start}: time limit {args.max_seconds} s"
+        if limit is not None and time.perf_counter() - began > limit:
+            status = f"stopped at frame {start}: time limit {limit} s"
             break
         chunk = frames[start : start + args.chunk]
         sync(args.device)
@@ -123,6 +124,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="CPU threads (tiny models run best on 1)")
     p.add_argument("--stac-overrides", default="", help='JSON CacheConfig fields for stac, e.g. {"conf_threshold": 0}')
     p.add_argument("--max-seconds", type=float, default=None, help="stop a policy after this long (recorded)")
+    p.add_argument("--full-max-seconds", type=float, default=None, help="the same for the full cache")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
