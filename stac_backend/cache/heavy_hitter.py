@@ -88,22 +88,28 @@ class HeavyHitterCache(CachePolicy):
 
     def end_step(self, info: StepInfo) -> None:
         latest = info.frame_offset + info.num_frames - 1
-        budget = self.config.hh * info.tokens_per_frame
+        P = info.tokens_per_frame
+        budget = self.config.hh * P
+        # Protected tokens (pinned frames + the recent window, always whole frames) are counted on
+        # the host from frame indices, so pruning needs no device->host synchronisation.
+        window_frames = min(self.config.window, latest + 1)
+        pinned_outside = sum(1 for f in set(self.config.pinned_frames) if f <= latest - self.config.window)
+        n_protected = P * (window_frames + pinned_outside)
         for layer in sorted(self.layers):
             store = self.layers[layer]
-            protected = store.frame > latest - self.config.window
-            for f in self.config.pinned_frames:
-                protected |= store.frame == f
-            n_protected = int(protected[0].sum())
             n_keep = n_protected + min(budget, store.num_tokens - n_protected)
             if n_keep >= store.num_tokens:
                 continue
+            protected = store.frame > latest - self.config.window
+            for f in self.config.pinned_frames:
+                protected |= store.frame == f
             priority = torch.where(protected, torch.full_like(store.score, MUST_KEEP), store.score)
-            keep = torch.topk(priority, n_keep, dim=1, sorted=False).indices.sort(dim=1).values
-            evict_mask = torch.ones_like(store.score, dtype=torch.bool).scatter_(1, keep, False)
-            evict = evict_mask.nonzero()  # [E, 2] (head, token)
-            self.on_evict(layer, store, evict[:, 0], evict[:, 1], info)
-            self.evicted_tokens += evict.shape[0]
+            order = torch.argsort(priority, dim=1, descending=True, stable=True)
+            keep = order[:, :n_keep].sort(dim=1).values
+            evict = order[:, n_keep:]
+            heads = torch.arange(evict.shape[0], device=evict.device).repeat_interleave(evict.shape[1])
+            self.on_evict(layer, store, heads, evict.reshape(-1), info)
+            self.evicted_tokens += evict.numel()
             self.layers[layer] = store.select(keep)
         self._step = None
 
