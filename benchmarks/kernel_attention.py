@@ -18,7 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stac_backend.cache.attention import attention_with_key_mass  # noqa: E402
-from stac_backend.kernels.attention_mass import fused_attention_with_key_mass  # noqa: E402
+from stac_backend.kernels.attention_mass import fused_attention_with_key_mass, hybrid_attention_with_key_mass  # noqa: E402
 
 
 def bench(fn, warmup=3, reps=10) -> float:
@@ -72,10 +72,22 @@ def main() -> int:
             sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v))
             fused = bench(lambda: fused_attention_with_key_mass(q, k, v, bias))
             fused_no_mass = bench(lambda: fused_attention_with_key_mass(q, k, v, bias, need_mass=False))
+            try:
+                hybrid = bench(lambda: hybrid_attention_with_key_mass(q, k, v, None))
+                hybrid_bias = bench(lambda: hybrid_attention_with_key_mass(q, k, v, bias))
+                ho, hm = hybrid_attention_with_key_mass(q[:, :2], k[:, :2], v[:, :2], bias[:, :2])
+                fo, fm = fused_attention_with_key_mass(q[:, :2], k[:, :2], v[:, :2], bias[:, :2])
+                hybrid_check = {"out_max_diff": (ho.float() - fo.float()).abs().max().item(),
+                                "mass_max_rel_diff": ((hm - fm).abs().max() / M).item()}
+            except Exception as exc:  # noqa: BLE001 - private aten ops may be missing
+                hybrid = hybrid_bias = None
+                hybrid_check = {"error": str(exc)[:300]}
             reference = bench(lambda: attention_with_key_mass(q, k, v, key_bias=bias), warmup=1, reps=2) if N <= 60000 else None
             flops = 4 * B * H * M * N * D  # q.k and p.v of plain attention
             row = {"batch": B, "queries": M, "keys": N, "key_frames": frames, "sdpa_ms": sdpa, "fused_with_mass_ms": fused,
                    "fused_no_mass_ms": fused_no_mass, "reference_blockwise_ms": reference,
+                   "hybrid_sdpa_lse_plus_mass_ms": hybrid, "hybrid_with_bias_ms": hybrid_bias, "hybrid_check": hybrid_check,
+                   "hybrid_over_sdpa": hybrid / sdpa if hybrid else None,
                    "fused_over_sdpa": fused / sdpa, "sdpa_tflops": flops / sdpa / 1e9, "fused_tflops_equiv": flops / fused / 1e9}
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 import threading
@@ -41,8 +42,9 @@ MiB = 1 << 20
 
 
 class Sampler(threading.Thread):
-    def __init__(self, pid: int, metrics_url: str, interval: float, progress):
+    def __init__(self, pid: int, metrics_url: str, interval: float, progress, log_path: Path | None = None):
         super().__init__(daemon=True)
+        self.log_path = log_path
         self.pid, self.metrics_url, self.interval, self.progress = pid, metrics_url, interval, progress
         self.samples: list[dict] = []
         self.stop_event = threading.Event()
@@ -58,6 +60,9 @@ class Sampler(threading.Thread):
         except OSError:
             pass
         self.samples.append(row)
+        if self.log_path is not None:  # survives an interrupted run
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
     def run(self) -> None:
         while not self.stop_event.is_set():
@@ -110,6 +115,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks/soak_cpu.json"))
     p.add_argument("--plot", type=Path, default=None)
     p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads in the server's stub (OMP_NUM_THREADS); more than the free cores oversubscribes")
     args = p.parse_args()
 
     import torch
@@ -117,7 +124,9 @@ def main() -> int:
     torch.set_num_threads(1)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="stac-soak-"))
     server = start_local_server(workdir, cache_config={"policy": args.policy, "chunk": args.chunk},
-                                max_streams=max(64, args.streams))
+                                max_streams=max(64, args.streams), threads=args.threads)
+    # SIGTERM (e.g. `kill`) stops the run through the finally blocks: server stopped, samples kept.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     print(f"[soak] server ready in {server.startup_seconds:.1f} s at {server.grpc_url} (log {workdir}/tritonserver.log)",
           file=sys.stderr)
     config = FleetConfig(url=server.grpc_url, streams=args.streams, frames=args.frames, chunk=args.chunk,
@@ -138,7 +147,7 @@ def main() -> int:
     frames = {sid: make_frames(config.seed + k, config.frames, config.height, config.width, config.source,
                                config.scene_frames) for k, sid in enumerate(config.ids())}
     print(f"[soak] frames ready: {args.streams} streams x {args.frames}", file=sys.stderr)
-    sampler = Sampler(server.pid, server.metrics_url, args.sample_interval, progress)
+    sampler = Sampler(server.pid, server.metrics_url, args.sample_interval, progress, workdir / "samples.jsonl")
     sampler.sample()  # idle baseline
     sampler.start()
     try:
@@ -162,6 +171,7 @@ def main() -> int:
         "stac_active_streams", "stac_cache_bytes", "stac_streams_started_total", "stac_streams_ended_total",
         "stac_streams_expired_total", "stac_failed_requests_total", "stac_frames_total")}
     data["samples"] = sampler.samples
+    data["config"]["server_threads"] = args.threads
     data["passed"] = bool(flat and result.errors == 0 and data["aggregate"]["frames"] == total)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1))

@@ -182,3 +182,55 @@ def fused_attention_with_key_mass(
 
 def fused_available(device: torch.device) -> bool:
     return HAVE_TRITON and device.type == "cuda"
+
+
+def sdpa_with_lse(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Attention output and natural-log LSE [B,H,M] from PyTorch's fused kernels (flash without a
+    bias, memory-efficient with one). bias: [B,H,N] additive per-key logits (-inf = masked)."""
+    B, H, M, _ = q.shape
+    if bias is None:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[:2]
+    else:
+        full = bias.to(q.dtype)[:, :, None, :].expand(B, H, M, bias.shape[-1])
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, full, True, 0.0, False)[:2]
+    return out, lse[..., :M].float()
+
+
+def hybrid_attention_with_key_mass(
+    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, valid: Optional[Tensor] = None, need_mass: bool = True,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """PyTorch's fused attention for the output and LSE, then the Triton key-mass pass.
+
+    The output pass is the vendor kernel; only the per-key mass (one extra q.k^T pass, no p.v) is
+    ours. Same contract as ``fused_attention_with_key_mass``.
+    """
+    B, H, M, D = q.shape
+    N = k.shape[2]
+    full_bias = None
+    if bias is not None or valid is not None:
+        full_bias = torch.zeros(B, H, N, device=q.device, dtype=torch.float32)
+        if bias is not None:
+            full_bias = full_bias + bias.float().expand(B, H, N)
+        if valid is not None:
+            full_bias = full_bias.masked_fill(~valid.expand(B, H, N), float("-inf"))
+        full_bias = full_bias.contiguous()
+    out, lse = sdpa_with_lse(q, k, v, full_bias)
+    if not need_mass:
+        return out, None
+    q, k = q.contiguous(), k.contiguous()
+    lse2 = (lse * LOG2E).reshape(B * H, M).contiguous()
+    # rows with no finite key: the vendor kernels give -inf/NaN LSE; they contribute no mass
+    lse2 = torch.where(torch.isfinite(lse2), lse2, torch.full_like(lse2, float("inf")))
+    mass = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
+    has_bias = full_bias is not None
+    placeholder = full_bias if has_bias else q
+    strides = (full_bias.stride(0), full_bias.stride(1)) if has_bias else (0, 0)
+    _key_mass[(triton.cdiv(N, 64), B * H)](
+        q, k, placeholder, lse2, mass,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        *strides, H, M, N, LOG2E / math.sqrt(D),
+        HAS_BIAS=has_bias, D=D, BLOCK_M=128, BLOCK_N=64, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=2,
+    )
+    return out, mass

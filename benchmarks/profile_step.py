@@ -1,0 +1,62 @@
+"""Profile batched engine steps (torch.profiler): where the time of a multi-stream step goes.
+
+    python benchmarks/profile_step.py --preset vggt-1b --device cuda --dtype bfloat16 --streams 8 --out docs/benchmarks/profile_step_h100.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stac_backend.cache import CacheConfig  # noqa: E402
+from stac_backend.engine import Stream, push_many  # noqa: E402
+from stac_backend.model import build_model  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--height", type=int, default=392)
+    p.add_argument("--width", type=int, default=518)
+    p.add_argument("--streams", type=int, default=8)
+    p.add_argument("--policy", default="stac")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = build_model(args.preset, device=args.device, dtype=dtype)
+    streams = [Stream(model, cache=CacheConfig(policy=args.policy)) for _ in range(args.streams)]
+    frames = (torch.rand(4, 3, args.height, args.width) * 255).to(torch.uint8)
+
+    def step():
+        push_many(streams, [s.validate(frames) for s in streams])
+
+    for _ in range(6):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    by_module = prof.key_averages(group_by_stack_n=0).table(sort_by="cpu_time_total", row_limit=15)
+    text = f"step wall time {wall:.3f} s for {args.streams} streams x 4 frames\n\n{table}\n\nCPU-heavy ops:\n{by_module}\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text[:6000])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
