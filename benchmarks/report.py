@@ -1,0 +1,124 @@
+"""Turn the benchmark JSON files under docs/benchmarks/ into plots and a markdown summary.
+
+    python benchmarks/report.py            # writes docs/benchmarks/*.png and docs/benchmarks/SUMMARY.md
+
+Every number in SUMMARY.md (and so in README/docs) is read from a JSON file a benchmark wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "docs" / "benchmarks"
+
+
+def load(name: str):
+    path = BENCH / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def at_frame(steps, frame):
+    for s in steps:
+        if s["frame"] >= frame:
+            return s
+    return None
+
+
+def policies_section(report, lines, plt):
+    lines.append(f"## Cache policies, {report['preset']} on {report['device']} ({report['dtype']}, "
+                 f"{report['image_hw'][1]}x{report['image_hw'][0]}, chunk {report['chunk']})\n")
+    lines.append("Source: `policies_vggt1b_h100.json` (`benchmarks/policies.py`; random weights).\n")
+    lines.append("| policy | status | ms/frame @12 | @200 | @500 | @1000 | cache MiB @200 | @1000 | bound MiB |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in report["results"]:
+        cells = []
+        for f in (12, 200, 500, 1000):
+            s = at_frame(r["steps"], f)
+            cells.append(f"{s['seconds_per_frame'] * 1000:.1f}" if s else "-")
+        mem = [at_frame(r["steps"], f) for f in (200, 1000)]
+        bound = r.get("memory_bound_bytes")
+        bound_cell = f"{bound / 2**20:.0f}" if bound else "unbounded"
+        mem_cells = " | ".join(f"{m['cache_bytes'] / 2**20:.0f}" if m else "-" for m in mem)
+        lines.append(f"| {r['policy']} | {r['status']} | " + " | ".join(cells) + f" | {mem_cells} | {bound_cell} |")
+    lines.append("")
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r in report["results"]:
+        frames = [s["frame"] for s in r["steps"]]
+        axes[0].plot(frames, [s["seconds_per_frame"] * 1000 for s in r["steps"]], label=r["policy"])
+        axes[1].plot(frames, [s["cache_bytes"] / 2**30 for s in r["steps"]], label=r["policy"])
+    axes[0].set(xlabel="frame", ylabel="ms per frame", title="latency per frame")
+    axes[1].set(xlabel="frame", ylabel="GiB", title="cache memory per stream")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(BENCH / "policies_vggt1b_h100.png", dpi=110)
+    plt.close(fig)
+    lines.append("![policies](policies_vggt1b_h100.png)\n")
+
+
+def concurrency_section(report, lines, plt):
+    lines.append(f"## Concurrent streams in the engine, {report['preset']} on {report['device']} ({report['policy']})\n")
+    lines.append("Source: `engine_concurrency_h100.json` (`benchmarks/engine_concurrency.py`).\n")
+    lines.append("| streams | batched frames/s | stream-by-stream frames/s | per-stream frames/s (batched) | step s | peak GPU GiB |")
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+    rows = report["rows"]
+    for n in sorted({r["streams"] for r in rows}):
+        b = next((r for r in rows if r["streams"] == n and r["batched"]), {})
+        s = next((r for r in rows if r["streams"] == n and not r["batched"]), {})
+        fmt = lambda r, k, scale=1.0: f"{r[k] * scale:.1f}" if r.get(k) is not None else r.get("status", "-")  # noqa: E731
+        lines.append(f"| {n} | {fmt(b, 'aggregate_frames_per_second')} | {fmt(s, 'aggregate_frames_per_second')} | "
+                     f"{fmt(b, 'per_stream_frames_per_second')} | {fmt(b, 'step_seconds_mean')} | {fmt(b, 'peak_gpu_bytes', 2**-30)} |")
+    lines.append("")
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for batched, label in ((True, "one batched forward"), (False, "stream by stream")):
+        pts = [(r["streams"], r["aggregate_frames_per_second"]) for r in rows if r["batched"] == batched and "aggregate_frames_per_second" in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set(xscale="log", xlabel="concurrent streams", ylabel="aggregate frames/s", title="engine throughput")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(BENCH / "engine_concurrency_h100.png", dpi=110)
+    plt.close(fig)
+    lines.append("![concurrency](engine_concurrency_h100.png)\n")
+
+
+def kernel_section(report, lines, plt):
+    lines.append(f"## Attention with per-key mass vs SDPA, {report['device']} (bf16, 16 heads x 64, 4164 queries)\n")
+    lines.append("Source: `kernel_attention_h100.json` (`benchmarks/kernel_attention.py`).\n")
+    lines.append("| batch | key frames | SDPA ms (no mass) | fused ms (with mass) | fused/SDPA | fused ms (no mass) | blockwise reference ms |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in report["rows"]:
+        ref = f"{r['reference_blockwise_ms']:.1f}" if r.get("reference_blockwise_ms") else "-"
+        lines.append(f"| {r['batch']} | {r['key_frames']} | {r['sdpa_ms']:.2f} | {r['fused_with_mass_ms']:.2f} | "
+                     f"{r['fused_over_sdpa']:.2f} | {r['fused_no_mass_ms']:.2f} | {ref} |")
+    lines.append("")
+
+
+def main() -> int:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        plt = None
+        print("matplotlib not installed: writing tables only", file=sys.stderr)
+    lines = ["# Benchmark summary (generated by benchmarks/report.py from the JSON files here)\n"]
+    for name, section in (("policies_vggt1b_h100.json", policies_section), ("engine_concurrency_h100.json", concurrency_section),
+                          ("kernel_attention_h100.json", kernel_section)):
+        report = load(name)
+        if report is not None:
+            section(report, lines, plt)
+    (BENCH / "SUMMARY.md").write_text("\n".join(lines))
+    print((BENCH / "SUMMARY.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
