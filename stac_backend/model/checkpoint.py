@@ -99,11 +99,14 @@ def load_checkpoint(model: nn.Module, path: PathLike) -> None:
     load_state_dict_strict(model, state, str(path))
 
 
-def save_checkpoint(model: VGGT, path: PathLike) -> None:
-    """Write weights plus the model's config (``.safetensors`` or ``.pt``)."""
+def save_checkpoint(model: VGGT, path: PathLike, dtype: Optional[torch.dtype] = None) -> None:
+    """Write weights plus the model's config (``.safetensors`` or ``.pt``); ``dtype`` stores the
+    floating-point weights in another precision (e.g. float16 to ship a small file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     config_json = model.config.to_json()
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file

@@ -157,6 +157,24 @@ PRESETS: dict[str, ModelConfig] = {
         dpt_intermediate_layer_idx=(0, 1, 2, 3),
         enable_track=False,
     ),
+    # The trained embedded default (issue #8): small enough to ship (fp16 weights ~12 MB) and to
+    # stream on a CPU, large enough to learn synthetic indoor scenes.
+    "small": ModelConfig(
+        img_size=112,
+        patch_size=14,
+        embed_dim=128,
+        depth=6,
+        num_heads=4,
+        num_register_tokens=4,
+        patch_embed="conv",
+        camera_trunk_depth=2,
+        camera_num_heads=4,
+        camera_iterations=2,
+        dpt_features=64,
+        dpt_out_channels=(32, 64, 128, 128),
+        dpt_intermediate_layer_idx=(1, 3, 4, 5),
+        enable_track=False,
+    ),
 }
 
 

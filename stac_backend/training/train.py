@@ -1,0 +1,210 @@
+"""Train a small VGGT-family model on synthetic streaming scenes (issue #8).
+
+    python -m stac_backend.training.train --preset small --device cuda --minutes 8 --out runs/small
+    python -m stac_backend.training.train ... --resume runs/small/last.pt      # continue a run
+
+The model is trained exactly as it streams: one batched forward under the block-causal mask of
+chunks of ``--chunk`` frames (frames see earlier chunks and their own chunk), so the trained model
+is consistent with ``Stream``. Targets are metric and in the first camera's frame (VGGT's
+convention): depth, world points and the 9-number pose encoding. Losses:
+- camera: Huber on the pose encoding (translation, quaternion with sign ambiguity removed, fov);
+- depth and points: confidence-weighted L1 minus alpha * log(confidence) on valid pixels, plus a
+  first-order gradient term on depth, as VGGT trains its dense heads.
+
+Scenes are pre-rendered into a pool (``--pool`` sequences of ``--pool-frames`` frames, different
+seeds, all three trajectory kinds) and training samples random windows from it; held-out scenes
+use seeds >= 1,000,000. Checkpoints (``last.pt``: weights + optimizer + step, loadable with
+weights_only=True) are written every ``--save-every`` steps and at the end; ``model.safetensors``
+holds the weights and config for serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..data import make_sequence
+from ..data.sequence import to_first_camera_frame
+from ..model import build_model, save_checkpoint
+from ..model.pose import extri_intri_to_pose_encoding
+
+TRAJECTORIES = ("loop", "back_and_forth", "random_walk")
+HELD_OUT_SEED = 1_000_000
+
+
+def render_pool(count: int, frames: int, height: int, width: int, device: str, seed0: int = 0) -> dict[str, torch.Tensor]:
+    """count sequences of frames each, in their first camera's frame."""
+    parts: dict[str, list] = {"images": [], "depth": [], "valid": [], "points": [], "pose": []}
+    for i in range(count):
+        seq = make_sequence(frames, height, width, trajectory=TRAJECTORIES[i % 3], seed=seed0 + i, device=device)
+        seq = to_first_camera_frame(seq)
+        parts["images"].append(seq.images.half())
+        parts["depth"].append(seq.depth.half())
+        parts["valid"].append(seq.valid)
+        parts["points"].append(seq.world_points.half())
+        parts["pose"].append(extri_intri_to_pose_encoding(seq.extrinsics, seq.intrinsics, (height, width)))
+    return {k: torch.stack(v) for k, v in parts.items()}
+
+
+def sample_batch(pool, batch: int, frames: int, generator: random.Random):
+    n, total = pool["images"].shape[:2]
+    rows, cols = [], []
+    for _ in range(batch):
+        stride = min(generator.choice((1, 1, 2)), max(1, (total - 1) // max(1, frames - 1)))
+        start = generator.randrange(0, total - stride * (frames - 1))
+        rows.append(generator.randrange(n))
+        cols.append(list(range(start, start + stride * frames, stride)))
+    idx_r = torch.tensor(rows)[:, None].expand(-1, frames)
+    idx_c = torch.tensor(cols)
+    return {k: v[idx_r, idx_c] for k, v in pool.items()}
+
+
+def rebase_to_first(batch):
+    """Re-express a window's targets in its own first frame (the model's world frame)."""
+    from ..model.pose import pose_encoding_to_extri_intri
+
+    pose = batch["pose"].float()
+    B, S = pose.shape[:2]
+    H, W = batch["depth"].shape[-2:]
+    extr, intr = pose_encoding_to_extri_intri(pose, (H, W))
+    R, t = extr[..., :3, :3], extr[..., :3, 3]
+    R0, t0 = R[:, :1], t[:, :1]
+    # camera_i-from-frame0 = camera_i-from-world @ world-from-frame0
+    R_new = R @ R0.transpose(-1, -2)
+    t_new = t - (R_new @ t0[..., None])[..., 0]
+    new_extr = torch.cat([R_new, t_new[..., None]], dim=-1)
+    points = batch["points"].float()  # in the pool sequence's first-camera frame
+    points = torch.einsum("bij,bshwj->bshwi", R0[:, 0], points) + t0[:, 0][:, None, None, None, :]
+    return extri_intri_to_pose_encoding(new_extr, intr, (H, W)), points
+
+
+def confidence_l1(pred, conf, target, valid, alpha: float = 0.2):
+    err = (pred - target).abs()
+    if err.dim() == conf.dim() + 1:
+        err = err.sum(-1)
+    term = conf * err - alpha * torch.log(conf)
+    return term[valid].mean()
+
+
+def depth_gradient_loss(pred, target, valid):
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    vx = valid[..., :, 1:] & valid[..., :, :-1]
+    vy = valid[..., 1:, :] & valid[..., :-1, :]
+    return (dx(pred) - dx(target)).abs()[vx].mean() + (dy(pred) - dy(target)).abs()[vy].mean()
+
+
+def camera_loss(pred, target):
+    quat_p, quat_t = pred[..., 3:7], target[..., 3:7]
+    # q and -q are the same rotation
+    quat_err = torch.minimum((quat_p - quat_t).abs().sum(-1), (quat_p + quat_t).abs().sum(-1))
+    trans = F.huber_loss(pred[..., :3], target[..., :3], reduction="none", delta=0.1).sum(-1)
+    fov = F.huber_loss(pred[..., 7:], target[..., 7:], reduction="none", delta=0.1).sum(-1)
+    return (trans + quat_err + 0.5 * fov).mean()
+
+
+def compute_losses(model, batch, chunk: int):
+    pose_t, points_t = rebase_to_first(batch)
+    images = batch["images"].float()
+    depth_t = batch["depth"].float()
+    valid = batch["valid"] & (depth_t > 0)
+    out = model(images, chunk_size=chunk)
+    losses = {
+        "camera": camera_loss(out["pose_enc"].float(), pose_t),
+        "depth": confidence_l1(out["depth"].float(), out["depth_conf"].float(), depth_t, valid),
+        "depth_grad": depth_gradient_loss(out["depth"].float(), depth_t, valid),
+        "points": confidence_l1(out["world_points"].float(), out["world_points_conf"].float(), points_t, valid),
+    }
+    losses["total"] = losses["camera"] + losses["depth"] + losses["depth_grad"] + losses["points"]
+    return losses
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--height", type=int, default=84)
+    p.add_argument("--width", type=int, default=112)
+    p.add_argument("--frames", type=int, default=8, help="frames per training window")
+    p.add_argument("--chunk", type=int, default=4)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--pool", type=int, default=384, help="pre-rendered training sequences")
+    p.add_argument("--pool-frames", type=int, default=48)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--minutes", type=float, default=8.0)
+    p.add_argument("--max-steps", type=int, default=100000)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--resume", type=Path, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = build_model(args.preset, device=args.device, seed=args.seed).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    step = 0
+    if args.resume is not None:
+        if args.resume.suffix == ".safetensors":  # weights only (e.g. carried between machines)
+            from ..model import load_checkpoint
+
+            load_checkpoint(model, args.resume)
+            state_file = args.resume.parent / "state.json"
+            step = json.loads(state_file.read_text())["step"] if state_file.is_file() else 0
+            print("resuming from weights only: the optimizer state starts fresh", flush=True)
+        else:
+            state = torch.load(args.resume, map_location=args.device, weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            step = int(state["step"])
+        rng = random.Random(args.seed + step)
+        print(f"resumed from {args.resume} at step {step}", flush=True)
+    t0 = time.time()
+    pool = render_pool(args.pool, args.pool_frames, args.height, args.width, args.device, seed0=args.seed * 100_000 + (step // 5000) * args.pool)
+    print(f"rendered {args.pool} x {args.pool_frames} frames in {time.time() - t0:.1f} s", flush=True)
+    deadline = time.time() + args.minutes * 60
+    warmup, history = 200, []
+    use_amp = args.device.startswith("cuda")
+    while step < args.max_steps and time.time() < deadline:
+        lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / args.max_steps))))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = sample_batch(pool, args.batch, args.frames, rng)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            losses = compute_losses(model, batch, args.chunk)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        if step % 50 == 0:
+            row = {"step": step, "lr": lr, "seconds": round(time.time() - t0, 1), **{k: round(float(v), 4) for k, v in losses.items()}}
+            history.append(row)
+            print(json.dumps(row), flush=True)
+        if step % args.save_every == 0:
+            save(model, optimizer, step, args.out)
+    save(model, optimizer, step, args.out)
+    (args.out / "history.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "history": history}, indent=1))
+    print(f"done: {step} steps in {time.time() - t0:.0f} s", flush=True)
+    return 0
+
+
+def save(model, optimizer, step: int, out: Path) -> None:
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, out / "last.pt")
+    model.eval()
+    save_checkpoint(model, out / "model.safetensors")
+    save_checkpoint(model, out / "model_fp16.safetensors", dtype=torch.float16)  # the shippable file
+    (out / "state.json").write_text(json.dumps({"step": step}))
+    model.train()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
