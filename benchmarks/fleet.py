@@ -41,7 +41,7 @@ def main() -> int:
     p.add_argument("--budgets", default="window,stac:4MiB,stac", help="comma-separated POLICY[:SIZE]")
     p.add_argument("--counts", default="1,2,3,4,5,6,8", help="stream counts to try, ascending")
     p.add_argument("--fps", type=float, default=10.0, help="camera rate per stream")
-    p.add_argument("--frames", type=int, default=60, help="frames per stream")
+    p.add_argument("--frames", type=int, default=120, help="frames per stream (long enough for a lag to show)")
     p.add_argument("--chunk", type=int, default=4)
     p.add_argument("--size", default="56x84", help="HxW")
     p.add_argument("--max-latency-ms", type=float, default=1000.0, help="p99 capture-to-result latency limit")

@@ -56,7 +56,8 @@ def measured_rows(files: list[tuple[str, dict]]) -> list[str]:
             at = next((p for p in b["points"] if p["streams"] == b["streams_sustained"]), None)
             rows.append(
                 f"| {d['device']} ({d['environment'].get('cpus', '?')} cores) | {d['preset']} {w}x{h} {d['dtype']} | "
-                f"{b['budget']} | {_mib(b['stream_bound_bytes'])} | **{b['streams_sustained']}** at {d['fps_per_stream']:g} fps | "
+                f"{b['budget']} | {_mib(b['stream_bound_bytes'])} | **{'>=' if b['points'][-1]['sustained'] else ''}"
+                f"{b['streams_sustained']}** at {d['fps_per_stream']:g} fps | "
                 f"{at['frames_per_second']:.1f} | {at['e2e_latency_ms'].get('p99', float('nan')):.0f} | `{name}` |"
                 if at else
                 f"| {d['device']} | {d['preset']} {w}x{h} {d['dtype']} | {b['budget']} | {_mib(b['stream_bound_bytes'])} | "

@@ -97,6 +97,37 @@ def analyse(samples: list[dict], total_frames: int, warmup_fraction: float, tail
     }
 
 
+def plot_samples(data: dict, path: Path) -> bool:
+    """Server-tree RSS and frames done over time, from a soak JSON's samples (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    samples, memory = data["samples"], data["memory"]
+    t = [s["t"] for s in samples]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.plot(t, [s["rss_bytes"] / MiB for s in samples], label="server tree RSS (tritonserver + stub)")
+    if any("cache_bytes" in s for s in samples):
+        ax.plot(t, [s.get("cache_bytes", 0) / MiB for s in samples], label="stac_cache_bytes (all streams)")
+    ax.axvline(memory["warmup_ends_s"], color="grey", ls=":", label="end of warm-up")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("MiB")
+    ax2 = ax.twinx()
+    ax2.plot(t, [s["frames_done"] for s in samples], color="C2", alpha=0.4, label="frames done")
+    ax2.set_ylabel("frames done")
+    a = data["aggregate"]
+    ax.set_title(f"soak: {a['streams']} streams, {a['frames']} frames, {a['errors']} errors; RSS growth after warm-up "
+                 f"{memory['growth_after_warmup_mib']:+.1f} MiB")
+    ax.legend(loc="center right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--streams", type=int, default=64)
@@ -117,7 +148,10 @@ def main() -> int:
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads in the server's stub (OMP_NUM_THREADS); more than the free cores oversubscribes")
+    p.add_argument("--replot", type=Path, default=None, help="only draw --plot from an existing soak JSON")
     args = p.parse_args()
+    if args.replot:
+        return 0 if plot_samples(json.loads(args.replot.read_text()), args.plot or args.replot.with_suffix(".png")) else 1
 
     import torch
 
@@ -177,21 +211,10 @@ def main() -> int:
     args.out.write_text(json.dumps(data, indent=1))
     print(json.dumps({"aggregate": data["aggregate"], "memory": data["memory"], "passed": data["passed"]}, indent=1))
     if args.plot:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            fig, ax = plt.subplots(figsize=(9, 4))
-            ax.plot([s["t"] for s in sampler.samples], [s["rss_bytes"] / MiB for s in sampler.samples])
-            ax.set_xlabel("seconds")
-            ax.set_ylabel("server tree RSS (MiB)")
-            fig.tight_layout()
-            fig.savefig(args.plot, dpi=110)
-            plot_fleet(result, args.plot.with_name(args.plot.stem + "_latency.png"))
-        except ImportError:
+        if not plot_samples(data, args.plot):
             print("[soak] --plot skipped: matplotlib is not installed", file=sys.stderr)
+        else:
+            plot_fleet(result, args.plot.with_name(args.plot.stem + "_latency.png"))
     return 0 if data["passed"] else 1
 
 

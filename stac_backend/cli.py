@@ -24,7 +24,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default=None, help="model preset (tiny, vggt-1b); default: the checkpoint's own, else tiny")
+    p.add_argument("--preset", default=None,
+                   help="model preset (tiny, small, vggt-1b); default: the checkpoint's own config, and with no "
+                        "checkpoint the embedded trained small model")
     p.add_argument("--checkpoint", type=Path, default=None, help="weights (.pt/.pth/.safetensors)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -38,13 +40,24 @@ def _add_serving_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address the server binds to")
 
 
+def resolve_model_args(args: argparse.Namespace) -> None:
+    """No --checkpoint and no --preset: the embedded trained model. A preset alone: random weights."""
+    from .assets import EMBEDDED_CHECKPOINT
+
+    if args.checkpoint is None and args.preset is None:
+        if EMBEDDED_CHECKPOINT.is_file():
+            args.checkpoint = EMBEDDED_CHECKPOINT
+        else:
+            args.preset = "tiny"
+    if args.checkpoint is None:
+        print(f"note: no --checkpoint given, using random weights for preset {args.preset!r}", file=sys.stderr)
+
+
 def load_model_from_args(args: argparse.Namespace):
     from .model import build_model
 
-    preset = args.preset or (None if args.checkpoint else "tiny")
-    if args.checkpoint is None:
-        print(f"note: no --checkpoint given, using random weights for preset {preset!r}", file=sys.stderr)
-    return build_model(preset, checkpoint=args.checkpoint, device=args.device, dtype=DTYPES[args.dtype])
+    resolve_model_args(args)
+    return build_model(args.preset, checkpoint=args.checkpoint, device=args.device, dtype=DTYPES[args.dtype])
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
@@ -125,9 +138,10 @@ def _remote_stepper(args):
 def serve_settings_from_args(args: argparse.Namespace):
     from .serving.repository import ServeSettings
 
+    resolve_model_args(args)
     device = args.device
     return ServeSettings(
-        preset=args.preset or ("" if args.checkpoint else "tiny"),
+        preset=args.preset or "",
         dtype=args.dtype,
         device="auto" if device.startswith("cuda") else "cpu",
         instance_kind="KIND_GPU" if device.startswith("cuda") else "KIND_CPU",
@@ -206,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("out/demo"))
     p.add_argument("--frames", type=int, default=32)
     p.add_argument("--chunk-size", type=int, default=4)
-    p.add_argument("--conf-threshold", type=float, default=2.0)
+    p.add_argument("--conf-threshold", type=float, default=None)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--model-name", default="stac")
     _add_model_args(p)
@@ -230,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("crop", "pad"), default="crop")
     p.add_argument("--size", type=int, default=None, help="target width in pixels (default: the model's img_size)")
     p.add_argument("--max-frames", type=int, default=None)
-    p.add_argument("--conf-threshold", type=float, default=2.0, help="keep points whose confidence exceeds this")
+    p.add_argument("--conf-threshold", type=float, default=None, help="keep points whose confidence exceeds this "
+                   "(default: the top half of each frame by confidence)")
     p.add_argument("--no-frames", action="store_true", help="skip the per-frame npz files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--policy", default="stac", help="cache policy (in-process runs)")
@@ -249,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
         register_synth = None
     if register_synth is not None:
         register_synth(sub)
+    from .serving.fleet import register as register_fleet  # stac fleet: N concurrent streams (load test)
+    from .serving.perf import register as register_perf  # stac perf: perf_analyzer install/input-data/sweep
+
+    register_fleet(sub)
+    register_perf(sub)
     return parser
 
 

@@ -3,7 +3,8 @@
 Used by the in-process ``stac stream`` and by the gRPC client alike, so both produce the same files:
 - ``frames/frame_00000.npz``: depth, depth_conf, world_points, world_points_conf, pose_enc,
   extrinsics, intrinsics of one frame;
-- ``points.ply``: confidence-filtered world points of all frames, coloured by the input pixels
+- ``points.ply``: confidence-filtered world points of all frames (an absolute threshold, or by
+  default the top half of each frame by confidence), coloured by the input pixels
   (binary little-endian PLY; at most ``max_points_per_frame`` per frame, chosen deterministically);
 - ``trajectory.json``: per frame extrinsics (camera-from-world), intrinsics and camera centre;
 - ``trajectory_tum.txt``: the same poses as camera-to-world in TUM format (index tx ty tz qx qy qz qw).
@@ -59,9 +60,13 @@ def read_ply_points(path: Path) -> np.ndarray:
 class ReconstructionWriter:
     """Collects a stream's per-frame outputs and writes them under one folder."""
 
-    def __init__(self, out_dir: Path, conf_threshold: float = 2.0, max_points_per_frame: int = 20000, save_frames: bool = True):
+    def __init__(self, out_dir: Path, conf_threshold: Optional[float] = None, max_points_per_frame: int = 20000,
+                 save_frames: bool = True, conf_percentile: float = 50.0):
+        """Points are kept where confidence exceeds ``conf_threshold`` if given, else where it is
+        at least the frame's ``conf_percentile``-th percentile (VGGT's demo keeps the top half)."""
         self.out_dir = Path(out_dir)
         self.conf_threshold = conf_threshold
+        self.conf_percentile = conf_percentile
         self.max_points_per_frame = max_points_per_frame
         self.save_frames = save_frames
         self.points: list[np.ndarray] = []
@@ -79,7 +84,12 @@ class ReconstructionWriter:
         if "world_points" in arrays:
             pts = arrays["world_points"].reshape(-1, 3)
             conf = arrays["world_points_conf"].reshape(-1)
-            keep = np.flatnonzero((conf > self.conf_threshold) & np.isfinite(pts).all(axis=1))
+            finite = np.isfinite(pts).all(axis=1) & np.isfinite(conf)
+            if self.conf_threshold is not None:
+                bar = self.conf_threshold
+            else:
+                bar = np.percentile(conf[finite], self.conf_percentile) if finite.any() else np.inf
+            keep = np.flatnonzero(finite & (conf >= bar))
             if len(keep) > self.max_points_per_frame:
                 keep = np.random.default_rng(frame_index).choice(keep, self.max_points_per_frame, replace=False)
                 keep.sort()

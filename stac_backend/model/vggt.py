@@ -39,6 +39,9 @@ class VGGT(nn.Module):
         super().__init__()
         c = config
         self.config = c
+        # Frames per pass through the DPT heads: bounds activation memory at inference; training
+        # sets it to None (all frames at once) to avoid thousands of small kernel launches.
+        self.dpt_frames_chunk: Optional[int] = 8
         self.aggregator = Aggregator(c)
         dim = 2 * c.embed_dim
         self.camera_head = (
@@ -97,10 +100,10 @@ class VGGT(nn.Module):
             out["pose_enc"] = pose_enc
             out["extrinsics"], out["intrinsics"] = pose_encoding_to_extri_intri(pose_enc, (H, W))
         if self.depth_head is not None:
-            depth, depth_conf = self.depth_head(layers, (H, W), psi)
+            depth, depth_conf = self.depth_head(layers, (H, W), psi, self.dpt_frames_chunk)
             out["depth"], out["depth_conf"] = depth[..., 0], depth_conf
         if self.point_head is not None:
-            out["world_points"], out["world_points_conf"] = self.point_head(layers, (H, W), psi)
+            out["world_points"], out["world_points_conf"] = self.point_head(layers, (H, W), psi, self.dpt_frames_chunk)
         return out
 
 

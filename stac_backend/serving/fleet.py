@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import platform
 import re
@@ -67,6 +66,8 @@ __all__ = [
     "NginxConfig",
     "PRODUCTION_NGINX",
     "start_local_server",
+    "parse_budget",
+    "stream_bound_bytes",
     "register",
     "main",
 ]
@@ -506,11 +507,13 @@ def scrape_metrics(url: str, timeout: float = 10.0, by_label: bool = False) -> d
 
 
 def start_local_server(workdir: Path, *, preset: str = "tiny", checkpoint: Optional[Path] = None,
+                       device: str = "cpu", dtype: str = "float32",
                        cache_config: Optional[dict] = None, max_streams: int = 64, idle_ttl_s: float = 120.0,
                        max_batch_size: int = 16, max_queue_delay_us: int = 2000, threads: Optional[int] = None,
                        http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0, log_callback=None,
                        extra_args: Sequence[str] = (), die_with_parent: bool = True, wait: bool = True):
-    """A tritonserver with the stac model on CPU (tiny preset unless a checkpoint says otherwise).
+    """A tritonserver with the stac model (tiny preset on CPU unless told otherwise; ``device="cuda"``
+    makes a KIND_GPU instance on the first GPU).
 
     ``threads`` sets OMP_NUM_THREADS for the server's stub (torch's intra-op threads).
     Returns the started :class:`TritonServer` (ready when ``wait``); the caller stops it.
@@ -521,7 +524,8 @@ def start_local_server(workdir: Path, *, preset: str = "tiny", checkpoint: Optio
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     settings = ServeSettings(
-        preset="" if checkpoint else preset, dtype="float32", device="cpu", instance_kind="KIND_CPU",
+        preset="" if checkpoint else preset, dtype=dtype, device="auto" if device.startswith("cuda") else "cpu",
+        instance_kind="KIND_GPU" if device.startswith("cuda") else "KIND_CPU",
         cache_config=cache_config or {"policy": "stac"}, max_streams=max_streams, idle_ttl_s=idle_ttl_s,
         triton_idle_us=int(idle_ttl_s * 1e6), max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
         max_candidate_sequences=max(64, max_streams),
@@ -561,6 +565,42 @@ def process_tree_rss(pid: int) -> int:
             pass
         todo.extend(children.get(p, []))
     return total
+
+
+# Cache budgets (capacity sweeps)
+
+UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
+
+
+def parse_budget(text: str) -> tuple[str, dict]:
+    """``window`` | ``stac`` | ``stac:4MiB`` (memory_budget_bytes) -> (label, cache config)."""
+    m = re.fullmatch(r"([a-z_]+)(?::([0-9.]+)\s*([KMG]iB|B)?)?", text.strip(), re.I)
+    if not m:
+        raise ValueError(f"bad budget {text!r}: POLICY or POLICY:SIZE (e.g. stac:4MiB)")
+    policy, size, unit = m.group(1), m.group(2), (m.group(3) or "B").upper()
+    config = {"policy": policy}
+    if size:
+        config["memory_budget_bytes"] = int(float(size) * UNITS[unit])
+    return text.strip(), config
+
+
+def stream_bound_bytes(preset: str, height: int, width: int, cache: dict, dtype: str) -> int | None:
+    """The cache code's exact per-stream bound (model built on the meta device: no weights)."""
+    import torch
+
+    from stac_backend.cache import CacheConfig
+    from stac_backend.engine import Stream
+    from stac_backend.model.config import get_preset
+    from stac_backend.model.vggt import VGGT
+
+    config = get_preset(preset)
+    with torch.device("meta"):
+        model = VGGT(config)
+    model = model.to({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
+    stream = Stream(model, cache=CacheConfig(**cache))
+    bound = getattr(stream.cache, "bytes_bound", None)
+    return int(bound(config.tokens_per_frame(height, width))) if bound else None
+
 
 
 # ======================================================================================
@@ -895,6 +935,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--policy", default="stac", help="--local: cache policy")
     p.add_argument("--max-streams", type=int, default=64, help="--local: admission limit")
+    p.add_argument("--server-threads", type=int, default=1, help="--local: torch threads of the server's stub")
     p.set_defaults(func=cmd_fleet)
     return p
 
@@ -916,7 +957,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="stac-fleet-"))
         print(f"[fleet] starting a local tritonserver (tiny model, CPU) in {workdir}", file=sys.stderr)
         server = start_local_server(workdir, cache_config={"policy": args.policy, "chunk": args.chunk},
-                                    max_streams=max(args.max_streams, args.streams))
+                                    max_streams=max(args.max_streams, args.streams), threads=args.server_threads)
         config.url = server.grpc_url
         config.metrics_urls.append(server.metrics_url)
     try:

@@ -237,6 +237,8 @@ class SweepConfig:
     sequence_length: Optional[int] = None  # None: each stream's number of steps
     serial_sequences: bool = True
     measurement_interval_ms: int = 5000
+    measurement_mode: str = "time_windows"  # or count_windows (windows of measurement_request_count requests)
+    measurement_request_count: int = 50
     stability_percentage: float = 10.0
     max_trials: int = 10
     percentile: Optional[int] = None
@@ -251,9 +253,13 @@ class SweepConfig:
         cmd = [str(binary), "-m", self.model, "-u", self.url, "-i", "grpc", "--input-data", str(input_data),
                "--concurrency-range", f"{start}:{end}:{step}",
                "--sequence-id-range", f"{self.sequence_id_range[0]}:{self.sequence_id_range[1]}",
-               "--measurement-interval", str(self.measurement_interval_ms),
+               "--measurement-mode", self.measurement_mode,
                "--stability-percentage", f"{self.stability_percentage:g}", "--max-trials", str(self.max_trials),
                "-f", str(csv_path)]
+        if self.measurement_mode == "count_windows":
+            cmd += ["--measurement-request-count", str(self.measurement_request_count)]
+        else:
+            cmd += ["--measurement-interval", str(self.measurement_interval_ms)]
         if self.sequence_length:
             cmd += ["--sequence-length", str(self.sequence_length), "--sequence-length-variation", "0"]
         if self.serial_sequences:
@@ -324,7 +330,9 @@ def run_sweep(config: SweepConfig, out_prefix: Path, analyzer: Optional[PerfAnal
         seconds = time.perf_counter() - t0
         after = scrape_metrics(config.metrics_url) if config.metrics_url else {}
         output = proc.stdout + proc.stderr
-        rows = parse_csv(csv_path.read_text(), _frames_per_request(input_data)) if csv_path.exists() else []
+        # perf_analyzer orders its CSV by throughput, not by concurrency
+        rows = sorted(parse_csv(csv_path.read_text(), _frames_per_request(input_data)) if csv_path.exists() else [],
+                      key=lambda r: r["concurrency"])
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -449,11 +457,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--sequence-id-range", type=_range, default=(1_000_000, 1_000_064), metavar="START:END")
     q.add_argument("--sequence-length", type=int, default=None, help="default: each stream's number of steps")
     q.add_argument("--no-serial-sequences", action="store_true")
-    q.add_argument("--measurement-interval", type=int, default=5000, help="ms per measurement window")
+    q.add_argument("--measurement-interval", type=int, default=5000, help="ms per measurement window (time_windows)")
+    q.add_argument("--measurement-mode", choices=("time_windows", "count_windows"), default="time_windows")
+    q.add_argument("--measurement-request-count", type=int, default=50, help="requests per window (count_windows)")
     q.add_argument("--stability-percentage", type=float, default=10.0)
     q.add_argument("--max-trials", type=int, default=10)
     q.add_argument("--out", type=Path, default=Path("docs/benchmarks/perf_cpu"), help="prefix for .csv/.json/.png")
     q.add_argument("--plot", action="store_true", help="also write <out>.png (needs matplotlib)")
+    q.add_argument("--server-threads", type=int, default=1, help="--local: torch threads of the server's stub")
     q.set_defaults(func=_cmd_sweep)
     return p
 
@@ -484,7 +495,8 @@ def _cmd_sweep(args) -> int:
                          steps=args.steps, chunk=args.chunk, height=args.size[0], width=args.size[1],
                          concurrency=tuple(args.concurrency), sequence_id_range=(sid[0], sid[1]),
                          sequence_length=args.sequence_length, serial_sequences=not args.no_serial_sequences,
-                         measurement_interval_ms=args.measurement_interval, stability_percentage=args.stability_percentage,
+                         measurement_interval_ms=args.measurement_interval, measurement_mode=args.measurement_mode,
+                         measurement_request_count=args.measurement_request_count, stability_percentage=args.stability_percentage,
                          max_trials=args.max_trials, metrics_url=args.metrics_url)
     server = None
     if args.local:
@@ -492,7 +504,7 @@ def _cmd_sweep(args) -> int:
 
         workdir = Path(tempfile.mkdtemp(prefix="stac-perf-server-"))
         server = start_local_server(workdir, cache_config={"policy": "stac", "chunk": args.chunk},
-                                    max_streams=max(16, 2 * config.concurrency[1]))
+                                    max_streams=max(16, 2 * config.concurrency[1]), threads=args.server_threads)
         config.url, config.metrics_url = server.grpc_url, server.metrics_url
     try:
         summary = run_sweep(config, args.out)

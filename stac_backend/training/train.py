@@ -150,6 +150,7 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     model = build_model(args.preset, device=args.device, seed=args.seed).train()
+    model.dpt_frames_chunk = None  # all frames through the heads at once
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     step = 0
     if args.resume is not None:

@@ -1,0 +1,191 @@
+"""The fleet client against a real local tritonserver (tiny model, CPU), plus its pure parts.
+
+- paced and unpaced fleets finish with zero errors, correct per-stream numbers and a JSON result;
+- an unreachable server restarts each stream up to ``max_restarts`` and then reports the error;
+- a stream the server no longer knows (here: ended behind the fleet's back) restarts with START;
+- error classification, frame generation, config validation, the nginx renderer's refusals.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from stac_backend.serving.fleet import (
+    FleetConfig,
+    NginxConfig,
+    classify_error,
+    make_frames,
+    percentiles,
+    render_nginx_config,
+    run_fleet,
+)
+
+SERVING = importlib.util.find_spec("pytriton") is not None and importlib.util.find_spec("tritonclient") is not None
+
+
+def test_classify_error():
+    assert classify_error("StatusCode.UNAVAILABLE", "Received http2 header with status: 502") == "unavailable"
+    assert classify_error("StatusCode.UNAVAILABLE", "failed to connect to all addresses") == "unavailable"
+    assert classify_error("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded") == "timeout"
+    assert classify_error("StatusCode.INVALID_ARGUMENT",
+                          "inference request for sequence 7 to model 'stac' must specify the START flag on the first "
+                          "request of the sequence") == "unknown_stream"
+    assert classify_error("StatusCode.INTERNAL", "unknown stream 7: the first request of a stream must carry") == "unknown_stream"
+    assert classify_error("StatusCode.INTERNAL", "server is at its limit of 4 streams; retry later") == "error"
+    assert classify_error("StatusCode.INTERNAL", "bad FRAMES: oversized") == "error"
+
+
+def test_make_frames_synthetic_ping_pong_and_random():
+    f = make_frames(3, 10, 28, 42, "synthetic", scene_frames=4)
+    assert f.shape == (10, 3, 28, 42) and f.dtype == np.uint8
+    # 4 rendered frames played 0 1 2 3 2 1 0 1 2 3
+    for a, b in ((1, 5), (2, 4), (0, 6), (3, 9)):
+        np.testing.assert_array_equal(f[a], f[b])
+    assert not np.array_equal(f[0], f[1])
+    assert not np.array_equal(make_frames(3, 2, 28, 42, "synthetic"), make_frames(4, 2, 28, 42, "synthetic"))
+    r = make_frames(1, 3, 14, 14, "random")
+    assert r.shape == (3, 3, 14, 14) and r.dtype == np.uint8
+    with pytest.raises(ValueError):
+        make_frames(1, 3, 14, 14, "camera")
+
+
+def test_config_validation_and_percentiles():
+    with pytest.raises(ValueError, match="multiples of 14"):
+        FleetConfig(height=50).validate()
+    with pytest.raises(ValueError, match="distinct"):
+        FleetConfig(streams=2, stream_ids=[3, 3]).validate()
+    with pytest.raises(ValueError, match="fps"):
+        FleetConfig(fps=0).validate()
+    assert FleetConfig(streams=3, first_stream_id=10).ids() == [10, 11, 12]
+    p = percentiles(list(range(1, 101)))
+    assert p["p50"] == 50.5 and p["p99"] == 99.01 and p["max"] == 100
+    assert percentiles([]) == {}
+
+
+def test_nginx_renderer_refuses_nonsense():
+    with pytest.raises(ValueError):
+        render_nginx_config(NginxConfig(upstreams=[]))
+    with pytest.raises(ValueError):
+        render_nginx_config(NginxConfig(upstreams=["a:1"], plaintext=False))
+    text = render_nginx_config(NginxConfig(upstreams=["a:1", "b:2"], tls_listen="8443"))
+    assert text.count("grpc_pass grpc://triton_grpc;") == 2 and "hash $http_x_stream_id consistent;" in text
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not SERVING:
+        pytest.skip("serving extras not installed (pip install -e '.[serving]')")
+    from stac_backend.serving.fleet import start_local_server
+
+    srv = start_local_server(tmp_path_factory.mktemp("fleet"), max_streams=8, threads=1,
+                             cache_config={"policy": "stac", "chunk": 4})
+    yield srv
+    srv.stop()
+
+
+def test_unpaced_fleet_against_a_real_server(server, tmp_path):
+    config = FleetConfig(url=server.grpc_url, streams=3, frames=10, chunk=4, height=28, width=42, source="random",
+                         progress=False, metrics_urls=[server.metrics_url], keep_outputs=True)
+    result = run_fleet(config)
+    agg = result.aggregate()
+    assert agg["errors"] == 0 and agg["restarts"] == 0 and agg["index_breaks"] == 0
+    assert agg["frames"] == 30 and agg["requests"] == 9 and agg["streams_completed"] == 3
+    assert set(agg["latency_ms"]) >= {"p50", "p90", "p99"} and agg["frames_per_second"] > 0
+    for r in result.streams:
+        assert [int(x) for c in r.outputs for x in c["frame_index"]] == list(range(10))  # 4 + 4 + 2
+        assert r.outputs[-1]["depth"].shape == (2, 28, 42)
+    delta = result.server_metrics[server.metrics_url]
+    assert delta["stac_frames_total"] == 30 and delta["stac_streams_started_total"] == 3
+    assert delta["stac_streams_ended_total"] == 3
+    data = json.loads(json.dumps(result.to_json()))  # JSON-serialisable as written by --out
+    assert data["kind"] == "fleet" and len(data["streams"]) == 3 and data["aggregate"]["errors"] == 0
+    assert "all" in result.table()
+
+
+def test_paced_fleet_keeps_camera_rate(server):
+    config = FleetConfig(url=server.grpc_url, streams=2, frames=8, chunk=4, height=28, width=42, fps=8.0,
+                         source="random", progress=False, first_stream_id=50)
+    result = run_fleet(config)
+    agg = result.aggregate()
+    assert agg["errors"] == 0 and agg["frames"] == 16
+    # 8 frames at 8 fps: the last chunk cannot leave before t = 1 s after the stream's start.
+    assert all(r.finished_s - r.started_s >= 0.95 for r in result.streams)
+    assert set(agg["e2e_latency_ms"]) >= {"p50", "p99"}
+
+
+def test_unreachable_server_restarts_then_errors():
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = FleetConfig(url=f"127.0.0.1:{port}", streams=2, frames=4, chunk=4, height=14, width=14, source="random",
+                         progress=False, max_restarts=2, restart_backoff_s=0.01, request_timeout_s=5)
+    result = run_fleet(config)
+    for r in result.streams:
+        assert r.restarts == 2 and len(r.errors) == 1 and not r.completed
+        assert "unavailable" in r.errors[0] and all("unavailable" in x for x in r.restart_reasons)
+
+
+def test_stream_unknown_to_the_server_restarts_with_start(server):
+    """The stream is ended behind the fleet's back (as if its replica had been replaced)."""
+    from stac_backend.client import StacClient
+
+    sid = 77
+    frames = {sid: make_frames(0, 12, 28, 42, "random")}
+
+    def end_it(record, _out):
+        if record.frames_done == 4 and record.restarts == 0:
+            c = StacClient(server.grpc_url)
+            c.send_chunk(sid, frames[sid][:4], start=True, end=True)  # a START+END with the same id frees it
+            c.close()
+
+    result = run_fleet(FleetConfig(url=server.grpc_url, streams=1, stream_ids=[sid], frames=12, chunk=4, height=28,
+                                   width=42, progress=False, keep_outputs=True, restart_backoff_s=0.01),
+                       frames=frames, on_chunk=end_it)
+    r = result.streams[0]
+    assert r.completed and r.restarts == 1 and r.errors == [] and r.segments == [0, 4]
+    assert "unknown_stream" in r.restart_reasons[0]
+    assert [c["frame_index"].tolist() for c in r.outputs] == [[0, 1, 2, 3], [0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def _capacity_table_module():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fleet_capacity_table.py"
+    spec = importlib.util.spec_from_file_location("fleet_capacity_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _capacity_file(device, preset, budgets):
+    return {"kind": "fleet_capacity", "device": device, "preset": preset, "dtype": "float32", "frame_size": [56, 84],
+            "fps_per_stream": 10.0, "environment": {"cpus": 2},
+            "budgets": [{"budget": b, "stream_bound_bytes": 1 << 20, "streams_sustained": n,
+                         "points": [{"streams": n, "sustained": False, "frames_per_second": 10.0 * n,
+                                     "e2e_latency_ms": {"p99": 321.0}}]}
+                        for b, n in budgets]}
+
+
+def test_capacity_table_uses_measurements_only_and_marks_gpu_rows_pending(tmp_path):
+    table = _capacity_table_module()
+    (tmp_path / "fleet_capacity_cpu.json").write_text(json.dumps(_capacity_file("cpu", "tiny", [("window", 5), ("stac", 3)])))
+    (tmp_path / "unrelated.json").write_text(json.dumps({"something": 1}))
+    text = table.build(tmp_path)
+    assert "| window | 1.0 MiB | **5** at 10 fps | 50.0 | 321 | `fleet_capacity_cpu.json` |" in text
+    gpu_lines = [line for line in text.splitlines() if "pending #7" in line]
+    assert len(gpu_lines) == len(table.GPU_BUDGETS)  # no GPU file: every GPU row is pending, none invented
+    (tmp_path / "fleet_capacity_gpu.json").write_text(json.dumps(_capacity_file("cuda", "vggt-1b", [("stac", 12)])))
+    text = table.build(tmp_path)
+    assert "**12** at 10 fps (`fleet_capacity_gpu.json`)" in text
+    assert len([line for line in text.splitlines() if "pending #7" in line]) == len(table.GPU_BUDGETS) - 1
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"intro\n{table.BEGIN}\nold\n{table.END}\noutro\n")
+    table.write_into(doc, text)
+    assert doc.read_text().startswith("intro\n" + table.BEGIN) and doc.read_text().endswith(table.END + "\noutro\n")
+    assert "\nold\n" not in doc.read_text()
