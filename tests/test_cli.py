@@ -41,3 +41,21 @@ def test_embedded_checkpoint_is_the_small_trained_model():
     model = build_model(checkpoint=EMBEDDED_CHECKPOINT)
     assert model.config.embed_dim == 128 and model.config.depth == 6
     assert EMBEDDED_CHECKPOINT.stat().st_size <= 25_000_000
+
+
+def test_stream_video_file(tmp_path):
+    av = __import__("pytest").importorskip("av", reason="video input needs PyAV (pip install av)")
+    path = tmp_path / "clip.mp4"
+    rng = np.random.default_rng(1)
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("mpeg4", rate=10)
+        video.width, video.height, video.pix_fmt = 128, 96, "yuv420p"
+        for _ in range(6):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8), format="rgb24")
+            for packet in video.encode(frame):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+    out = tmp_path / "out"
+    assert main(["stream", str(path), "--out", str(out), "--preset", "tiny", "--quiet", "--no-frames"]) == 0
+    assert json.loads((out / "summary.json").read_text())["frames"] == 6

@@ -10,12 +10,12 @@ apart. It travels inside the ONNX file as JSON metadata (``stac.layout``).
 Budgets (in tokens per layer and head unless said otherwise; P = tokens per frame):
 
 ``full``
-    ``kv_k/kv_v [L, H, max_frames * P, D]`` + ``kv_len`` (tokens held, the same for every layer).
+    ``kv_k/kv_v [L, H, max_frames * P, D]`` + ``kv_len [1]`` (tokens held, the same for every layer).
 ``heavy_hitter`` / ``stac``
     hot store ``hot_* [L, H, (pinned + window + hh) * P, ...]`` (what a head holds after pruning;
     the step's new tokens are appended inside the step) + ``hot_len [L]``;
     ``stac`` adds the retrieved tokens ``ret_* [L, H, retrieval * P, ...]`` and the voxel pool at
-    its cap ``pool_* [L, H, max_voxels, ...]`` (``VoxelPool``'s own dense tensors) + ``steps``.
+    its cap ``pool_* [L, H, max_voxels, ...]`` (``VoxelPool``'s own dense tensors) + ``steps [1]``.
 camera trunk (every policy)
     ``cam_k/cam_v [iterations * trunk_depth, heads, F_cam, 2 * embed_dim / heads]`` and
     ``cam_frame [F_cam]`` (-1 = empty slot); F_cam = pinned + camera_window (bounded policies) or
@@ -88,8 +88,6 @@ class StepLayout:
                             "the fixed-size state is allocated for")
         if not (m.enable_camera and m.enable_depth and m.enable_point):
             problems.append("the exported step needs the camera, depth and point heads")
-        if c.memory_budget_bytes is not None and c.policy == "stac" and c.max_voxels is None:
-            pass  # the pool cap is derived from the budget
         if problems:
             raise ValueError("invalid export layout: " + "; ".join(problems))
 
@@ -148,7 +146,7 @@ class StepLayout:
             out += [
                 StateTensor("kv_k", (L, H, N, D), f32, 0.0, (None, None, "kv_tokens", None)),
                 StateTensor("kv_v", (L, H, N, D), f32, 0.0, (None, None, "kv_tokens", None)),
-                StateTensor("kv_len", (), i64, 0, ()),
+                StateTensor("kv_len", (1,), i64, 0, (None,)),
             ]
         else:
             N = self.hot_tokens
@@ -176,7 +174,7 @@ class StepLayout:
                 shape = f.lead + (V,) + f.tail
                 dims = (None,) * len(f.lead) + ("voxels",) + (None,) * len(f.tail)
                 out.append(StateTensor("pool_" + name, shape, f.dtype, f.fill, dims))
-            out.append(StateTensor("steps", (), i64, 0, ()))
+            out.append(StateTensor("steps", (1,), i64, 0, (None,)))
         E, Hc = self.camera_entries, m.camera_num_heads
         Dc = 2 * m.embed_dim // Hc
         Fc = self.camera_frames

@@ -74,9 +74,13 @@ def export_step(
     max_frames: Optional[int] = None,
     external_data: Optional[bool] = None,
     optimize: bool = True,
+    standard_attention: bool = False,
 ) -> Path:
     """Write the step graph for ``model`` under ``cache`` to ``path`` (and ``path.data`` with
-    external data: default when the weights exceed 1 GiB). Returns the path."""
+    external data: default when the weights exceed 1 GiB). Returns the path.
+
+    standard_attention (``full`` only): attention with standard ONNX ops, so the graph has no
+    custom nodes at all (Triton's onnxruntime / tensorrt backends, model_repository_onnx/)."""
     if isinstance(cache, str):
         cache = CacheConfig(policy=cache)
     layout = StepLayout(model.config, cache, height, width, max_frames)
@@ -88,7 +92,7 @@ def export_step(
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     if external_data is None:
         external_data = weights > (1 << 30)
-    step = FunctionalStep(model.eval(), layout).eval()
+    step = FunctionalStep(model.eval(), layout, standard_attention).eval()
     chunk = min(2, layout.max_chunk)
     args, dynamic_shapes = _example(layout, batch=2, chunk=chunk)
     started = time.perf_counter()

@@ -255,7 +255,7 @@ def pool_update_impl(
         cache = StacCache(config, _geometry(L, H, D))
         cache.pool = _pool({n: t[b] for n, t in tensors.items()}, L, H, D, voxel_size=float(voxel_size),
                            merge_cos=float(merge_cos), score_gate=float(score_gate))
-        cache.steps = int(steps[b])
+        cache.steps = int(steps[b].reshape(-1)[0])
         for layer in range(L):
             E = int(ev_len[b, layer])
             if E == 0:
@@ -290,7 +290,7 @@ def retrieve_impl(
                      voxel_size=float(voxel_size), chunk=1)
     for b in range(Bn):
         latest = int(latest_frame[b])
-        step = int(steps[b])
+        step = int(steps[b].reshape(-1)[0])
         if not (config.retrieval and latest + 1 >= config.retrieval_start_frame and step % config.refresh_steps == 0):
             continue
         cache = StacCache(config, _geometry(L, H, D))

@@ -46,10 +46,16 @@ def compact(x: Tensor, keep: Tensor, capacity: int, dim: int, fill: float = 0.0)
 
 
 class _FullAttention:
-    """Global attention over the ``full`` state: kv_k/kv_v [B, L, H, N, D], kv_len [B]."""
+    """Global attention over the ``full`` state: kv_k/kv_v [B, L, H, N, D], kv_len [B, 1].
 
-    def __init__(self, state: dict[str, Tensor]):
+    standard=True attends with standard ops (scaled_dot_product_attention under the key mask,
+    exported as MatMul/Softmax) instead of a StacAttention node: a graph without custom nodes,
+    for runtimes that cannot load the stac plugins (Triton's onnxruntime / tensorrt backends).
+    """
+
+    def __init__(self, state: dict[str, Tensor], standard: bool = False):
         self.s = state
+        self.standard = standard
         self.new_k: dict[int, Tensor] = {}
         self.new_v: dict[int, Tensor] = {}
 
@@ -57,11 +63,15 @@ class _FullAttention:
         ck, cv = self.s["kv_k"][:, layer], self.s["kv_v"][:, layer]
         B, H, N, _ = ck.shape
         M = k.shape[2]
-        old = torch.arange(N, device=q.device)[None, :] < self.s["kv_len"][:, None]
-        valid = torch.cat([old, torch.ones(B, M, dtype=torch.bool, device=q.device)], dim=1)[:, None, :].expand(B, H, N + M)
+        old = torch.arange(N, device=q.device)[None, :] < self.s["kv_len"]
+        valid = torch.cat([old, torch.ones(B, M, dtype=torch.bool, device=q.device)], dim=1)
+        self.new_k[layer], self.new_v[layer] = k, v
+        if self.standard:
+            return F.scaled_dot_product_attention(q, torch.cat([ck, k], 2), torch.cat([cv, v], 2),
+                                                  attn_mask=valid[:, None, None, :])
+        valid = valid[:, None, :].expand(B, H, N + M)
         bias = torch.zeros(B, H, N + M, dtype=torch.float32, device=q.device)
         out, _ = torch.ops.stac.attention(q, torch.cat([ck, k], 2), torch.cat([cv, v], 2), bias, valid, 0)
-        self.new_k[layer], self.new_v[layer] = k, v
         return out
 
     def finish(self, step: "FunctionalStep") -> dict[str, Tensor]:
@@ -71,7 +81,7 @@ class _FullAttention:
         new_v = torch.stack([self.new_v[i] for i in range(L)], 1)
         B, N = s["kv_k"].shape[0], s["kv_k"].shape[3]
         M = new_k.shape[3]
-        keep = torch.cat([torch.arange(N, device=new_k.device)[None, :] < s["kv_len"][:, None],
+        keep = torch.cat([torch.arange(N, device=new_k.device)[None, :] < s["kv_len"],
                           torch.ones(B, M, dtype=torch.bool, device=new_k.device)], dim=1)
         return {
             "kv_k": compact(torch.cat([s["kv_k"], new_k], 3), keep, N, 3),
@@ -185,12 +195,18 @@ class _CameraAttention:
 
 
 class FunctionalStep(nn.Module):
-    def __init__(self, model: VGGT, layout: StepLayout):
+    """standard_attention (``full`` only): global attention with standard ops, no custom nodes."""
+
+    def __init__(self, model: VGGT, layout: StepLayout, standard_attention: bool = False):
         super().__init__()
         if model.config != layout.model:
             raise ValueError("the layout was made for another model configuration")
+        if standard_attention and layout.policy != "full":
+            raise ValueError(f"standard_attention needs the full policy; {layout.policy!r} needs the per-key "
+                             "attention mass of the StacAttention op")
         self.model = model
         self.layout = layout
+        self.standard_attention = standard_attention
         self.state_names = layout.state_names()
         self.output_names = list(layout_outputs())
 
@@ -202,7 +218,7 @@ class FunctionalStep(nn.Module):
         cfg = model.config
         B, C, _, H, W = images.shape
         if c.policy == "full":
-            glob = _FullAttention(s)
+            glob = _FullAttention(s, self.standard_attention)
         else:
             glob = _HotAttention(s, retrieved=c.policy == "stac")
         cam = _CameraAttention(s, cfg.camera_trunk_depth)
@@ -211,9 +227,9 @@ class FunctionalStep(nn.Module):
         pose_enc = model.camera_head(layers[-1][:, :, 0], cam)[-1]
         extrinsics, intrinsics = pose_encoding_to_extri_intri(pose_enc, (H, W))
         psi = cfg.patch_start_idx
-        # DPTHead.forward runs frames in groups of 8; a step holds at most `chunk` frames, so one group.
-        depth, depth_conf = model.depth_head._forward_frames(layers, (H, W), psi, 0, C)
-        world_points, world_points_conf = model.point_head._forward_frames(layers, (H, W), psi, 0, C)
+        chunk = getattr(model, "dpt_frames_chunk", 8)  # as VGGT.forward_step does
+        depth, depth_conf = model.depth_head(layers, (H, W), psi, chunk)
+        world_points, world_points_conf = model.point_head(layers, (H, W), psi, chunk)
         outputs = {
             "depth": depth[..., 0], "depth_conf": depth_conf, "world_points": world_points,
             "world_points_conf": world_points_conf, "pose_enc": pose_enc, "extrinsics": extrinsics, "intrinsics": intrinsics,
@@ -237,31 +253,76 @@ def layout_outputs() -> tuple[str, ...]:
 def traceable(model: VGGT, height: int, width: int) -> Iterator[None]:
     """Make the model traceable by torch.export for a fixed frame size, numerics unchanged.
 
-    RoPE sizes its cos/sin table with ``int(positions.max())``, a data-dependent value for the
-    tracer; the positions of a frame of this size are known, so the table is built here, the
-    reference way (same ops and dtypes), and RoPE looks it up by position.
+    - RoPE sizes its cos/sin table with ``int(positions.max())``, a data-dependent value for the
+      tracer. The positions of a frame of this size are known, so the table is built here the
+      reference way (same ops and dtype) and RoPE only looks it up.
+    - The DPT heads' UV position embeddings depend only on the (fixed) feature-map sizes: they are
+      computed here, eagerly, by the reference function and enter the graph as constants.
+    Both would otherwise be hundreds of nodes recomputed on every step (and slow the export down).
     """
-    rope = model.aggregator.rope
-    if rope is None:
-        yield
-        return
     cfg = model.config
-    length = max(height // cfg.patch_size, width // cfg.patch_size) + 1
-    half = cfg.head_dim // 2
-    inv_freq = 1.0 / (rope.frequency ** (torch.arange(0, half, 2).float() / half))
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
+    gh, gw = height // cfg.patch_size, width // cfg.patch_size
+    patched: list[tuple[object, str]] = []
+    rope = model.aggregator.rope
+    if rope is not None:
+        length = max(gh, gw) + 1
+        half = cfg.head_dim // 2
+        inv_freq = 1.0 / (rope.frequency ** (torch.arange(0, half, 2).float() / half))
+        angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        tables = {dt: (angles.to(dt).cos(), angles.to(dt).sin()) for dt in (torch.float32,)}
+        q = half // 2
 
-    def forward(tokens: Tensor, positions: Tensor) -> Tensor:
-        table = angles.to(tokens.dtype)  # like the reference: cast, then cos/sin in the working dtype
-        c, s_ = table.cos(), table.sin()
-        y_part, x_part = tokens.chunk(2, dim=-1)
-        return torch.cat(
-            [rope._rotate(y_part, positions[..., 0], c, s_), rope._rotate(x_part, positions[..., 1], c, s_)], dim=-1
-        )
+        def rotate(x: Tensor, pos: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+            c, s_ = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
+            return x * c + torch.cat([-x[..., q:], x[..., :q]], dim=-1) * s_
 
-    rope.forward = forward
+        def rope_forward(tokens: Tensor, positions: Tensor) -> Tensor:
+            cos, sin = tables[tokens.dtype]
+            return torch.cat([rotate(tokens[..., :half], positions[..., 0], cos, sin),
+                              rotate(tokens[..., half:], positions[..., 1], cos, sin)], dim=-1)
+
+        rope.forward = rope_forward
+        patched.append((rope, "forward"))
+    embed = model.aggregator.patch_embed
+    if hasattr(embed, "position_embedding"):  # DINOv2: pos_embed resized (bicubic, antialiased) to the grid
+        with torch.no_grad():
+            table = embed.position_embedding(gh, gw, torch.float32).detach().clone()
+        embed.position_embedding = lambda grid_h, grid_w, dtype, table=table: table.to(dtype)
+        patched.append((embed, "position_embedding"))
+    from ..model.dpt_head import uv_position_embedding
+
+    for head in (model.depth_head, model.point_head):
+        if head is None or not head.use_pos_embed:
+            continue
+        sizes = [(c, gh, gw) for c in (p.out_channels for p in head.projects)]
+        sizes.append((head.scratch.output_conv1.out_channels, int(gh * head.patch_size / head.down_ratio),
+                      int(gw * head.patch_size / head.down_ratio)))
+        embeds = {
+            (c, h, w): 0.1 * uv_position_embedding(h, w, c, width / height, "cpu", torch.float32).to(torch.float32)
+            for c, h, w in sizes
+        }
+
+        def add_pos_embed(x: Tensor, image_w: int, image_h: int, embeds=embeds) -> Tensor:
+            return x + embeds[(x.shape[1], x.shape[-2], x.shape[-1])].to(x.device)
+
+        head._add_pos_embed = add_pos_embed
+        patched.append((head, "_add_pos_embed"))
+
+        def dpt_forward(layers, image_hw, patch_start_idx, frames_chunk_size=8, head=head):
+            # DPTHead.forward loops over groups of frames with range(0, streams * frames, chunk),
+            # which the tracer cannot do over a dynamic size. Frames are independent in the head,
+            # so the graph runs all of a step's frames as one group (same per-frame numerics).
+            first = layers[head.intermediate_layer_idx[0]]
+            B, S = first.shape[:2]
+            flat = [None if t is None else t.reshape(B * S, 1, *t.shape[2:]) for t in layers]
+            pred, conf = head._forward_frames(flat, image_hw, patch_start_idx, 0, B * S)
+            return pred.reshape(B, S, *pred.shape[2:]), conf.reshape(B, S, *conf.shape[2:])
+
+        head.forward = dpt_forward
+        patched.append((head, "forward"))
     try:
         yield
     finally:
-        del rope.forward
+        for obj, name in patched:
+            delattr(obj, name)

@@ -13,6 +13,10 @@ Model-config parameters read by the model (all strings):
   MAX_CACHE_BYTES  cap on the sum of live streams' memory bounds (empty = none)
   IDLE_TTL_S       seconds before an idle stream is freed (never less than Triton's idle timeout)
   MAX_IMAGE_PIXELS frames larger than this (H * W) are refused as oversized
+  RUNTIME          torch (default: the engine) | onnxruntime (the exported step graph, CPU; issue #6)
+  ONNX_MODEL       RUNTIME=onnxruntime: the exported graph, absolute or relative to the model's folder
+  ORT_THREADS      RUNTIME=onnxruntime: intra-op threads (0 = ONNX Runtime's default)
+                   (RUNTIME=tensorrt + TRT_PLAN: a TensorRT engine of the graph, GPU; not exercised here)
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ class ServeSettings:
     max_candidate_sequences: int = 64
     triton_idle_us: int = 120_000_000
     strategy: str = "oldest"  # sequence batching strategy: "oldest" or "direct" (see docs/serving.md)
+    runtime: str = "torch"  # "torch" or "onnxruntime" (the exported step graph; docs/export.md)
+    onnx_model: str = ""  # RUNTIME=onnxruntime: path of the exported graph (relative to the model folder)
+    ort_threads: int = 0
 
 
 def render_config(s: ServeSettings) -> str:
@@ -64,6 +71,8 @@ def render_config(s: ServeSettings) -> str:
         "IDLE_TTL_S": f"{s.idle_ttl_s:g}",
         "MAX_IMAGE_PIXELS": str(s.max_image_pixels),
     }
+    if s.runtime != "torch":  # the torch default renders exactly as before
+        params.update({"RUNTIME": s.runtime, "ONNX_MODEL": s.onnx_model, "ORT_THREADS": str(s.ort_threads)})
     parameters = "\n".join(
         f'parameters: {{ key: "{k}" value: {{ string_value: {json.dumps(v)} }} }}' for k, v in params.items()
     )
@@ -127,10 +136,21 @@ instance_group [ {{ count: {s.instance_count} kind: {s.instance_kind} }} ]
 """
 
 
-def write_repository(root: Path, settings: ServeSettings, checkpoint_file: Optional[Path] = None) -> Path:
-    """Write ``root/stac/{config.pbtxt, 1/model.py}``; optionally copy a checkpoint beside it."""
+def write_repository(
+    root: Path, settings: ServeSettings, checkpoint_file: Optional[Path] = None, onnx_file: Optional[Path] = None
+) -> Path:
+    """Write ``root/stac/{config.pbtxt, 1/model.py}``; optionally copy a checkpoint (and an exported
+    ONNX step graph, with its external data, for RUNTIME=onnxruntime) beside it."""
     model_dir = Path(root) / MODEL_NAME
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    if onnx_file is not None:
+        target = model_dir / "onnx" / Path(onnx_file).name
+        target.parent.mkdir(exist_ok=True)
+        for src in (Path(onnx_file), Path(str(onnx_file) + ".data")):
+            dst = target.parent / src.name
+            if src.is_file() and src.resolve() != dst.resolve():
+                shutil.copy2(src, dst)
+        settings.onnx_model = str(target.relative_to(model_dir))
     if checkpoint_file is not None:
         target = model_dir / "checkpoints" / Path(checkpoint_file).name
         target.parent.mkdir(exist_ok=True)

@@ -83,7 +83,11 @@ class StreamSessions:
         cache_config: CacheConfig,
         limits: ServingLimits = ServingLimits(),
         clock: Callable[[], float] = time.monotonic,
+        runtime=None,
     ):
+        # runtime: None = the torch engine; else an object with new_stream() and push_many(streams,
+        # frames) running another implementation (e.g. the exported graph on ONNX Runtime).
+        self.runtime = runtime
         self.model = model
         self.cache_config = cache_config
         self.limits = limits
@@ -186,7 +190,8 @@ class StreamSessions:
             )
         fresh = session is None
         if fresh:
-            session = _Session(Stream(self.model, cache=self.cache_config), self.clock())
+            stream = self.runtime.new_stream() if self.runtime is not None else Stream(self.model, cache=self.cache_config)
+            session = _Session(stream, self.clock())
         frames = self._validate(session.stream, request.frames)
         if fresh:
             self._check_admission(cid, session, frames)
@@ -230,14 +235,15 @@ class StreamSessions:
         if not wave:
             return
         sessions = [s for _, s, _ in wave]
+        push = self.runtime.push_many if self.runtime is not None else push_many
         try:
-            outs = push_many([s.stream for s in sessions], [f for _, _, f in wave])
+            outs = push([s.stream for s in sessions], [f for _, _, f in wave])
         except Exception:
             # Isolate the failure: run the wave's streams one by one so only the culprit fails.
             outs = []
             for session, (_, _, frames) in zip(sessions, wave):
                 try:
-                    outs.append(push_many([session.stream], [frames])[0])
+                    outs.append(push([session.stream], [frames])[0])
                 except Exception as exc:  # noqa: BLE001 - reported to that client only
                     outs.append(RequestError(f"step failed: {type(exc).__name__}: {exc}"))
         for (i, session, frames), out in zip(wave, outs):

@@ -67,9 +67,22 @@ def build_sessions(model_config: dict[str, Any], instance_kind: str, device_id: 
 
     from ..cache import CacheConfig
     from ..model import build_model
-    from .sessions import ServingLimits, StreamSessions
+    from .sessions import StreamSessions
 
     p = read_parameters(model_config)
+    runtime = (p.get("RUNTIME", "") or "torch").strip().lower()
+    if runtime == "onnxruntime":  # the exported step graph (ONNX_MODEL) on ONNX Runtime, CPU
+        from ..export.ort_runtime import OnnxRuntimeEngine
+
+        engine = OnnxRuntimeEngine.from_parameters(p, model_dir)
+        return StreamSessions(engine.step, engine.cache_config, _limits(p, model_config), runtime=engine)
+    if runtime == "tensorrt":  # a TensorRT engine of the graph (TRT_PLAN), stac plugins in this process; GPU
+        from ..export.trt_runtime import TensorRTEngine
+
+        engine = TensorRTEngine.from_parameters(p, model_dir, device=f"cuda:{device_id}")
+        return StreamSessions(engine.step, engine.cache_config, _limits(p, model_config), runtime=engine)
+    if runtime != "torch":
+        raise ValueError(f"RUNTIME must be 'torch', 'onnxruntime' or 'tensorrt', got {runtime!r}")
     device = p.get("DEVICE", "auto") or "auto"
     if device == "auto":
         device = f"cuda:{device_id}" if instance_kind.upper() == "GPU" and torch.cuda.is_available() else "cpu"
@@ -87,16 +100,21 @@ def build_sessions(model_config: dict[str, Any], instance_kind: str, device_id: 
         log.warning("no CHECKPOINT parameter: serving random weights for preset %s", preset)
     model = build_model(preset, checkpoint=checkpoint or None, device=device, dtype=dtype)
     cache = CacheConfig.from_dict(json.loads(p.get("CACHE_CONFIG", "") or "{}"))
+    return StreamSessions(model, cache, _limits(p, model_config))
+
+
+def _limits(p: dict[str, str], model_config: dict[str, Any]):
+    from .sessions import ServingLimits
+
     seq = model_config.get("sequence_batching", {})
     triton_idle_s = int(seq.get("max_sequence_idle_microseconds", 1_000_000) or 1_000_000) / 1e6
-    limits = ServingLimits(
+    return ServingLimits(
         max_streams=int(p.get("MAX_STREAMS", "16") or 16),
         max_cache_bytes=int(p["MAX_CACHE_BYTES"]) if p.get("MAX_CACHE_BYTES") else None,
         # Never shorter than Triton's own idle timeout: a stream Triton still considers live keeps its state.
         idle_ttl_s=max(float(p.get("IDLE_TTL_S", "0") or 0), triton_idle_s),
         max_image_pixels=int(p.get("MAX_IMAGE_PIXELS", str(518 * 518)) or 518 * 518),
     )
-    return StreamSessions(model, cache, limits)
 
 
 class TritonPythonModel:
