@@ -105,9 +105,6 @@ class StacClient:
         if previous is not None:
             yield self.send_chunk(stream_id, previous, start=first, end=True)
 
-    def end_stream(self, stream_id: int, frames) -> dict[str, np.ndarray]:
-        return self.send_chunk(stream_id, frames, end=True)
-
     def is_ready(self) -> bool:
         try:
             return bool(self.client.is_server_ready()) and bool(self.client.is_model_ready(self.model))

@@ -107,6 +107,3 @@ def chunks(frames, size: int) -> Iterator[Tensor]:
     if batch:
         yield torch.stack(batch)
 
-
-def to_uint8(frames: Tensor) -> np.ndarray:
-    return (frames.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()

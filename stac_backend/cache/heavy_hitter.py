@@ -70,7 +70,7 @@ class HeavyHitterCache(CachePolicy):
         # Store the new tokens now (their scores arrive in absorb).
         frame, index = step_token_ids(H, self._step.frame_offset, self._step.num_frames, self._step.tokens_per_frame, k.device)
         position = torch.full((H, M, 3), float("nan"), device=k.device) if self.tracks_positions else None
-        placeholder = torch.zeros(H, M, device=k.device)
+        placeholder = torch.empty(H, M, device=k.device)  # filled in absorb()
         if store is None:
             self.layers[layer] = LayerTokens(k, v, frame, index, placeholder, position)
         else:
@@ -83,8 +83,8 @@ class HeavyHitterCache(CachePolicy):
         live = valid.sum(dim=1, keepdim=True).float() if valid is not None else float(mass.shape[1])
         score = mass * (live / num_queries)  # rescaled by live keys / queries
         store = self.layers[layer]
-        decayed = self.config.gamma * store.score[:, :old] + score[:, :old]
-        store.score = torch.cat([decayed, score[:, old + n_extra :]], dim=1)
+        store.score[:, :old].mul_(self.config.gamma).add_(score[:, :old])
+        store.score[:, old:] = score[:, old + n_extra :]
 
     def end_step(self, info: StepInfo) -> None:
         latest = info.frame_offset + info.num_frames - 1

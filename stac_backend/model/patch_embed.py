@@ -86,8 +86,5 @@ def build_patch_embed(kind: str, img_size: int, patch_size: int, num_register_to
     return DinoViT(kind, img_size, patch_size, num_register_tokens)
 
 
-def grid_size(height: int, width: int, patch_size: int) -> tuple[int, int]:
-    return height // patch_size, width // patch_size
 
-
-__all__ = ["ConvPatchEmbed", "DinoViT", "build_patch_embed", "grid_size"]
+__all__ = ["ConvPatchEmbed", "DinoViT", "build_patch_embed"]

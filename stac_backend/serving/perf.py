@@ -346,7 +346,8 @@ def run_sweep(config: SweepConfig, out_prefix: Path, analyzer: Optional[PerfAnal
     summary = {
         "kind": "perf_analyzer",
         "config": asdict(config) | {"input_data": str(input_data) if config.input_data else "generated"},
-        "command": cmd,
+        # the binary by name only: a result file must not carry this machine's paths
+        "command": [Path(cmd[0]).name, *cmd[1:]],
         "perf_analyzer_version": PERF_ANALYZER_WHEEL,
         "returncode": proc.returncode,
         "seconds": round(seconds, 2),
