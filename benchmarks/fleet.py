@@ -66,11 +66,17 @@ def main() -> int:
                                     max_streams=max(counts) + 4, threads=args.threads if args.device == "cpu" else None)
         points, capacity = [], 0
         try:
+            # Warm-up (kernel compilation, autotuning, allocator growth) so that no stream count pays it.
+            warm = make_frames(0, 4 * args.chunk, height, width, "synthetic", scene_frames=4 * args.chunk, device=args.device)
+            run_fleet(FleetConfig(url=server.grpc_url, streams=1, stream_ids=[1], frames=warm.shape[0], chunk=args.chunk,
+                                  height=height, width=width, fps=None, max_restarts=0, progress=False, request_timeout_s=600),
+                      frames={1: warm})
             frames = {}
             for n in counts:
                 ids = list(range(1000 * n + 1, 1000 * n + n + 1))
                 for k, sid in enumerate(ids):
-                    frames.setdefault(sid, make_frames(k, args.frames, height, width, "synthetic", scene_frames=args.frames))
+                    frames.setdefault(sid, make_frames(k, args.frames, height, width, "synthetic", scene_frames=args.frames,
+                                                       device=args.device))
                 config = FleetConfig(url=server.grpc_url, streams=n, stream_ids=ids, frames=args.frames, chunk=args.chunk,
                                      height=height, width=width, fps=args.fps, max_restarts=0, progress=False,
                                      request_timeout_s=300)

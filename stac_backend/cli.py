@@ -162,6 +162,7 @@ def start_local_server(args: argparse.Namespace, workdir: Path, ports=(0, 0, 0))
         repo, http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2], host=args.host,
         log_file=workdir / "tritonserver.log", log_callback=None if args.quiet else (lambda line: print(line, file=sys.stderr)),
         die_with_parent=True,
+        check_numpy=False,  # the stac model moves tensors only through DLPack (numpy 2 is fine)
     )
     return server.start_and_wait()
 

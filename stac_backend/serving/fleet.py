@@ -91,7 +91,7 @@ CHANNEL_ARGS = [
 
 
 def make_frames(seed: int, frames: int, height: int, width: int, source: str = "synthetic",
-                scene_frames: int = 96) -> np.ndarray:
+                scene_frames: int = 96, device: str = "cpu") -> np.ndarray:
     """uint8 [frames, 3, H, W] for one stream.
 
     ``synthetic``: a procedural room rendered along a loop trajectory (``stac_backend.data``),
@@ -108,8 +108,8 @@ def make_frames(seed: int, frames: int, height: int, width: int, source: str = "
     from ..data import make_sequence
 
     rendered = max(1, min(frames, scene_frames))
-    seq = make_sequence(rendered, height, width, trajectory="loop", seed=seed)
-    images = (seq.images.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
+    seq = make_sequence(rendered, height, width, trajectory="loop", seed=seed, device=device)  # device: where to ray-cast
+    images = (seq.images.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
     if rendered == frames:
         return np.ascontiguousarray(images)
     period = max(1, 2 * rendered - 2)
@@ -534,7 +534,8 @@ def start_local_server(workdir: Path, *, preset: str = "tiny", checkpoint: Optio
     env = {"OMP_NUM_THREADS": str(threads)} if threads else None
     server = TritonServer(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                           log_file=workdir / "tritonserver.log", log_callback=log_callback, env=env,
-                          extra_args=list(extra_args), exit_timeout_s=5, die_with_parent=die_with_parent)
+                          extra_args=list(extra_args), exit_timeout_s=5, die_with_parent=die_with_parent,
+                          check_numpy=False)  # the stac model uses DLPack only
     if wait:
         server.start_and_wait()
     else:

@@ -42,7 +42,7 @@ class FrameRequest:
     corr_id: Union[int, str, None]
     start: bool
     end: bool
-    frames: Optional[np.ndarray]  # [C, 3, H, W] uint8 (or float in [0, 1])
+    frames: Optional[Union[np.ndarray, Tensor]]  # [C, 3, H, W] uint8 (or float in [0, 1])
 
 
 @dataclass
@@ -200,8 +200,8 @@ class StreamSessions:
         session.last_used = self.clock()
         return session, frames
 
-    def _validate(self, stream: Stream, frames: np.ndarray) -> Tensor:
-        if not isinstance(frames, np.ndarray):
+    def _validate(self, stream: Stream, frames: Union[np.ndarray, Tensor]) -> Tensor:
+        if not isinstance(frames, (np.ndarray, Tensor)):
             raise RequestError("FRAMES must be an array")
         if frames.ndim == 4 and frames.shape[2] * frames.shape[3] > self.limits.max_image_pixels:
             raise RequestError(

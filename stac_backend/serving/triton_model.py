@@ -7,6 +7,13 @@ Wire format (why uint8): frames travel as FRAMES uint8 [1, C, 3, H, W] - the cam
 pixels, 4x smaller than float32 on the network and in Triton's shared memory, and unable to carry
 NaNs; conversion to [0, 1] floats happens on the model's device. The leading 1 is Triton's batch
 dimension: one request carries one chunk of one stream.
+
+Tensors cross the backend boundary only through DLPack (``to_dlpack`` / ``Tensor.from_dlpack``),
+never through ``as_numpy()`` / ``Tensor(name, ndarray)``: those numpy paths of the Python backend
+bundled with nvidia-pytriton 0.7.0 silently corrupt data when the stub's environment has numpy 2
+(measured, see serving/tritonserver.py), while DLPack works with numpy 1 and 2 alike and skips a
+host copy. So the model serves correctly from environments such as NGC/PyTorch images that ship
+numpy 2.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
+import torch
+from torch.utils.dlpack import from_dlpack, to_dlpack
 
 try:  # only importable inside Triton's Python-backend stub
     import triton_python_backend_utils as pb_utils
@@ -27,16 +35,16 @@ from .sessions import FrameRequest, RequestError, StepResult
 
 log = logging.getLogger("stac.triton")
 
-# Output tensor name -> (engine output key, numpy dtype)
+# Output tensor name -> (engine output key, wire dtype)
 OUTPUTS = {
-    "DEPTH": ("depth", np.float32),
-    "DEPTH_CONF": ("depth_conf", np.float32),
-    "WORLD_POINTS": ("world_points", np.float32),
-    "WORLD_POINTS_CONF": ("world_points_conf", np.float32),
-    "POSE_ENC": ("pose_enc", np.float32),
-    "EXTRINSICS": ("extrinsics", np.float32),
-    "INTRINSICS": ("intrinsics", np.float32),
-    "FRAME_INDEX": ("frame_index", np.int64),
+    "DEPTH": ("depth", torch.float32),
+    "DEPTH_CONF": ("depth_conf", torch.float32),
+    "WORLD_POINTS": ("world_points", torch.float32),
+    "WORLD_POINTS_CONF": ("world_points_conf", torch.float32),
+    "POSE_ENC": ("pose_enc", torch.float32),
+    "EXTRINSICS": ("extrinsics", torch.float32),
+    "INTRINSICS": ("intrinsics", torch.float32),
+    "FRAME_INDEX": ("frame_index", torch.int64),
 }
 
 METRICS = {
@@ -154,17 +162,18 @@ class TritonPythonModel:
     def _parse(self, request):
         try:
             ready = pb_utils.get_input_tensor_by_name(request, "READY")
-            if ready is not None and not bool(ready.as_numpy().reshape(-1)[0]):
+            if ready is not None and not _first_flag(ready):
                 return None
             start = _control(request, "START", pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START)
             end = _control(request, "END", pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END)
-            corr = pb_utils.get_input_tensor_by_name(request, "CORRID")
-            corr_id = int(corr.as_numpy().reshape(-1)[0]) if corr is not None else request.correlation_id()
+            # The sequence batcher hands every request its correlation id; reading it from the
+            # request (not the UINT64 CORRID tensor) needs no unsigned-64 DLPack support.
+            corr_id = request.correlation_id()
             tensor = pb_utils.get_input_tensor_by_name(request, "FRAMES")
             if tensor is None:
                 return RequestError("missing input FRAMES (uint8 [1, frames, 3, H, W])")
-            frames = tensor.as_numpy()
-            if frames.ndim != 5 or frames.shape[0] != 1:
+            frames = _to_torch(tensor)
+            if frames.dim() != 5 or frames.shape[0] != 1:
                 return RequestError(
                     f"FRAMES must be [1, frames, 3, H, W] (one chunk per request), got shape {list(frames.shape)}"
                 )
@@ -180,10 +189,9 @@ class TritonPythonModel:
         assert isinstance(result, StepResult)
         tensors = []
         for name, (key, dtype) in OUTPUTS.items():
-            value = result.outputs[key].detach()
-            array = value.float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
-            tensors.append(pb_utils.Tensor(name, np.ascontiguousarray(array.astype(dtype))[None]))
-        tensors.append(pb_utils.Tensor("CACHE_BYTES", np.array([[result.cache_bytes]], dtype=np.int64)))
+            value = result.outputs[key].detach().to(device="cpu", dtype=dtype).contiguous()
+            tensors.append(_from_torch(name, value.unsqueeze(0)))
+        tensors.append(_from_torch("CACHE_BYTES", torch.tensor([[result.cache_bytes]], dtype=torch.int64)))
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
     def _publish_metrics(self) -> None:
@@ -199,8 +207,22 @@ class TritonPythonModel:
                 self._counted[key] = value
 
 
+def _to_torch(tensor) -> torch.Tensor:
+    """A request's input as a torch tensor (zero-copy view of Triton's buffer, valid during execute)."""
+    return from_dlpack(tensor.to_dlpack())
+
+
+def _from_torch(name: str, value: torch.Tensor):
+    """A host output tensor handed to Triton without a numpy round trip."""
+    return pb_utils.Tensor.from_dlpack(name, to_dlpack(value))
+
+
+def _first_flag(tensor) -> bool:
+    return bool(_to_torch(tensor).reshape(-1)[0].item())
+
+
 def _control(request, name: str, flag: int) -> bool:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is not None:
-        return bool(tensor.as_numpy().reshape(-1)[0])
+        return _first_flag(tensor)
     return bool(request.flags() & flag)

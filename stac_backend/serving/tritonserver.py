@@ -632,7 +632,9 @@ class TritonServer:
             stop waits for in-flight work. Live sequences count: a stop waits until they end
             or hit ``max_sequence_idle_microseconds``.
         check_numpy: refuse to start when numpy >= 2 is installed (the bundled Python
-            backend then returns empty outputs; see :func:`check_stub_numpy`).
+            backend's numpy conversions then corrupt data; see :func:`check_stub_numpy`).
+            Default: on, unless ``$STAC_TRITON_CHECK_NUMPY=0``. Pass False for repositories
+            whose models move tensors only through DLPack, as the ``stac`` model does.
         die_with_parent: run the binary under ``setpriv --pdeathsig TERM`` so it gets SIGTERM
             if the *thread* that called :meth:`start` dies (e.g. pytest killed by a CI
             timeout). Leave False when starting from a short-lived worker thread.
@@ -662,7 +664,7 @@ class TritonServer:
         log_callback: Optional[Callable[[str], None]] = None,
         cache_dir: Optional[PathLike] = None,
         exit_timeout_s: Optional[int] = None,
-        check_numpy: bool = True,
+        check_numpy: Optional[bool] = None,
         die_with_parent: bool = False,
         startup_timeout: float = 180.0,
         install: Optional[TritonInstall] = None,
@@ -692,6 +694,8 @@ class TritonServer:
         self.log_callback = log_callback
         self.cache_dir = cache_dir
         self.exit_timeout_s = exit_timeout_s
+        if check_numpy is None:
+            check_numpy = os.environ.get("STAC_TRITON_CHECK_NUMPY", "1").strip().lower() not in ("0", "false", "no")
         self.check_numpy = check_numpy
         self.die_with_parent = die_with_parent
         self.startup_timeout = startup_timeout

@@ -8,8 +8,9 @@ chunks of ``--chunk`` frames (frames see earlier chunks and their own chunk), so
 is consistent with ``Stream``. Targets are metric and in the first camera's frame (VGGT's
 convention): depth, world points and the 9-number pose encoding. Losses:
 - camera: Huber on the pose encoding (translation, quaternion with sign ambiguity removed, fov);
-- depth and points: confidence-weighted L1 minus alpha * log(confidence) on valid pixels, plus a
-  first-order gradient term on depth, as VGGT trains its dense heads.
+- depth and points: confidence-weighted L1 (errors relative to the scene's mean point distance, so
+  confidences are scale-free) minus alpha * log(confidence) on valid pixels, plus a first-order
+  gradient term on depth, as VGGT trains its dense heads.
 
 Scenes are pre-rendered into a pool (``--pool`` sequences of ``--pool-frames`` frames, different
 seeds, all three trajectory kinds) and training samples random windows from it; held-out scenes
@@ -86,10 +87,25 @@ def rebase_to_first(batch):
     return extri_intri_to_pose_encoding(new_extr, intr, (H, W)), points
 
 
-def confidence_l1(pred, conf, target, valid, alpha: float = 0.2):
+def scene_scale(points, valid):
+    """Per-sample mean distance of the valid target points from the first camera [B] (metres)."""
+    dist = points.norm(dim=-1)  # [B, S, H, W]
+    count = valid.flatten(1).sum(1).clamp(min=1)
+    return ((dist * valid).flatten(1).sum(1) / count).clamp(min=1e-3)
+
+
+def confidence_l1(pred, conf, target, valid, scale, alpha: float = 0.2):
+    """Confidence-weighted L1 on errors relative to the scene's scale, minus alpha * log(conf).
+
+    The optimum is conf = alpha / relative error, so confidences mean the same thing in a 3 m room
+    and a 30 m hall, and sit in the range VGGT's (scale-normalised) training gives them: metric
+    errors in metres would pin every confidence at its floor of 1 (1 + exp) and make them useless
+    for filtering and for STAC's spatial pool.
+    """
     err = (pred - target).abs()
     if err.dim() == conf.dim() + 1:
         err = err.sum(-1)
+    err = err / scale.view(-1, *([1] * (err.dim() - 1)))
     term = conf * err - alpha * torch.log(conf)
     return term[valid].mean()
 
@@ -117,11 +133,12 @@ def compute_losses(model, batch, chunk: int):
     depth_t = batch["depth"].float()
     valid = batch["valid"] & (depth_t > 0)
     out = model(images, chunk_size=chunk)
+    scale = scene_scale(points_t, valid)
     losses = {
         "camera": camera_loss(out["pose_enc"].float(), pose_t),
-        "depth": confidence_l1(out["depth"].float(), out["depth_conf"].float(), depth_t, valid),
+        "depth": confidence_l1(out["depth"].float(), out["depth_conf"].float(), depth_t, valid, scale),
         "depth_grad": depth_gradient_loss(out["depth"].float(), depth_t, valid),
-        "points": confidence_l1(out["world_points"].float(), out["world_points_conf"].float(), points_t, valid),
+        "points": confidence_l1(out["world_points"].float(), out["world_points_conf"].float(), points_t, valid, scale),
     }
     losses["total"] = losses["camera"] + losses["depth"] + losses["depth_grad"] + losses["points"]
     return losses

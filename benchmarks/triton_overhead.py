@@ -1,0 +1,134 @@
+"""Triton end to end vs the in-process engine at the same load (issue #7's ">= 85%" target).
+
+For each stream count N: the same N streams of F frames (chunk C, the same pixels) are run
+1. through a local tritonserver (the ``stac`` Python-backend model, sequence batching ``oldest``)
+   by the asyncio gRPC fleet client, unpaced (every stream sends its next chunk as soon as the
+   previous result arrives), and
+2. in this process by the engine: one batched ``push_many`` per step over the N streams,
+from each stream's START to its END, after a warm-up run of the same shape in each. The ratio
+(Triton frames/s) / (engine frames/s) is what serving costs: gRPC, Triton's scheduler, the Python
+backend's shared-memory hops, and batches that form less fully than in a lockstep loop.
+
+    python benchmarks/triton_overhead.py --device cuda --preset vggt-1b --dtype bfloat16 \\
+        --size 392x518 --streams 1,8 --frames 32 --out docs/benchmarks/triton_overhead_h100.json
+    python benchmarks/triton_overhead.py --out /tmp/triton_overhead_cpu.json   # CPU, tiny, quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stac_backend.cache import CacheConfig  # noqa: E402
+from stac_backend.engine import Stream, push_many  # noqa: E402
+from stac_backend.model import build_model  # noqa: E402
+from stac_backend.serving.fleet import FleetConfig, environment, make_frames, run_fleet, start_local_server  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_engine(model, frames: list[np.ndarray], cache: dict, chunk: int, device: str) -> float:
+    """Seconds for all streams START..END, one batched step per chunk."""
+    streams = [Stream(model, cache=CacheConfig.from_dict(cache)) for _ in frames]
+    sync(device)
+    t0 = time.perf_counter()
+    for s in range(0, frames[0].shape[0], chunk):
+        # validate = the server's per-request work too: checks, uint8 -> float on the model's device
+        push_many(streams, [st.validate(f[s:s + chunk]) for st, f in zip(streams, frames)])
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def run_server(url: str, frames: list[np.ndarray], first_id: int, chunk: int, height: int, width: int) -> dict:
+    ids = list(range(first_id, first_id + len(frames)))
+    config = FleetConfig(url=url, streams=len(frames), stream_ids=ids, frames=frames[0].shape[0], chunk=chunk,
+                         height=height, width=width, fps=None, max_restarts=0, progress=False, request_timeout_s=600)
+    result = run_fleet(config, frames=dict(zip(ids, frames)))
+    return result.aggregate()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--size", default="56x84", help="HxW")
+    p.add_argument("--policy", default="stac")
+    p.add_argument("--chunk", type=int, default=4)
+    p.add_argument("--streams", default="1,4")
+    p.add_argument("--frames", type=int, default=24, help="frames per stream")
+    p.add_argument("--scene-frames", type=int, default=16, help="frames rendered per stream, then replayed")
+    p.add_argument("--threads", type=int, default=1, help="CPU: torch threads (server stub and engine alike)")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+
+    height, width = (int(x) for x in args.size.split("x"))
+    counts = [int(n) for n in args.streams.split(",")]
+    cache = {"policy": args.policy, "chunk": args.chunk}
+    cpu = not args.device.startswith("cuda")
+    torch.set_num_threads(args.threads)
+    frames = [make_frames(k, args.frames, height, width, "synthetic", scene_frames=args.scene_frames, device=args.device)
+              for k in range(max(counts))]
+    rows = []
+
+    # 1. Through Triton (server first: it owns the GPU while it runs, then frees it on stop).
+    workdir = Path(tempfile.mkdtemp(prefix="stac-overhead-"))
+    server = start_local_server(workdir, preset=args.preset, device=args.device, dtype=args.dtype, cache_config=cache,
+                                max_streams=max(counts) + 2, max_batch_size=max(16, max(counts)),
+                                threads=args.threads if cpu else None)
+    try:
+        for n in counts:
+            run_server(server.grpc_url, frames[:n], 10_000 * n, args.chunk, height, width)  # warm-up, same shape
+            agg = run_server(server.grpc_url, frames[:n], 10_000 * n + 1000, args.chunk, height, width)
+            rows.append({"streams": n, "triton": {"frames_per_second": agg["frames_per_second"], "errors": agg["errors"],
+                                                   "latency_ms": agg["latency_ms"], "frames": agg["frames"]}})
+            print(f"[triton] {n} streams: {agg['frames_per_second']:.2f} frames/s, errors {agg['errors']}", file=sys.stderr)
+    finally:
+        server.stop()
+
+    # 2. In process, the same model build and frames.
+    model = build_model(args.preset, device=args.device, dtype=DTYPES[args.dtype]).eval()
+    with torch.inference_mode():
+        for row in rows:
+            n = row["streams"]
+            run_engine(model, frames[:n], cache, args.chunk, args.device)  # warm-up
+            seconds = run_engine(model, frames[:n], cache, args.chunk, args.device)
+            fps = n * args.frames / seconds
+            row["engine"] = {"frames_per_second": fps}
+            row["triton_over_engine"] = row["triton"]["frames_per_second"] / fps
+            print(f"[engine] {n} streams: {fps:.2f} frames/s -> Triton/engine {row['triton_over_engine']:.3f}", file=sys.stderr)
+
+    data = {
+        "kind": "triton_overhead",
+        "preset": args.preset,
+        "device": torch.cuda.get_device_name(0) if not cpu else "cpu",
+        "dtype": args.dtype,
+        "frame_size": [height, width],
+        "cache_config": cache,
+        "frames_per_stream": args.frames,
+        "threads": args.threads if cpu else None,
+        "environment": environment(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
