@@ -4,6 +4,10 @@ deviation of each policy's outputs from the full cache, as JSON.
     python benchmarks/policies.py --preset tiny --frames 300 --out docs/benchmarks/policies_tiny_cpu.json
     python benchmarks/policies.py --preset vggt-1b --device cuda --dtype bfloat16 --frames 1000 \
         --height 392 --width 518 --out docs/benchmarks/policies_vggt1b_h100.json
+    # the voxel-pool stress case on a CPU: 24 global layers of tiny width, every point in a few voxels
+    python benchmarks/policies.py --preset tiny --model-overrides '{"depth": 24}' --policies heavy_hitter,stac \
+        --frames 300 --height 112 --width 168 --stac-overrides '{"conf_threshold": 0.0, "voxel_size": 0.05}' \
+        --out /tmp/policies_pool_stress.json
 
 Frames come from the synthetic scene generator (a looped trajectory) when available, else random.
 Weights are random unless --checkpoint is given. A policy that runs out of memory is recorded with
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stac_backend.cache import POLICIES, CacheConfig  # noqa: E402
 from stac_backend.engine import Stream  # noqa: E402
-from stac_backend.model import build_model  # noqa: E402
+from stac_backend.model import build_model, config_with, get_preset  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPARED = ("depth", "world_points", "pose_enc")
@@ -48,6 +53,16 @@ def policy_config(name: str, args: argparse.Namespace) -> CacheConfig:
         return CacheConfig(policy="window", window=args.baseline_window, chunk=args.chunk)
     overrides = json.loads(args.stac_overrides) if name == "stac" and args.stac_overrides else {}
     return CacheConfig(policy=name, chunk=args.chunk, **overrides)
+
+
+def latency_summary(steps: list[dict]) -> dict:
+    """Median ms/frame over the first, middle and last quarter of the steps (flat = similar)."""
+    if not steps:
+        return {}
+    q = max(1, len(steps) // 4)
+    parts = {"first": steps[:q], "middle": steps[len(steps) // 2 - q // 2 : len(steps) // 2 - q // 2 + q], "last": steps[-q:]}
+    return {f"{name}_quarter_ms_per_frame": 1000 * statistics.median(s["seconds_per_frame"] for s in part)
+            for name, part in parts.items()}
 
 
 def sync(device: str) -> None:
@@ -98,6 +113,7 @@ def run_policy(model, frames, name, args, reference):
         "frames": steps[-1]["frame"] if steps else 0,
         "steps": steps,
         "memory_bound_bytes": stream.memory_bound(),
+        "latency": latency_summary(steps),
         "stats": {k: v for k, v in stream.cache.stats().items() if isinstance(v, (int, float))},
         "mean_abs_deviation_from_full": {k: (sum(v) / len(v) if v else None) for k, v in deviations.items()},
     }
@@ -111,6 +127,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--checkpoint", type=Path, default=None)
+    p.add_argument("--model-overrides", default="", help='JSON ModelConfig fields on top of --preset, e.g. {"depth": 24}')
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--frames", type=int, default=300)
@@ -130,7 +147,10 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = build_model(args.preset if args.checkpoint is None else None, checkpoint=args.checkpoint,
+    preset = args.preset
+    if args.model_overrides:
+        preset = config_with(get_preset(args.preset), **json.loads(args.model_overrides))
+    model = build_model(preset if args.checkpoint is None else None, checkpoint=args.checkpoint,
                         device=args.device, dtype=DTYPES[args.dtype], seed=args.seed)
     frames = make_frames(args.frames, args.height, args.width, args.seed, args.device)
     names = [n.strip() for n in args.policies.split(",") if n.strip()]
@@ -145,11 +165,14 @@ def main() -> int:
             reference = kept
         results.append(result)
         last = result["steps"][-1] if result["steps"] else {}
+        lat = result["latency"]
         print(f"policy {name}: {result['status']}, {result['frames']} frames, last {last.get('seconds_per_frame', 0) * 1000:.1f} ms/frame, "
-              f"cache {last.get('cache_bytes', 0) / 2**20:.2f} MiB", file=sys.stderr)
+              f"cache {last.get('cache_bytes', 0) / 2**20:.2f} MiB; median ms/frame first/middle/last quarter "
+              + "/".join(f"{lat.get(f'{q}_quarter_ms_per_frame', 0):.1f}" for q in ("first", "middle", "last")), file=sys.stderr)
     report = {
         "benchmark": "policies",
         "preset": args.preset,
+        "model_overrides": json.loads(args.model_overrides) if args.model_overrides else {},
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
         "dtype": args.dtype,

@@ -170,3 +170,18 @@ def test_streams_batched_in_one_step_equal_separate_streams(tiny_model, policy):
         for name in COMPARED:
             diff = (merged[name] - solo[b][name]).abs().max().item()
             assert diff <= 1e-4, f"stream {b} {name} differs by {diff}"
+
+
+def test_stac_pool_work_per_step_is_bounded(small_model):
+    """Every point in one voxel (the random-weights pathology): one batched pool insert per step
+    for all layers, never more than ``insert_rounds`` vectorised rounds each."""
+    frames = torch.rand(40, 3, 28, 42, generator=torch.Generator().manual_seed(6))
+    config = CacheConfig(policy="stac", voxel_size=1e3, conf_threshold=0.0, retrieval_start_frame=8, insert_rounds=2,
+                         buffer_size=2)
+    _, _, stream = run(small_model, frames, config)
+    stats = stream.cache.stats()
+    steps_with_evictions = len(frames) // 4 - 1  # the first step fits pinned + window + hh
+    assert stats["pool_voxels"] <= 8
+    assert stats["pool_insert_calls"] == steps_with_evictions, stats
+    assert stats["pool_insert_rounds_max"] <= 2
+    assert stats["pool_overflow_dropped_tokens"] > 0  # the bound was actually reached

@@ -451,3 +451,73 @@ def test_bad_arguments_raise():
         pool.retrieve(0, c, 4, 0, radius=100)
     with pytest.raises(ValueError, match="query_coords"):
         pool.retrieve(0, c[:, :2], 4, 0)
+
+
+# --------------------------------------------------------------------------- bounded per-step cost
+def test_rounds_per_insert_are_bounded_whatever_the_distribution():
+    """Thousands of tokens in one voxel (every layer): at most max_rounds rounds; the tokens left
+    over are the lowest-scored non-merging ones, counted as overflow-dropped."""
+    L, H, B, R = 3, 2, 4, 3
+    pool = VoxelPool(L, H, D, buffer_size=B, max_pivots=4, merge_cos=0.999, score_gate=0.0,
+                     max_rounds=R, max_voxels=8, initial_voxels=2)
+    gen = torch.Generator().manual_seed(0)
+    M = 3000
+    layers = torch.randint(0, L, (M,), generator=gen)
+    heads = torch.randint(0, H, (M,), generator=gen)
+    keys = F.normalize(torch.randn(M, D, generator=gen), dim=-1)  # random: (almost) never merge
+    scores = torch.rand(M, generator=gen)
+    pool.insert(layers, heads, keys, keys, scores, torch.zeros(M, 3, dtype=torch.long), step=0)
+    st = pool.stats()
+    assert st["insert_rounds_last"] <= R and st["insert_rounds_max"] <= R and st["insert_calls"] == 1
+    t = pool._tensors
+    kept = int(t["piv_c"].sum()) + st["buffered_tokens"]
+    assert kept + st["gated_tokens"] + st["overflow_dropped_tokens"] == M
+    assert st["overflow_dropped_tokens"] > M // 2
+    # per (layer, head) row, the kept tokens are the best-scored ones (no merges happened here)
+    assert st["merged_tokens"] == 0
+    for layer in range(L):
+        for head in range(H):
+            mine = scores[(layers == layer) & (heads == head)]
+            n = int(t["piv_c"][layer, head, 0].sum()) + int(t["buf_n"][layer, head, 0])
+            held = t["piv_s"][layer, head, 0].sum() + t["buf_s"][layer, head, 0, : int(t["buf_n"][layer, head, 0])].sum()
+            assert torch.allclose(held, mine.sort(descending=True).values[:n].sum(), rtol=1e-5)
+
+
+def test_one_call_for_all_layers_equals_one_call_per_layer():
+    gen = torch.Generator().manual_seed(2)
+    M, L = 600, 3
+    layers = torch.randint(0, L, (M,), generator=gen)
+    heads = torch.randint(0, 2, (M,), generator=gen)
+    base = F.normalize(torch.randn(3, D, generator=gen), dim=-1)
+    keys = base[torch.randint(0, 3, (M,), generator=gen)] + 0.3 * torch.randn(M, D, generator=gen)
+    values = torch.randn(M, D, generator=gen)
+    scores = torch.rand(M, generator=gen)
+    coords = torch.randint(0, 3, (M, 3), generator=gen)
+    batched, looped = make_pool(num_layers=L, score_gate=0.2), make_pool(num_layers=L, score_gate=0.2)
+    for step in range(2):
+        batched.insert(layers, heads, keys, values, scores, coords, step)
+        for layer in range(L):
+            m = layers == layer
+            looped.insert(layer, heads[m], keys[m], values[m], scores[m], coords[m], step)
+    for name in batched._tensors:
+        assert torch.allclose(batched._tensors[name].float(), looped._tensors[name].float(), atol=1e-6), name
+    for field in ("merged_tokens", "gated_tokens", "pivots", "buffered_tokens", "sibling_merges"):
+        assert batched.stats()[field] == looped.stats()[field], field
+    q = torch.tensor([[1, 1, 1]])
+    together = batched.retrieve_layers([2, 0, 1], q, max_tokens=9, step=3)
+    for layer, got in zip([2, 0, 1], together):
+        want = looped.retrieve(layer, q, max_tokens=9, step=3)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), layer
+
+
+def test_layer_tensor_is_validated():
+    pool = make_pool()
+    h = torch.zeros(2, dtype=torch.long)
+    k = torch.randn(2, D)
+    c = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="layer values"):
+        pool.insert(torch.tensor([0, 2]), h, k, k, torch.ones(2), c, 0)
+    with pytest.raises(ValueError, match="layer must be"):
+        pool.insert(torch.tensor([0.0, 1.0]), h, k, k, torch.ones(2), c, 0)
+    with pytest.raises(ValueError, match="max_rounds"):
+        make_pool(max_rounds=0)

@@ -35,6 +35,8 @@ class CacheConfig:
     buffer_size: int = 8
     max_pivots: int = 4
     merge_cos: float = 0.8
+    # Vectorised insertion rounds per step (bounds the pool's per-step cost; see voxel_pool.py).
+    insert_rounds: int = 4
     # Hard cap of the voxel pool per stream. The reference grows it without bound; 512 voxels hold
     # 6,144 token slots per (layer, head), about 6 frames of tokens (0.6 GB for vggt-1b in bf16).
     max_voxels: Optional[int] = 512
@@ -53,7 +55,7 @@ class CacheConfig:
         problems = []
         if self.policy not in POLICIES:
             problems.append(f"unknown cache policy {self.policy!r}; choose one of {POLICIES}")
-        for name in ("chunk", "window", "buffer_size", "max_pivots"):
+        for name in ("chunk", "window", "buffer_size", "max_pivots", "insert_rounds"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be a positive integer, got {value!r}")

@@ -4,7 +4,10 @@ On top of ``heavy_hitter``:
 - each new patch token gets a 3D position: the point head's world points averaged over its patch,
   kept only where the averaged confidence exceeds ``conf_threshold`` (special tokens have none);
 - tokens evicted from the hot cache go into the stream's ``VoxelPool`` (merged into voxel-aligned
-  pivots) instead of being dropped; tokens without a position are dropped;
+  pivots) instead of being dropped; tokens without a position are dropped. Evictions of all layers
+  are queued and filed in one batched ``VoxelPool.insert`` per step (and retrieval serves all
+  layers in one ``retrieve_layers`` pass), so the pool costs a bounded number of vectorised rounds
+  and host synchronisations per step, not per layer;
 - from frame ``retrieval_start_frame`` on, every ``refresh_steps`` steps, the pivots of voxels near
   the recent window's voxels are retrieved (up to ``retrieval`` frame-equivalents per layer and
   head) and attended in the following steps with logit bias log(C).
@@ -47,11 +50,26 @@ class StacCache(HeavyHitterCache):
 
     def __init__(self, config: CacheConfig, geometry: CacheGeometry):
         super().__init__(config, geometry)
-        self.pool: Optional[VoxelPool] = None
+        self._pool: Optional[VoxelPool] = None
+        # Evicted tokens waiting to be filed into the pool: [(layer, heads, k, v, score, points)],
+        # all of step ``_queued_step``.
+        self._queued: list[tuple] = []
+        self._queued_step = 0
         self.retrieved: dict[int, Retrieved] = {}
         self.steps = 0
         self.pooled_tokens = 0
         self.dropped_tokens = 0
+
+    @property
+    def pool(self) -> Optional[VoxelPool]:
+        """The voxel pool, with every queued eviction filed (so readers always see the full state)."""
+        self._file_queued()
+        return self._pool
+
+    @pool.setter
+    def pool(self, pool: Optional[VoxelPool]) -> None:
+        self._pool = pool
+        self._queued = []
 
     # ------------------------------------------------------------------ sizes
     def retrieved_bytes_bound(self, tokens_per_frame: int) -> int:
@@ -89,7 +107,8 @@ class StacCache(HeavyHitterCache):
             self.pool = VoxelPool(
                 g.num_layers, g.num_heads, g.head_dim, voxel_size=c.voxel_size, buffer_size=c.buffer_size,
                 max_pivots=c.max_pivots, merge_cos=c.merge_cos, max_voxels=self.pool_voxels(info.tokens_per_frame),
-                initial_voxels=min(256, self.pool_voxels(info.tokens_per_frame)), dtype=g.dtype, device=g.device,
+                initial_voxels=min(256, self.pool_voxels(info.tokens_per_frame)), max_rounds=c.insert_rounds,
+                dtype=g.dtype, device=g.device,
             )
 
     # ------------------------------------------------------------------ step
@@ -101,7 +120,8 @@ class StacCache(HeavyHitterCache):
         if info.world_points is None or info.world_points_conf is None:
             raise ValueError("the stac policy needs the point head's world points at the end of each step")
         self._attach_positions(info)
-        super().end_step(info)  # prunes; evicted tokens arrive in on_evict
+        super().end_step(info)  # prunes; evicted tokens arrive in on_evict (queued)
+        self._file_queued()
         self.steps += 1
         latest = info.frame_offset + info.num_frames - 1
         if self.config.retrieval and latest + 1 >= self.config.retrieval_start_frame and self.steps % self.config.refresh_steps == 0:
@@ -124,14 +144,27 @@ class StacCache(HeavyHitterCache):
         return VoxelPool.voxel_coords(points, always, self.config.voxel_size, -1.0)
 
     def on_evict(self, layer: int, store: LayerTokens, heads: Tensor, tokens: Tensor, info: StepInfo) -> None:
-        points = store.position[heads, tokens]
-        coords, valid = self._voxels(points)
-        self.dropped_tokens += int((~valid).sum())
-        if not bool(valid.any()):
+        # Gather now (the store is replaced after pruning); file later, all layers at once.
+        if self._queued_step != self.steps:
+            self._file_queued()
+            self._queued_step = self.steps
+        self._queued.append((layer, heads, store.k[heads, tokens], store.v[heads, tokens], store.score[heads, tokens],
+                             store.position[heads, tokens]))
+
+    def _file_queued(self) -> None:
+        """One batched insert of every queued eviction (all layers) into the pool."""
+        queued, self._queued = self._queued, []
+        if not queued:
             return
-        heads, tokens, coords = heads[valid], tokens[valid], coords[valid]
-        self.pool.insert(layer, heads, store.k[heads, tokens], store.v[heads, tokens], store.score[heads, tokens], coords, self.steps)
-        self.pooled_tokens += int(valid.sum())
+        layers = torch.cat([torch.full_like(q[1], q[0]) for q in queued])
+        heads, k, v, score, points = (torch.cat([q[i] for q in queued]) for i in range(1, 6))
+        coords, valid = self._voxels(points)
+        n_valid = int(valid.sum())  # one synchronisation per step (the mask below needs it anyway)
+        self.dropped_tokens += valid.numel() - n_valid
+        self.pooled_tokens += n_valid
+        if n_valid:
+            self._pool.insert(layers[valid], heads[valid], k[valid], v[valid], score[valid], coords[valid],
+                              self._queued_step)
 
     def _retrieve(self, info: StepInfo, latest: int) -> None:
         first = next(iter(self.layers.values()))
@@ -140,15 +173,15 @@ class StacCache(HeavyHitterCache):
         coords, valid = self._voxels(points)
         query = torch.unique(coords[valid], dim=0)
         budget = self.config.retrieval * info.tokens_per_frame
-        self.retrieved = {
-            layer: self.pool.retrieve(layer, query, budget, self.steps, self.config.retrieval_radius, self.config.include_buffer)
-            for layer in self.layers
-        }
+        layers = list(self.layers)
+        found = self.pool.retrieve_layers(layers, query, budget, self.steps, self.config.retrieval_radius,
+                                          self.config.include_buffer)
+        self.retrieved = dict(zip(layers, found))
 
     # ------------------------------------------------------------------ memory
     def memory_bytes(self) -> int:
         retrieved = sum(t.numel() * t.element_size() for r in self.retrieved.values() for t in r)
-        return super().memory_bytes() + retrieved + (self.pool.memory_bytes() if self.pool is not None else 0)
+        return super().memory_bytes() + retrieved + (self._pool.memory_bytes() if self._pool is not None else 0)
 
     def reset(self) -> None:
         super().reset()

@@ -8,14 +8,16 @@ appended to the hot keys/values with a logit bias ``log(C)``. See stac-reference
 Public API
 ----------
 ``VoxelPool(num_layers, num_heads, head_dim, *, voxel_size=0.05, buffer_size=8, max_pivots=4,
-merge_cos=0.8, score_gate=0.2, max_voxels=4096, initial_voxels=256, dtype=torch.float32,
-device="cpu")``
+merge_cos=0.8, score_gate=0.2, max_voxels=4096, initial_voxels=256, max_rounds=4,
+dtype=torch.float32, device="cpu")``
 
 * ``VoxelPool.voxel_coords(points [N,3], conf [N], voxel_size=0.05, conf_threshold=2.0)``
   -> ``(coords LongTensor [N,3], valid BoolTensor [N])``; static.
-* ``insert(layer, head [M], k [M,D], v [M,D], score [M], coords [M,3], step)`` -> None.
+* ``insert(layer, head [M], k [M,D], v [M,D], score [M], coords [M,3], step)`` -> None;
+  ``layer`` is an int or a LongTensor [M], so one call files the tokens of every layer.
 * ``retrieve(layer, query_coords [Q,3], max_tokens, step, radius=2, include_buffer=True)``
-  -> ``(k [H,T,D], v [H,T,D], bias [H,T] float32, valid [H,T] bool)``.
+  -> ``(k [H,T,D], v [H,T,D], bias [H,T] float32, valid [H,T] bool)``;
+  ``retrieve_layers(layers, ...)`` -> the same for several layers in one batched pass.
 * ``memory_bytes()`` -> bytes of every tensor the pool holds (exact, including the voxel table).
 * ``VoxelPool.bytes_for(max_voxels, num_layers, num_heads, head_dim, dtype, buffer_size=8,
   max_pivots=4)`` -> the most ``memory_bytes()`` can ever be; static.
@@ -40,10 +42,11 @@ of ``nbytes`` of these tensors; ``bytes_for(max_voxels, ...)`` is the same sum a
 capacity, so a per-stream byte budget converts to ``max_voxels`` by bisection or by dividing
 by ``bytes_for(1, ...)`` (the size is linear in ``max_voxels``).
 
-Insertion semantics (per layer; vectorised over all (head, voxel) rows, looping only over
-"rounds")
-----------------------------------------------------------------------------------------
-Tokens are grouped by (head, voxel row) and kept in arrival order. Each round, for every row:
+Insertion semantics (vectorised over all (layer, head, voxel) rows, looping only over "rounds")
+-----------------------------------------------------------------------------------------------
+Rows of different layers and heads never interact, so one call handles the tokens of every layer
+(the pool tensors are viewed flat as ``[L*H*V, ...]``). Tokens are grouped by (layer, head, voxel
+row) and kept in arrival order. Each round, for every row:
 
 1. If the row has at least one pivot, each pending token finds its most similar pivot
    (cosine between the token key and the pivot key, pivots as of the start of the round).
@@ -63,11 +66,19 @@ Tokens are grouped by (head, voxel row) and kept in arrival order. Each round, f
    ``K = (W_v' K_v + W_n K_n) / (W_v' + W_n)``, V likewise, ``W = W_v' + W_n``, S and C add.
    The new pivot takes the freed slot.
 
-The number of rounds is about ``ceil(tokens per row / buffer_size) + 1``. Merging math is fp32;
-K/V are stored in the pool dtype.
+A call runs at most ``max_rounds`` rounds (default 4). Tokens still pending after the last round
+(the lowest-scored non-merging tokens of rows that received more than about
+``max_rounds x buffer_size`` of them in the call) are dropped and counted as
+``overflow_dropped_tokens``. So the cost of a call is bounded by ``max_rounds`` vectorised passes
+over its tokens whatever their distribution over voxels: with random weights every point lands
+in a few voxels and an unbounded loop ran ``tokens per row / buffer_size`` rounds (hundreds),
+per layer. Each round needs a constant number of host synchronisations (data-dependent sizes:
+mask indexing and ``unique``), independent of the number of layers, rows and tokens; the sibling
+merge is applied with a mask and counters are derived from sizes already on the host. Merging
+math is fp32; K/V are stored in the pool dtype.
 
-Retrieval semantics
--------------------
+Retrieval semantics (one batched pass for any number of layers)
+-----------------------------------------------------------------
 Candidate voxels are the voxels in the table within Chebyshev distance ``radius`` (in voxel
 units) of any query voxel. Per head, their pivots are ranked by W (descending; ties by voxel
 key, then slot) and up to ``max_tokens`` are returned with bias ``log(C)``. With
@@ -95,8 +106,11 @@ pivot key (the CUDA kernel; the Python path uses a stored seed key instead), mer
 ``replace_threshold = sim_threshold = 0.8`` in its STAC mode); the victim discount
 ``exp(cos - 1)`` in the sibling merge; retrieval of pivots ranked by W with bias ``log(C)`` and
 raw buffer tokens with bias 0; buffer 8, pivots 4, voxel 0.05, radius 2 voxels. Deliberate
-differences: tokens that do not fit a full buffer are handled in the same call (next round)
-instead of being carried to the next call; the pool has a hard voxel cap with the eviction rule
+differences: tokens that do not fit a full buffer are handled in the same call (next round, up to
+``max_rounds`` rounds) instead of being carried to the next call; the reference's carried
+overflow is clamped to a fixed capacity and the excess dropped, here the excess after
+``max_rounds`` rounds is dropped in the same call (lowest scores first within a row, counted), so
+no overflow store is held between calls; the pool has a hard voxel cap with the eviction rule
 above (the reference grows without bound); raw buffer tokens share the ``max_tokens`` budget
 after the pivots (in the reference, a fixed-size pivot output leaves them no room).
 """
@@ -104,6 +118,7 @@ after the pivots (in the reference, a fixed-size pivot output leaves them no roo
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +135,9 @@ _MAX_RADIUS = 64
 # keys can be formed by adding packed offsets.
 _COORD_LIMIT = _OFFSET - 1 - _MAX_RADIUS
 _EPS = 1e-6
+# Tokens per chunk when comparing tokens with their row's pivots ([chunk, P, D] fp32 gathered).
+_TOKEN_CHUNK = 1 << 16
+_DROPPED = torch.iinfo(torch.int64).max  # sort key of tokens whose voxel found no row
 
 
 def _pack(coords: Tensor) -> Tensor:
@@ -190,6 +208,7 @@ class VoxelPool:
         score_gate: float = 0.2,
         max_voxels: int = 4096,
         initial_voxels: int = 256,
+        max_rounds: int = 4,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
     ) -> None:
@@ -200,6 +219,7 @@ class VoxelPool:
         # A full row needs a sibling to merge its weakest pivot into.
         self.max_pivots = _check_int("max_pivots", max_pivots, 2)
         self.max_voxels = _check_int("max_voxels", max_voxels, 1)
+        self.max_rounds = _check_int("max_rounds", max_rounds, 1)
         initial_voxels = _check_int("initial_voxels", initial_voxels, 1)
         if not (isinstance(voxel_size, (int, float)) and math.isfinite(voxel_size) and voxel_size > 0):
             raise ValueError(f"voxel_size must be a finite float > 0, got {voxel_size!r}")
@@ -222,13 +242,18 @@ class VoxelPool:
         self._tensors: dict[str, Tensor] = {}
         self._grow(min(initial_voxels, self.max_voxels))
 
+        # Counters are host ints updated from sizes the host already knows (no extra syncs).
         self._evicted_voxels = 0
+        self._evicted_pivots = 0
         self._inserted_tokens = 0
         self._merged_tokens = 0
         self._gated_tokens = 0
         self._capacity_dropped_tokens = 0
+        self._overflow_dropped_tokens = 0
         self._pivots_created = 0
-        self._sibling_merges = 0
+        self._insert_calls = 0
+        self._last_rounds = 0
+        self._max_rounds_seen = 0
 
     # ------------------------------------------------------------------ sizes and memory
     @staticmethod
@@ -266,19 +291,26 @@ class VoxelPool:
     def stats(self) -> dict[str, int]:
         """Counters for monitoring: occupancy, evictions and token fates."""
         t = self._tensors
+        pivots = int((t["piv_c"] > 0).sum())
         return {
             "voxels": self.num_voxels,
             "capacity": self._cap,
             "max_voxels": self.max_voxels,
-            "pivots": int((t["piv_c"] > 0).sum()),
+            "pivots": pivots,
             "buffered_tokens": int(t["buf_n"].sum()),
             "evicted_voxels": self._evicted_voxels,
             "inserted_tokens": self._inserted_tokens,
             "merged_tokens": self._merged_tokens,
             "gated_tokens": self._gated_tokens,
             "capacity_dropped_tokens": self._capacity_dropped_tokens,
+            "overflow_dropped_tokens": self._overflow_dropped_tokens,
             "pivots_created": self._pivots_created,
-            "sibling_merges": self._sibling_merges,
+            # Every collapse adds a pivot to its row unless the row was full, where a sibling
+            # merge removed one first; so merges = created - alive - evicted with their voxels.
+            "sibling_merges": self._pivots_created - pivots - self._evicted_pivots,
+            "insert_calls": self._insert_calls,
+            "insert_rounds_last": self._last_rounds,
+            "insert_rounds_max": self._max_rounds_seen,
             "memory_bytes": self.memory_bytes(),
         }
 
@@ -293,10 +325,11 @@ class VoxelPool:
             self._tensors[name] = new
         self._cap = new_cap
 
-    # Per-layer flat views over (head, row): index g = head * capacity + row.
-    def _lv(self, name: str, layer: int) -> Tensor:
-        t = self._tensors[name][layer]
-        return t.view((self.num_heads * self._cap,) + tuple(t.shape[2:]))
+    # Flat views over (layer, head, row): index g = (layer * num_heads + head) * capacity + row.
+    # Rows of different layers and heads are independent, so one vectorised pass serves them all.
+    def _fv(self, name: str) -> Tensor:
+        t = self._tensors[name]
+        return t.view((self.num_layers * self.num_heads * self._cap,) + tuple(t.shape[3:]))
 
     # ------------------------------------------------------------------ coordinates
     @staticmethod
@@ -377,6 +410,7 @@ class VoxelPool:
         order = torch.argsort(total_w, stable=True)
         order = order[torch.argsort(last[order], stable=True)]
         victims = idx[order[:n]]
+        self._evicted_pivots += int((t["piv_c"][:, :, victims] > 0).sum())
         self._clear_rows(victims)
         self._evicted_voxels += int(victims.numel())
 
@@ -414,7 +448,7 @@ class VoxelPool:
     # ------------------------------------------------------------------ insertion
     def insert(
         self,
-        layer: int,
+        layer: int | Tensor,
         head: Tensor,
         k: Tensor,
         v: Tensor,
@@ -422,10 +456,12 @@ class VoxelPool:
         coords: Tensor,
         step: int,
     ) -> None:
-        """File ``M`` evicted tokens of one layer into their voxels (see module docstring).
+        """File ``M`` evicted tokens into their voxels (see module docstring).
 
         Args:
-            layer: global-attention layer index in ``[0, num_layers)``.
+            layer: global-attention layer of the tokens: an int in ``[0, num_layers)``, or a
+                LongTensor [M] (one layer per token) to file every layer's tokens in one call,
+                which is what ``StacCache`` does once per step.
             head: LongTensor [M], head of each token.
             k, v: [M, D] keys / values.
             score: [M] the tokens' (decayed cumulative attention) scores.
@@ -433,9 +469,7 @@ class VoxelPool:
                 valid tokens).
             step: current stream step, used for least-recently-used eviction.
         """
-        H, D = self.num_heads, self.head_dim
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        D = self.head_dim
         if isinstance(step, bool) or not isinstance(step, int):
             raise ValueError(f"step must be an int, got {step!r}")
         if not isinstance(head, Tensor) or head.dim() != 1:
@@ -443,137 +477,164 @@ class VoxelPool:
         M = head.shape[0]
         if head.is_floating_point() or head.dtype == torch.bool:
             raise ValueError(f"head must be an integer tensor, got {head.dtype}")
+        layers = self._layer_ids(layer, M)
         for name, t, shape in (("k", k, (M, D)), ("v", v, (M, D)), ("score", score, (M,))):
             if not isinstance(t, Tensor) or tuple(t.shape) != shape:
                 raise ValueError(f"{name} must have shape {shape}, got {getattr(t, 'shape', t)!r}")
         if not isinstance(coords, Tensor) or tuple(coords.shape) != (M, 3):
             raise ValueError(f"coords must have shape {(M, 3)}, got {getattr(coords, 'shape', coords)!r}")
         head = head.to(self.device, torch.int64)
-        if M and bool(((head < 0) | (head >= H)).any()):
-            raise ValueError(f"head values must be in [0, {H})")
+        if M and bool(((head < 0) | (head >= self.num_heads)).any()):
+            raise ValueError(f"head values must be in [0, {self.num_heads})")
         keys = self._keys(coords, "coords")
+        self._last_rounds = 0
         if M == 0:
             return
         self._inserted_tokens += M
+        self._insert_calls += 1
 
-        rows = self._resolve_rows(keys, step)
-        keep = rows >= 0
-        g = head * self._cap + rows  # flat (head, row) index into the per-layer views
-        kf = k.to(self.device, torch.float32)
-        vf = v.to(self.device, torch.float32)
-        sf = score.to(self.device, torch.float32)
-        if not bool(keep.all()):
-            g, kf, vf, sf = g[keep], kf[keep], vf[keep], sf[keep]
-        # Group tokens by row, keeping arrival order inside a row. From here on a token is
-        # its position in these sorted arrays, so ascending positions = (row, arrival) order.
-        order = torch.argsort(g, stable=True)
-        g, kf, vf, sf = g[order], kf[order], vf[order], sf[order]
+        rows = self._resolve_rows(keys, step)  # may grow the pool: flat indices use the new capacity
+        g = (layers * self.num_heads + head) * self._cap + rows
+        # Group tokens by row, keeping arrival order inside a row; tokens of voxels refused at the
+        # cap (rows -1, already counted as capacity-dropped) sort last and are cut off. From here
+        # on a token is its position in these sorted arrays: ascending = (row, arrival) order.
+        n_keep = int((rows >= 0).sum())
+        order = torch.argsort(torch.where(rows >= 0, g, torch.full_like(g, _DROPPED)), stable=True)[:n_keep]
+        g = g[order]
+        k, v = k.to(self.device)[order], v.to(self.device)[order]
+        s = score.to(self.device, torch.float32)[order]
 
         pending = torch.arange(g.numel(), device=self.device)
-        while pending.numel():
-            pending = self._round(layer, g, kf, vf, sf, pending)
+        while pending.numel() and self._last_rounds < self.max_rounds:
+            pending = self._round(g, k, v, s, pending)
+            self._last_rounds += 1
+        # What is still pending after max_rounds rounds are the lowest-scored non-merging tokens
+        # of rows that received more than about max_rounds x buffer_size of them in this call.
+        self._overflow_dropped_tokens += pending.numel()
+        self._max_rounds_seen = max(self._max_rounds_seen, self._last_rounds)
 
-    def _round(
-        self, layer: int, g: Tensor, kf: Tensor, vf: Tensor, sf: Tensor, pending: Tensor
-    ) -> Tensor:
-        """One vectorised round over all rows; returns the tokens still pending."""
-        P, B, D = self.max_pivots, self.buffer_size, self.head_dim
-        pk, pv = self._lv("piv_k", layer), self._lv("piv_v", layer)
-        pw, ps, pc = self._lv("piv_w", layer), self._lv("piv_s", layer), self._lv("piv_c", layer)
+    def _layer_ids(self, layer: int | Tensor, M: int) -> Tensor:
+        """The layer of every token as a LongTensor [M] on the pool's device (validated)."""
+        L = self.num_layers
+        if isinstance(layer, Tensor):
+            if layer.dim() != 1 or layer.shape[0] != M or layer.is_floating_point() or layer.dtype == torch.bool:
+                raise ValueError(f"layer must be an int or an integer tensor [{M}], got {layer.dtype} {tuple(layer.shape)}")
+            layer = layer.to(self.device, torch.int64)
+            if M and bool(((layer < 0) | (layer >= L)).any()):
+                raise ValueError(f"layer values must be in [0, {L})")
+            return layer
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < L:
+            raise ValueError(f"layer must be an int in [0, {L}), got {layer!r}")
+        return torch.full((M,), layer, dtype=torch.int64, device=self.device)
 
-        gp = g[pending]
-        slot_used = pc[gp] > 0  # [n, P]
-        has_piv = slot_used.any(dim=1)
-        to_buffer = ~has_piv
+    def _round(self, g: Tensor, k: Tensor, v: Tensor, s: Tensor, pending: Tensor) -> Tensor:
+        """One vectorised round over all (layer, head, voxel) rows; returns the tokens still pending.
 
-        if bool(has_piv.any()):
-            idx = has_piv.nonzero().squeeze(1)
-            tok, gt = pending[idx], gp[idx]
-            kt = kf[tok]
-            kn = F.normalize(kt, dim=-1, eps=_EPS)
-            pn = F.normalize(pk[gt].float(), dim=-1, eps=_EPS)  # [m, P, D]
-            cos = torch.einsum("md,mpd->mp", kn, pn).clamp_(-1.0, 1.0)
-            cos = cos.masked_fill(~slot_used[idx], float("-inf"))
-            best_p = torch.argmax(cos, dim=1)  # first maximum on ties
-            best = cos.gather(1, best_p[:, None]).squeeze(1)
-            merge = best >= self.merge_cos
+        Host synchronisations: a handful of data-dependent sizes (mask indexing, unique), a
+        constant number per round, whatever the number of layers, rows or tokens.
+        """
+        P = self.max_pivots
+        gp, sp = g[pending], s[pending]
+        used = self._fv("piv_c")[gp] > 0  # [n, P]
+        best, best_p = self._nearest_pivot(k, pending, gp, used)  # -inf for rows without a pivot
+        merge = best >= self.merge_cos
+        n_merged = self._merge_into_pivots(k, v, s, pending[merge], (gp * P + best_p)[merge], best[merge])
 
-            if bool(merge.any()):
-                mi = merge.nonzero().squeeze(1)
-                flat = gt[mi] * P + best_p[mi]  # pivot index into [H*cap*P]
-                a = torch.exp(best[mi])
-                uslot, inv = torch.unique(flat, return_inverse=True)
-                nu = uslot.numel()
-                ka = torch.zeros(nu, D, device=self.device).index_add_(0, inv, a[:, None] * kt[mi])
-                va = torch.zeros(nu, D, device=self.device).index_add_(
-                    0, inv, a[:, None] * vf[tok[mi]]
-                )
-                asum = torch.zeros(nu, device=self.device).index_add_(0, inv, a)
-                ssum = torch.zeros(nu, device=self.device).index_add_(0, inv, sf[tok[mi]])
-                csum = torch.zeros(nu, device=self.device).index_add_(
-                    0, inv, torch.ones_like(a)
-                )
-                pk_f, pv_f = pk.view(-1, D), pv.view(-1, D)
-                pw_f, ps_f, pc_f = pw.view(-1), ps.view(-1), pc.view(-1)
-                w_old = pw_f[uslot]
-                w_new = w_old + asum
-                pk_f[uslot] = ((w_old[:, None] * pk_f[uslot].float() + ka) / w_new[:, None]).to(
-                    self.dtype
-                )
-                pv_f[uslot] = ((w_old[:, None] * pv_f[uslot].float() + va) / w_new[:, None]).to(
-                    self.dtype
-                )
-                pw_f[uslot] = w_new
-                ps_f[uslot] = ps_f[uslot] + ssum
-                pc_f[uslot] = pc_f[uslot] + csum
-                self._merged_tokens += int(mi.numel())
-
-            rest = ~merge
-            if self.score_gate > 0 and bool(rest.any()):
-                # Reference gate: keep a non-merging token only if its score beats
-                # score_gate x the row's mean score per merged token (after this round's merges).
-                row_mean = ps[gt].sum(dim=1) / pc[gt].sum(dim=1).clamp_min(_EPS)
-                passes = sf[tok] > self.score_gate * row_mean
-                gated = rest & ~passes
-                self._gated_tokens += int(gated.sum())
-                rest = rest & passes
-            to_buffer[idx[rest]] = True
-
-        cand = pending[to_buffer]
+        keep = ~merge
+        if self.score_gate > 0:
+            # Reference gate: keep a non-merging token only if its score beats score_gate x the
+            # row's mean score per merged token (after this round's merges). Rows without a pivot
+            # never gate.
+            row_mean = self._fv("piv_s")[gp].sum(dim=1) / self._fv("piv_c")[gp].sum(dim=1).clamp_min(_EPS)
+            gated = keep & used.any(dim=1) & ~(sp > self.score_gate * row_mean)
+            keep &= ~gated
+        cand = pending[keep]
+        # Counted from sizes already on the host: no extra synchronisation.
+        self._gated_tokens += pending.numel() - n_merged - cand.numel()
         if cand.numel() == 0:
             return cand
+        return self._fill_buffers(g, k, v, s, cand)
+
+    def _nearest_pivot(self, k: Tensor, pending: Tensor, gp: Tensor, used: Tensor) -> tuple[Tensor, Tensor]:
+        """Cosine to the most similar pivot of the token's row (pivots as of now) and its slot.
+
+        Computed in chunks of tokens so the gathered pivots ([chunk, P, D] fp32) stay small when a
+        whole step's tokens (all layers) arrive at once.
+        """
+        n = pending.numel()
+        pk = self._fv("piv_k")
+        best = torch.empty(n, device=self.device)
+        best_p = torch.empty(n, dtype=torch.int64, device=self.device)
+        for a in range(0, n, _TOKEN_CHUNK):
+            b = min(a + _TOKEN_CHUNK, n)
+            kn = F.normalize(k[pending[a:b]].float(), dim=-1, eps=_EPS)
+            pn = F.normalize(pk[gp[a:b]].float(), dim=-1, eps=_EPS)  # [c, P, D]
+            cos = torch.einsum("md,mpd->mp", kn, pn).clamp_(-1.0, 1.0)
+            cos.masked_fill_(~used[a:b], float("-inf"))
+            best[a:b], best_p[a:b] = cos.max(dim=1)  # first maximum on ties
+        return best, best_p
+
+    def _merge_into_pivots(self, k: Tensor, v: Tensor, s: Tensor, tok: Tensor, flat: Tensor, cos: Tensor) -> int:
+        """Merge tokens ``tok`` into pivots ``flat`` (flat pivot index) with weights exp(cos)."""
+        if tok.numel() == 0:
+            return 0
+        D = self.head_dim
+        a = torch.exp(cos)
+        uslot, inv = torch.unique(flat, return_inverse=True)
+        nu = uslot.numel()
+        ka = torch.zeros(nu, D, device=self.device).index_add_(0, inv, a[:, None] * k[tok].float())
+        va = torch.zeros(nu, D, device=self.device).index_add_(0, inv, a[:, None] * v[tok].float())
+        asum = torch.zeros(nu, device=self.device).index_add_(0, inv, a)
+        ssum = torch.zeros(nu, device=self.device).index_add_(0, inv, s[tok])
+        csum = torch.zeros(nu, device=self.device).index_add_(0, inv, torch.ones_like(a))
+        pk, pv = self._fv("piv_k").view(-1, D), self._fv("piv_v").view(-1, D)
+        pw, ps, pc = self._fv("piv_w").view(-1), self._fv("piv_s").view(-1), self._fv("piv_c").view(-1)
+        w_old = pw[uslot]
+        w_new = w_old + asum
+        pk[uslot] = ((w_old[:, None] * pk[uslot].float() + ka) / w_new[:, None]).to(self.dtype)
+        pv[uslot] = ((w_old[:, None] * pv[uslot].float() + va) / w_new[:, None]).to(self.dtype)
+        pw[uslot] = w_new
+        ps[uslot] = ps[uslot] + ssum
+        pc[uslot] = pc[uslot] + csum
+        self._merged_tokens += tok.numel()
+        return tok.numel()
+
+    def _fill_buffers(self, g: Tensor, k: Tensor, v: Tensor, s: Tensor, cand: Tensor) -> Tensor:
+        """Buffer candidates by score until their row's buffer is full; collapse full buffers.
+
+        Returns the candidates that did not fit (ascending positions)."""
+        B, D = self.buffer_size, self.head_dim
         # Highest score first inside each row; ties keep (row, arrival) order.
-        cand = cand[torch.argsort(-sf[cand], stable=True)]
+        cand = cand[torch.argsort(-s[cand], stable=True)]
         cand = cand[torch.argsort(g[cand], stable=True)]
         gc = g[cand]
-        uniq_g, counts = torch.unique_consecutive(gc, return_counts=True)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(cand.numel(), device=self.device) - torch.repeat_interleave(starts, counts)
+        first = torch.ones_like(gc, dtype=torch.bool)
+        first[1:] = gc[1:] != gc[:-1]
+        pos = torch.arange(gc.numel(), device=self.device)
+        rank = pos - torch.cummax(torch.where(first, pos, torch.zeros_like(pos)), dim=0).values
 
-        bn = self._lv("buf_n", layer)
+        bn = self._fv("buf_n")
         n_before = bn[gc].to(torch.int64)
         accept = rank < (B - n_before)
         a_tok, a_g = cand[accept], gc[accept]
-        a_slot = a_g * B + n_before[accept] + rank[accept]
-        self._lv("buf_k", layer).view(-1, D)[a_slot] = kf[a_tok].to(self.dtype)
-        self._lv("buf_v", layer).view(-1, D)[a_slot] = vf[a_tok].to(self.dtype)
-        self._lv("buf_s", layer).view(-1)[a_slot] = sf[a_tok]
-        room = B - bn[uniq_g].to(torch.int64)
-        bn[uniq_g] += torch.minimum(counts, room).to(bn.dtype)
+        a_slot = a_g * B + (n_before + rank)[accept]
+        self._fv("buf_k").view(-1, D)[a_slot] = k[a_tok].to(self.dtype)
+        self._fv("buf_v").view(-1, D)[a_slot] = v[a_tok].to(self.dtype)
+        self._fv("buf_s").view(-1)[a_slot] = s[a_tok]
+        bn.index_add_(0, a_g, torch.ones_like(a_g, dtype=bn.dtype))
 
-        full = uniq_g[bn[uniq_g] == B]
+        full = gc[first & (bn[gc] == B)]  # one entry per row whose buffer just filled
         if full.numel():
-            self._collapse(layer, full)
+            self._collapse(full)
         return torch.sort(cand[~accept]).values
 
-    def _collapse(self, layer: int, rows_g: Tensor) -> None:
-        """Turn the full buffers of ``rows_g`` (flat head*cap+row) into one pivot each."""
-        P, D = self.max_pivots, self.head_dim
-        F_ = rows_g.numel()
-        ar = torch.arange(F_, device=self.device)
-        bk = self._lv("buf_k", layer)[rows_g].float()  # [F, B, D]
-        bv = self._lv("buf_v", layer)[rows_g].float()
-        bs = self._lv("buf_s", layer)[rows_g]  # [F, B]
+    def _collapse(self, rows: Tensor) -> None:
+        """Turn the full buffers of ``rows`` (flat layer/head/row indices) into one pivot each."""
+        n = rows.numel()
+        ar = torch.arange(n, device=self.device)
+        bk = self._fv("buf_k")[rows].float()  # [n, B, D]
+        bv = self._fv("buf_v")[rows].float()
+        bs = self._fv("buf_s")[rows]  # [n, B]
 
         seed = torch.argmax(bs, dim=1)  # highest score, first on ties
         kn = F.normalize(bk, dim=-1, eps=_EPS)
@@ -582,49 +643,52 @@ class VoxelPool:
         w = a.sum(dim=1)
         k_new = (a[..., None] * bk).sum(dim=1) / w[:, None]
         v_new = (a[..., None] * bv).sum(dim=1) / w[:, None]
-        s_new = bs.sum(dim=1)
-        c_new = torch.full_like(w, float(self.buffer_size))
 
-        pk, pv = self._lv("piv_k", layer), self._lv("piv_v", layer)
-        pw, ps, pc = self._lv("piv_w", layer), self._lv("piv_s", layer), self._lv("piv_c", layer)
-        used = pc[rows_g] > 0  # [F, P]
+        used = self._fv("piv_c")[rows] > 0  # [n, P]
         slot = torch.argmax((~used).to(torch.int8), dim=1)  # first free slot
         full = used.all(dim=1)
-        if bool(full.any()):
-            fi = full.nonzero().squeeze(1)
-            gf = rows_g[fi]
-            far = torch.arange(fi.numel(), device=self.device)
-            w_rows = pw[gf]  # [f, P]
-            victim = torch.argmin(w_rows, dim=1)  # lowest W, first on ties
-            kp = pk[gf].float()
-            vp = pv[gf].float()
-            kpn = F.normalize(kp, dim=-1, eps=_EPS)
-            sim = torch.einsum("fpd,fd->fp", kpn, kpn[far, victim]).clamp_(-1.0, 1.0)
-            sim[far, victim] = float("-inf")
-            nb = torch.argmax(sim, dim=1)  # most similar sibling, first on ties
-            c = sim[far, nb]
-            # The victim's weight is discounted by exp(cos - 1) <= 1, as in the reference
-            # kernel: its tokens were weighted against their own seed, not the sibling's.
-            w_v = w_rows[far, victim] * torch.exp(c - 1.0)
-            w_n = w_rows[far, nb]
-            w_m = w_v + w_n
-            k_m = (w_v[:, None] * kp[far, victim] + w_n[:, None] * kp[far, nb]) / w_m[:, None]
-            v_m = (w_v[:, None] * vp[far, victim] + w_n[:, None] * vp[far, nb]) / w_m[:, None]
-            pk[gf, nb] = k_m.to(self.dtype)
-            pv[gf, nb] = v_m.to(self.dtype)
-            pw[gf, nb] = w_m
-            ps[gf, nb] = ps[gf, victim] + ps[gf, nb]
-            pc[gf, nb] = pc[gf, victim] + pc[gf, nb]
-            slot[fi] = victim
-            self._sibling_merges += int(fi.numel())
+        victim = self._merge_weakest_pivot(rows, full)
+        slot = torch.where(full, victim, slot)
 
-        pk[rows_g, slot] = k_new.to(self.dtype)
-        pv[rows_g, slot] = v_new.to(self.dtype)
-        pw[rows_g, slot] = w
-        ps[rows_g, slot] = s_new
-        pc[rows_g, slot] = c_new
-        self._lv("buf_n", layer)[rows_g] = 0
-        self._pivots_created += F_
+        self._fv("piv_k")[rows, slot] = k_new.to(self.dtype)
+        self._fv("piv_v")[rows, slot] = v_new.to(self.dtype)
+        self._fv("piv_w")[rows, slot] = w
+        self._fv("piv_s")[rows, slot] = bs.sum(dim=1)
+        self._fv("piv_c")[rows, slot] = float(self.buffer_size)
+        self._fv("buf_n")[rows] = 0
+        self._pivots_created += n
+
+    def _merge_weakest_pivot(self, rows: Tensor, full: Tensor) -> Tensor:
+        """In the rows where ``full``, merge the lowest-W pivot into its most similar sibling.
+
+        Computed for every row and applied with a mask (no host synchronisation); rows that are
+        not full are left unchanged. Returns the freed (victim) slot of every row.
+        """
+        pk, pv = self._fv("piv_k"), self._fv("piv_v")
+        pw, ps, pc = self._fv("piv_w"), self._fv("piv_s"), self._fv("piv_c")
+        ar = torch.arange(rows.numel(), device=self.device)
+        w_rows = pw[rows]  # [n, P]
+        victim = torch.argmin(w_rows, dim=1)  # lowest W, first on ties
+        kp, vp = pk[rows].float(), pv[rows].float()
+        kpn = F.normalize(kp, dim=-1, eps=_EPS)
+        sim = torch.einsum("fpd,fd->fp", kpn, kpn[ar, victim]).clamp_(-1.0, 1.0)
+        sim[ar, victim] = float("-inf")
+        nb = torch.argmax(sim, dim=1)  # most similar sibling, first on ties
+        # The victim's weight is discounted by exp(cos - 1) <= 1, as in the reference kernel:
+        # its tokens were weighted against their own seed, not the sibling's.
+        w_v = w_rows[ar, victim] * torch.exp(sim[ar, nb] - 1.0)
+        w_n = w_rows[ar, nb]
+        w_m = w_v + w_n
+        k_m = (w_v[:, None] * kp[ar, victim] + w_n[:, None] * kp[ar, nb]) / w_m[:, None]
+        v_m = (w_v[:, None] * vp[ar, victim] + w_n[:, None] * vp[ar, nb]) / w_m[:, None]
+        f1, f2 = full[:, None], full
+        # Rows that are not full write their sibling's old values back (a no-op).
+        pk[rows, nb] = torch.where(f1, k_m, kp[ar, nb]).to(self.dtype)
+        pv[rows, nb] = torch.where(f1, v_m, vp[ar, nb]).to(self.dtype)
+        pw[rows, nb] = torch.where(f2, w_m, w_n)
+        ps[rows, nb] = torch.where(f2, ps[rows, victim] + ps[rows, nb], ps[rows, nb])
+        pc[rows, nb] = torch.where(f2, pc[rows, victim] + pc[rows, nb], pc[rows, nb])
+        return victim
 
     # ------------------------------------------------------------------ retrieval
     def retrieve(
@@ -651,9 +715,23 @@ class VoxelPool:
             (``log(C)`` for pivots, 0 for raw tokens, ``-inf`` for padding) and
             ``valid [H, T]`` bool; ``T <= max_tokens``.
         """
-        H, D, P, B = self.num_heads, self.head_dim, self.max_pivots, self.buffer_size
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        return self.retrieve_layers([layer], query_coords, max_tokens, step, radius, include_buffer)[0]
+
+    def retrieve_layers(
+        self,
+        layers: Sequence[int],
+        query_coords: Tensor,
+        max_tokens: int,
+        step: int,
+        radius: int = 2,
+        include_buffer: bool = True,
+    ) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """``retrieve`` for several layers in one batched pass: one result per entry of ``layers``,
+        each exactly what ``retrieve(layer, ...)`` returns (its own ``T``)."""
+        layers = list(layers)
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+                raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
         _check_int("max_tokens", max_tokens, 0)
         _check_int("radius", radius, 0)
         if radius > _MAX_RADIUS:
@@ -663,84 +741,97 @@ class VoxelPool:
         if not isinstance(query_coords, Tensor):
             raise ValueError("query_coords must be a LongTensor [Q, 3]")
         qkeys = self._keys(query_coords, "query_coords")
-
-        def empty() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            return (
-                torch.zeros(H, 0, D, dtype=self.dtype, device=self.device),
-                torch.zeros(H, 0, D, dtype=self.dtype, device=self.device),
-                torch.zeros(H, 0, dtype=torch.float32, device=self.device),
-                torch.zeros(H, 0, dtype=torch.bool, device=self.device),
-            )
-
+        if not layers:
+            return []
         if qkeys.numel() == 0 or max_tokens == 0:
-            return empty()
+            return [self._empty_result() for _ in layers]
+        rows = self._candidate_rows(qkeys, radius)
+        if rows.numel() == 0:
+            return [self._empty_result() for _ in layers]
+        self._tensors["row_last_used"][rows] = step
+        return self._gather_retrieved(layers, rows, max_tokens, include_buffer)
+
+    def _empty_result(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        H, D = self.num_heads, self.head_dim
+        return (
+            torch.zeros(H, 0, D, dtype=self.dtype, device=self.device),
+            torch.zeros(H, 0, D, dtype=self.dtype, device=self.device),
+            torch.zeros(H, 0, dtype=torch.float32, device=self.device),
+            torch.zeros(H, 0, dtype=torch.bool, device=self.device),
+        )
+
+    def _candidate_rows(self, qkeys: Tensor, radius: int) -> Tensor:
+        """Rows of the held voxels within Chebyshev ``radius`` of any query voxel (ascending key)."""
         r = torch.arange(-radius, radius + 1, device=self.device)
         offs = torch.cartesian_prod(r, r, r)
         # Packing is linear per axis within the coordinate limit, so neighbour keys are sums.
         off_keys = offs[:, 0] + (offs[:, 1] << _BITS) + (offs[:, 2] << (2 * _BITS))
         cand = torch.unique((torch.unique(qkeys)[:, None] + off_keys[None, :]).reshape(-1))
         rows = self._lookup(cand)
-        rows = rows[rows >= 0]  # ascending voxel key order
-        if rows.numel() == 0:
-            return empty()
-        self._tensors["row_last_used"][rows] = step
-        R = rows.numel()
+        return rows[rows >= 0]
 
-        t = self._tensors
-        # ---- pivots, ranked by W per head ----
-        c = t["piv_c"][layer][:, rows].reshape(H, R * P)
-        w = t["piv_w"][layer][:, rows].reshape(H, R * P)
+    def _gather_retrieved(
+        self, layers: list[int], rows: Tensor, max_tokens: int, include_buffer: bool
+    ) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Rank the candidate rows' pivots (then buffered tokens) per (layer, head) and compact.
+
+        Three host synchronisations whatever the number of layers: the widest pivot and buffer
+        selections, and the per-layer output lengths.
+        """
+        H, D, P, B = self.num_heads, self.head_dim, self.max_pivots, self.buffer_size
+        t, dev = self._tensors, self.device
+        nl, R = len(layers), rows.numel()
+        ll = torch.tensor(layers, dtype=torch.int64, device=dev)[:, None, None]
+        hh = torch.arange(H, device=dev)[None, :, None]
+        rr = rows[None, None, :]
+        # ---- pivots, ranked by W per (layer, head) ----
+        c = t["piv_c"][ll, hh, rr].reshape(nl, H, R * P)
+        w = t["piv_w"][ll, hh, rr].reshape(nl, H, R * P)
         p_valid = c > 0
-        p_order = torch.argsort(
-            torch.where(p_valid, w, torch.full_like(w, float("-inf"))),
-            dim=1, descending=True, stable=True,
-        )
-        n_piv = p_valid.sum(dim=1).clamp_max(max_tokens)  # [H]
+        p_order = torch.argsort(torch.where(p_valid, w, torch.full_like(w, float("-inf"))),
+                                dim=-1, descending=True, stable=True)
+        n_piv = p_valid.sum(dim=-1).clamp_max(max_tokens)  # [nl, H]
         tp = int(n_piv.max())
-        p_sel = p_order[:, :tp]
-        p_ok = torch.arange(tp, device=self.device)[None, :] < n_piv[:, None]
-        hh = torch.arange(H, device=self.device)[:, None]
+        p_sel = p_order[..., :tp]
         # Gather only the selected vectors (not every candidate's [P, D] block).
         p_row, p_slot = rows[p_sel // P], p_sel % P
-        parts_k = [t["piv_k"][layer][hh, p_row, p_slot]]
-        parts_v = [t["piv_v"][layer][hh, p_row, p_slot]]
-        parts_b = [torch.log(c.gather(1, p_sel).clamp_min(1.0))]
-        parts_ok = [p_ok]
+        parts_k = [t["piv_k"][ll, hh, p_row, p_slot]]
+        parts_v = [t["piv_v"][ll, hh, p_row, p_slot]]
+        parts_b = [torch.log(c.gather(-1, p_sel).clamp_min(1.0))]
+        parts_ok = [torch.arange(tp, device=dev) < n_piv[..., None]]
 
         # ---- buffered raw tokens fill the remaining budget, by score ----
         if include_buffer:
-            bn = t["buf_n"][layer][:, rows]  # [H, R]
-            b_valid = (torch.arange(B, device=self.device)[None, None, :] < bn[..., None]).reshape(H, R * B)
-            s = t["buf_s"][layer][:, rows].reshape(H, R * B)
-            b_order = torch.argsort(
-                torch.where(b_valid, s, torch.full_like(s, float("-inf"))),
-                dim=1, descending=True, stable=True,
-            )
-            n_buf = torch.minimum(b_valid.sum(dim=1), max_tokens - n_piv)
+            bn = t["buf_n"][ll, hh, rr]  # [nl, H, R]
+            b_valid = (torch.arange(B, device=dev) < bn[..., None]).reshape(nl, H, R * B)
+            s = t["buf_s"][ll, hh, rr].reshape(nl, H, R * B)
+            b_order = torch.argsort(torch.where(b_valid, s, torch.full_like(s, float("-inf"))),
+                                    dim=-1, descending=True, stable=True)
+            n_buf = torch.minimum(b_valid.sum(dim=-1), max_tokens - n_piv)
             tb = int(n_buf.max())
             if tb > 0:
-                b_sel = b_order[:, :tb]
+                b_sel = b_order[..., :tb]
                 b_row, b_slot = rows[b_sel // B], b_sel % B
-                parts_k.append(t["buf_k"][layer][hh, b_row, b_slot])
-                parts_v.append(t["buf_v"][layer][hh, b_row, b_slot])
-                parts_b.append(torch.zeros(H, tb, device=self.device))
-                parts_ok.append(torch.arange(tb, device=self.device)[None, :] < n_buf[:, None])
+                parts_k.append(t["buf_k"][ll, hh, b_row, b_slot])
+                parts_v.append(t["buf_v"][ll, hh, b_row, b_slot])
+                parts_b.append(torch.zeros(nl, H, tb, device=dev))
+                parts_ok.append(torch.arange(tb, device=dev) < n_buf[..., None])
 
-        k_all = torch.cat(parts_k, dim=1)
-        v_all = torch.cat(parts_v, dim=1)
-        b_all = torch.cat(parts_b, dim=1)
-        ok_all = torch.cat(parts_ok, dim=1)
-        # Compact per head: valid entries first, in order (pivots, then raw tokens).
-        n_out = ok_all.sum(dim=1)
-        T = int(n_out.max())
-        pos = torch.cumsum(ok_all.to(torch.int64), dim=1) - 1
-        hh = torch.arange(H, device=self.device)[:, None].expand_as(pos)
-        k_out = torch.zeros(H, T, D, dtype=self.dtype, device=self.device)
-        v_out = torch.zeros(H, T, D, dtype=self.dtype, device=self.device)
-        bias = torch.full((H, T), float("-inf"), dtype=torch.float32, device=self.device)
-        valid = torch.zeros(H, T, dtype=torch.bool, device=self.device)
-        k_out[hh[ok_all], pos[ok_all]] = k_all[ok_all]
-        v_out[hh[ok_all], pos[ok_all]] = v_all[ok_all]
-        bias[hh[ok_all], pos[ok_all]] = b_all[ok_all].float()
-        valid[hh[ok_all], pos[ok_all]] = True
-        return k_out, v_out, bias, valid
+        k_all, v_all = torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2)
+        b_all, ok_all = torch.cat(parts_b, dim=2), torch.cat(parts_ok, dim=2)
+        # Compact per (layer, head): valid entries first, in order (pivots, then raw tokens).
+        lengths = ok_all.sum(dim=2).amax(dim=1).tolist()  # T per layer
+        T = max(lengths)
+        pos = torch.cumsum(ok_all.to(torch.int64), dim=2) - 1
+        idx = (torch.arange(nl, device=dev)[:, None, None].expand_as(pos)[ok_all],
+               torch.arange(H, device=dev)[None, :, None].expand_as(pos)[ok_all], pos[ok_all])
+        k_out = torch.zeros(nl, H, T, D, dtype=self.dtype, device=dev)
+        v_out = torch.zeros(nl, H, T, D, dtype=self.dtype, device=dev)
+        bias = torch.full((nl, H, T), float("-inf"), dtype=torch.float32, device=dev)
+        valid = torch.zeros(nl, H, T, dtype=torch.bool, device=dev)
+        k_out[idx] = k_all[ok_all]
+        v_out[idx] = v_all[ok_all]
+        bias[idx] = b_all[ok_all].float()
+        valid[idx] = True
+        # Each layer gets tensors of its own (cloned): memory accounting sees exactly its T.
+        return [tuple(x[i, :, : lengths[i]].clone() for x in (k_out, v_out, bias, valid)) for i in range(nl)]
