@@ -90,6 +90,8 @@ def _schema(op_type: str) -> OpSchema:
     attributes += [
         OpSchema.Attribute("plugin_namespace", _A.STRING, "TensorRT plugin namespace", required=False),
         OpSchema.Attribute("plugin_version", _A.STRING, "TensorRT plugin version", required=False),
+        # set to 1 only in the engine build's copy of the graph (trt_build.mark_aot_nodes)
+        OpSchema.Attribute("aot", _A.INT, "1: TensorRT uses the plugin's AOT implementation", required=False),
     ]
     return OpSchema(
         op_type, DOMAIN, VERSION, doc=doc,

@@ -10,6 +10,12 @@ The optimisation profile comes from the graph's ``StepLayout``: batch 1..max_bat
 ``opt_batch``), chunk 1..cache.chunk (opt: the chunk), every state budget axis fixed at the
 layout's value (the engine serves exactly that budget). The layout is written beside the plan as
 ``<plan>.layout.json`` for the runtime.
+
+Plugin implementations (``plugins``): ``"aot"`` (default) marks the graph's nodes of the ops that
+have a compiled kernel (``trt_aot.AOT_OPS``) with ``aot=1`` in a copy of the graph beside the
+original (``<name>.aot.onnx``, sharing its external data), so TensorRT bakes their PTX into the
+engine; the other ops stay JIT. ``"jit"`` parses the graph as exported: every stac op is a Python
+callback (the fallback if an AOT kernel misbehaves). The plan's meta records which ops run where.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from typing import Optional, Union
 
 from .layout import StepLayout
 from .onnx_export import read_layout
+from .ops import PLUGIN_NAMESPACE
+from .trt_aot import AOT_OPS
 
 log = logging.getLogger("stac.export.trt")
 
@@ -48,14 +56,25 @@ def build_engine(
     fp16: bool = False,
     workspace_gib: float = 8.0,
     layout: Optional[StepLayout] = None,
+    plugins: str = "aot",
 ) -> Path:
+    if plugins not in ("aot", "jit"):
+        raise ValueError(f"plugins must be 'aot' or 'jit', got {plugins!r}")
     import tensorrt as trt
+    import tensorrt.plugin as trtp
 
     from .trt_plugins import register
 
     register()  # before parsing: the parser resolves stac nodes to registered plugins
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     layout = layout or read_layout(onnx_path)
+    source_path = onnx_path
+    if plugins == "aot":
+        if not hasattr(trtp, "aot_impl"):
+            raise RuntimeError(f"TensorRT {trt.__version__} has no tensorrt.plugin.aot_impl (needs >= 10.10); "
+                               "build with plugins='jit'")
+        onnx_path = mark_aot_nodes(onnx_path)
+    ops = plugin_ops(onnx_path)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
@@ -82,10 +101,44 @@ def build_engine(
     plan_path.parent.mkdir(parents=True, exist_ok=True)
     plan_path.write_bytes(bytes(serialized))
     meta = {"layout": json.loads(layout.to_json()), "max_batch": max_batch, "opt_batch": opt_batch, "fp16": fp16,
-            "tensorrt": trt.__version__, "onnx": onnx_path.name}
+            "tensorrt": trt.__version__, "onnx": source_path.name, "plugins": plugins, **ops,
+            "needs_python": bool(ops["jit_ops"])}
     layout_path(plan_path).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    log.info("built %s in %.0f s (%d bytes)", plan_path, time.perf_counter() - started, plan_path.stat().st_size)
+    log.info("built %s in %.0f s (%d bytes); AOT kernels: %s; JIT (needs Python): %s", plan_path,
+             time.perf_counter() - started, plan_path.stat().st_size, ops["aot_ops"] or "none", ops["jit_ops"] or "none")
     return plan_path
+
+
+def mark_aot_nodes(onnx_path: Union[str, Path], ops=AOT_OPS) -> Path:
+    """Copy of the graph (beside it, same external data) whose ``ops`` nodes carry ``aot=1``: the
+    ONNX parser then takes the plugin's AOT implementation for them. The original is unchanged."""
+    import onnx
+    from onnx import helper
+
+    onnx_path = Path(onnx_path)
+    model = onnx.load(str(onnx_path), load_external_data=False)  # weights stay in the shared .data file
+    for node in model.graph.node:
+        if node.domain == PLUGIN_NAMESPACE and node.op_type in ops:
+            kept = [a for a in node.attribute if a.name != "aot"]
+            del node.attribute[:]
+            node.attribute.extend(kept + [helper.make_attribute("aot", 1)])
+    out = onnx_path.with_name(onnx_path.stem + ".aot.onnx")
+    onnx.save(model, str(out))
+    return out
+
+
+def plugin_ops(onnx_path: Union[str, Path]) -> dict[str, list[str]]:
+    """Which stac ops of a graph run as AOT kernels (``aot=1``) and which as JIT Python callbacks."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    aot, jit = set(), set()
+    for node in model.graph.node:
+        if node.domain != PLUGIN_NAMESPACE:
+            continue
+        flag = next((a.i for a in node.attribute if a.name == "aot"), 0)
+        (aot if flag else jit).add(node.op_type)
+    return {"aot_ops": sorted(aot), "jit_ops": sorted(jit)}
 
 
 def layout_path(plan_path: Union[str, Path]) -> Path:

@@ -18,9 +18,14 @@ Each plugin has:
   definitions in the process that runs it: ``stac_backend.export.trt_runtime`` (e.g. inside the
   Triton Python backend) - not Triton's C++ tensorrt backend.
 
-No AOT implementation (compiled kernel baked into the engine) is provided: the cache-update ops
-are control-heavy (sorting, voxel tables, per-row merge rounds) and would need dedicated CUDA
-kernels; see docs/export.md for what that would take.
+AOT implementations (``@trtp.aot_impl``, TensorRT >= 10.10) for ``StacAttention`` and
+``StacScoreDecay``: Triton kernels compiled to PTX while the engine is built (``trt_aot``), baked
+into the engine and launched by TensorRT itself - no Python at run time. TensorRT uses a node's AOT
+implementation only when the ONNX node carries ``aot=1``; ``trt_build.build_engine(plugins="aot")``
+marks the nodes of ``trt_aot.AOT_OPS`` in a copy of the graph, ``plugins="jit"`` keeps every op on
+the JIT path (the fallback). ``StacTopKKeep``, ``StacVoxelPoolUpdate`` and ``StacRetrieve`` are
+JIT-only (control-heavy: sorting, voxel tables, per-row merge rounds), so only the ``full`` graph
+(StacAttention nodes only) gives an engine without Python callbacks; see docs/export.md.
 """
 
 # No `from __future__ import annotations`: tensorrt.plugin reads these functions' type hints.
@@ -52,13 +57,72 @@ def _attention(q, k, v, bias, valid, need_mass: int):
 
 
 def register() -> None:
-    """Register the five plugins with TensorRT's plugin registry (once per process)."""
+    """Register the five plugins with TensorRT's plugin registry (once per process), with the AOT
+    implementations where this TensorRT has ``tensorrt.plugin.aot_impl`` (>= 10.10)."""
     global _registered
     with _lock:
         if _registered:
             return
         _define()
+        import tensorrt.plugin as trtp
+
+        if hasattr(trtp, "aot_impl"):
+            _define_aot(trtp)
         _registered = True
+
+
+def _head_dim(expr, what: str) -> int:
+    """A build-time constant dimension (the PTX is specialised on it)."""
+    if isinstance(expr, int):
+        return expr
+    if not expr.is_constant:
+        raise ValueError(f"{what} must be a build-time constant for the AOT kernel")
+    return int(expr.constant_value())
+
+
+def _dtype_name(dtype) -> str:
+    import tensorrt as trt
+
+    names = {trt.float32: "fp32", trt.float16: "fp16"}
+    if dtype not in names:
+        raise ValueError(f"no AOT kernel for dtype {dtype}")
+    return names[dtype]
+
+
+def _aot_result(trtp, plan):
+    """What @trtp.aot_impl returns: (kernel name, PTX, launch parameters, int32 extra arguments)."""
+    from . import trt_aot
+
+    kernel = trt_aot.compile_plan(plan)
+    params = trtp.KernelLaunchParams()
+    params.grid_x, params.grid_y, params.grid_z = plan.grid
+    params.block_x = kernel.num_warps * 32  # Triton's CTA: num_warps warps of 32 threads
+    params.shared_mem = kernel.shared
+    extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in plan.extra_args])
+    return kernel.name.encode(), kernel.ptx.encode(), params, extra
+
+
+def _define_aot(trtp) -> None:
+    """AOT implementations; attributes a kernel needs become compile-time constants of its PTX
+    (TensorRT does not serialize the attributes of an AOT plugin)."""
+    from . import trt_aot
+
+    @trtp.aot_impl(PLUGIN_IDS["StacAttention"])
+    def attention_aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, key_bias: trtp.TensorDesc,
+                      key_valid: trtp.TensorDesc, need_mass: int, outputs: Tuple[trtp.TensorDesc]):
+        head_dim = _head_dim(q.shape_expr[3], "StacAttention q head dim")
+        if _head_dim(v.shape_expr[3], "StacAttention v head dim") != head_dim:
+            raise ValueError("StacAttention AOT kernel needs q, k and v with the same head dim")
+        plan = trt_aot.attention_plan(q.shape_expr, k.shape_expr, _dtype_name(q.dtype), int(need_mass), head_dim,
+                                      trtp.cdiv)
+        return _aot_result(trtp, plan)
+
+    @trtp.aot_impl(PLUGIN_IDS["StacScoreDecay"])
+    def score_decay_aot(hot_score: trtp.TensorDesc, hot_len: trtp.TensorDesc, mass: trtp.TensorDesc,
+                        ret_valid: trtp.TensorDesc, gamma: float, outputs: Tuple[trtp.TensorDesc]):
+        plan = trt_aot.score_decay_plan(hot_score.shape_expr, mass.shape_expr, ret_valid.shape_expr, float(gamma),
+                                        trtp.cdiv)
+        return _aot_result(trtp, plan)
 
 
 def _define() -> None:  # noqa: C901 - one block per plugin

@@ -2,7 +2,7 @@
 
 NOT EXERCISED HERE (no TensorRT on the project's machines). Inside the NGC-based image:
 
-    python3 -m stac_backend.export.trt_repository /models [--height 392 --width 518 --max-batch 4]
+    python3 -m stac_backend.export.trt_repository /models [--height 392 --width 518 --max-batch 4] [--plugins aot|jit]
 
 1. reads ``<repo>/stac/config.pbtxt`` parameters (PRESET, CHECKPOINT, CACHE_CONFIG, ...);
 2. exports the step graph of that model and cache to ``<repo>/stac/tensorrt/step.onnx`` (+ .data);
@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-frames", type=int, default=None, help="full policy: frames a stream may hold")
     parser.add_argument("--max-batch", type=int, default=4)
     parser.add_argument("--fp16", action="store_true")
+    parser.add_argument("--plugins", choices=["aot", "jit"], default="aot",
+                        help="aot: compiled kernels for StacAttention/StacScoreDecay (the rest JIT); jit: all JIT")
     args = parser.parse_args(argv)
 
     import torch
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
     out = model_dir / "tensorrt"
     onnx_path = export_step(model, cache, out / "step.onnx", height=args.height, width=args.width, max_frames=args.max_frames)
     del model
-    build_engine(onnx_path, out / "step.plan", max_batch=args.max_batch, fp16=args.fp16)
+    build_engine(onnx_path, out / "step.plan", max_batch=args.max_batch, fp16=args.fp16, plugins=args.plugins)
     config_path.write_text(set_parameters(config_path.read_text(), {"RUNTIME": "tensorrt", "TRT_PLAN": "tensorrt/step.plan"}))
     print(f"[tensorrt] {out / 'step.plan'} built; {config_path} now uses RUNTIME=tensorrt", flush=True)
     return 0
