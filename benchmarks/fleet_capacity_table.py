@@ -5,7 +5,7 @@ Reads every ``docs/benchmarks/*.json``: capacity sweeps (``kind: fleet_capacity`
 Measured rows come only from those files. The GPU rows (vggt-1b, 518x392, bf16, one GPU per
 server) show the per-stream cache bound for each budget - exact, computed by the cache code - and
 the streams a GPU sustains only once a GPU capacity file exists (``--device cuda`` run of
-``benchmarks/fleet.py``, issue #7's benchmark machine); until then they say *pending #7*.
+``benchmarks/fleet.py``); a budget without a measurement says *not measured*.
 
     python benchmarks/fleet_capacity_table.py                       # print the table
     python benchmarks/fleet_capacity_table.py --write docs/deployment.md   # replace the marked section
@@ -87,7 +87,7 @@ def gpu_rows(gpu_files: list[tuple[str, dict]]) -> list[str]:
             n, fps, name = measured[label]
             streams = f"**{n}** at {fps:g} fps (`{name}`)"
         else:
-            streams = "pending #7 (`docs/benchmarks/fleet_capacity_gpu.json`)"
+            streams = "not measured"
         rows.append(f"| {label} | {_gib(bound)} | {ceiling if ceiling is not None else '-'} | {streams} |")
     return rows
 
@@ -104,7 +104,9 @@ def build(directory: Path) -> str:
         "**One GPU, production model** (vggt-1b, 518x392, bf16, chunk 4). *Bound*: the most one stream's caches",
         "can hold with that budget (exact, from the cache code). *Memory ceiling*: (80 GB - 2.5 GB of weights) / bound,",
         "an upper limit that ignores activations and the CUDA context. *Streams per GPU*: measured by",
-        "`benchmarks/fleet.py --device cuda` only.",
+        "`benchmarks/fleet.py --device cuda` only. At this size one H100 is compute-bound long before it is",
+        "memory-bound: the stream count is set by frames/s, not by the cache budget (the budgets measured",
+        "sustain the same count), so a smaller budget buys room for other work, not more cameras.",
         "",
         "| cache budget | bound per stream | memory ceiling (streams) | streams per GPU (measured) |",
         "| --- | --- | --- | --- |",

@@ -48,12 +48,13 @@ def configs(args) -> dict[str, CacheConfig]:
 def run(model, seq, config, chunk=4):
     stream = Stream(model, cache=config)
     outs, peak = [], 0
+    device = next(model.parameters()).device
     t0 = time.perf_counter()
     for i in range(0, seq.num_frames, chunk):
-        outs.append(stream.push(seq.images[i : i + chunk]))
+        outs.append(stream.push(seq.images[i : i + chunk].to(device)))
         peak = max(peak, stream.memory_bytes())
     seconds = time.perf_counter() - t0
-    pred = {k: torch.cat([o[k] for o in outs]) for k in ("depth", "world_points", "extrinsics", "world_points_conf")}
+    pred = {k: torch.cat([o[k] for o in outs]).float().cpu() for k in ("depth", "world_points", "extrinsics", "world_points_conf")}
     stats = {k: v for k, v in stream.cache.stats().items() if isinstance(v, (int, float))}
     return pred, {"peak_cache_bytes": peak, "seconds": seconds, "frames_per_second": seq.num_frames / seconds, "cache_stats": stats}
 
@@ -66,13 +67,14 @@ def main() -> int:
     p.add_argument("--trajectory", default="loop")
     p.add_argument("--height", type=int, default=84)
     p.add_argument("--width", type=int, default=112)
-    p.add_argument("--stac-overrides", default='{"conf_threshold": 1.0}',
-                   help="CacheConfig fields for stac (default: confidence bar 1.0, see docs/quality.md)")
+    p.add_argument("--stac-overrides", default="{}",
+                   help="CacheConfig fields for stac (default: none - the reference confidence bar 2.0)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="where the model runs (metrics run on the CPU)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model = build_model(checkpoint=args.checkpoint)
+    model = build_model(checkpoint=args.checkpoint, device=args.device)
     results = {name: [] for name in configs(args)}
     baseline, example = [], None
     for s in range(args.sequences):
@@ -83,13 +85,22 @@ def main() -> int:
         for name, config in configs(args).items():
             pred, info = run(model, seq, config)
             metrics = evaluate_sequence(pred, seq)
+            conf = pred["world_points_conf"][seq.valid]
+            info["point_conf_percentiles"] = {q: float(conf.quantile(q / 100)) for q in (10, 50, 90)} if conf.numel() else {}
             results[name].append({"seed": HELD_OUT_SEED + s, **info, "metrics": metrics})
             print(f"seq {s} {name}: abs_rel {metrics['abs_rel']:.3f} acc {metrics['acc_mean']:.3f} comp {metrics['comp_mean']:.3f} "
                   f"ate {metrics['ate_rmse']:.3f} cache {info['peak_cache_bytes'] / 2**20:.1f} MiB {info['frames_per_second']:.1f} fps",
                   file=sys.stderr)
             if s == 0 and name == "stac":
                 example = (pred, seq)
+        write_report(args, results, baseline, done=s + 1)  # after every sequence: a long run keeps what it measured
+    report = write_report(args, results, baseline, done=args.sequences)
+    print(json.dumps(report["summary"], indent=1))
+    plot(report, example, args.out.with_suffix(""))
+    return 0
 
+
+def write_report(args, results, baseline, done: int) -> dict:
     def mean(rows, key):
         values = [r["metrics"][key] if "metrics" in r else r[key] for r in rows]
         return float(np.mean(values))
@@ -99,13 +110,12 @@ def main() -> int:
                                                           "frames_per_second": mean([{"x": r["frames_per_second"]} for r in rows], "x")}
                for name, rows in results.items()}
     summary["baseline_median_depth"] = {k: float(np.mean([b[k] for b in baseline])) for k in ("abs_rel", "delta_1.25")}
-    report = {"benchmark": "quality", "checkpoint": str(args.checkpoint.name), "frames": args.frames, "sequences": args.sequences,
+    report = {"benchmark": "quality", "checkpoint": str(args.checkpoint.name), "device": args.device, "frames": args.frames,
+              "sequences": done, "stac_overrides": json.loads(args.stac_overrides or "{}"),
               "trajectory": args.trajectory, "image_hw": [args.height, args.width], "summary": summary, "runs": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1, default=float))
-    print(json.dumps(summary, indent=1))
-    plot(report, example, args.out.with_suffix(""))
-    return 0
+    return report
 
 
 def plot(report, example, stem: Path) -> None:

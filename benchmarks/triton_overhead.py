@@ -56,9 +56,38 @@ def run_engine(model, frames: list[np.ndarray], cache: dict, chunk: int, device:
 def run_server(url: str, frames: list[np.ndarray], first_id: int, chunk: int, height: int, width: int) -> dict:
     ids = list(range(first_id, first_id + len(frames)))
     config = FleetConfig(url=url, streams=len(frames), stream_ids=ids, frames=frames[0].shape[0], chunk=chunk,
-                         height=height, width=width, fps=None, max_restarts=0, progress=False, request_timeout_s=600)
+                         height=height, width=width, fps=None, max_restarts=0, progress=False, request_timeout_s=600,
+                         connections=len(frames))
     result = run_fleet(config, frames=dict(zip(ids, frames)))
     return result.aggregate()
+
+
+def model_statistics(url: str, model: str = "stac") -> dict:
+    """Triton's cumulative counters for the model: requests, executions, per-phase time, batch sizes."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    finally:
+        client.close()
+    phases = stats.get("inference_stats", {})
+    return {
+        "inference_count": int(stats.get("inference_count", 0)),
+        "execution_count": int(stats.get("execution_count", 0)),
+        "ns": {k: int(v.get("ns", 0)) for k, v in phases.items()},
+        "batches": {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])},
+    }
+
+
+def statistics_delta(before: dict, after: dict) -> dict:
+    """What one run added: mean requests per execute() and per-request time in each phase."""
+    requests = after["inference_count"] - before["inference_count"]
+    executions = after["execution_count"] - before["execution_count"]
+    per_request_ms = {k: (after["ns"][k] - before["ns"].get(k, 0)) / max(1, requests) / 1e6 for k in after["ns"]}
+    batches = {b: n - before["batches"].get(b, 0) for b, n in after["batches"].items() if n - before["batches"].get(b, 0)}
+    return {"requests": requests, "executions": executions, "mean_requests_per_execution": requests / max(1, executions),
+            "per_request_ms": per_request_ms, "executions_by_batch_size": batches}
 
 
 def main() -> int:
@@ -73,6 +102,9 @@ def main() -> int:
     p.add_argument("--frames", type=int, default=24, help="frames per stream")
     p.add_argument("--scene-frames", type=int, default=16, help="frames rendered per stream, then replayed")
     p.add_argument("--threads", type=int, default=1, help="CPU: torch threads (server stub and engine alike)")
+    p.add_argument("--queue-delays-us", default="2000",
+                   help="comma-separated max_queue_delay_microseconds of the sequence batcher; one server each")
+    p.add_argument("--strategies", default="oldest", help="comma-separated sequence-batching strategies (oldest, direct)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
 
@@ -83,22 +115,33 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     frames = [make_frames(k, args.frames, height, width, "synthetic", scene_frames=args.scene_frames, device=args.device)
               for k in range(max(counts))]
-    rows = []
 
-    # 1. Through Triton (server first: it owns the GPU while it runs, then frees it on stop).
-    workdir = Path(tempfile.mkdtemp(prefix="stac-overhead-"))
-    server = start_local_server(workdir, preset=args.preset, device=args.device, dtype=args.dtype, cache_config=cache,
-                                max_streams=max(counts) + 2, max_batch_size=max(16, max(counts)),
-                                threads=args.threads if cpu else None)
-    try:
-        for n in counts:
-            run_server(server.grpc_url, frames[:n], 10_000 * n, args.chunk, height, width)  # warm-up, same shape
-            agg = run_server(server.grpc_url, frames[:n], 10_000 * n + 1000, args.chunk, height, width)
-            rows.append({"streams": n, "triton": {"frames_per_second": agg["frames_per_second"], "errors": agg["errors"],
-                                                   "latency_ms": agg["latency_ms"], "frames": agg["frames"]}})
-            print(f"[triton] {n} streams: {agg['frames_per_second']:.2f} frames/s, errors {agg['errors']}", file=sys.stderr)
-    finally:
-        server.stop()
+    # 1. Through Triton (servers first: each owns the GPU while it runs, then frees it on stop).
+    rows = [{"streams": n, "triton": {}} for n in counts]
+    servers = [(strategy, int(d)) for strategy in args.strategies.split(",") for d in args.queue_delays_us.split(",")]
+    for strategy, delay_us in servers:
+        label = f"{strategy},queue_delay_us={delay_us}"
+        workdir = Path(tempfile.mkdtemp(prefix="stac-overhead-"))
+        # max_batch_size = the largest load, so that oldest's preferred batch (= max_batch_size) is "every stream"
+        server = start_local_server(workdir, preset=args.preset, device=args.device, dtype=args.dtype, cache_config=cache,
+                                    max_streams=max(counts) + 2, max_batch_size=max(counts), strategy=strategy,
+                                    max_queue_delay_us=delay_us, threads=args.threads if cpu else None)
+        try:
+            for row in rows:
+                n = row["streams"]
+                run_server(server.grpc_url, frames[:n], 10_000 * n + delay_us, args.chunk, height, width)  # warm-up
+                before = model_statistics(server.grpc_url)
+                agg = run_server(server.grpc_url, frames[:n], 10_000 * n + delay_us + 1000, args.chunk, height, width)
+                server_side = statistics_delta(before, model_statistics(server.grpc_url))
+                row["triton"][label] = {
+                    "frames_per_second": agg["frames_per_second"], "errors": agg["errors"], "latency_ms": agg["latency_ms"],
+                    "frames": agg["frames"], "server": server_side}
+                print(f"[triton] {n} streams, {label}: {agg['frames_per_second']:.2f} frames/s, "
+                      f"errors {agg['errors']}, {server_side['mean_requests_per_execution']:.2f} requests/execute, "
+                      f"per request ms {json.dumps({k: round(v, 1) for k, v in server_side['per_request_ms'].items()})}",
+                      file=sys.stderr)
+        finally:
+            server.stop()
 
     # 2. In process, the same model build and frames.
     model = build_model(args.preset, device=args.device, dtype=DTYPES[args.dtype]).eval()
@@ -109,8 +152,9 @@ def main() -> int:
             seconds = run_engine(model, frames[:n], cache, args.chunk, args.device)
             fps = n * args.frames / seconds
             row["engine"] = {"frames_per_second": fps}
-            row["triton_over_engine"] = row["triton"]["frames_per_second"] / fps
-            print(f"[engine] {n} streams: {fps:.2f} frames/s -> Triton/engine {row['triton_over_engine']:.3f}", file=sys.stderr)
+            row["triton_over_engine"] = {k: v["frames_per_second"] / fps for k, v in row["triton"].items()}
+            print(f"[engine] {n} streams: {fps:.2f} frames/s -> Triton/engine {json.dumps(row['triton_over_engine'])}",
+                  file=sys.stderr)
 
     data = {
         "kind": "triton_overhead",

@@ -509,7 +509,8 @@ def scrape_metrics(url: str, timeout: float = 10.0, by_label: bool = False) -> d
 def start_local_server(workdir: Path, *, preset: str = "tiny", checkpoint: Optional[Path] = None,
                        device: str = "cpu", dtype: str = "float32",
                        cache_config: Optional[dict] = None, max_streams: int = 64, idle_ttl_s: float = 120.0,
-                       max_batch_size: int = 16, max_queue_delay_us: int = 2000, threads: Optional[int] = None,
+                       max_batch_size: int = 16, max_queue_delay_us: int = 2000, strategy: str = "oldest",
+                       threads: Optional[int] = None,
                        http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0, log_callback=None,
                        extra_args: Sequence[str] = (), die_with_parent: bool = True, wait: bool = True):
     """A tritonserver with the stac model (tiny preset on CPU unless told otherwise; ``device="cuda"``
@@ -528,7 +529,7 @@ def start_local_server(workdir: Path, *, preset: str = "tiny", checkpoint: Optio
         instance_kind="KIND_GPU" if device.startswith("cuda") else "KIND_CPU",
         cache_config=cache_config or {"policy": "stac"}, max_streams=max_streams, idle_ttl_s=idle_ttl_s,
         triton_idle_us=int(idle_ttl_s * 1e6), max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
-        max_candidate_sequences=max(64, max_streams),
+        max_candidate_sequences=max(64, max_streams), strategy=strategy,
     )
     repo = write_repository(workdir / "model_repository", settings, checkpoint_file=checkpoint)
     env = {"OMP_NUM_THREADS": str(threads)} if threads else None

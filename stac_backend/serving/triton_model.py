@@ -187,10 +187,7 @@ class TritonPythonModel:
         if isinstance(result, RequestError):
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result)))
         assert isinstance(result, StepResult)
-        tensors = []
-        for name, (key, dtype) in OUTPUTS.items():
-            value = result.outputs[key].detach().to(device="cpu", dtype=dtype).contiguous()
-            tensors.append(_from_torch(name, value.unsqueeze(0)))
+        tensors = [_from_torch(name, value.unsqueeze(0)) for name, value in outputs_on_host(result.outputs).items()]
         tensors.append(_from_torch("CACHE_BYTES", torch.tensor([[result.cache_bytes]], dtype=torch.int64)))
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
@@ -205,6 +202,29 @@ class TritonPythonModel:
             elif value > self._counted[key]:
                 metric.increment(value - self._counted[key])
                 self._counted[key] = value
+
+
+def outputs_on_host(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A step's outputs as contiguous host tensors in wire dtypes, keyed by output name.
+
+    On a GPU all float outputs (~5 MB per 518x392 frame) leave in ONE device-to-host copy into
+    pinned memory - one synchronisation and full PCIe speed - instead of one pageable copy per
+    output; the results are views of that buffer.
+    """
+    floats = [(name, outputs[key].detach()) for name, (key, dtype) in OUTPUTS.items() if dtype is torch.float32]
+    flat = torch.cat([value.reshape(-1).float() for _, value in floats])
+    if flat.is_cuda:
+        host = torch.empty(flat.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(flat)
+        flat = host
+    host_outputs, offset = {}, 0
+    for name, value in floats:
+        host_outputs[name] = flat[offset:offset + value.numel()].view(value.shape)
+        offset += value.numel()
+    for name, (key, dtype) in OUTPUTS.items():
+        if dtype is not torch.float32:
+            host_outputs[name] = outputs[key].detach().to(device="cpu", dtype=dtype).contiguous()
+    return {name: host_outputs[name] for name in OUTPUTS}
 
 
 def _to_torch(tensor) -> torch.Tensor:

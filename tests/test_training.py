@@ -1,0 +1,44 @@
+"""The training losses (stac_backend.training.train): known answers, and a two-step run that resumes."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from stac_backend.training.train import confidence_l1, main, scene_scale
+
+
+def test_scene_scale_is_the_mean_valid_point_distance():
+    points = torch.zeros(2, 1, 2, 2, 3)
+    points[0, 0, 0, 0] = torch.tensor([3.0, 4.0, 0.0])  # distance 5
+    points[0, 0, 1, 1] = torch.tensor([0.0, 0.0, 1.0])  # distance 1
+    points[1] = 2.0  # every point at distance 2*sqrt(3)
+    valid = torch.zeros(2, 1, 2, 2, dtype=torch.bool)
+    valid[0, 0, 0, 0] = valid[0, 0, 1, 1] = True
+    valid[1] = True
+    assert torch.allclose(scene_scale(points, valid), torch.tensor([3.0, 2 * 3 ** 0.5]))
+
+
+def test_confidence_optimum_is_alpha_over_the_scale_relative_error():
+    """d/dc (c * e/s - alpha * log c) = 0  ->  c = alpha * s / e: the same confidence for the same
+    relative error in a small and a large scene."""
+    alpha = 0.2
+    target = torch.zeros(1, 1, 1, 1)
+    valid = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+    for scale, err in ((1.0, 0.02), (10.0, 0.2)):
+        conf = torch.linspace(1.0, 30.0, 2901)
+        losses = torch.stack([confidence_l1(target + err, c.view(1, 1, 1, 1), target, valid, torch.tensor([scale]), alpha)
+                              for c in conf])
+        best = conf[losses.argmin()]
+        assert abs(float(best) - alpha * scale / err) < 0.02
+
+
+def test_two_steps_then_resume(tmp_path):
+    torch.set_num_threads(1)
+    args = ["--preset", "tiny", "--device", "cpu", "--pool", "2", "--pool-frames", "6", "--batch", "1", "--frames", "4",
+            "--height", "28", "--width", "42", "--max-steps", "2", "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 2
+    assert main(args[:-2] + ["--max-steps", "3", "--resume", str(tmp_path / "run" / "last.pt"), "--out", str(tmp_path / "run2")]) == 0
+    assert json.loads((tmp_path / "run2" / "state.json").read_text())["step"] == 3
