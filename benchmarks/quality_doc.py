@@ -22,10 +22,35 @@ def training_summary(path: Path) -> str:
     runs = json.loads(path.read_text())["runs"]
     steps = runs[-1]["history"][-1]["step"]
     minutes = sum(float(r["args"]["minutes"]) for r in runs)
-    return f"trained for ~{steps:,} steps in {len(runs)} runs, each resuming the last, (~{minutes:.0f} min on one H100, `{path.relative_to(ROOT)}`)"
+    return f"trained for ~{steps:,} steps in {len(runs)} runs, each resuming the last (~{minutes:.0f} min on one H100, `{path.relative_to(ROOT)}`)"
 
 
-def render(report: dict, source: Path, training: Path) -> str:
+def previous_comparison(report: dict, previous: dict, previous_name: str) -> list[str]:
+    """The same held-out seed through both checkpoints (policy ``full``): what the latest training changed."""
+    keys = ("abs_rel", "acc_mean", "comp_mean", "nc_mean", "ate_rmse", "rpe_trans", "rpe_rot_deg")
+    new = {r["seed"]: r["metrics"] for r in report["runs"]["full"]}
+    old = {r["seed"]: r["metrics"] for r in previous["runs"]["full"]}
+    lines = []
+    for seed in sorted(set(new) & set(old)):
+        lines += [
+            "",
+            f"Against the previous checkpoint (`{previous_name}`, {previous.get('checkpoint', '?')}), same held-out seed "
+            f"{seed}, policy `full`:",
+            "",
+            "| checkpoint | depth Abs Rel | acc (m) | comp (m) | NC | ATE (m) | RPE trans (m) | RPE rot (deg) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for label, m in (("previous", old[seed]), ("this one", new[seed])):
+            lines.append(f"| {label} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |")
+        names = {"abs_rel": "depth Abs Rel", "acc_mean": "accuracy", "comp_mean": "completeness", "nc_mean": "NC",
+                 "ate_rmse": "ATE", "rpe_trans": "RPE trans", "rpe_rot_deg": "RPE rot"}
+        better = [names[k] for k in keys if (new[seed][k] > old[seed][k]) == (k == "nc_mean")]
+        worse = [names[k] for k in keys if names[k] not in better]
+        lines += ["", f"Better now: {', '.join(better) or 'none'}; worse: {', '.join(worse) or 'none'}."]
+    return lines
+
+
+def render(report: dict, source: Path, training: Path, previous: Path | None = None) -> str:
     s = report["summary"]
     h, w = report["image_hw"]
     stac_runs = report["runs"]["stac"]
@@ -76,6 +101,8 @@ def render(report: dict, source: Path, training: Path) -> str:
         f"{pool.get('retrieved_per_head', 0)} pivots per head at the end. At the reference bar (2.0) these "
         "confidences would pool nothing. At this tiny model size the preallocated pool dominates `stac`'s memory."
     )
+    if previous is not None and previous.is_file():
+        lines += previous_comparison(report, json.loads(previous.read_text()), previous.name)
     lines += [
         "",
         f"![quality](benchmarks/{source.stem}.png)",
@@ -90,10 +117,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", type=Path, default=ROOT / "docs/benchmarks/quality_small_cpu.json")
     p.add_argument("--training", type=Path, default=ROOT / "docs/benchmarks/training_small_h100.json")
+    p.add_argument("--previous", type=Path, default=ROOT / "docs/benchmarks/quality_small_cpu_step7874.json",
+                   help="an earlier checkpoint's quality JSON to compare on shared seeds")
     p.add_argument("--out", type=Path, default=ROOT / "docs/quality.md")
     args = p.parse_args()
     source = args.source.resolve()
-    args.out.write_text(render(json.loads(source.read_text()), source, args.training.resolve()))
+    args.out.write_text(render(json.loads(source.read_text()), source, args.training.resolve(), args.previous.resolve()))
     print(f"wrote {args.out}")
     return 0
 
