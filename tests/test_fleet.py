@@ -172,18 +172,18 @@ def _capacity_file(device, preset, budgets):
                         for b, n in budgets]}
 
 
-def test_capacity_table_uses_measurements_only_and_marks_gpu_rows_pending(tmp_path):
+def test_capacity_table_uses_measurements_only_and_marks_unmeasured_gpu_rows(tmp_path):
     table = _capacity_table_module()
     (tmp_path / "fleet_capacity_cpu.json").write_text(json.dumps(_capacity_file("cpu", "tiny", [("window", 5), ("stac", 3)])))
     (tmp_path / "unrelated.json").write_text(json.dumps({"something": 1}))
     text = table.build(tmp_path)
     assert "| window | 1.0 MiB | **5** at 10 fps | 50.0 | 321 | `fleet_capacity_cpu.json` |" in text
-    gpu_lines = [line for line in text.splitlines() if "pending #7" in line]
-    assert len(gpu_lines) == len(table.GPU_BUDGETS)  # no GPU file: every GPU row is pending, none invented
+    gpu_lines = [line for line in text.splitlines() if line.endswith("| not measured |")]
+    assert len(gpu_lines) == len(table.GPU_BUDGETS)  # no GPU file: every GPU row says so, none invented
     (tmp_path / "fleet_capacity_gpu.json").write_text(json.dumps(_capacity_file("cuda", "vggt-1b", [("stac", 12)])))
     text = table.build(tmp_path)
     assert "**12** at 10 fps (`fleet_capacity_gpu.json`)" in text
-    assert len([line for line in text.splitlines() if "pending #7" in line]) == len(table.GPU_BUDGETS) - 1
+    assert len([line for line in text.splitlines() if line.endswith("| not measured |")]) == len(table.GPU_BUDGETS) - 1
     doc = tmp_path / "doc.md"
     doc.write_text(f"intro\n{table.BEGIN}\nold\n{table.END}\noutro\n")
     table.write_into(doc, text)
