@@ -63,17 +63,26 @@ class StacClient:
         self.timeout_s = timeout_s
         self.client = grpcclient.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates)
 
-    def send_chunk(self, stream_id: int, frames, start: bool = False, end: bool = False) -> dict[str, np.ndarray]:
-        """One chunk [C, 3, H, W] of one stream; returns outputs without the batch dimension."""
+    def send_chunk(self, stream_id: int, frames, start: bool = False, end: bool = False,
+                   outputs: Optional[Iterable[str]] = None) -> dict[str, np.ndarray]:
+        """One chunk [C, 3, H, W] of one stream; returns outputs without the batch dimension.
+
+        outputs: the keys wanted (e.g. ``("depth", "pose_enc")``; default all). The server sends only
+        those: a 518x392 frame's dense float outputs are ~5 MB, most of it points and confidences.
+        """
         data = as_uint8_frames(frames)[None]
         inputs = [self._grpc.InferInput("FRAMES", list(data.shape), "UINT8")]
         inputs[0].set_data_from_numpy(data)
-        outputs = [self._grpc.InferRequestedOutput(name) for name in OUTPUT_KEYS]
+        wanted = {name: key for name, key in OUTPUT_KEYS.items() if outputs is None or key in set(outputs)}
+        unknown = set(outputs or ()) - set(OUTPUT_KEYS.values())
+        if unknown or not wanted:
+            raise ValueError(f"unknown or no outputs {sorted(unknown)}; choose from {sorted(OUTPUT_KEYS.values())}")
+        requested = [self._grpc.InferRequestedOutput(name) for name in wanted]
         attempt = 0
         while True:
             try:
                 result = self.client.infer(
-                    self.model, inputs, outputs=outputs, sequence_id=int(stream_id), sequence_start=start,
+                    self.model, inputs, outputs=requested, sequence_id=int(stream_id), sequence_start=start,
                     sequence_end=end, headers={"x-stream-id": str(stream_id)}, client_timeout=self.timeout_s,
                 )
                 break
@@ -83,7 +92,7 @@ class StacClient:
                     raise StreamError(f"stream {stream_id}: {exc.message()}") from exc
                 time.sleep(self.backoff_s * 2**attempt)
                 attempt += 1
-        return {key: result.as_numpy(name)[0] for name, key in OUTPUT_KEYS.items()}
+        return {key: result.as_numpy(name)[0] for name, key in wanted.items()}
 
     def stream(self, frames: Iterable, stream_id: int, chunk_size: int = 4) -> Iterator[dict[str, np.ndarray]]:
         """Send frames [3, H, W] as chunks of ``chunk_size``; START on the first, END on the last."""

@@ -114,6 +114,20 @@ def test_concurrent_interleaved_streams_equal_in_process_engine(server, model):
                 assert diff <= 1e-4, f"stream {sid} {key} differs by {diff}"
 
 
+def test_only_requested_outputs_are_sent(server, client, model):
+    frames = video(11, 8)
+    want = local_reference(model, frames)
+    first = client.send_chunk(11, frames[:4], start=True, outputs=("depth", "pose_enc"))
+    assert set(first) == {"depth", "pose_enc"}
+    second = client.send_chunk(11, frames[4:8], end=True, outputs=("frame_index", "cache_bytes"))
+    assert set(second) == {"frame_index", "cache_bytes"}
+    assert second["frame_index"].tolist() == [4, 5, 6, 7] and second["cache_bytes"] > 0
+    for key in ("depth", "pose_enc"):
+        assert np.abs(first[key] - want[0][key].numpy()).max() <= 1e-4
+    with pytest.raises(ValueError, match="unknown"):
+        client.send_chunk(12, frames[:4], start=True, outputs=("depth", "normals"))
+
+
 def test_end_frees_memory_and_repeated_start_resets(server, client):
     frames = video(7, 8)
     first = client.send_chunk(7, frames[:4], start=True)

@@ -36,3 +36,11 @@ def test_float_outputs_do_not_alias_each_other():
     host = outputs_on_host(step_outputs("cpu"))
     host["DEPTH"].fill_(7.0)
     assert not bool((host["DEPTH_CONF"] == 7.0).all())
+
+
+def test_outputs_on_host_selects_names():
+    outputs = step_outputs("cpu")
+    host = outputs_on_host(outputs, ["POSE_ENC", "FRAME_INDEX", "DEPTH"])
+    assert list(host) == ["POSE_ENC", "FRAME_INDEX", "DEPTH"]
+    assert torch.equal(host["DEPTH"], outputs["depth"].float())
+    assert list(outputs_on_host(outputs, ["FRAME_INDEX"])) == ["FRAME_INDEX"]  # no float output at all

@@ -149,7 +149,7 @@ class TritonPythonModel:
         if ok:
             for i, result in zip(ok, self.sessions.handle([parsed[i] for i in ok])):
                 results[i] = result
-        responses = [self._respond(r) for r in results]
+        responses = [self._respond(result, request) for result, request in zip(results, requests)]
         self._publish_metrics()
         return responses
 
@@ -181,14 +181,19 @@ class TritonPythonModel:
         except Exception as exc:  # noqa: BLE001 - any malformed request is that client's error
             return RequestError(f"malformed request: {exc}")
 
-    def _respond(self, result):
+    def _respond(self, result, request):
         if result is None:  # a null request (direct strategy, idle slot): nothing to compute, nothing touched
             return pb_utils.InferenceResponse(output_tensors=[])
         if isinstance(result, RequestError):
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result)))
         assert isinstance(result, StepResult)
-        tensors = [_from_torch(name, value.unsqueeze(0)) for name, value in outputs_on_host(result.outputs).items()]
-        tensors.append(_from_torch("CACHE_BYTES", torch.tensor([[result.cache_bytes]], dtype=torch.int64)))
+        # Only what the client asked for leaves the GPU and crosses the wire (Triton lists every output
+        # when a client names none).
+        wanted = set(request.requested_output_names())
+        host = outputs_on_host(result.outputs, [name for name in OUTPUTS if name in wanted])
+        tensors = [_from_torch(name, value.unsqueeze(0)) for name, value in host.items()]
+        if "CACHE_BYTES" in wanted:
+            tensors.append(_from_torch("CACHE_BYTES", torch.tensor([[result.cache_bytes]], dtype=torch.int64)))
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
     def _publish_metrics(self) -> None:
@@ -204,14 +209,17 @@ class TritonPythonModel:
                 self._counted[key] = value
 
 
-def outputs_on_host(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A step's outputs as contiguous host tensors in wire dtypes, keyed by output name.
+def outputs_on_host(outputs: dict[str, torch.Tensor], names: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
+    """A step's outputs (``names``, default all of OUTPUTS) as contiguous host tensors in wire dtypes.
 
     On a GPU all float outputs (~5 MB per 518x392 frame) leave in ONE device-to-host copy into
     pinned memory - one synchronisation and full PCIe speed - instead of one pageable copy per
     output; the results are views of that buffer.
     """
-    floats = [(name, outputs[key].detach()) for name, (key, dtype) in OUTPUTS.items() if dtype is torch.float32]
+    selected = {name: OUTPUTS[name] for name in (OUTPUTS if names is None else names)}
+    floats = [(name, outputs[key].detach()) for name, (key, dtype) in selected.items() if dtype is torch.float32]
+    if not floats:
+        return {name: outputs[key].detach().to(device="cpu", dtype=dtype).contiguous() for name, (key, dtype) in selected.items()}
     flat = torch.cat([value.reshape(-1).float() for _, value in floats])
     if flat.is_cuda:
         host = torch.empty(flat.shape, dtype=torch.float32, pin_memory=True)
@@ -221,10 +229,10 @@ def outputs_on_host(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     for name, value in floats:
         host_outputs[name] = flat[offset:offset + value.numel()].view(value.shape)
         offset += value.numel()
-    for name, (key, dtype) in OUTPUTS.items():
+    for name, (key, dtype) in selected.items():
         if dtype is not torch.float32:
             host_outputs[name] = outputs[key].detach().to(device="cpu", dtype=dtype).contiguous()
-    return {name: host_outputs[name] for name in OUTPUTS}
+    return {name: host_outputs[name] for name in selected}
 
 
 def _to_torch(tensor) -> torch.Tensor:
