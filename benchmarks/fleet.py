@@ -11,8 +11,8 @@ table of docs/deployment.md.
 
     python benchmarks/fleet.py --out docs/benchmarks/fleet_capacity_cpu.json                  # CPU, tiny, 56x84
     python benchmarks/fleet.py --device cuda --preset vggt-1b --dtype bfloat16 --size 392x518 \\
-        --budgets window,stac:1.5GiB,stac:1.75GiB,stac --fps 10 --counts 1,2,4,6,8,12,16 \\
-        --out docs/benchmarks/fleet_capacity_gpu.json                                          # GPU machine (#7)
+        --budgets stac:1.5GiB,stac --fps 10 --counts 1,2,3,4 --frames 48 \\
+        --out docs/benchmarks/fleet_capacity_h100.json                                         # one H100
 """
 
 from __future__ import annotations

@@ -105,6 +105,8 @@ def main() -> int:
     p.add_argument("--queue-delays-us", default="2000",
                    help="comma-separated max_queue_delay_microseconds of the sequence batcher; one server each")
     p.add_argument("--strategies", default="oldest", help="comma-separated sequence-batching strategies (oldest, direct)")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="the model's max_batch_size, also oldest's preferred batch (default: the largest stream count)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
 
@@ -117,14 +119,15 @@ def main() -> int:
               for k in range(max(counts))]
 
     # 1. Through Triton (servers first: each owns the GPU while it runs, then frees it on stop).
+    max_batch_size = args.max_batch_size or max(counts)
     rows = [{"streams": n, "triton": {}} for n in counts]
     servers = [(strategy, int(d)) for strategy in args.strategies.split(",") for d in args.queue_delays_us.split(",")]
     for strategy, delay_us in servers:
         label = f"{strategy},queue_delay_us={delay_us}"
         workdir = Path(tempfile.mkdtemp(prefix="stac-overhead-"))
-        # max_batch_size = the largest load, so that oldest's preferred batch (= max_batch_size) is "every stream"
+        # default max_batch_size = the largest load, so that oldest's preferred batch (= max_batch_size) is "every stream"
         server = start_local_server(workdir, preset=args.preset, device=args.device, dtype=args.dtype, cache_config=cache,
-                                    max_streams=max(counts) + 2, max_batch_size=max(counts), strategy=strategy,
+                                    max_streams=max(counts) + 2, max_batch_size=max_batch_size, strategy=strategy,
                                     max_queue_delay_us=delay_us, threads=args.threads if cpu else None)
         try:
             for row in rows:
@@ -163,6 +166,7 @@ def main() -> int:
         "dtype": args.dtype,
         "frame_size": [height, width],
         "cache_config": cache,
+        "max_batch_size": max_batch_size,
         "frames_per_stream": args.frames,
         "threads": args.threads if cpu else None,
         "environment": environment(),

@@ -154,15 +154,12 @@ def serve_settings_from_args(args: argparse.Namespace):
 
 
 def start_local_server(args: argparse.Namespace, workdir: Path, ports=(0, 0, 0)):
-    from .serving.repository import write_repository
-    from .serving.tritonserver import TritonServer
+    from .serving.repository import local_server
 
-    repo = write_repository(workdir / "model_repository", serve_settings_from_args(args), args.checkpoint)
-    server = TritonServer(
-        repo, http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2], host=args.host,
-        log_file=workdir / "tritonserver.log", log_callback=None if args.quiet else (lambda line: print(line, file=sys.stderr)),
-        die_with_parent=True,
-        check_numpy=False,  # the stac model moves tensors only through DLPack (numpy 2 is fine)
+    server = local_server(
+        serve_settings_from_args(args), workdir, args.checkpoint,
+        http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2], host=args.host,
+        log_callback=None if args.quiet else (lambda line: print(line, file=sys.stderr)), die_with_parent=True,
     )
     return server.start_and_wait()
 

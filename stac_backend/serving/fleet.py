@@ -519,11 +519,8 @@ def start_local_server(workdir: Path, *, preset: str = "tiny", checkpoint: Optio
     ``threads`` sets OMP_NUM_THREADS for the server's stub (torch's intra-op threads).
     Returns the started :class:`TritonServer` (ready when ``wait``); the caller stops it.
     """
-    from .repository import ServeSettings, write_repository
-    from .tritonserver import TritonServer
+    from .repository import ServeSettings, local_server
 
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     settings = ServeSettings(
         preset="" if checkpoint else preset, dtype=dtype, device="auto" if device.startswith("cuda") else "cpu",
         instance_kind="KIND_GPU" if device.startswith("cuda") else "KIND_CPU",
@@ -531,12 +528,10 @@ def start_local_server(workdir: Path, *, preset: str = "tiny", checkpoint: Optio
         triton_idle_us=int(idle_ttl_s * 1e6), max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
         max_candidate_sequences=max(64, max_streams), strategy=strategy,
     )
-    repo = write_repository(workdir / "model_repository", settings, checkpoint_file=checkpoint)
     env = {"OMP_NUM_THREADS": str(threads)} if threads else None
-    server = TritonServer(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                          log_file=workdir / "tritonserver.log", log_callback=log_callback, env=env,
-                          extra_args=list(extra_args), exit_timeout_s=5, die_with_parent=die_with_parent,
-                          check_numpy=False)  # the stac model uses DLPack only
+    server = local_server(settings, workdir, checkpoint, http_port=http_port, grpc_port=grpc_port,
+                          metrics_port=metrics_port, log_callback=log_callback, env=env, extra_args=list(extra_args),
+                          exit_timeout_s=5, die_with_parent=die_with_parent)
     if wait:
         server.start_and_wait()
     else:

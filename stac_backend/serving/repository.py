@@ -175,3 +175,18 @@ PRODUCTION = ServeSettings(
     idle_ttl_s=120.0,
     max_batch_size=8,
 )
+
+
+def local_server(settings: ServeSettings, workdir: Path, checkpoint_file: Optional[Path] = None, **server_options):
+    """A (not yet started) ``TritonServer`` for a repository written from ``settings`` under ``workdir``.
+
+    The one place that launches the stac repository locally (``stac serve``/``demo``, the fleet and
+    benchmarks): the stac model moves tensors only through DLPack, so the launcher's numpy-2
+    refusal does not apply to it. ``server_options`` go to ``TritonServer`` (ports, logs, env, ...).
+    """
+    from .tritonserver import TritonServer
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    repo = write_repository(workdir / "model_repository", settings, checkpoint_file=checkpoint_file)
+    return TritonServer(repo, log_file=workdir / "tritonserver.log", check_numpy=False, **server_options)
