@@ -49,16 +49,25 @@ def main() -> int:
         q = torch.randn(1, H, M, D, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, H, 13 * tokens, D, device="cuda", dtype=torch.bfloat16)
         bias = torch.zeros(1, H, k.shape[2], device="cuda")
-        for bm, bn, w, st in [(64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 128, 4, 2)]:
-            try:
-                t_fwd = bench(lambda: fused_attention_with_key_mass(q, k, k, bias, need_mass=False, block_m=bm, block_n=bn, num_warps=w, num_stages=st))
-                t_all = bench(lambda: fused_attention_with_key_mass(q, k, k, bias, mass_block_m=bm, mass_block_n=bn, mass_num_warps=w, mass_num_stages=st))
-                t_mass = t_all - bench(lambda: fused_attention_with_key_mass(q, k, k, bias, need_mass=False))
-            except Exception as exc:  # noqa: BLE001 - a config may not compile
-                tuning.append({"config": [bm, bn, w, st], "error": str(exc)[:200]})
-                continue
-            tuning.append({"config": [bm, bn, w, st], "forward_ms": t_fwd, "mass_ms_estimate": t_mass})
-            print(json.dumps(tuning[-1]), flush=True)
+        forward_grid = [(bm, bn, w, st) for bm, bn, w in [(64, 64, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8), (128, 32, 4), (64, 128, 4)]
+                        for st in (2, 3, 4)]
+        mass_grid = [(bm, bn, w, st) for bm, bn, w in [(128, 64, 4), (64, 128, 4), (128, 128, 8), (64, 64, 4), (128, 128, 4), (64, 128, 8)]
+                     for st in (2, 3, 4)]
+        base = bench(lambda: fused_attention_with_key_mass(q, k, k, bias, need_mass=False))
+        for kind, grid in (("forward", forward_grid), ("mass", mass_grid)):
+            for bm, bn, w, st in grid:
+                try:
+                    if kind == "forward":
+                        t = bench(lambda: fused_attention_with_key_mass(q, k, k, bias, need_mass=False, block_m=bm, block_n=bn,
+                                                                        num_warps=w, num_stages=st))
+                    else:
+                        t = bench(lambda: fused_attention_with_key_mass(q, k, k, bias, mass_block_m=bm, mass_block_n=bn,
+                                                                        mass_num_warps=w, mass_num_stages=st)) - base
+                except Exception as exc:  # noqa: BLE001 - a config may not compile (shared memory)
+                    tuning.append({"kernel": kind, "config": [bm, bn, w, st], "error": str(exc)[:200]})
+                    continue
+                tuning.append({"kernel": kind, "config": [bm, bn, w, st], "ms": t})
+                print(json.dumps(tuning[-1]), flush=True)
         del q, k
     for B in [int(b) for b in args.batch.split(",")]:
         for frames in [int(f) for f in args.frames.split(",")]:

@@ -6,8 +6,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -20,6 +23,23 @@ from stac_backend.engine import Stream, push_many  # noqa: E402
 from stac_backend.model import build_model  # noqa: E402
 
 
+def sync_trace(step) -> str:
+    """Run ``step`` with CUDA sync debugging on; count synchronisations per (file:line) of our code."""
+    counts: Counter = Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        counts[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    lines = [f"{n:6d}  {where}" for where, n in counts.most_common()]
+    return f"{sum(counts.values())} in total\n" + "\n".join(lines) + "\n"
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="tiny")
@@ -29,17 +49,21 @@ def main() -> int:
     p.add_argument("--width", type=int, default=518)
     p.add_argument("--streams", type=int, default=8)
     p.add_argument("--policy", default="stac")
+    p.add_argument("--cache-overrides", default="{}", help='JSON CacheConfig fields, e.g. {"conf_threshold": 0.0}')
+    p.add_argument("--warm-steps", type=int, default=6, help="steps before measuring (cache filled, kernels compiled)")
+    p.add_argument("--sync-trace", action="store_true",
+                   help="also count the host synchronisations of one step by the Python line that caused them")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model = build_model(args.preset, device=args.device, dtype=dtype)
-    streams = [Stream(model, cache=CacheConfig(policy=args.policy)) for _ in range(args.streams)]
+    streams = [Stream(model, cache=CacheConfig.from_dict({"policy": args.policy, **json.loads(args.cache_overrides)})) for _ in range(args.streams)]
     frames = (torch.rand(4, 3, args.height, args.width) * 255).to(torch.uint8)
 
     def step():
         push_many(streams, [s.validate(frames) for s in streams])
 
-    for _ in range(6):
+    for _ in range(args.warm_steps):
         step()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -51,7 +75,10 @@ def main() -> int:
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
     by_module = prof.key_averages(group_by_stack_n=0).table(sort_by="cpu_time_total", row_limit=15)
-    text = f"step wall time {wall:.3f} s for {args.streams} streams x 4 frames\n\n{table}\n\nCPU-heavy ops:\n{by_module}\n"
+    text = (f"policy {args.policy}, step wall time {wall:.3f} s for {args.streams} streams x 4 frames after "
+            f"{args.warm_steps} steps\n\n{table}\n\nCPU-heavy ops:\n{by_module}\n")
+    if args.sync_trace:
+        text += "\nHost synchronisations in one step, by the line that caused them:\n" + sync_trace(step)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text[:6000])

@@ -95,22 +95,29 @@ class HeavyHitterCache(CachePolicy):
         window_frames = min(self.config.window, latest + 1)
         pinned_outside = sum(1 for f in set(self.config.pinned_frames) if f <= latest - self.config.window)
         n_protected = P * (window_frames + pinned_outside)
-        for layer in sorted(self.layers):
-            store = self.layers[layer]
-            n_keep = n_protected + min(budget, store.num_tokens - n_protected)
-            if n_keep >= store.num_tokens:
-                continue
-            protected = store.frame > latest - self.config.window
+        # Every layer stores the same number of tokens each step, so the per-(layer, head) rankings
+        # are one batched sort instead of one per layer.
+        layers = sorted(self.layers)
+        stores = [self.layers[layer] for layer in layers]
+        n_tokens = stores[0].num_tokens if stores else 0
+        if any(store.num_tokens != n_tokens for store in stores):
+            raise RuntimeError("heavy_hitter: layers hold different numbers of tokens")
+        n_keep = n_protected + min(budget, n_tokens - n_protected)
+        if stores and n_keep < n_tokens:
+            frame = torch.stack([store.frame for store in stores])  # [L, H, N]
+            protected = frame > latest - self.config.window
             for f in self.config.pinned_frames:
-                protected |= store.frame == f
-            priority = torch.where(protected, torch.full_like(store.score, MUST_KEEP), store.score)
-            order = torch.argsort(priority, dim=1, descending=True, stable=True)
-            keep = order[:, :n_keep].sort(dim=1).values
-            evict = order[:, n_keep:]
-            heads = torch.arange(evict.shape[0], device=evict.device).repeat_interleave(evict.shape[1])
-            self.on_evict(layer, store, heads, evict.reshape(-1), info)
-            self.evicted_tokens += evict.numel()
-            self.layers[layer] = store.select(keep)
+                protected |= frame == f
+            score = torch.stack([store.score for store in stores])
+            priority = torch.where(protected, torch.full_like(score, MUST_KEEP), score)
+            order = torch.argsort(priority, dim=-1, descending=True, stable=True)
+            keep = order[..., :n_keep].sort(dim=-1).values
+            evict = order[..., n_keep:]
+            heads = torch.arange(evict.shape[1], device=evict.device).repeat_interleave(evict.shape[2])
+            for i, (layer, store) in enumerate(zip(layers, stores)):
+                self.on_evict(layer, store, heads, evict[i].reshape(-1), info)
+                self.evicted_tokens += evict[i].numel()
+                self.layers[layer] = store.select(keep[i])
         self._step = None
 
     def on_evict(self, layer: int, store: LayerTokens, heads: Tensor, tokens: Tensor, info: StepInfo) -> None:

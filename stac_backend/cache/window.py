@@ -52,14 +52,19 @@ class WindowCache(CachePolicy):
 
     def end_step(self, info: StepInfo) -> None:
         latest = info.frame_offset + info.num_frames - 1
+        # Every layer and head holds the same frames in the same order, so which tokens stay is
+        # decided once (one host synchronisation per step, not one per layer).
+        keep_idx = None
         for layer, store in self.layers.items():
-            frames = store.frame[0]
-            keep = frames > latest - self.window
-            for f in self.pinned:
-                keep |= frames == f
-            if not bool(keep.all()):
-                idx = keep.nonzero().squeeze(1)
-                self.layers[layer] = store.select(idx.expand(store.frame.shape[0], -1))
+            if keep_idx is None:
+                frames = store.frame[0]
+                keep = frames > latest - self.window
+                for f in self.pinned:
+                    keep |= frames == f
+                if bool(keep.all()):
+                    break
+                keep_idx = keep.nonzero().squeeze(1)
+            self.layers[layer] = store.select(keep_idx.expand(store.frame.shape[0], -1))
         self._step = None
 
     def memory_bytes(self) -> int:

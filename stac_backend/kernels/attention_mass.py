@@ -37,6 +37,40 @@ LOG2E = 1.4426950408889634
 if HAVE_TRITON:
 
     @triton.jit
+    def _forward_block(
+        q, m_i, l_i, acc, start_n, K_base, V_base, BIAS_base, stride_kn, stride_vn, N, qk_scale,
+        HAS_BIAS: tl.constexpr, MASK_N: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """One key block of the online softmax; MASK_N only for the ragged last block."""
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        if MASK_N:
+            in_n = offs_n < N
+            k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=in_n[:, None], other=0.0)
+            v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=in_n[:, None], other=0.0)
+        else:
+            k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :])
+            v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if HAS_BIAS:
+            # the bias arrives already in log2 units
+            if MASK_N:
+                bias = tl.load(BIAS_base + offs_n, mask=in_n, other=float("-inf"))
+            else:
+                bias = tl.load(BIAS_base + offs_n)
+            s += bias[None, :]
+        elif MASK_N:
+            s = tl.where(in_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows that have seen no finite key yet keep a finite reference point.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _forward(
         Q, K, V, BIAS, OUT, LSE,
         stride_qb, stride_qh, stride_qm,
@@ -56,30 +90,19 @@ if HAVE_TRITON:
         offs_d = tl.arange(0, D)
         q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
         q = tl.load(q_ptrs, mask=offs_m[:, None] < M, other=0.0)
+        K_base = K + b * stride_kb + h * stride_kh
+        V_base = V + b * stride_vb + h * stride_vh
+        BIAS_base = BIAS + b * stride_bb + h * stride_bh
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        for start_n in range(0, N, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            in_n = offs_n < N
-            k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                        mask=in_n[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            if HAS_BIAS:
-                bias = tl.load(BIAS + b * stride_bb + h * stride_bh + offs_n, mask=in_n, other=float("-inf"))
-                s += bias[None, :] * 1.4426950408889634
-            else:
-                s = tl.where(in_n[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # Rows that have seen no finite key yet keep a finite reference point.
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_ref[:, None])
-            alpha = tl.exp2(m_i - m_ref)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                        mask=in_n[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+        n_full = (N // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
+            m_i, l_i, acc = _forward_block(q, m_i, l_i, acc, start_n, K_base, V_base, BIAS_base, stride_kn, stride_vn, N,
+                                           qk_scale, HAS_BIAS, False, D, BLOCK_N, PRECISION)
+        if n_full < N:
+            m_i, l_i, acc = _forward_block(q, m_i, l_i, acc, n_full, K_base, V_base, BIAS_base, stride_kn, stride_vn, N,
+                                           qk_scale, HAS_BIAS, True, D, BLOCK_N, PRECISION)
         has_key = l_i > 0
         out = tl.where(has_key[:, None], acc / tl.where(has_key, l_i, 1.0)[:, None], 0.0)
         o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
@@ -107,7 +130,7 @@ if HAVE_TRITON:
         k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
                     mask=in_n[:, None], other=0.0)
         if HAS_BIAS:
-            bias = tl.load(BIAS + b * stride_bb + h * stride_bh + offs_n, mask=in_n, other=float("-inf")) * 1.4426950408889634
+            bias = tl.load(BIAS + b * stride_bb + h * stride_bh + offs_n, mask=in_n, other=float("-inf"))  # log2 units
         else:
             bias = tl.where(in_n, 0.0, float("-inf"))
         mass = tl.zeros([BLOCK_N], tl.float32)
@@ -123,9 +146,21 @@ if HAVE_TRITON:
         tl.store(MASS + bh * N + offs_n, mass, mask=in_n)
 
 
+def _log2_bias(bias: Optional[Tensor], valid: Optional[Tensor], B: int, H: int, N: int, device) -> Optional[Tensor]:
+    """The per-key bias [B,H,N] in log2 units (the kernels work with exp2), -inf where not valid; None if neither."""
+    if bias is None and valid is None:
+        return None
+    full = torch.zeros(B, H, N, device=device, dtype=torch.float32)
+    if bias is not None:
+        full = full + bias.float().expand(B, H, N) * LOG2E
+    if valid is not None:
+        full = full.masked_fill(~valid.expand(B, H, N), float("-inf"))
+    return full.contiguous()
+
+
 def fused_attention_with_key_mass(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, valid: Optional[Tensor] = None, need_mass: bool = True,
-    block_m: int = 128, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
+    block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 3,
     mass_block_m: int = 128, mass_block_n: int = 64, mass_num_warps: int = 4, mass_num_stages: int = 2,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """q [B,H,M,D], k/v [B,H,N,D], bias [B,H,N] (float), valid [B,H,N] (bool) -> out [B,H,M,D], mass [B,H,N] fp32."""
@@ -137,16 +172,12 @@ def fused_attention_with_key_mass(
         raise ValueError(f"head dim must be a power of two in [16, 256], got {D}")
     if k.shape != (B, H, N, D) or v.shape != (B, H, N, D):
         raise ValueError(f"k/v must be [B,H,N,{D}] matching q: q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}")
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    has_bias = bias is not None or valid is not None
-    if has_bias:
-        full_bias = torch.zeros(B, H, N, device=q.device, dtype=torch.float32)
-        if bias is not None:
-            full_bias = full_bias + bias.float().expand(B, H, N)
-        if valid is not None:
-            full_bias = full_bias.masked_fill(~valid.expand(B, H, N), float("-inf"))
-        full_bias = full_bias.contiguous()
-    else:
+    # The kernels take any batch/head/row strides; only the head dim must be unit-stride, so the
+    # views the caches hand over (slices of larger buffers) are not copied.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    full_bias = _log2_bias(bias, valid, B, H, N, q.device)
+    has_bias = full_bias is not None
+    if not has_bias:
         full_bias = q  # unused placeholder pointer
     out = torch.empty_like(q)
     lse = torch.empty(B * H, M, device=q.device, dtype=torch.float32)
@@ -206,15 +237,8 @@ def hybrid_attention_with_key_mass(
     """
     B, H, M, D = q.shape
     N = k.shape[2]
-    full_bias = None
-    if bias is not None or valid is not None:
-        full_bias = torch.zeros(B, H, N, device=q.device, dtype=torch.float32)
-        if bias is not None:
-            full_bias = full_bias + bias.float().expand(B, H, N)
-        if valid is not None:
-            full_bias = full_bias.masked_fill(~valid.expand(B, H, N), float("-inf"))
-        full_bias = full_bias.contiguous()
-    out, lse = sdpa_with_lse(q, k, v, full_bias)
+    full_bias = _log2_bias(bias, valid, B, H, N, q.device)
+    out, lse = sdpa_with_lse(q, k, v, None if full_bias is None else full_bias / LOG2E)
     if not need_mass:
         return out, None
     q, k = q.contiguous(), k.contiguous()

@@ -80,8 +80,9 @@ class CameraKVCache:
             return
         idx = keep.nonzero().squeeze(1)
         self.frames = self.frames[idx]
+        # one host-to-device copy for all keys (a blocking copy per key would stall the GPU queue each time)
+        device_idx = idx.to(next(iter(self.keys.values())).device)
         for key in self.keys:
-            device_idx = idx.to(self.keys[key].device)
             self.keys[key] = self.keys[key].index_select(1, device_idx)
             self.values[key] = self.values[key].index_select(1, device_idx)
 

@@ -12,6 +12,7 @@ Loading is strict: every missing, unexpected or mis-shaped tensor is listed in o
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional, Union
 
@@ -142,4 +143,17 @@ def build_model(
     model = VGGT(config)
     if state is not None:
         load_state_dict_strict(model, state, str(checkpoint))
+    if torch.device(device).type == "cuda":
+        prefer_low_overhead_attention()
     return model.to(device=device, dtype=dtype).eval()
+
+
+def prefer_low_overhead_attention() -> None:
+    """Keep PyTorch's attention off the cuDNN backend in this process (STAC_SDPA_CUDNN=1 keeps it on).
+
+    On the H100 (torch 2.11, docs/performance.md) cuDNN's attention spent ~0.9 ms of host time per
+    call against ~0.17 ms on the GPU; a step makes ~90 such calls, so one stream was bound by the
+    host. The flash and memory-efficient backends cost a few microseconds of host time per call.
+    """
+    if os.environ.get("STAC_SDPA_CUDNN", "0") != "1":
+        torch.backends.cuda.enable_cudnn_sdp(False)

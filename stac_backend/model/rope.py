@@ -17,6 +17,10 @@ class RotaryEmbedding2D(nn.Module):
         super().__init__()
         self.frequency = float(frequency)
         self._tables: dict[tuple, tuple[Tensor, Tensor]] = {}
+        # The table length a positions tensor needs is read from the GPU (a host synchronisation).
+        # The layers of a step share a few positions objects (frame and global attention), so the
+        # length is read once per object; the objects are held so their identity cannot be reused.
+        self._lengths: list[tuple[Tensor, int]] = []
 
     def _cos_sin(self, dim: int, length: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         key = (dim, length, str(device), dtype)
@@ -27,6 +31,14 @@ class RotaryEmbedding2D(nn.Module):
             angles = torch.cat([angles, angles], dim=-1).to(dtype)
             self._tables[key] = (angles.cos(), angles.sin())
         return self._tables[key]
+
+    def _table_length(self, positions: Tensor) -> int:
+        for seen, length in self._lengths:
+            if seen is positions:
+                return length
+        length = int(positions.max()) + 1
+        self._lengths = [*self._lengths[-3:], (positions, length)]
+        return length
 
     @staticmethod
     def _rotate_half(x: Tensor) -> Tensor:
@@ -42,7 +54,7 @@ class RotaryEmbedding2D(nn.Module):
     def forward(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """tokens [B, heads, N, head_dim]; positions [B, N, 2] integer (y, x)."""
         half = tokens.shape[-1] // 2
-        cos, sin = self._cos_sin(half, int(positions.max()) + 1, tokens.device, tokens.dtype)
+        cos, sin = self._cos_sin(half, self._table_length(positions), tokens.device, tokens.dtype)
         y_part, x_part = tokens.chunk(2, dim=-1)
         return torch.cat(
             [self._rotate(y_part, positions[..., 0], cos, sin), self._rotate(x_part, positions[..., 1], cos, sin)],
