@@ -57,3 +57,33 @@ def test_strided_views_without_bias_match_reference(n_keys):
     out, mass = fused_attention_with_key_mass(q, k, v)
     assert (out.double() - ref_out).abs().max().item() <= 2e-5
     assert ((mass.double() - ref_mass).abs().max() / q.shape[2]).item() <= 2e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32])
+def test_fused_qk_norm_rope_matches_eager_ops(dtype):
+    """The fused q/k LayerNorm + 2D RoPE kernel gives what nn.LayerNorm then RotaryEmbedding2D give,
+    for shared (expanded) and per-row positions."""
+    from stac_backend.kernels.qk_norm_rope import qk_norm_rope
+    from stac_backend.model.rope import RotaryEmbedding2D, frame_token_positions
+
+    g = torch.Generator(device="cpu").manual_seed(2)
+    B, H, D = 2, 3, 64
+    pos = frame_token_positions(5, 7, 5).to(DEVICE)
+    N = pos.shape[0]
+    qkv = torch.randn(B, N, 3, H, D, generator=g).to(DEVICE, dtype) * 3 + 1
+    q_norm, k_norm = (torch.nn.LayerNorm(D, eps=1e-6).to(DEVICE, dtype) for _ in range(2))
+    with torch.no_grad():
+        for norm in (q_norm, k_norm):
+            norm.weight.copy_(torch.randn(D, generator=g).to(dtype))
+            norm.bias.copy_(torch.randn(D, generator=g).to(dtype))
+    rope = RotaryEmbedding2D(100.0)
+    for positions in (pos.unsqueeze(0).expand(B, -1, -1), torch.stack([pos, pos.flip(0)])):
+        with torch.no_grad():
+            eager_q = rope(q_norm(qkv[:, :, 0].transpose(1, 2)), positions)
+            eager_k = rope(k_norm(qkv[:, :, 1].transpose(1, 2)), positions)
+            cos, sin = rope.tables(positions, D // 2, qkv.device, dtype)
+            q, k = qk_norm_rope(qkv, positions, cos, sin, q_norm, k_norm)
+        tol = 5e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: LayerNorm's reduction order may move one rounding step
+        assert q.shape == eager_q.shape == (B, H, N, D)
+        assert (q.float() - eager_q.float()).abs().max().item() <= tol
+        assert (k.float() - eager_k.float()).abs().max().item() <= tol

@@ -611,7 +611,9 @@ class VoxelPool:
         first = torch.ones_like(gc, dtype=torch.bool)
         first[1:] = gc[1:] != gc[:-1]
         pos = torch.arange(gc.numel(), device=self.device)
-        rank = pos - torch.cummax(torch.where(first, pos, torch.zeros_like(pos)), dim=0).values
+        # rank inside the row = position - where the row's run starts (gc is sorted, so a binary
+        # search finds the start; torch.cummax over the run starts was ~2 ms per call on the H100)
+        rank = pos - torch.searchsorted(gc, gc)
 
         bn = self._fv("buf_n")
         n_before = bn[gc].to(torch.int64)

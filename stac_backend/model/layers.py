@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels.qk_norm_rope import fused_applies, qk_norm_rope
 from .rope import RotaryEmbedding2D
 
 # attend(q, k, v) -> out; all [B, heads, tokens, head_dim]
@@ -82,8 +83,13 @@ class SelfAttention(nn.Module):
     def project_qkv(self, x: Tensor, pos: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v as [B, heads, N, head_dim], after q/k norm and RoPE (what a KV cache stores)."""
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        if self.rope is not None and pos is not None and fused_applies(qkv, self.q_norm, self.head_dim):
+            # one kernel for both norms and both rotations (kernels/qk_norm_rope.py), same numbers
+            cos, sin = self.rope.tables(pos, self.head_dim // 2, qkv.device, qkv.dtype)
+            q, k = qk_norm_rope(qkv, pos, cos, sin, self.q_norm, self.k_norm)
+            return q, k, qkv[:, :, 2].transpose(1, 2)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
             if pos is None:

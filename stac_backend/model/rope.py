@@ -51,10 +51,15 @@ class RotaryEmbedding2D(nn.Module):
         s = sin[pos].unsqueeze(1)
         return x * c + self._rotate_half(x) * s
 
+    def tables(self, positions: Tensor, dim: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin [length, dim] covering every position in ``positions`` (what ``forward`` uses for
+        each half of a head of 2 * dim)."""
+        return self._cos_sin(dim, self._table_length(positions), device, dtype)
+
     def forward(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """tokens [B, heads, N, head_dim]; positions [B, N, 2] integer (y, x)."""
         half = tokens.shape[-1] // 2
-        cos, sin = self._cos_sin(half, self._table_length(positions), tokens.device, tokens.dtype)
+        cos, sin = self.tables(positions, half, tokens.device, tokens.dtype)
         y_part, x_part = tokens.chunk(2, dim=-1)
         return torch.cat(
             [self._rotate(y_part, positions[..., 0], cos, sin), self._rotate(x_part, positions[..., 1], cos, sin)],
