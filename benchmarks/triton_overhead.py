@@ -12,6 +12,10 @@ backend's shared-memory hops, and batches that form less fully than in a lockste
     python benchmarks/triton_overhead.py --device cuda --preset vggt-1b --dtype bfloat16 \\
         --size 392x518 --streams 1,8 --frames 32 --out docs/benchmarks/triton_overhead_h100.json
     python benchmarks/triton_overhead.py --out /tmp/triton_overhead_cpu.json   # CPU, tiny, quick
+    python benchmarks/triton_overhead.py --output-dtype float16 --out /tmp/triton_overhead_cpu_fp16.json
+
+--output-dtype float16 makes the server send the dense outputs (depth, points, confidences) as
+float16 (half the bytes; recorded as "output_dtype" in the JSON); the engine side is unchanged.
 """
 
 from __future__ import annotations
@@ -96,6 +100,8 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--size", default="56x84", help="HxW")
+    p.add_argument("--output-dtype", choices=("float32", "float16"), default="float32",
+                   help="the server's wire dtype for the dense outputs (ServeSettings.output_dtype)")
     p.add_argument("--policy", default="stac")
     p.add_argument("--chunk", type=int, default=4)
     p.add_argument("--streams", default="1,4")
@@ -126,8 +132,9 @@ def main() -> int:
         label = f"{strategy},queue_delay_us={delay_us}"
         workdir = Path(tempfile.mkdtemp(prefix="stac-overhead-"))
         # default max_batch_size = the largest load, so that oldest's preferred batch (= max_batch_size) is "every stream"
-        server = start_local_server(workdir, preset=args.preset, device=args.device, dtype=args.dtype, cache_config=cache,
-                                    max_streams=max(counts) + 2, max_batch_size=max_batch_size, strategy=strategy,
+        server = start_local_server(workdir, preset=args.preset, device=args.device, dtype=args.dtype,
+                                    output_dtype=args.output_dtype, cache_config=cache, max_streams=max(counts) + 2,
+                                    max_batch_size=max_batch_size, strategy=strategy,
                                     max_queue_delay_us=delay_us, threads=args.threads if cpu else None)
         try:
             for row in rows:
@@ -164,6 +171,7 @@ def main() -> int:
         "preset": args.preset,
         "device": torch.cuda.get_device_name(0) if not cpu else "cpu",
         "dtype": args.dtype,
+        "output_dtype": args.output_dtype,
         "frame_size": [height, width],
         "cache_config": cache,
         "max_batch_size": max_batch_size,

@@ -12,7 +12,7 @@
    (KIND_GPU, bf16, vggt-1b, STAC cache) with overrides from the environment:
    ``STAC_MAX_STREAMS``, ``STAC_MAX_CACHE_BYTES``, ``STAC_CACHE_CONFIG`` (JSON),
    ``STAC_INSTANCE_COUNT``, ``STAC_IDLE_TTL_S``, ``STAC_MAX_IMAGE_PIXELS``, ``STAC_DTYPE``,
-   ``STAC_PRESET``.
+   ``STAC_PRESET``, ``STAC_OUTPUT_DTYPE`` (float32 | float16: the dense outputs' wire dtype).
 4. Runs the TensorRT hook (issue #6) when ``STAC_BUILD_TENSORRT=1``: ``deploy/hooks/build_tensorrt_engines.sh``.
 5. Writes ``<repository>/stac/PREPARED.json`` (checkpoint size and sha256, settings, time).
 
@@ -75,6 +75,8 @@ def settings_from_env(env=os.environ, preset=None):
         s.instance_kind = env["STAC_INSTANCE_KIND"]
     if env.get("STAC_DEVICE"):
         s.device = env["STAC_DEVICE"]
+    if env.get("STAC_OUTPUT_DTYPE"):
+        s.output_dtype = env["STAC_OUTPUT_DTYPE"]
     from stac_backend.cache import CacheConfig
 
     CacheConfig.from_dict(s.cache_config)  # refuse a bad cache config here, not at model load

@@ -38,6 +38,9 @@ def _add_serving_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-cache-bytes", type=int, default=None)
     p.add_argument("--idle-ttl", type=float, default=120.0, help="seconds before an idle stream is freed")
     p.add_argument("--host", default="127.0.0.1", help="address the server binds to")
+    p.add_argument("--output-dtype", choices=("float32", "float16"), default="float32",
+                   help="wire dtype of the dense outputs (depth, points and their confidences); float16 halves "
+                        "their bytes, relative error <= 2^-11 (poses stay float32)")
 
 
 def resolve_model_args(args: argparse.Namespace) -> None:
@@ -150,6 +153,7 @@ def serve_settings_from_args(args: argparse.Namespace):
         max_cache_bytes=args.max_cache_bytes,
         idle_ttl_s=args.idle_ttl,
         triton_idle_us=int(args.idle_ttl * 1e6),
+        output_dtype=args.output_dtype,
     )
 
 

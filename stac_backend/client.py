@@ -5,6 +5,12 @@
     for out in client.stream(frames, stream_id=17, chunk_size=4):   # frames: iterable of [3, H, W]
         out["depth"], out["world_points"], out["extrinsics"], ...   # numpy, [C, ...]
 
+Output dtypes are what the server sends (``as_numpy`` keeps them): float32 for POSE_ENC,
+EXTRINSICS and INTRINSICS, int64 for FRAME_INDEX/CACHE_BYTES, and for the dense outputs (depth,
+depth_conf, world_points, world_points_conf) float32 by default or **float16** from a server
+configured with ``OUTPUT_DTYPE=float16`` (``stac serve --output-dtype float16``; relative error
+<= 2^-11, |x| clamped to 65504). Cast with ``.astype(np.float32)`` where float32 arithmetic is needed.
+
 Each stream is one Triton sequence: the first chunk carries sequence_start, the last
 sequence_end. The stream id is also sent as an ``x-stream-id`` header so that a proxy in front
 of several Triton replicas can route every chunk of a stream to the same replica.
@@ -69,6 +75,8 @@ class StacClient:
 
         outputs: the keys wanted (e.g. ``("depth", "pose_enc")``; default all). The server sends only
         those: a 518x392 frame's dense float outputs are ~5 MB, most of it points and confidences.
+        Arrays come in the dtypes the server sends: the dense outputs are float16 from a server with
+        ``OUTPUT_DTYPE=float16`` (half the bytes), float32 otherwise (module docstring).
         """
         data = as_uint8_frames(frames)[None]
         inputs = [self._grpc.InferInput("FRAMES", list(data.shape), "UINT8")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from stac_backend.assets import EMBEDDED_CHECKPOINT
@@ -59,3 +60,16 @@ def test_stream_video_file(tmp_path):
     out = tmp_path / "out"
     assert main(["stream", str(path), "--out", str(out), "--preset", "tiny", "--quiet", "--no-frames"]) == 0
     assert json.loads((out / "summary.json").read_text())["frames"] == 6
+
+
+def test_serve_output_dtype_option():
+    from stac_backend.cli import build_parser, serve_settings_from_args
+    from stac_backend.serving.repository import render_config
+
+    base = ["serve", "--preset", "tiny", "--checkpoint", "x.safetensors", "--device", "cpu"]
+    default = serve_settings_from_args(build_parser().parse_args(base))
+    assert default.output_dtype == "float32" and "TYPE_FP16" not in render_config(default)
+    fp16 = serve_settings_from_args(build_parser().parse_args(base + ["--output-dtype", "float16"]))
+    assert fp16.output_dtype == "float16" and 'data_type: TYPE_FP16' in render_config(fp16)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(base + ["--output-dtype", "bfloat16"])

@@ -13,6 +13,7 @@ import re
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -255,3 +256,60 @@ def test_direct_strategy_null_requests_touch_no_stream(tmp_path, model):
     for sid, frames in videos.items():
         for got, want in zip(results[sid], local_reference(model, frames)):
             assert np.abs(got["depth"] - want["depth"].numpy()).max() <= 1e-4
+
+
+DENSE = ("depth", "depth_conf", "world_points", "world_points_conf")
+
+
+def require_stub_imports_this_checkout():
+    """The server's Python stub runs isolated (PYTHONPATH ignored) in the launcher's venv, so it imports
+    the venv's stac_backend: from another checkout (a git worktree tested with the main checkout's
+    venv) the server would run that checkout's model, and a new server-side feature cannot work."""
+    import subprocess
+    import sys
+
+    import stac_backend
+    from stac_backend.serving.tritonserver import stub_python_dir
+
+    probe = "import importlib.util; print(importlib.util.find_spec('stac_backend').origin)"
+    origin = subprocess.run([str(stub_python_dir() / "python3"), "-I", "-c", probe], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    here = stac_backend.__file__
+    if Path(origin).resolve() != Path(here).resolve():
+        pytest.fail(f"the tritonserver stub would import stac_backend from {origin}, not {here} (the stub ignores "
+                    f"PYTHONPATH); run the tests with a venv whose stac_backend is this checkout ({sys.executable})")
+
+
+def test_float16_outputs_server(tmp_path, model):
+    """OUTPUT_DTYPE=float16: the dense outputs arrive as float16 (the engine's float32 values to within
+    fp16 rounding), poses as float32, FRAME_INDEX as int64; a request for some outputs gets just those."""
+    require_stub_imports_this_checkout()
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_checkpoint(model, checkpoint)
+    settings = ServeSettings(preset="", device="cpu", cache_config=CACHE, output_dtype="float16", max_queue_delay_us=20000)
+    repo = write_repository(tmp_path / "repo", settings, checkpoint_file=checkpoint)
+    frames = video(800, 12)
+    expected = local_reference(model, frames)
+    with TritonServer(repo, log_file=tmp_path / "triton.log", exit_timeout_s=5) as srv:
+        c = StacClient(srv.grpc_url)
+        got = [c.send_chunk(800, frames[:4], start=True),
+               c.send_chunk(800, frames[4:8], outputs=("depth", "world_points")),  # only float16 outputs
+               c.send_chunk(800, frames[8:12], end=True, outputs=("extrinsics", "frame_index"))]  # none
+        c.close()
+    assert set(got[1]) == {"depth", "world_points"} and set(got[2]) == {"extrinsics", "frame_index"}
+    for out, want in zip(got, expected):
+        for key, value in out.items():
+            if key == "cache_bytes":
+                continue
+            reference = want[key].numpy()
+            if key in DENSE:
+                assert value.dtype == np.float16, key
+                # fp16 rounding (relative 2^-11) on top of the float32 server's tolerance
+                np.testing.assert_allclose(value.astype(np.float32), reference, rtol=2**-11, atol=1e-4, err_msg=key)
+            elif key == "frame_index":
+                assert value.dtype == np.int64 and value.tolist() == reference.tolist()
+            else:
+                assert value.dtype == np.float32, key
+                np.testing.assert_allclose(value, reference, atol=1e-4, err_msg=key)
+    # The first chunk asked for everything: every dense output went through fp16, poses did not.
+    assert {k for k, v in got[0].items() if getattr(v, "dtype", None) == np.float16} == set(DENSE)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stac_backend.serving.triton_model import OUTPUTS, outputs_on_host
+from stac_backend.serving.triton_model import DENSE_OUTPUTS, OUTPUTS, dense_output_dtype, outputs_on_host
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -44,3 +44,66 @@ def test_outputs_on_host_selects_names():
     assert list(host) == ["POSE_ENC", "FRAME_INDEX", "DEPTH"]
     assert torch.equal(host["DEPTH"], outputs["depth"].float())
     assert list(outputs_on_host(outputs, ["FRAME_INDEX"])) == ["FRAME_INDEX"]  # no float output at all
+
+
+# ---------------------------------------------------------------- float16 dense outputs (OUTPUT_DTYPE)
+@pytest.mark.parametrize("device", DEVICES)
+def test_float16_dense_outputs_poses_stay_float32(device):
+    outputs = step_outputs(device)
+    host = outputs_on_host(outputs, dense_dtype=torch.float16)
+    assert list(host) == list(OUTPUTS)
+    for name, (key, dtype) in OUTPUTS.items():
+        value = host[name]
+        want = torch.float16 if name in DENSE_OUTPUTS else dtype
+        assert value.device.type == "cpu" and value.dtype == want and value.is_contiguous(), name
+        assert value.shape == outputs[key].shape
+        # bf16 -> fp16 is exact in range; poses and FRAME_INDEX are the float32/int64 values as before
+        assert torch.equal(value, outputs[key].to(want).cpu()), name
+
+
+def test_float16_rounds_to_nearest_and_clamps_to_the_finite_range():
+    outputs = step_outputs("cpu", frames=1, h=1, w=6)
+    depth = torch.tensor([[[1 / 3, 100.0 + 1 / 3, 65504.0, 1e5, float("inf"), float("nan")]]])
+    points = torch.full((1, 1, 6, 3), -1e6)
+    outputs.update(depth=depth, world_points=points.to(torch.bfloat16))  # a bf16 -1e6 too: no inf via rounding
+    host = outputs_on_host(outputs, ["DEPTH", "WORLD_POINTS", "POSE_ENC"], dense_dtype=torch.float16)
+    got = host["DEPTH"].float()[0, 0]
+    assert abs(got[0] - 1 / 3) <= 2**-11 / 3 and abs(got[1] - (100 + 1 / 3)) <= 2**-11 * 100.4  # relative <= 2^-11
+    assert got[2:5].tolist() == [65504.0, 65504.0, 65504.0] and torch.isnan(got[5])
+    assert bool((host["WORLD_POINTS"] == -65504.0).all())
+    assert host["POSE_ENC"].dtype == torch.float32
+
+
+def test_float16_selection_and_no_aliasing():
+    outputs = step_outputs("cpu")
+    host = outputs_on_host(outputs, ["DEPTH", "DEPTH_CONF"], dense_dtype=torch.float16)  # only float16 leaves
+    assert [v.dtype for v in host.values()] == [torch.float16, torch.float16]
+    host["DEPTH"].fill_(7.0)
+    assert not bool((host["DEPTH_CONF"] == 7.0).all())
+    poses = outputs_on_host(outputs, ["EXTRINSICS", "FRAME_INDEX"], dense_dtype=torch.float16)  # no dense output
+    assert poses["EXTRINSICS"].dtype == torch.float32 and poses["FRAME_INDEX"].dtype == torch.int64
+    with pytest.raises(ValueError, match="dense_dtype"):
+        outputs_on_host(outputs, dense_dtype=torch.bfloat16)
+
+
+def _config(output_dtype=None, dense_type=None):
+    config = {"parameters": {}, "output": []}
+    if output_dtype is not None:
+        config["parameters"]["OUTPUT_DTYPE"] = {"string_value": output_dtype}
+    if dense_type is not None:
+        config["output"] = [{"name": n, "data_type": dense_type} for n in DENSE_OUTPUTS]
+        config["output"].append({"name": "POSE_ENC", "data_type": "TYPE_FP32"})
+    return config
+
+
+def test_dense_output_dtype_parameter():
+    assert dense_output_dtype(_config()) is torch.float32  # no parameter: the float32 default
+    assert dense_output_dtype(_config("", "TYPE_FP32")) is torch.float32
+    assert dense_output_dtype(_config("float16", "TYPE_FP16")) is torch.float16
+    with pytest.raises(ValueError, match="OUTPUT_DTYPE must be"):
+        dense_output_dtype(_config("bfloat16"))
+    # The model must send what config.pbtxt declares: a mismatch is refused at load.
+    with pytest.raises(ValueError, match="declares DEPTH as TYPE_FP32"):
+        dense_output_dtype(_config("float16", "TYPE_FP32"))
+    with pytest.raises(ValueError, match="declares DEPTH as TYPE_FP16"):
+        dense_output_dtype(_config(None, "TYPE_FP16"))

@@ -13,6 +13,8 @@ Model-config parameters read by the model (all strings):
   MAX_CACHE_BYTES  cap on the sum of live streams' memory bounds (empty = none)
   IDLE_TTL_S       seconds before an idle stream is freed (never less than Triton's idle timeout)
   MAX_IMAGE_PIXELS frames larger than this (H * W) are refused as oversized
+  OUTPUT_DTYPE     float32 (default) | float16: wire dtype of DEPTH, DEPTH_CONF, WORLD_POINTS,
+                   WORLD_POINTS_CONF (the outputs' data_type follows); written only when float16
   RUNTIME          torch (default: the engine) | onnxruntime (the exported step graph, CPU; issue #6)
   ONNX_MODEL       RUNTIME=onnxruntime: the exported graph, absolute or relative to the model's folder
   ORT_THREADS      RUNTIME=onnxruntime: intra-op threads (0 = ONNX Runtime's default)
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 MODEL_NAME = "stac"
+DENSE_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}  # ServeSettings.output_dtype -> data_type
 SHIM = '''"""Triton entry point: the logic lives in stac_backend.serving.triton_model."""
 
 from stac_backend.serving.triton_model import TritonPythonModel  # noqa: F401
@@ -55,11 +58,16 @@ class ServeSettings:
     runtime: str = "torch"  # "torch" or "onnxruntime" (the exported step graph; docs/export.md)
     onnx_model: str = ""  # RUNTIME=onnxruntime: path of the exported graph (relative to the model folder)
     ort_threads: int = 0
+    # "float32" or "float16": wire dtype of the dense per-pixel outputs (DEPTH, DEPTH_CONF, WORLD_POINTS,
+    # WORLD_POINTS_CONF); float16 halves their bytes (docs/serving.md). Poses stay float32.
+    output_dtype: str = "float32"
 
 
 def render_config(s: ServeSettings) -> str:
     if s.strategy not in ("oldest", "direct"):
         raise ValueError(f"strategy must be 'oldest' or 'direct', got {s.strategy!r}")
+    if s.output_dtype not in DENSE_TYPES:
+        raise ValueError(f"output_dtype must be 'float32' or 'float16', got {s.output_dtype!r}")
     params = {
         "PRESET": s.preset,
         "CHECKPOINT": s.checkpoint,
@@ -73,14 +81,17 @@ def render_config(s: ServeSettings) -> str:
     }
     if s.runtime != "torch":  # the torch default renders exactly as before
         params.update({"RUNTIME": s.runtime, "ONNX_MODEL": s.onnx_model, "ORT_THREADS": str(s.ort_threads)})
+    if s.output_dtype != "float32":  # likewise: the float32 default renders exactly as before
+        params["OUTPUT_DTYPE"] = s.output_dtype
     parameters = "\n".join(
         f'parameters: {{ key: "{k}" value: {{ string_value: {json.dumps(v)} }} }}' for k, v in params.items()
     )
+    dense = DENSE_TYPES[s.output_dtype]  # must match what the model sends (it checks at load)
     outputs = [
-        ("DEPTH", "TYPE_FP32", "[ -1, -1, -1 ]"),
-        ("DEPTH_CONF", "TYPE_FP32", "[ -1, -1, -1 ]"),
-        ("WORLD_POINTS", "TYPE_FP32", "[ -1, -1, -1, 3 ]"),
-        ("WORLD_POINTS_CONF", "TYPE_FP32", "[ -1, -1, -1 ]"),
+        ("DEPTH", dense, "[ -1, -1, -1 ]"),
+        ("DEPTH_CONF", dense, "[ -1, -1, -1 ]"),
+        ("WORLD_POINTS", dense, "[ -1, -1, -1, 3 ]"),
+        ("WORLD_POINTS_CONF", dense, "[ -1, -1, -1 ]"),
         ("POSE_ENC", "TYPE_FP32", "[ -1, 9 ]"),
         ("EXTRINSICS", "TYPE_FP32", "[ -1, 3, 4 ]"),
         ("INTRINSICS", "TYPE_FP32", "[ -1, 3, 3 ]"),

@@ -8,6 +8,10 @@ pixels, 4x smaller than float32 on the network and in Triton's shared memory, an
 NaNs; conversion to [0, 1] floats happens on the model's device. The leading 1 is Triton's batch
 dimension: one request carries one chunk of one stream.
 
+Dense outputs (DEPTH, DEPTH_CONF, WORLD_POINTS, WORLD_POINTS_CONF: ~4.9 MB per 518x392 frame in
+float32) travel as float16 when the OUTPUT_DTYPE parameter says so - half the bytes over PCIe, in
+Triton's shared memory and on the network. Poses, intrinsics and FRAME_INDEX keep their types.
+
 Tensors cross the backend boundary only through DLPack (``to_dlpack`` / ``Tensor.from_dlpack``),
 never through ``as_numpy()`` / ``Tensor(name, ndarray)``: those numpy paths of the Python backend
 bundled with nvidia-pytriton 0.7.0 silently corrupt data when the stub's environment has numpy 2
@@ -46,6 +50,11 @@ OUTPUTS = {
     "INTRINSICS": ("intrinsics", torch.float32),
     "FRAME_INDEX": ("frame_index", torch.int64),
 }
+# The per-pixel outputs whose wire dtype OUTPUT_DTYPE chooses (float32 default, or float16).
+DENSE_OUTPUTS = ("DEPTH", "DEPTH_CONF", "WORLD_POINTS", "WORLD_POINTS_CONF")
+OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+TRITON_TYPES = {torch.float32: "TYPE_FP32", torch.float16: "TYPE_FP16"}
+FP16_MAX = torch.finfo(torch.float16).max  # 65504
 
 METRICS = {
     "active_streams": ("stac_active_streams", "live streams holding cache state", "GAUGE"),
@@ -63,6 +72,27 @@ METRICS = {
 
 def read_parameters(model_config: dict[str, Any]) -> dict[str, str]:
     return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+
+
+def dense_output_dtype(model_config: dict[str, Any]) -> torch.dtype:
+    """The wire dtype of the dense outputs: the OUTPUT_DTYPE parameter (float32 default, or float16).
+
+    The config's ``output`` section must declare the same type for them (``render_config`` writes
+    both from one setting). A mismatch is refused at load: the Python backend does not check output
+    types, so clients would otherwise silently get a type other than the declared one.
+    """
+    name = (read_parameters(model_config).get("OUTPUT_DTYPE", "") or "float32").strip().lower()
+    if name not in OUTPUT_DTYPES:
+        raise ValueError(f"OUTPUT_DTYPE must be one of {sorted(OUTPUT_DTYPES)}, got {name!r}")
+    dtype = OUTPUT_DTYPES[name]
+    for output in model_config.get("output", []):
+        declared = output.get("data_type")
+        if output.get("name") in DENSE_OUTPUTS and declared and declared != TRITON_TYPES[dtype]:
+            raise ValueError(
+                f"OUTPUT_DTYPE={name} but the config declares {output['name']} as {declared} "
+                f"(expected {TRITON_TYPES[dtype]}); re-render config.pbtxt with output_dtype={name!r}"
+            )
+    return dtype
 
 
 def build_sessions(model_config: dict[str, Any], instance_kind: str, device_id: int, model_dir: Optional[str]):
@@ -128,6 +158,7 @@ def _limits(p: dict[str, str], model_config: dict[str, Any]):
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         self.model_config = json.loads(args["model_config"])
+        self.dense_dtype = dense_output_dtype(self.model_config)  # checked before the (slow) model load
         repository = args.get("model_repository")
         self.sessions = build_sessions(
             self.model_config, args.get("model_instance_kind", "CPU"), int(args.get("model_instance_device_id", 0) or 0), repository
@@ -190,7 +221,7 @@ class TritonPythonModel:
         # Only what the client asked for leaves the GPU and crosses the wire (Triton lists every output
         # when a client names none).
         wanted = set(request.requested_output_names())
-        host = outputs_on_host(result.outputs, [name for name in OUTPUTS if name in wanted])
+        host = outputs_on_host(result.outputs, [name for name in OUTPUTS if name in wanted], self.dense_dtype)
         tensors = [_from_torch(name, value.unsqueeze(0)) for name, value in host.items()]
         if "CACHE_BYTES" in wanted:
             tensors.append(_from_torch("CACHE_BYTES", torch.tensor([[result.cache_bytes]], dtype=torch.int64)))
@@ -209,28 +240,42 @@ class TritonPythonModel:
                 self._counted[key] = value
 
 
-def outputs_on_host(outputs: dict[str, torch.Tensor], names: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
+def outputs_on_host(outputs: dict[str, torch.Tensor], names: Optional[list[str]] = None,
+                    dense_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """A step's outputs (``names``, default all of OUTPUTS) as contiguous host tensors in wire dtypes.
 
-    On a GPU all float outputs (~5 MB per 518x392 frame) leave in ONE device-to-host copy into
-    pinned memory - one synchronisation and full PCIe speed - instead of one pageable copy per
-    output; the results are views of that buffer.
+    dense_dtype: the wire dtype of DENSE_OUTPUTS (float32, or float16 to halve their bytes); the
+    other outputs keep OUTPUTS' dtypes.
+
+    The cast to the wire dtype happens on the model's device, before the copy, so float16 halves the
+    PCIe traffic too. On a GPU the float outputs (~5 MB per 518x392 frame in float32) leave in one
+    device-to-host copy per wire dtype into pinned memory - full PCIe speed and a fixed number of
+    synchronisations - instead of one pageable copy per output; the results are views of those
+    buffers. Values beyond float16's finite range (|x| > 65504) are clamped to +-65504 rather than
+    sent as inf (NaN stays NaN).
     """
-    selected = {name: OUTPUTS[name] for name in (OUTPUTS if names is None else names)}
-    floats = [(name, outputs[key].detach()) for name, (key, dtype) in selected.items() if dtype is torch.float32]
-    if not floats:
-        return {name: outputs[key].detach().to(device="cpu", dtype=dtype).contiguous() for name, (key, dtype) in selected.items()}
-    flat = torch.cat([value.reshape(-1).float() for _, value in floats])
-    if flat.is_cuda:
-        host = torch.empty(flat.shape, dtype=torch.float32, pin_memory=True)
-        host.copy_(flat)
-        flat = host
-    host_outputs, offset = {}, 0
-    for name, value in floats:
-        host_outputs[name] = flat[offset:offset + value.numel()].view(value.shape)
-        offset += value.numel()
+    if dense_dtype not in TRITON_TYPES:
+        raise ValueError(f"dense_dtype must be torch.float32 or torch.float16, got {dense_dtype}")
+    wire = {name: dense_dtype if name in DENSE_OUTPUTS else dtype for name, (_, dtype) in OUTPUTS.items()}
+    selected = {name: (OUTPUTS[name][0], wire[name]) for name in (OUTPUTS if names is None else names)}
+    host_outputs: dict[str, torch.Tensor] = {}
+    for group_dtype in (torch.float32, torch.float16):  # one buffer, one copy per float wire dtype
+        group = [(name, outputs[key].detach()) for name, (key, dtype) in selected.items() if dtype is group_dtype]
+        if not group:
+            continue
+        flat = torch.cat([value.reshape(-1).to(group_dtype) for _, value in group])
+        if group_dtype is torch.float16:
+            flat.clamp_(-FP16_MAX, FP16_MAX)  # out-of-range values became inf in the cast: send the largest finite
+        if flat.is_cuda:
+            host = torch.empty(flat.shape, dtype=group_dtype, pin_memory=True)
+            host.copy_(flat)
+            flat = host
+        offset = 0
+        for name, value in group:
+            host_outputs[name] = flat[offset:offset + value.numel()].view(value.shape)
+            offset += value.numel()
     for name, (key, dtype) in selected.items():
-        if dtype is not torch.float32:
+        if dtype not in (torch.float32, torch.float16):  # FRAME_INDEX: a few int64s
             host_outputs[name] = outputs[key].detach().to(device="cpu", dtype=dtype).contiguous()
     return {name: host_outputs[name] for name in selected}
 

@@ -1,0 +1,59 @@
+"""render_config: the stac model's config.pbtxt (no server needed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from stac_backend.serving.repository import PRODUCTION, ServeSettings, render_config
+from stac_backend.serving.triton_model import DENSE_OUTPUTS, OUTPUTS, dense_output_dtype
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def output_types(text: str) -> dict[str, str]:
+    return dict(re.findall(r'\{ name: "(\w+)" data_type: (\w+) dims', text))
+
+
+def test_checked_in_repository_is_the_rendered_production_settings():
+    text = (ROOT / "model_repository" / "stac" / "config.pbtxt").read_text()
+    assert text == render_config(PRODUCTION), "model_repository/stac/config.pbtxt drifted: re-render it from PRODUCTION"
+    assert PRODUCTION.output_dtype == "float32"
+
+
+def test_float32_outputs_by_default():
+    text = render_config(ServeSettings())
+    types = output_types(text)
+    assert set(types) == set(OUTPUTS) | {"CACHE_BYTES"}
+    assert "TYPE_FP16" not in text and "OUTPUT_DTYPE" not in text  # the default renders exactly as before
+    assert {types[n] for n in DENSE_OUTPUTS} == {"TYPE_FP32"}
+
+
+def test_float16_outputs_only_for_the_dense_outputs():
+    text = render_config(ServeSettings(output_dtype="float16"))
+    types = output_types(text)
+    assert {n for n, t in types.items() if t == "TYPE_FP16"} == set(DENSE_OUTPUTS)
+    assert types["POSE_ENC"] == types["EXTRINSICS"] == types["INTRINSICS"] == "TYPE_FP32"
+    assert types["FRAME_INDEX"] == types["CACHE_BYTES"] == "TYPE_INT64"
+    assert 'parameters: { key: "OUTPUT_DTYPE" value: { string_value: "float16" } }' in text
+    with pytest.raises(ValueError, match="output_dtype"):
+        render_config(ServeSettings(output_dtype="bfloat16"))
+
+
+@pytest.mark.parametrize("output_dtype", ["float32", "float16"])
+def test_the_model_reads_the_rendered_config(output_dtype):
+    """Triton hands the model its config as JSON of the proto: the rendered one must load."""
+    if importlib.util.find_spec("tritonclient") is None:
+        pytest.skip("tritonclient not installed (serving extra)")
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    settings = dataclasses.replace(PRODUCTION, output_dtype=output_dtype)
+    proto = text_format.Parse(render_config(settings), model_config_pb2.ModelConfig())
+    config = json_format.MessageToDict(proto, preserving_proto_field_name=True)
+    assert dense_output_dtype(config) is {"float32": torch.float32, "float16": torch.float16}[output_dtype]
