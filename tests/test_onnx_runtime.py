@@ -209,6 +209,39 @@ def test_streams_batched_in_one_call_equal_solo_runs(graphs, frames20):
     assert np.abs(torch.cat([o["pose_enc"] for o in got_a]).numpy() - solo[0]["pose_enc"][4:].numpy()).max() <= 1e-5
 
 
+class _TorchFacingStep:
+    """An ONNX Runtime step behind the TensorRT step's interface (torch tensors in and out), so the
+    TensorRT stream adapter's bookkeeping runs on CPU without TensorRT."""
+
+    def __init__(self, step: OnnxStep):
+        self._step, self.layout, self.state_names = step, step.layout, step.state_names
+        self.device, self.max_batch = torch.device("cpu"), 2
+
+    def run(self, images, offsets, state):
+        outs, new = self._step.run(images.numpy(), offsets.numpy(), {k: v.numpy() for k, v in state.items()})
+        return ({k: torch.from_numpy(v) for k, v in outs.items()}, {k: torch.from_numpy(v) for k, v in new.items()})
+
+
+def test_tensorrt_stream_adapter_matches_onnx_runtime_streams(graphs, frames20):
+    from stac_backend.export import trt_runtime
+
+    step = OnnxStep(graphs["stac"], threads=1)
+    views = [frames20[:8], frames20[4:12], frames20[8:16]]  # three streams; max_batch 2 splits the call
+    want = [stream_outputs(OnnxRuntimeStream(step), v, [4, 4]) for v in views]
+    streams = [trt_runtime.TensorRTStream.__new__(trt_runtime.TensorRTStream) for _ in views]
+    for s in streams:
+        trt_runtime.ExportedStream.__init__(s, _TorchFacingStep(step), torch.device("cpu"))
+    got = [[], [], []]
+    for c in range(2):
+        outs = trt_runtime.push_many(streams, [s.validate(v[4 * c : 4 * c + 4]) for s, v in zip(streams, views)])
+        for g, out in zip(got, outs):
+            g.append(out)
+    for g, w in zip(got, want):
+        assert torch.equal(torch.cat([o["frame_index"] for o in g]), torch.arange(8))
+        assert np.abs(torch.cat([o["depth"] for o in g]).numpy() - w["depth"].numpy()).max() <= 1e-5
+    assert all(s.frames_seen == 8 and s.memory_bytes() == s.memory_bound() for s in streams)
+
+
 def test_bad_input_is_refused_without_touching_the_stream(graphs, frames20):
     stream = OnnxRuntimeStream(OnnxStep(graphs["full"], threads=1))
     stream.push(frames20[:4])

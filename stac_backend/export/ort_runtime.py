@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..engine.frames import FrameInput, to_frame_tensor
+from ..engine.frames import FrameInput
+from .exported_stream import ExportedStream, StateView, batch_groups  # noqa: F401 - StateView re-exported
 from .layout import OUTPUTS, StepLayout
 from .onnx_export import input_names, output_names, read_layout
 
@@ -64,88 +65,17 @@ class OnnxStep:
         return outs, new
 
 
-class StateView:
-    """What serving asks of ``stream.cache``: a memory bound and stats."""
-
-    def __init__(self, stream: "OnnxRuntimeStream"):
-        self._stream = stream
-
-    def bytes_bound(self, tokens_per_frame: int) -> int:
-        return self._stream.step.layout.state_bytes()
-
-    def memory_bytes(self) -> int:
-        return self._stream.memory_bytes()
-
-    def stats(self) -> dict:
-        s = self._stream
-        out = {"memory_bytes": s.memory_bytes(), "frames_seen": s.frames_seen}
-        if s.state is not None:
-            state = {k: np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in s.state.items()
-                     if k in ("hot_len", "kv_len", "pool_row_key", "ret_valid")}
-            for key in ("hot_len", "kv_len"):
-                if key in state:
-                    out["tokens_per_head"] = int(state[key].reshape(-1)[0])
-            if "pool_row_key" in state:
-                out["pool_voxels"] = int((state["pool_row_key"] >= 0).sum())
-                out["retrieved_per_head"] = int(state["ret_valid"].sum(axis=-1).max())
-        return out
-
-    def reset(self) -> None:
-        self._stream.reset()
-
-
-class OnnxRuntimeStream:
-    """One camera stream whose steps run the exported graph (same API as ``engine.Stream``)."""
+class OnnxRuntimeStream(ExportedStream):
+    """One camera stream whose steps run the exported graph; its state lives in numpy arrays."""
 
     def __init__(self, step: Union[OnnxStep, str, Path]):
-        self.step = step if isinstance(step, OnnxStep) else OnnxStep(step)
-        self.chunk_size = self.step.layout.max_chunk
-        self.state: Optional[dict[str, np.ndarray]] = None
-        self.frames_seen = 0
-        self.image_hw: Optional[tuple[int, int]] = None
-        self.broken: Optional[str] = None
-        self.cache = StateView(self)
-        self.device, self.dtype = torch.device("cpu"), torch.float32
-
-    @property
-    def config(self):
-        return self.step.layout.model
-
-    @property
-    def layout(self) -> StepLayout:
-        return self.step.layout
-
-    def validate(self, frames: FrameInput) -> Tensor:
-        """Checked float frames [C, 3, H, W]; raises ValueError naming the problem (stream untouched)."""
-        if self.broken is not None:
-            raise RuntimeError(f"stream is unusable after an earlier failure ({self.broken}); reset it or open a new one")
-        lay = self.layout
-        images = to_frame_tensor(frames, lay.model.patch_size, self.chunk_size, self.image_hw, dtype=torch.float32)
-        if tuple(images.shape[-2:]) != (lay.height, lay.width):
-            raise ValueError(f"this exported graph takes {lay.height}x{lay.width} frames, got "
-                             f"{images.shape[-2]}x{images.shape[-1]}")
-        capacity = lay.frames_capacity()
-        if capacity is not None and self.frames_seen + images.shape[0] > capacity:
-            raise ValueError(f"stream budget exhausted: the {lay.policy} state holds {capacity} frames, "
-                             f"{self.frames_seen} seen, {images.shape[0]} more pushed")
-        return images
+        super().__init__(step if isinstance(step, OnnxStep) else OnnxStep(step), torch.device("cpu"))
 
     def push(self, frames: FrameInput) -> dict[str, Tensor]:
         return push_many([self], [self.validate(frames)])[0]
 
     def memory_bytes(self) -> int:
         return 0 if self.state is None else int(sum(a.nbytes for a in self.state.values()))
-
-    def memory_bound(self) -> Optional[int]:
-        return self.layout.state_bytes()
-
-    def reset(self) -> None:
-        self.state = None
-        self.frames_seen = 0
-        self.image_hw = None
-        self.broken = None
-
-    close = reset
 
     def _ensure_state(self) -> dict[str, np.ndarray]:
         if self.state is None:
@@ -158,37 +88,18 @@ def push_many(streams: Sequence[OnnxRuntimeStream], images: Sequence[Tensor]) ->
     chunk size run as one batched call. A stream's state changes only when its call succeeded, so
     a failure leaves every stream as it was (none is ever marked broken)."""
     results: list[Optional[dict[str, Tensor]]] = [None] * len(streams)
-    groups: dict[tuple, list[int]] = {}
-    for i, (s, frames) in enumerate(zip(streams, images)):
-        groups.setdefault((id(s.step), tuple(frames.shape)), []).append(i)
-    for members in groups.values():
-        step = streams[members[0]].step
-        size = step.max_batch or len(members)
-        for start in range(0, len(members), size):
-            part = members[start : start + size]
-            group = [streams[i] for i in part]
-            outs = _run(step, group, [images[i] for i in part])
-            for i, out in zip(part, outs):
-                results[i] = out
+    for part in batch_groups(streams, images):
+        step = streams[part[0]].step
+        group = [streams[i] for i in part]
+        batch = np.stack([images[i].numpy() for i in part]).astype(np.float32, copy=False)
+        offsets = np.array([s.frames_seen for s in group], dtype=np.int64)
+        states = [s._ensure_state() for s in group]
+        state = {n: np.concatenate([st[n] for st in states]) for n in step.state_names}
+        outs, new = step.run(batch, offsets, state)
+        for b, (i, s) in enumerate(zip(part, group)):
+            out = {name: torch.from_numpy(np.ascontiguousarray(outs[name][b])) for name in OUTPUTS}
+            results[i] = s.advance({n: np.ascontiguousarray(new[n][b : b + 1]) for n in step.state_names}, out, images[i])
     return results  # type: ignore[return-value]
-
-
-def _run(step: OnnxStep, streams: list[OnnxRuntimeStream], images: list[Tensor]) -> list[dict[str, Tensor]]:
-    batch = np.stack([f.numpy() for f in images]).astype(np.float32, copy=False)
-    offsets = np.array([s.frames_seen for s in streams], dtype=np.int64)
-    states = [s._ensure_state() for s in streams]
-    state = {n: np.concatenate([st[n] for st in states]) for n in step.state_names}
-    outs, new = step.run(batch, offsets, state)
-    results = []
-    for b, s in enumerate(streams):
-        s.state = {n: np.ascontiguousarray(new[n][b : b + 1]) for n in step.state_names}
-        count = images[b].shape[0]
-        out = {name: torch.from_numpy(np.ascontiguousarray(outs[name][b])) for name in OUTPUTS}
-        out["frame_index"] = torch.arange(s.frames_seen, s.frames_seen + count)
-        s.image_hw = tuple(images[b].shape[-2:])
-        s.frames_seen += count
-        results.append(out)
-    return results
 
 
 class OnnxRuntimeEngine:

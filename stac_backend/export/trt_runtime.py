@@ -19,8 +19,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..engine.frames import FrameInput, to_frame_tensor
-from .layout import OUTPUTS, StepLayout
+from ..engine.frames import FrameInput
+from .exported_stream import ExportedStream, batch_groups
+from .layout import OUTPUTS
 from .onnx_export import input_names, output_names
 
 
@@ -88,39 +89,12 @@ class TensorRTStep:
         return outs, new
 
 
-class TensorRTStream:
-    """One camera stream whose steps run the TensorRT engine (API of ``engine.Stream``)."""
+class TensorRTStream(ExportedStream):
+    """One camera stream whose steps run the TensorRT engine; its state lives in device tensors."""
 
     def __init__(self, step: Union[TensorRTStep, str, Path]):
-        self.step = step if isinstance(step, TensorRTStep) else TensorRTStep(step)
-        self.chunk_size = self.step.layout.max_chunk
-        self.state: Optional[dict[str, Tensor]] = None
-        self.frames_seen = 0
-        self.image_hw: Optional[tuple[int, int]] = None
-        self.broken: Optional[str] = None
-        self.device, self.dtype = self.step.device, torch.float32
-        from .ort_runtime import StateView
-
-        self.cache = StateView(self)  # what serving reads: bytes_bound, stats
-
-    @property
-    def layout(self) -> StepLayout:
-        return self.step.layout
-
-    @property
-    def config(self):
-        return self.layout.model
-
-    def validate(self, frames: FrameInput) -> Tensor:
-        lay = self.layout
-        images = to_frame_tensor(frames, lay.model.patch_size, self.chunk_size, self.image_hw, device=self.device)
-        if tuple(images.shape[-2:]) != (lay.height, lay.width):
-            raise ValueError(f"this engine takes {lay.height}x{lay.width} frames, got {images.shape[-2]}x{images.shape[-1]}")
-        capacity = lay.frames_capacity()
-        if capacity is not None and self.frames_seen + images.shape[0] > capacity:
-            raise ValueError(f"stream budget exhausted: the {lay.policy} state holds {capacity} frames, "
-                             f"{self.frames_seen} seen, {images.shape[0]} more pushed")
-        return images
+        step = step if isinstance(step, TensorRTStep) else TensorRTStep(step)
+        super().__init__(step, step.device)
 
     def push(self, frames: FrameInput) -> dict[str, Tensor]:
         return push_many([self], [self.validate(frames)])[0]
@@ -128,41 +102,23 @@ class TensorRTStream:
     def memory_bytes(self) -> int:
         return 0 if self.state is None else int(sum(t.numel() * t.element_size() for t in self.state.values()))
 
-    def memory_bound(self) -> int:
-        return self.layout.state_bytes()
-
-    def reset(self) -> None:
-        self.state, self.frames_seen, self.image_hw = None, 0, None
-
-    close = reset
-
 
 def push_many(streams: Sequence[TensorRTStream], images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
     """One step for several streams; same-shaped chunks on one engine run batched (up to max_batch)."""
     results: list[Optional[dict[str, Tensor]]] = [None] * len(streams)
-    groups: dict[tuple, list[int]] = {}
-    for i, (s, frames) in enumerate(zip(streams, images)):
-        groups.setdefault((id(s.step), tuple(frames.shape)), []).append(i)
-    for members in groups.values():
-        step = streams[members[0]].step
-        for start in range(0, len(members), step.max_batch):
-            part = members[start : start + step.max_batch]
-            group = [streams[i] for i in part]
-            for s in group:
-                if s.state is None:
-                    s.state = s.layout.empty_state(1, device=step.device)
-            batch = torch.stack([images[i] for i in part])
-            offsets = torch.tensor([s.frames_seen for s in group], dtype=torch.int64, device=step.device)
-            state = {n: torch.cat([s.state[n] for s in group]) for n in step.state_names}
-            outs, new = step.run(batch, offsets, state)
-            for b, (i, s) in enumerate(zip(part, group)):
-                s.state = {n: new[n][b : b + 1].clone() for n in step.state_names}
-                count = images[i].shape[0]
-                out = {name: outs[name][b] for name in OUTPUTS}
-                out["frame_index"] = torch.arange(s.frames_seen, s.frames_seen + count)
-                s.image_hw = tuple(images[i].shape[-2:])
-                s.frames_seen += count
-                results[i] = out
+    for part in batch_groups(streams, images):
+        step = streams[part[0]].step
+        group = [streams[i] for i in part]
+        for s in group:
+            if s.state is None:
+                s.state = s.layout.empty_state(1, device=step.device)
+        batch = torch.stack([images[i] for i in part])
+        offsets = torch.tensor([s.frames_seen for s in group], dtype=torch.int64, device=step.device)
+        state = {n: torch.cat([s.state[n] for s in group]) for n in step.state_names}
+        outs, new = step.run(batch, offsets, state)
+        for b, (i, s) in enumerate(zip(part, group)):
+            out = {name: outs[name][b] for name in OUTPUTS}
+            results[i] = s.advance({n: new[n][b : b + 1].clone() for n in step.state_names}, out, images[i])
     return results  # type: ignore[return-value]
 
 
