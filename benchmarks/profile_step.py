@@ -53,6 +53,8 @@ def main() -> int:
     p.add_argument("--warm-steps", type=int, default=6, help="steps before measuring (cache filled, kernels compiled)")
     p.add_argument("--sync-trace", action="store_true",
                    help="also count the host synchronisations of one step by the Python line that caused them")
+    p.add_argument("--by-line", type=int, default=0, metavar="N",
+                   help="also a table of GPU time grouped by the N innermost Python frames that launched it")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -70,13 +72,17 @@ def main() -> int:
     step()
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=args.by_line > 0) as prof:
         step()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
     by_module = prof.key_averages(group_by_stack_n=0).table(sort_by="cpu_time_total", row_limit=15)
     text = (f"policy {args.policy}, step wall time {wall:.3f} s for {args.streams} streams x 4 frames after "
             f"{args.warm_steps} steps\n\n{table}\n\nCPU-heavy ops:\n{by_module}\n")
+    if args.by_line:
+        lines = prof.key_averages(group_by_stack_n=args.by_line).table(
+            sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=50, max_src_column_width=90)
+        text += f"\nGPU time by launching Python line ({args.by_line} innermost frames):\n{lines}\n"
     if args.sync_trace:
         text += "\nHost synchronisations in one step, by the line that caused them:\n" + sync_trace(step)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,9 @@ backend's shared-memory hops, and batches that form less fully than in a lockste
     python benchmarks/triton_overhead.py --out /tmp/triton_overhead_cpu.json   # CPU, tiny, quick
     python benchmarks/triton_overhead.py --output-dtype float16 --out /tmp/triton_overhead_cpu_fp16.json
 
+--instances 2 runs two model instances (two stub processes sharing the GPU): while one sends its
+outputs back, the other computes.
+
 --output-dtype float16 makes the server send the dense outputs (depth, points, confidences) as
 float16 (half the bytes; recorded as "output_dtype" in the JSON); the engine side is unchanged.
 """
@@ -113,6 +116,8 @@ def main() -> int:
     p.add_argument("--strategies", default="oldest", help="comma-separated sequence-batching strategies (oldest, direct)")
     p.add_argument("--max-batch-size", type=int, default=None,
                    help="the model's max_batch_size, also oldest's preferred batch (default: the largest stream count)")
+    p.add_argument("--instances", type=int, default=1,
+                   help="model instances in the server (instance_group count); the engine side is one process")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
 
@@ -135,7 +140,8 @@ def main() -> int:
         server = start_local_server(workdir, preset=args.preset, device=args.device, dtype=args.dtype,
                                     output_dtype=args.output_dtype, cache_config=cache, max_streams=max(counts) + 2,
                                     max_batch_size=max_batch_size, strategy=strategy,
-                                    max_queue_delay_us=delay_us, threads=args.threads if cpu else None)
+                                    max_queue_delay_us=delay_us, threads=args.threads if cpu else None,
+                                    instance_count=args.instances)
         try:
             for row in rows:
                 n = row["streams"]
@@ -175,6 +181,7 @@ def main() -> int:
         "frame_size": [height, width],
         "cache_config": cache,
         "max_batch_size": max_batch_size,
+        "instances": args.instances,
         "frames_per_stream": args.frames,
         "threads": args.threads if cpu else None,
         "environment": environment(),

@@ -521,3 +521,21 @@ def test_layer_tensor_is_validated():
         pool.insert(torch.tensor([0.0, 1.0]), h, k, k, torch.ones(2), c, 0)
     with pytest.raises(ValueError, match="max_rounds"):
         make_pool(max_rounds=0)
+
+
+def test_pool_kernels_in_triton_interpreter():
+    """The CUDA kernels of the insert (kernels/pool_kernels.py) run here in Triton's CPU interpreter
+    and must match the eager path (tests/test_kernels.py -k pool)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "pool",
+                           str(root / "tests" / "test_kernels.py")], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-1000:]

@@ -125,6 +125,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernels.pool_kernels import kernels_apply, nearest_pivot, weighted_row_sums
+
 __all__ = ["VoxelPool"]
 
 # Voxel coordinates are packed into one int64 key: 21 bits per axis, offset by 2**20.
@@ -501,12 +503,14 @@ class VoxelPool:
         n_keep = int((rows >= 0).sum())
         order = torch.argsort(torch.where(rows >= 0, g, torch.full_like(g, _DROPPED)), stable=True)[:n_keep]
         g = g[order]
-        k, v = k.to(self.device)[order], v.to(self.device)[order]
         s = score.to(self.device, torch.float32)[order]
+        # Keys and values are not permuted (two [M, D] copies): position i reads row src[i].
+        src = order
+        k, v = k.to(self.device), v.to(self.device)
 
         pending = torch.arange(g.numel(), device=self.device)
         while pending.numel() and self._last_rounds < self.max_rounds:
-            pending = self._round(g, k, v, s, pending)
+            pending = self._round(g, k, v, s, src, pending)
             self._last_rounds += 1
         # What is still pending after max_rounds rounds are the lowest-scored non-merging tokens
         # of rows that received more than about max_rounds x buffer_size of them in this call.
@@ -527,8 +531,11 @@ class VoxelPool:
             raise ValueError(f"layer must be an int in [0, {L}), got {layer!r}")
         return torch.full((M,), layer, dtype=torch.int64, device=self.device)
 
-    def _round(self, g: Tensor, k: Tensor, v: Tensor, s: Tensor, pending: Tensor) -> Tensor:
+    def _round(self, g: Tensor, k: Tensor, v: Tensor, s: Tensor, src: Tensor, pending: Tensor) -> Tensor:
         """One vectorised round over all (layer, head, voxel) rows; returns the tokens still pending.
+
+        Tokens are positions in the (row, arrival)-sorted order: ``g``, ``s`` are indexed by
+        position, the keys and values by ``src[position]``.
 
         Host synchronisations: a handful of data-dependent sizes (mask indexing, unique), a
         constant number per round, whatever the number of layers, rows or tokens.
@@ -536,9 +543,9 @@ class VoxelPool:
         P = self.max_pivots
         gp, sp = g[pending], s[pending]
         used = self._fv("piv_c")[gp] > 0  # [n, P]
-        best, best_p = self._nearest_pivot(k, pending, gp, used)  # -inf for rows without a pivot
+        best, best_p = self._nearest_pivot(k, src[pending], gp, used)  # -inf for rows without a pivot
         merge = best >= self.merge_cos
-        n_merged = self._merge_into_pivots(k, v, s, pending[merge], (gp * P + best_p)[merge], best[merge])
+        n_merged = self._merge_into_pivots(k, v, s, src, pending[merge], (gp * P + best_p)[merge], best[merge])
 
         keep = ~merge
         if self.score_gate > 0:
@@ -553,37 +560,46 @@ class VoxelPool:
         self._gated_tokens += pending.numel() - n_merged - cand.numel()
         if cand.numel() == 0:
             return cand
-        return self._fill_buffers(g, k, v, s, cand)
+        return self._fill_buffers(g, k, v, s, src, cand)
 
-    def _nearest_pivot(self, k: Tensor, pending: Tensor, gp: Tensor, used: Tensor) -> tuple[Tensor, Tensor]:
-        """Cosine to the most similar pivot of the token's row (pivots as of now) and its slot.
+    def _nearest_pivot(self, k: Tensor, k_rows: Tensor, gp: Tensor, used: Tensor) -> tuple[Tensor, Tensor]:
+        """Cosine of key ``k[k_rows[i]]`` to the most similar pivot of flat row ``gp[i]`` (pivots as
+        of now) and that pivot's slot.
 
-        Computed in chunks of tokens so the gathered pivots ([chunk, P, D] fp32) stay small when a
-        whole step's tokens (all layers) arrive at once.
+        On CUDA one kernel (kernels/pool_kernels.py); else computed in chunks of tokens so the
+        gathered pivots ([chunk, P, D] fp32) stay small when a whole step's tokens (all layers)
+        arrive at once.
         """
-        n = pending.numel()
+        n = k_rows.numel()
         pk = self._fv("piv_k")
+        if kernels_apply(k):
+            return nearest_pivot(k, k_rows.contiguous(), gp.contiguous(), pk, self._fv("piv_c"), _EPS)
         best = torch.empty(n, device=self.device)
         best_p = torch.empty(n, dtype=torch.int64, device=self.device)
         for a in range(0, n, _TOKEN_CHUNK):
             b = min(a + _TOKEN_CHUNK, n)
-            kn = F.normalize(k[pending[a:b]].float(), dim=-1, eps=_EPS)
+            kn = F.normalize(k[k_rows[a:b]].float(), dim=-1, eps=_EPS)
             pn = F.normalize(pk[gp[a:b]].float(), dim=-1, eps=_EPS)  # [c, P, D]
             cos = torch.einsum("md,mpd->mp", kn, pn).clamp_(-1.0, 1.0)
             cos.masked_fill_(~used[a:b], float("-inf"))
             best[a:b], best_p[a:b] = cos.max(dim=1)  # first maximum on ties
         return best, best_p
 
-    def _merge_into_pivots(self, k: Tensor, v: Tensor, s: Tensor, tok: Tensor, flat: Tensor, cos: Tensor) -> int:
-        """Merge tokens ``tok`` into pivots ``flat`` (flat pivot index) with weights exp(cos)."""
+    def _merge_into_pivots(self, k: Tensor, v: Tensor, s: Tensor, src: Tensor, tok: Tensor, flat: Tensor,
+                           cos: Tensor) -> int:
+        """Merge tokens ``tok`` (positions) into pivots ``flat`` (flat pivot index) with weights exp(cos)."""
         if tok.numel() == 0:
             return 0
         D = self.head_dim
         a = torch.exp(cos)
         uslot, inv = torch.unique(flat, return_inverse=True)
         nu = uslot.numel()
-        ka = torch.zeros(nu, D, device=self.device).index_add_(0, inv, a[:, None] * k[tok].float())
-        va = torch.zeros(nu, D, device=self.device).index_add_(0, inv, a[:, None] * v[tok].float())
+        rows = src[tok]
+        if kernels_apply(k):
+            ka, va = weighted_row_sums(k, v, rows.contiguous(), a, inv.contiguous(), nu)
+        else:
+            ka = torch.zeros(nu, D, device=self.device).index_add_(0, inv, a[:, None] * k[rows].float())
+            va = torch.zeros(nu, D, device=self.device).index_add_(0, inv, a[:, None] * v[rows].float())
         asum = torch.zeros(nu, device=self.device).index_add_(0, inv, a)
         ssum = torch.zeros(nu, device=self.device).index_add_(0, inv, s[tok])
         csum = torch.zeros(nu, device=self.device).index_add_(0, inv, torch.ones_like(a))
@@ -599,7 +615,7 @@ class VoxelPool:
         self._merged_tokens += tok.numel()
         return tok.numel()
 
-    def _fill_buffers(self, g: Tensor, k: Tensor, v: Tensor, s: Tensor, cand: Tensor) -> Tensor:
+    def _fill_buffers(self, g: Tensor, k: Tensor, v: Tensor, s: Tensor, src: Tensor, cand: Tensor) -> Tensor:
         """Buffer candidates by score until their row's buffer is full; collapse full buffers.
 
         Returns the candidates that did not fit (ascending positions)."""
@@ -620,8 +636,8 @@ class VoxelPool:
         accept = rank < (B - n_before)
         a_tok, a_g = cand[accept], gc[accept]
         a_slot = a_g * B + (n_before + rank)[accept]
-        self._fv("buf_k").view(-1, D)[a_slot] = k[a_tok].to(self.dtype)
-        self._fv("buf_v").view(-1, D)[a_slot] = v[a_tok].to(self.dtype)
+        self._fv("buf_k").view(-1, D)[a_slot] = k[src[a_tok]].to(self.dtype)
+        self._fv("buf_v").view(-1, D)[a_slot] = v[src[a_tok]].to(self.dtype)
         self._fv("buf_s").view(-1)[a_slot] = s[a_tok]
         bn.index_add_(0, a_g, torch.ones_like(a_g, dtype=bn.dtype))
 

@@ -510,7 +510,7 @@ def start_local_server(workdir: Path, *, preset: str = "tiny", checkpoint: Optio
                        device: str = "cpu", dtype: str = "float32", output_dtype: str = "float32",
                        cache_config: Optional[dict] = None, max_streams: int = 64, idle_ttl_s: float = 120.0,
                        max_batch_size: int = 16, max_queue_delay_us: int = 2000, strategy: str = "oldest",
-                       threads: Optional[int] = None,
+                       threads: Optional[int] = None, instance_count: int = 1,
                        http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0, log_callback=None,
                        extra_args: Sequence[str] = (), die_with_parent: bool = True, wait: bool = True):
     """A tritonserver with the stac model (tiny preset on CPU unless told otherwise; ``device="cuda"``
@@ -518,13 +518,15 @@ def start_local_server(workdir: Path, *, preset: str = "tiny", checkpoint: Optio
 
     ``output_dtype``: wire dtype of the dense outputs (``ServeSettings.output_dtype``: float32 or float16).
     ``threads`` sets OMP_NUM_THREADS for the server's stub (torch's intra-op threads).
+    ``instance_count``: model instances (each its own stub process, model copy and ``max_streams``);
+    Triton's sequence batcher spreads the streams over them.
     Returns the started :class:`TritonServer` (ready when ``wait``); the caller stops it.
     """
     from .repository import ServeSettings, local_server
 
     settings = ServeSettings(
         preset="" if checkpoint else preset, dtype=dtype, device="auto" if device.startswith("cuda") else "cpu",
-        instance_kind="KIND_GPU" if device.startswith("cuda") else "KIND_CPU",
+        instance_kind="KIND_GPU" if device.startswith("cuda") else "KIND_CPU", instance_count=instance_count,
         cache_config=cache_config or {"policy": "stac"}, max_streams=max_streams, idle_ttl_s=idle_ttl_s,
         triton_idle_us=int(idle_ttl_s * 1e6), max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
         max_candidate_sequences=max(64, max_streams), strategy=strategy, output_dtype=output_dtype,

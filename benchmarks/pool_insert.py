@@ -1,0 +1,181 @@
+"""Replay one step's STAC pool work (filing evictions into the voxel pool) and time it.
+
+Runs one ``stac`` stream of the chosen model for ``--warm-steps`` steps (default: the stress
+geometry of the policies benchmark, every token pooled), then captures the next step's call to
+``VoxelPool.insert`` - its arguments and the pool's state just before it - and replays that call
+``--repeats`` times on copies of that state. Reports the median time of the insert and, with
+``--profile``, a torch.profiler table of one replay. Because every replay starts from the same
+state, two implementations of the pool can be compared on exactly the same work (``--impl``).
+
+    python benchmarks/pool_insert.py --preset vggt-1b --device cuda --dtype bfloat16 \\
+        --out docs/benchmarks/pool_insert_h100.json --profile docs/benchmarks/pool_insert_h100.txt
+    python benchmarks/pool_insert.py --out /tmp/pool_insert_cpu.json     # tiny model on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stac_backend.cache import CacheConfig  # noqa: E402
+from stac_backend.cache.heavy_hitter import HeavyHitterCache  # noqa: E402
+from stac_backend.cache.voxel_pool import VoxelPool  # noqa: E402
+from stac_backend.engine import Stream  # noqa: E402
+from stac_backend.model import build_model  # noqa: E402
+
+STRESS = {"conf_threshold": 0.0, "voxel_size": 0.002}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def capture_insert(stream: Stream, frames: torch.Tensor) -> tuple[VoxelPool, tuple, dict]:
+    """Push ``frames``; return (pool state before the step's insert, its args, its kwargs)."""
+    pool = stream.cache.pool
+    captured = {}
+    original = pool.insert
+
+    def spy(*args, **kwargs):
+        if not captured:
+            captured["state"] = copy.deepcopy(pool)
+            captured["args"] = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+            captured["kwargs"] = dict(kwargs)
+        return original(*args, **kwargs)
+
+    pool.insert = spy
+    try:
+        stream.push(frames)
+    finally:
+        del pool.insert
+    if not captured:
+        raise RuntimeError("the step filed nothing into the pool (are tokens positioned? see --overrides)")
+    return captured["state"], captured["args"], captured["kwargs"]
+
+
+PHASES = ("_attach_positions", "_file_queued", "_retrieve", "on_evict")
+
+
+def phase_times(stream: Stream, images: torch.Tensor, chunk: int, steps: int, device: str) -> dict:
+    """Mean ms per step of the whole step and of StacCache's own phases (synchronised wall time)."""
+    cache = stream.cache
+    totals = dict.fromkeys(PHASES + ("HeavyHitterCache.end_step", "step"), 0.0)
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            sync(device)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                sync(device)
+                totals[name] += time.perf_counter() - t0
+        return wrapper
+
+    for name in PHASES:
+        setattr(cache, name, timed(name, getattr(cache, name)))
+    # heavy_hitter's pruning (it calls on_evict), reached through StacCache.end_step's super() call
+    prune = HeavyHitterCache.end_step
+    HeavyHitterCache.end_step = timed("HeavyHitterCache.end_step", prune)
+    try:
+        for step in range(steps):
+            start = (step * chunk) % (images.shape[0] - chunk + 1)
+            timed("step", stream.push)(images[start : start + chunk])
+    finally:
+        HeavyHitterCache.end_step = prune
+        for name in PHASES:
+            delattr(cache, name)
+    return {name: seconds / steps * 1e3 for name, seconds in totals.items()}
+
+
+def replay(state: VoxelPool, args: tuple, kwargs: dict, device: str) -> tuple[float, VoxelPool]:
+    pool = copy.deepcopy(state)
+    sync(device)
+    t0 = time.perf_counter()
+    pool.insert(*args, **kwargs)
+    sync(device)
+    return time.perf_counter() - t0, pool
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--height", type=int, default=392)
+    p.add_argument("--width", type=int, default=518)
+    p.add_argument("--warm-steps", type=int, default=40)
+    p.add_argument("--overrides", default=json.dumps(STRESS), help="JSON CacheConfig fields of the stac policy")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--phase-steps", type=int, default=0,
+                   help="after the replays, time this many more steps by phase (synchronised; adds sync overhead)")
+    p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler table of one replay here")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    model = build_model(args.preset, device=args.device, dtype=DTYPES[args.dtype]).eval()
+    config = CacheConfig.from_dict({"policy": "stac", **json.loads(args.overrides)})
+    stream = Stream(model, cache=config)
+    from stac_backend.data import make_sequence
+
+    seq = make_sequence(num_frames=16, height=args.height, width=args.width, trajectory="loop", seed=0, device=args.device)
+    images = (seq.images.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu()
+    chunk = config.chunk
+    with torch.inference_mode():
+        for step in range(args.warm_steps):
+            start = (step * chunk) % (images.shape[0] - chunk + 1)
+            stream.push(images[start : start + chunk])
+        state, call_args, call_kwargs = capture_insert(stream, images[:chunk])
+        tokens = int(call_args[1].shape[0])
+        times, result = [], None
+        for _ in range(args.repeats + 1):  # the first replay warms allocator and kernels
+            seconds, result = replay(state, call_args, call_kwargs, args.device)
+            times.append(seconds)
+        times = times[1:]
+        if args.profile is not None:
+            pool = copy.deepcopy(state)
+            sync(args.device)
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+            with profile(activities=activities) as prof:
+                pool.insert(*call_args, **call_kwargs)
+                sync(args.device)
+            sort = "cuda_time_total" if args.device.startswith("cuda") else "cpu_time_total"
+            args.profile.parent.mkdir(parents=True, exist_ok=True)
+            args.profile.write_text(f"one VoxelPool.insert of {tokens} tokens after {args.warm_steps} steps\n\n"
+                                    + prof.key_averages().table(sort_by=sort, row_limit=40))
+        phases = phase_times(stream, images, chunk, args.phase_steps, args.device) if args.phase_steps else None
+    data = {
+        "benchmark": "pool_insert",
+        "preset": args.preset,
+        "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+        "dtype": args.dtype,
+        "image_hw": [args.height, args.width],
+        "cache_config": config.to_dict() if hasattr(config, "to_dict") else json.loads(args.overrides),
+        "warm_steps": args.warm_steps,
+        "tokens": tokens,
+        "insert_ms": {"median": statistics.median(times) * 1e3, "all": [t * 1e3 for t in times]},
+        "pool_after": result.stats(),
+        "phase_ms_per_step": phases,
+        "torch": torch.__version__,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=1))
+    print(json.dumps({k: data[k] for k in ("tokens", "insert_ms", "phase_ms_per_step")}), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
