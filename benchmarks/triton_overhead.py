@@ -17,6 +17,11 @@ backend's shared-memory hops, and batches that form less fully than in a lockste
 --instances 2 runs two model instances (two stub processes sharing the GPU): while one sends its
 outputs back, the other computes.
 
+--inflight N lets each Triton-side stream keep N requests outstanding (the fleet client's pipelined
+mode: one bidirectional gRPC stream per camera stream, the next chunks sent before the previous
+result is back), so the GPU need not idle while results travel back and the next batch forms;
+recorded as "inflight" in the JSON. The engine side stays lockstep (one push_many per step).
+
 --output-dtype float16 makes the server send the dense outputs (depth, points, confidences) as
 float16 (half the bytes; recorded as "output_dtype" in the JSON); the engine side is unchanged.
 """
@@ -60,11 +65,12 @@ def run_engine(model, frames: list[np.ndarray], cache: dict, chunk: int, device:
     return time.perf_counter() - t0
 
 
-def run_server(url: str, frames: list[np.ndarray], first_id: int, chunk: int, height: int, width: int) -> dict:
+def run_server(url: str, frames: list[np.ndarray], first_id: int, chunk: int, height: int, width: int,
+               inflight: int = 1) -> dict:
     ids = list(range(first_id, first_id + len(frames)))
     config = FleetConfig(url=url, streams=len(frames), stream_ids=ids, frames=frames[0].shape[0], chunk=chunk,
                          height=height, width=width, fps=None, max_restarts=0, progress=False, request_timeout_s=600,
-                         connections=len(frames))
+                         connections=len(frames), inflight=inflight)
     result = run_fleet(config, frames=dict(zip(ids, frames)))
     return result.aggregate()
 
@@ -118,6 +124,8 @@ def main() -> int:
                    help="the model's max_batch_size, also oldest's preferred batch (default: the largest stream count)")
     p.add_argument("--instances", type=int, default=1,
                    help="model instances in the server (instance_group count); the engine side is one process")
+    p.add_argument("--inflight", type=int, default=1,
+                   help="requests each stream keeps outstanding through Triton (1: lockstep; >1: pipelined)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
 
@@ -145,9 +153,11 @@ def main() -> int:
         try:
             for row in rows:
                 n = row["streams"]
-                run_server(server.grpc_url, frames[:n], 10_000 * n + delay_us, args.chunk, height, width)  # warm-up
+                run_server(server.grpc_url, frames[:n], 10_000 * n + delay_us, args.chunk, height, width,
+                           args.inflight)  # warm-up
                 before = model_statistics(server.grpc_url)
-                agg = run_server(server.grpc_url, frames[:n], 10_000 * n + delay_us + 1000, args.chunk, height, width)
+                agg = run_server(server.grpc_url, frames[:n], 10_000 * n + delay_us + 1000, args.chunk, height, width,
+                                 args.inflight)
                 server_side = statistics_delta(before, model_statistics(server.grpc_url))
                 row["triton"][label] = {
                     "frames_per_second": agg["frames_per_second"], "errors": agg["errors"], "latency_ms": agg["latency_ms"],
@@ -182,6 +192,7 @@ def main() -> int:
         "cache_config": cache,
         "max_batch_size": max_batch_size,
         "instances": args.instances,
+        "inflight": args.inflight,
         "frames_per_stream": args.frames,
         "threads": args.threads if cpu else None,
         "environment": environment(),

@@ -3,11 +3,15 @@
 - paced and unpaced fleets finish with zero errors, correct per-stream numbers and a JSON result;
 - an unreachable server restarts each stream up to ``max_restarts`` and then reports the error;
 - a stream the server no longer knows (here: ended behind the fleet's back) restarts with START;
+- pipelined streams (``inflight > 1``, one bidirectional gRPC stream each) give the same outputs as
+  lockstep ones, finish partial last chunks, keep the camera rate when paced, leave no task behind,
+  and a failed request ends only its own stream;
 - error classification, frame generation, config validation, the nginx renderer's refusals.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 
@@ -22,6 +26,7 @@ from stac_backend.serving.fleet import (
     percentiles,
     render_nginx_config,
     run_fleet,
+    run_fleet_async,
 )
 
 SERVING = importlib.util.find_spec("pytriton") is not None and importlib.util.find_spec("tritonclient") is not None
@@ -60,6 +65,9 @@ def test_config_validation_and_percentiles():
         FleetConfig(streams=2, stream_ids=[3, 3]).validate()
     with pytest.raises(ValueError, match="fps"):
         FleetConfig(fps=0).validate()
+    with pytest.raises(ValueError, match="inflight"):
+        FleetConfig(inflight=0).validate()
+    FleetConfig(inflight=4).validate()  # restarts stay at their default: pipelined streams just do not use them
     assert FleetConfig(streams=3, first_stream_id=10).ids() == [10, 11, 12]
     p = percentiles(list(range(1, 101)))
     assert p["p50"] == 50.5 and p["p99"] == 99.01 and p["max"] == 100
@@ -189,3 +197,73 @@ def test_capacity_table_uses_measurements_only_and_marks_unmeasured_gpu_rows(tmp
     table.write_into(doc, text)
     assert doc.read_text().startswith("intro\n" + table.BEGIN) and doc.read_text().endswith(table.END + "\noutro\n")
     assert "\nold\n" not in doc.read_text()
+
+
+def _random_frames(ids: list[int], frames: int, height: int = 28, width: int = 42) -> dict[int, np.ndarray]:
+    return {sid: make_frames(k, frames, height, width, "random") for k, sid in enumerate(ids)}
+
+
+def test_pipelined_fleet_gives_the_lockstep_outputs(server):
+    """inflight=2 and inflight=1 on the same frames: same per-chunk DEPTH and WORLD_POINTS."""
+    runs = {}
+    for inflight, ids in ((1, [101, 102, 103]), (2, [111, 112, 113])):
+        frames = dict(zip(ids, _random_frames(ids, 10).values()))  # the same pixels under each run's ids
+        config = FleetConfig(url=server.grpc_url, streams=3, stream_ids=ids, frames=10, chunk=4, height=28, width=42,
+                             progress=False, keep_outputs=True, inflight=inflight)
+        runs[inflight] = run_fleet(config, frames=frames)
+    for result in runs.values():
+        agg = result.aggregate()
+        assert agg["errors"] == 0 and agg["index_breaks"] == 0 and agg["streams_completed"] == 3
+        assert agg["frames"] == 30 and agg["requests"] == 9
+    for lockstep, pipelined in zip(runs[1].streams, runs[2].streams):
+        assert [c["first_frame"] for c in pipelined.outputs] == [0, 4, 8]
+        for a, b in zip(lockstep.outputs, pipelined.outputs):
+            # Triton may batch the streams differently in the two runs: float32 rounding only.
+            np.testing.assert_allclose(b["depth"], a["depth"], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(b["world_points"], a["world_points"], rtol=1e-5, atol=1e-5)
+
+
+def test_pipelined_streams_finish_partial_chunks_and_leave_nothing_running(server):
+    config = FleetConfig(url=server.grpc_url, streams=3, first_stream_id=130, frames=10, chunk=4, height=28, width=42,
+                         source="random", progress=False, keep_outputs=True, inflight=3, metrics_urls=[server.metrics_url])
+
+    async def run_and_look_around():
+        result = await run_fleet_async(config)
+        await asyncio.sleep(0.05)  # let gRPC's own callbacks settle
+        return result, [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    result, pending = asyncio.run(run_and_look_around())
+    assert pending == []
+    agg = result.aggregate()
+    assert agg["errors"] == 0 and agg["index_breaks"] == 0 and agg["frames"] == 30 and agg["requests"] == 9
+    for r in result.streams:
+        assert r.completed and len(r.latencies_ms) == len(r.send_times) == 3 and r.cache_bytes > 0
+        assert r.send_times[1] < r.send_times[0] + r.latencies_ms[0] / 1000  # sent before the first result came back
+        assert [int(x) for c in r.outputs for x in c["frame_index"]] == list(range(10))  # 4 + 4 + 2
+        assert r.outputs[-1]["depth"].shape == (2, 28, 42)
+    delta = result.server_metrics[server.metrics_url]
+    assert delta["stac_frames_total"] == 30 and delta["stac_streams_ended_total"] == 3  # END arrived on every stream
+
+
+def test_paced_pipelined_stream_keeps_camera_rate(server):
+    config = FleetConfig(url=server.grpc_url, streams=1, first_stream_id=140, frames=8, chunk=4, height=28, width=42,
+                         fps=8.0, source="random", progress=False, inflight=2)
+    r = run_fleet(config).streams[0]
+    assert r.completed and r.errors == [] and len(r.e2e_latencies_ms) == 2
+    # The second chunk is not sent before its last frame is "captured", 1 s after the start.
+    assert r.send_times[1] - r.send_times[0] >= 0.45 and r.finished_s - r.started_s >= 0.95
+
+
+def test_pipelined_error_ends_only_its_stream(server):
+    ids = [151, 152, 153]
+    frames = _random_frames(ids, 8)
+    frames[152] = np.zeros((8, 3, 50, 42), np.uint8)  # 50 is no multiple of the patch size: the server refuses it
+    config = FleetConfig(url=server.grpc_url, streams=3, stream_ids=ids, frames=8, chunk=4, height=28, width=42,
+                         progress=False, inflight=2)
+    result = run_fleet(config, frames=frames)
+    by_id = {r.stream_id: r for r in result.streams}
+    bad = by_id.pop(152)
+    assert not bad.completed and bad.frames_done == 0 and bad.restarts == 0
+    assert len(bad.errors) == 1 and "patch size" in bad.errors[0] and bad.errors[0].startswith("frame 0: error:")
+    for r in by_id.values():
+        assert r.completed and r.errors == [] and r.frames_done == 8 and r.index_breaks == 0

@@ -21,6 +21,15 @@ rewind - and carries on. Each restart is counted with its reason; frame indices 
 the new segment. Any other error (bad input, admission refusal) ends that stream and is counted
 as an error.
 
+Pipelining (``inflight``): with ``inflight == 1`` a stream sends a chunk and waits for its result
+before the next (unary requests, restarts as above). A real camera does not wait, and on a GPU that
+lockstep leaves it idle while results travel back and the next batch forms. ``inflight > 1`` keeps
+up to that many requests of a stream outstanding on ONE bidirectional gRPC stream
+(``stream_infer``), so the chunks reach Triton's sequence batcher in order by construction; the
+batcher (``oldest``) still runs a sequence's requests one after the other. inflight > 1: no
+restarts; a failed request ends the stream. Through the NGINX proxy the whole gRPC stream is one
+request body, so it must fit ``NginxConfig.max_body``.
+
 Result: per-stream and aggregate frames/s, request latency p50/p90/p99 (and, when paced, the
 capture-to-result latency), errors, restarts, frame-index continuity; JSON via ``--out``, a
 table on stdout, a live progress line on stderr, an optional plot (matplotlib, if installed).
@@ -137,10 +146,14 @@ class FleetConfig:
     seed: int = 0  # stream k uses seed + k
     first_stream_id: int = 1
     stream_ids: Optional[list[int]] = None  # explicit ids (overrides first_stream_id)
-    max_restarts: int = 3  # per stream
+    max_restarts: int = 3  # per stream (inflight == 1 only)
     restart_backoff_s: float = 0.2
     request_timeout_s: float = 120.0
     connections: int = 1  # gRPC channels the streams are spread over
+    # Most requests one stream has outstanding. 1: send, wait for the result, send the next (unary
+    # calls, restarts). > 1: one bidirectional gRPC stream per camera stream, no restarts (a failed
+    # request ends the stream).
+    inflight: int = 1
     keep_outputs: bool = False  # keep every response's arrays (tests compare them)
     progress: bool = True
     progress_interval_s: float = 1.0
@@ -163,6 +176,8 @@ class FleetConfig:
             raise ValueError(f"fps must be positive, got {self.fps}")
         if self.height % 14 or self.width % 14:
             raise ValueError(f"height and width must be multiples of 14, got {self.height}x{self.width}")
+        if self.inflight < 1:
+            raise ValueError(f"inflight (requests outstanding per stream) must be at least 1, got {self.inflight}")
         self.ids()
 
 
@@ -427,6 +442,172 @@ async def _run_stream(client, grpc, config: FleetConfig, record: StreamRecord, f
     record.finished_s = time.perf_counter() - t0
 
 
+class _Pipeline:
+    """What one pipelined stream's request generator and its response loop share.
+
+    gRPC pulls the generator from its own task; the response loop runs in the stream's task. To
+    stop the generator whatever it is doing, the loop reads ``state``: ``new`` (never pulled),
+    ``waiting`` (in a wait that ``stop`` interrupts: for a slot or for a capture time), ``parked``
+    (at its ``yield``, until gRPC takes the request) or ``done``.
+    """
+
+    def __init__(self, inflight: int):
+        self.slots = asyncio.Semaphore(inflight)  # one per request allowed outstanding
+        self.sent: asyncio.Queue = asyncio.Queue()  # (first frame, frames, capture, sent) per request; None: no more
+        self.stop = asyncio.Event()
+        self.state = "new"
+        self.finished = asyncio.Event()
+        self.failure: Optional[str] = None  # why the generator ended before the last chunk
+
+
+async def _pipelined_requests(pipe: _Pipeline, grpc, config: FleetConfig, record: StreamRecord, frames: np.ndarray,
+                              loop_start: float, outputs: list):
+    """The stream's requests for ``stream_infer``, chunk by chunk, each only once a slot is free
+    and (paced) once its last frame has been captured."""
+    n = len(frames)
+    try:
+        for i in range(0, n, config.chunk):
+            c = min(config.chunk, n - i)
+            pipe.state = "waiting"
+            await pipe.slots.acquire()
+            if pipe.stop.is_set():
+                return
+            if config.fps is not None:
+                capture = loop_start + (i + c) / config.fps  # the same pacing as the unary path
+                delay = capture - time.perf_counter()
+                if delay > 0:
+                    try:
+                        await asyncio.wait_for(pipe.stop.wait(), delay)
+                    except asyncio.TimeoutError:
+                        pass
+                    if pipe.stop.is_set():
+                        return
+            else:
+                capture = time.perf_counter()
+            try:
+                data = frames[None, i : i + c]
+                inputs = [grpc.InferInput("FRAMES", list(data.shape), "UINT8")]
+                inputs[0].set_data_from_numpy(data)
+            except Exception as exc:  # raised into gRPC it would only cancel the call, without a word
+                pipe.failure = f"frame {i}: error: cannot build the request: {exc}"
+                return
+            pipe.sent.put_nowait((i, c, capture, time.perf_counter()))
+            pipe.state = "parked"
+            yield {
+                "model_name": config.model, "inputs": inputs, "outputs": outputs, "request_id": str(i),
+                "sequence_id": record.stream_id, "sequence_start": i == 0, "sequence_end": i + c >= n,
+            }
+    finally:
+        pipe.state = "done"
+        pipe.sent.put_nowait(None)  # wakes a response loop that waits for a request never to be sent
+        pipe.finished.set()
+
+
+async def _next_response(responses, sent: float, timeout_s: float):
+    """The next ``(result, error)`` of the gRPC stream, within ``timeout_s`` of the request's send."""
+    return await asyncio.wait_for(responses.__anext__(), max(0.0, sent + timeout_s - time.perf_counter()))
+
+
+async def _close_pipeline(pipe: _Pipeline, requests, responses, clean: bool) -> None:
+    """Leave nothing running: the gRPC call over, the request generator finished."""
+    from grpc import RpcError
+
+    pipe.stop.set()
+    pipe.slots.release()  # wakes a generator waiting for a slot; it sees ``stop`` and returns
+    if clean:
+        # Every request answered and the generator returned after END (gRPC half-closed the
+        # stream): the server ends the stream now; read that end instead of cancelling.
+        try:
+            await asyncio.wait_for(responses.__anext__(), 5.0)
+        except (StopAsyncIteration, asyncio.TimeoutError, RpcError):
+            pass
+    responses.cancel()  # no-op once the call is over; else it also cancels gRPC's request-pulling task
+    if pipe.state in ("new", "parked"):
+        await requests.aclose()  # nobody will pull it again
+    elif pipe.state == "waiting":
+        try:  # it wakes on ``stop`` (or on the cancellation above) and returns
+            await asyncio.wait_for(pipe.finished.wait(), 5.0)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def _run_stream_pipelined(client, grpc, config: FleetConfig, record: StreamRecord, frames: np.ndarray, t0: float,
+                                phase_s: float, on_chunk: Optional[Callable[[StreamRecord, dict], Any]]) -> None:
+    """``inflight > 1``: up to ``config.inflight`` requests outstanding on one bidirectional gRPC
+    stream (order within the camera stream guaranteed by the stream); no restarts: the first
+    failed request ends the stream."""
+    from grpc import RpcError
+    from tritonclient.utils import InferenceServerException
+
+    outputs = [grpc.InferRequestedOutput(name) for name in OUTPUT_NAMES]
+    headers = {"x-stream-id": str(record.stream_id)}
+    n = len(frames)
+    if config.fps is None:
+        await asyncio.sleep(phase_s)
+    record.started_s = time.perf_counter() - t0
+    pipe = _Pipeline(config.inflight)
+    requests = _pipelined_requests(pipe, grpc, config, record, frames, t0 + phase_s, outputs)
+    responses = None
+    try:
+        responses = client.stream_infer(requests, headers=headers)
+        while record.frames_done < n:
+            request = await pipe.sent.get()
+            if request is None:  # the generator ended early: stopped, or could not build a request
+                record.errors.append(pipe.failure or f"frame {record.frames_done}: error: request stream ended early")
+                break
+            i, c, capture, sent = request
+            try:
+                result, error = await _next_response(responses, sent, config.request_timeout_s)
+            except StopAsyncIteration:
+                error = InferenceServerException(msg="the server closed the stream before answering")
+            except asyncio.TimeoutError:
+                error = InferenceServerException(msg=f"no response within {config.request_timeout_s} s",
+                                                 status="StatusCode.DEADLINE_EXCEEDED")
+            except RpcError as exc:  # the whole call failed (server gone, proxy error): gRPC's own error
+                error = InferenceServerException(msg=exc.details() or "", status=str(exc.code()))
+            done = time.perf_counter()
+            pipe.slots.release()
+            if error is None and result.get_response().id != str(i):
+                error = InferenceServerException(msg=f"response {result.get_response().id!r} arrived for request {i}")
+            if error is not None:
+                message = f"{error.status() or ''} {error.message() or ''}".strip()
+                record.errors.append(f"frame {i}: {classify_error(error.status(), error.message() or '')}: {message}")
+                break
+            await _record_response(config, record, result, i, c, capture, sent, done, t0, on_chunk)
+    finally:
+        if responses is not None:
+            await _close_pipeline(pipe, requests, responses, clean=record.frames_done >= n and not record.errors)
+        else:
+            await requests.aclose()
+    record.completed = record.frames_done >= n and not record.errors
+    record.finished_s = time.perf_counter() - t0
+
+
+async def _record_response(config: FleetConfig, record: StreamRecord, result, i: int, c: int, capture: float,
+                           sent: float, done: float, t0: float,
+                           on_chunk: Optional[Callable[[StreamRecord, dict], Any]]) -> None:
+    """Book one successful pipelined response as the unary path does (one segment: no restarts)."""
+    record.requests += 1
+    record.latencies_ms.append((done - sent) * 1000)
+    record.send_times.append(sent - t0)
+    if config.fps is not None:
+        record.e2e_latencies_ms.append((done - capture) * 1000)
+    index = result.as_numpy("FRAME_INDEX")[0]
+    if index.tolist() != list(range(i, i + c)):
+        record.index_breaks += 1
+    record.cache_bytes = int(result.as_numpy("CACHE_BYTES").reshape(-1)[0])
+    chunk_out = None
+    if config.keep_outputs:
+        chunk_out = {name.lower(): result.as_numpy(name)[0] for name in OUTPUT_NAMES}
+        chunk_out.update(first_frame=i, segment_start=0)
+        record.outputs.append(chunk_out)
+    record.frames_done += c
+    if on_chunk is not None:
+        maybe = on_chunk(record, chunk_out)
+        if asyncio.iscoroutine(maybe):
+            await maybe
+
+
 async def run_fleet_async(config: FleetConfig, frames: Optional[dict[int, np.ndarray]] = None,
                           on_chunk: Optional[Callable[[StreamRecord, dict], Any]] = None) -> FleetResult:
     """Run the fleet; ``frames`` maps stream id -> uint8 [M, 3, H, W] (generated when missing)."""
@@ -456,9 +637,10 @@ async def run_fleet_async(config: FleetConfig, frames: Optional[dict[int, np.nda
     phases = rng.uniform(0, period, len(ids)) if len(ids) > 1 else [0.0]
     progress = _Progress(records, sum(r.frames_total for r in records), t0, config.progress_interval_s, config.progress)
     ticker = asyncio.ensure_future(progress.run())
+    run_stream = _run_stream if config.inflight == 1 else _run_stream_pipelined
     try:
         await asyncio.gather(*[
-            _run_stream(clients[k % len(clients)], grpc, config, rec, frames[rec.stream_id], t0, float(phases[k]), on_chunk)
+            run_stream(clients[k % len(clients)], grpc, config, rec, frames[rec.stream_id], t0, float(phases[k]), on_chunk)
             for k, rec in enumerate(records)
         ])
     finally:
@@ -927,6 +1109,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-restarts", type=int, default=3)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--connections", type=int, default=1, help="gRPC channels to spread the streams over")
+    p.add_argument("--inflight", type=int, default=1,
+                   help="requests one stream keeps outstanding (default 1: wait for each result); >1 pipelines the "
+                        "chunks over one bidirectional gRPC stream per camera, without restarts")
     p.add_argument("--metrics-url", action="append", default=[], help="Triton /metrics URL to diff (repeatable)")
     p.add_argument("--ssl", action="store_true", help="gRPC over TLS")
     p.add_argument("--root-certificates", default=None, help="CA bundle for --ssl")
@@ -948,7 +1133,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         url=args.server, model=args.model_name, streams=args.streams, frames=args.frames, chunk=args.chunk,
         height=args.size[0], width=args.size[1], fps=args.fps, source=args.source, scene_frames=args.scene_frames,
         seed=args.seed, first_stream_id=args.first_stream_id, max_restarts=args.max_restarts,
-        request_timeout_s=args.timeout, connections=args.connections, progress=not args.quiet,
+        request_timeout_s=args.timeout, connections=args.connections, inflight=args.inflight, progress=not args.quiet,
         ssl=args.ssl, root_certificates=args.root_certificates, metrics_urls=list(args.metrics_url),
     )
     config.validate()
