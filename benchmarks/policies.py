@@ -70,7 +70,19 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def warm_up(model, frames, name, args) -> None:
+    """Run a throwaway stream of the policy first, so one-time costs (kernel compilation, cuDNN and
+    allocator warm-up) do not land in the measured frames."""
+    stream = Stream(model, cache=policy_config(name, args))
+    for start in range(0, min(args.warmup_frames, len(frames)), args.chunk):
+        stream.push(frames[start : start + args.chunk].to(args.device))
+    sync(args.device)
+    stream.reset()
+
+
 def run_policy(model, frames, name, args, reference):
+    if args.warmup_frames:
+        warm_up(model, frames, name, args)
     stream = Stream(model, cache=policy_config(name, args))
     steps, deviations = [], {k: [] for k in COMPARED}
     status = "ok"
@@ -136,6 +148,8 @@ def main() -> int:
     p.add_argument("--chunk", type=int, default=4)
     p.add_argument("--baseline-window", type=int, default=8)
     p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--warmup-frames", type=int, default=24,
+                   help="frames of a throwaway stream run before each policy's measured one (0: none)")
     p.add_argument("--compare-every", type=int, default=1, help="compare every k-th frame with full")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (tiny models run best on 1)")
@@ -177,6 +191,7 @@ def main() -> int:
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
         "dtype": args.dtype,
         "frames": args.frames,
+        "warmup_frames": args.warmup_frames,
         "image_hw": [args.height, args.width],
         "chunk": args.chunk,
         "torch": torch.__version__,

@@ -40,6 +40,30 @@ def sync_trace(step) -> str:
     return f"{sum(counts.values())} in total\n" + "\n".join(lines) + "\n"
 
 
+PHASES = ("begin_step", "prepare", "absorb", "end_step", "on_evict", "_attach_positions", "_file_queued", "_retrieve")
+
+
+def label_cache_phases(streams) -> None:
+    """Wrap the cache policies' phases in profiler ranges ("cache.<phase>") so their GPU time shows."""
+    from torch.profiler import record_function
+
+    def labelled(name, fn):
+        def wrapper(*a, **k):
+            with record_function(f"cache.{name}"):
+                return fn(*a, **k)
+        return wrapper
+
+    for stream in streams:
+        cache = stream.cache
+        for name in PHASES:
+            if hasattr(cache, name):
+                setattr(cache, name, labelled(name, getattr(cache, name)))
+        pool = getattr(cache, "_pool", None)
+        if pool is not None:
+            pool.insert = labelled("pool.insert", pool.insert)
+            pool.retrieve_layers = labelled("pool.retrieve_layers", pool.retrieve_layers)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="tiny")
@@ -53,6 +77,8 @@ def main() -> int:
     p.add_argument("--warm-steps", type=int, default=6, help="steps before measuring (cache filled, kernels compiled)")
     p.add_argument("--sync-trace", action="store_true",
                    help="also count the host synchronisations of one step by the Python line that caused them")
+    p.add_argument("--phases", action="store_true",
+                   help="also a table of the cache policy's phases (profiler ranges cache.*) with their GPU time")
     p.add_argument("--by-line", type=int, default=0, metavar="N",
                    help="also a table of GPU time grouped by the N innermost Python frames that launched it")
     p.add_argument("--out", type=Path, required=True)
@@ -67,6 +93,8 @@ def main() -> int:
 
     for _ in range(args.warm_steps):
         step()
+    if args.phases:
+        label_cache_phases(streams)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     step()
@@ -79,6 +107,12 @@ def main() -> int:
     by_module = prof.key_averages(group_by_stack_n=0).table(sort_by="cpu_time_total", row_limit=15)
     text = (f"policy {args.policy}, step wall time {wall:.3f} s for {args.streams} streams x 4 frames after "
             f"{args.warm_steps} steps\n\n{table}\n\nCPU-heavy ops:\n{by_module}\n")
+    if args.phases:
+        rows = [e for e in prof.key_averages() if e.key.startswith("cache.")]
+        rows.sort(key=lambda e: -e.device_time_total)
+        text += "\nCache phases (GPU time of the kernels each launched, host time inside it):\n"
+        text += "".join(f"  {e.key:28s} calls {e.count:4d}  gpu {e.device_time_total / 1e3:8.2f} ms  host {e.cpu_time_total / 1e3:8.2f} ms\n"
+                        for e in rows)
     if args.by_line:
         lines = prof.key_averages(group_by_stack_n=args.by_line).table(
             sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=50, max_src_column_width=90)

@@ -159,11 +159,12 @@ class StacCache(HeavyHitterCache):
         layers = torch.cat([torch.full_like(q[1], q[0]) for q in queued])
         heads, k, v, score, points = (torch.cat([q[i] for q in queued]) for i in range(1, 6))
         coords, valid = self._voxels(points)
-        n_valid = int(valid.sum())  # one synchronisation per step (the mask below needs it anyway)
+        kept = valid.nonzero().squeeze(1)  # one synchronisation per step, for all six selections
+        n_valid = kept.numel()
         self.dropped_tokens += valid.numel() - n_valid
         self.pooled_tokens += n_valid
         if n_valid:
-            self._pool.insert(layers[valid], heads[valid], k[valid], v[valid], score[valid], coords[valid],
+            self._pool.insert(layers[kept], heads[kept], k[kept], v[kept], score[kept], coords[kept],
                               self._queued_step)
 
     def _retrieve(self, info: StepInfo, latest: int) -> None:

@@ -391,11 +391,12 @@ class VoxelPool:
     # ------------------------------------------------------------------ table management
     def _clear_rows(self, rows: Tensor) -> None:
         t = self._tensors
-        for name in ("piv_w", "piv_s", "piv_c", "buf_s"):
-            t[name][:, :, rows] = 0
-        t["buf_n"][:, :, rows] = 0
-        t["row_key"][rows] = -1
-        t["row_last_used"][rows] = -1
+        # index_fill_, not ``t[...][rows] = 0``: a scalar written through advanced indexing is
+        # copied host -> device first, a synchronisation each.
+        for name in ("piv_w", "piv_s", "piv_c", "buf_s", "buf_n"):
+            t[name].index_fill_(2, rows, 0)
+        t["row_key"].index_fill_(0, rows, -1)
+        t["row_last_used"].index_fill_(0, rows, -1)
 
     def _evict(self, n: int, protect: Tensor) -> None:
         """Evict up to ``n`` rows: least recently used, then lowest total W, then lowest row."""
@@ -444,7 +445,7 @@ class VoxelPool:
             t["row_key"][take] = uniq[new_idx]
             rows_u[new_idx] = take
         present = rows_u[rows_u >= 0]
-        t["row_last_used"][present] = step
+        t["row_last_used"].index_fill_(0, present, step)
         return rows_u[inv]
 
     # ------------------------------------------------------------------ insertion
@@ -545,7 +546,8 @@ class VoxelPool:
         used = self._fv("piv_c")[gp] > 0  # [n, P]
         best, best_p = self._nearest_pivot(k, src[pending], gp, used)  # -inf for rows without a pivot
         merge = best >= self.merge_cos
-        n_merged = self._merge_into_pivots(k, v, s, src, pending[merge], (gp * P + best_p)[merge], best[merge])
+        m_idx = merge.nonzero().squeeze(1)  # one synchronisation for the three selections
+        n_merged = self._merge_into_pivots(k, v, s, src, pending[m_idx], (gp * P + best_p)[m_idx], best[m_idx])
 
         keep = ~merge
         if self.score_gate > 0:
@@ -634,8 +636,9 @@ class VoxelPool:
         bn = self._fv("buf_n")
         n_before = bn[gc].to(torch.int64)
         accept = rank < (B - n_before)
-        a_tok, a_g = cand[accept], gc[accept]
-        a_slot = a_g * B + (n_before + rank)[accept]
+        acc = accept.nonzero().squeeze(1)  # one synchronisation for the three selections
+        a_tok, a_g = cand[acc], gc[acc]
+        a_slot = a_g * B + (n_before + rank)[acc]
         self._fv("buf_k").view(-1, D)[a_slot] = k[src[a_tok]].to(self.dtype)
         self._fv("buf_v").view(-1, D)[a_slot] = v[src[a_tok]].to(self.dtype)
         self._fv("buf_s").view(-1)[a_slot] = s[a_tok]
@@ -672,8 +675,8 @@ class VoxelPool:
         self._fv("piv_v")[rows, slot] = v_new.to(self.dtype)
         self._fv("piv_w")[rows, slot] = w
         self._fv("piv_s")[rows, slot] = bs.sum(dim=1)
-        self._fv("piv_c")[rows, slot] = float(self.buffer_size)
-        self._fv("buf_n")[rows] = 0
+        self._fv("piv_c").view(-1).index_fill_(0, rows * self.max_pivots + slot, float(self.buffer_size))
+        self._fv("buf_n").index_fill_(0, rows, 0)
         self._pivots_created += n
 
     def _merge_weakest_pivot(self, rows: Tensor, full: Tensor) -> Tensor:
@@ -690,7 +693,7 @@ class VoxelPool:
         kp, vp = pk[rows].float(), pv[rows].float()
         kpn = F.normalize(kp, dim=-1, eps=_EPS)
         sim = torch.einsum("fpd,fd->fp", kpn, kpn[ar, victim]).clamp_(-1.0, 1.0)
-        sim[ar, victim] = float("-inf")
+        sim.scatter_(1, victim[:, None], float("-inf"))
         nb = torch.argmax(sim, dim=1)  # most similar sibling, first on ties
         # The victim's weight is discounted by exp(cos - 1) <= 1, as in the reference kernel:
         # its tokens were weighted against their own seed, not the sibling's.
@@ -766,7 +769,7 @@ class VoxelPool:
         rows = self._candidate_rows(qkeys, radius)
         if rows.numel() == 0:
             return [self._empty_result() for _ in layers]
-        self._tensors["row_last_used"][rows] = step
+        self._tensors["row_last_used"].index_fill_(0, rows, step)
         return self._gather_retrieved(layers, rows, max_tokens, include_buffer)
 
     def _empty_result(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -850,6 +853,6 @@ class VoxelPool:
         k_out[idx] = k_all[ok_all]
         v_out[idx] = v_all[ok_all]
         bias[idx] = b_all[ok_all].float()
-        valid[idx] = True
+        valid[idx] = torch.ones_like(idx[0], dtype=torch.bool)  # a device value: no host->device copy
         # Each layer gets tensors of its own (cloned): memory accounting sees exactly its T.
         return [tuple(x[i, :, : lengths[i]].clone() for x in (k_out, v_out, bias, valid)) for i in range(nl)]

@@ -39,7 +39,8 @@ def kernels_apply(t: Tensor) -> bool:
 
 if HAVE_TRITON:
 
-    @triton.jit
+    # n (the token count) changes every call: not specialised on, so the kernel compiles once.
+    @triton.jit(do_not_specialize=["n"])
     def _nearest_pivot(K, TOK, ROW, PK, PC, BEST, SLOT, n, stride_k, eps,
                        D: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -64,7 +65,7 @@ if HAVE_TRITON:
         tl.store(BEST + offs, best, mask=live)
         tl.store(SLOT + offs, slot, mask=live)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])
     def _weighted_row_sums(K, V, TOK, W, DST, OUT_K, OUT_V, n, stride_k, stride_v,
                            D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
