@@ -133,6 +133,52 @@ def triton_section(report, lines, plt):
     lines.append("![triton](triton_sweep_h100.png)\n")
 
 
+SERVING_FILES = ("triton_overhead_h100.json", "triton_overhead_h100_fp16.json", "triton_overhead_h100_fp16_48frames.json",
+                 "triton_overhead_h100_fp16_instances2.json", "triton_overhead_h100_fp16_inflight2.json")
+
+
+def serving_section(lines) -> None:
+    """One row per (file, stream count): the serving settings tried at a fixed load."""
+    rows = []
+    for name in SERVING_FILES:
+        report = load(name)
+        if report is None:
+            continue
+        for r in report["rows"]:
+            for label, t in r["triton"].items():
+                s = t["server"]
+                rows.append(f"| `{name}` | {r['streams']} | {report.get('output_dtype', 'float32')} | {report.get('instances', 1)} | "
+                            f"{report.get('inflight', 1)} | {report['frames_per_stream']} | {t['frames_per_second']:.1f} | "
+                            f"{r['engine']['frames_per_second']:.1f} | **{r['triton_over_engine'][label]:.2f}** | "
+                            f"{s['mean_requests_per_execution']:.1f} | {s['per_request_ms'].get('compute_infer', 0):.0f} | "
+                            f"{s['per_request_ms'].get('compute_output', 0):.0f} |")
+    if not rows:
+        return
+    lines.append("## Triton serving settings at a fixed load (same frames through Triton and the engine)\n")
+    lines.append("Sources: `triton_overhead_h100*.json` (`benchmarks/triton_overhead.py`, oldest strategy, max batch 8, "
+                 "100 ms queue delay). infer/output ms: Triton's per-request compute_infer / compute_output.\n")
+    lines.append("| file | streams | dense outputs | instances | in flight per stream | frames per stream | Triton frames/s | "
+                 "engine frames/s | Triton/engine | requests per execute | infer ms | output ms |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    lines.extend(rows)
+    lines.append("")
+
+
+def pool_section(lines) -> None:
+    fused, eager = load("pool_insert_h100.json"), load("pool_insert_h100_eager.json")
+    if fused is None:
+        return
+    lines.append("## Voxel-pool insert of one stress step (kernels vs eager torch ops)\n")
+    lines.append("Sources: `pool_insert_h100.json`, `pool_insert_h100_eager.json` (`benchmarks/pool_insert.py`, "
+                 "STAC_POOL_KERNELS=0 for the eager run): the same captured insert replayed on copies of the same pool.\n")
+    lines.append("| implementation | tokens filed | insert ms (median of 5) |")
+    lines.append("| --- | --- | --- |")
+    for label, r in (("Triton kernels", fused), ("eager torch", eager)):
+        if r is not None:
+            lines.append(f"| {label} | {r['tokens']:,} | {r['insert_ms']['median']:.1f} |")
+    lines.append("")
+
+
 def main() -> int:
     try:
         import matplotlib
@@ -148,6 +194,8 @@ def main() -> int:
         report = load(name)
         if report is not None:
             section(report, lines, plt)
+    serving_section(lines)
+    pool_section(lines)
     (BENCH / "SUMMARY.md").write_text("\n".join(lines))
     print((BENCH / "SUMMARY.md").read_text())
     return 0
