@@ -417,27 +417,9 @@ async def _run_stream(client, grpc, config: FleetConfig, record: StreamRecord, f
             record.errors.append(f"frame {i}: {kind}: {message}")
             break
         done = time.perf_counter()
-        record.requests += 1
-        record.latencies_ms.append((done - sent) * 1000)
-        record.send_times.append(sent - t0)
-        if config.fps is not None:
-            record.e2e_latencies_ms.append((done - capture) * 1000)
-        index = result.as_numpy("FRAME_INDEX")[0]
-        if index.tolist() != list(range(i - segment_start, i - segment_start + c)):
-            record.index_breaks += 1
-        record.cache_bytes = int(result.as_numpy("CACHE_BYTES").reshape(-1)[0])
-        chunk_out = None  # handed to on_chunk too (None unless keep_outputs)
-        if config.keep_outputs:
-            chunk_out = {name.lower(): result.as_numpy(name)[0] for name in OUTPUT_NAMES}
-            chunk_out.update(first_frame=i, segment_start=segment_start)
-            record.outputs.append(chunk_out)
-        record.frames_done += c
+        await _record_response(config, record, result, i, c, capture, sent, done, t0, on_chunk, segment_start)
         i += c
         start = False
-        if on_chunk is not None:
-            maybe = on_chunk(record, chunk_out)
-            if asyncio.iscoroutine(maybe):
-                await maybe
     record.completed = i >= n and not record.errors
     record.finished_s = time.perf_counter() - t0
 
@@ -585,21 +567,22 @@ async def _run_stream_pipelined(client, grpc, config: FleetConfig, record: Strea
 
 async def _record_response(config: FleetConfig, record: StreamRecord, result, i: int, c: int, capture: float,
                            sent: float, done: float, t0: float,
-                           on_chunk: Optional[Callable[[StreamRecord, dict], Any]]) -> None:
-    """Book one successful pipelined response as the unary path does (one segment: no restarts)."""
+                           on_chunk: Optional[Callable[[StreamRecord, dict], Any]], segment_start: int = 0) -> None:
+    """Book one successful response of chunk ``[i, i + c)``; frame indices restart at 0 in each
+    (re)started segment (pipelined streams have one segment: no restarts)."""
     record.requests += 1
     record.latencies_ms.append((done - sent) * 1000)
     record.send_times.append(sent - t0)
     if config.fps is not None:
         record.e2e_latencies_ms.append((done - capture) * 1000)
     index = result.as_numpy("FRAME_INDEX")[0]
-    if index.tolist() != list(range(i, i + c)):
+    if index.tolist() != list(range(i - segment_start, i - segment_start + c)):
         record.index_breaks += 1
     record.cache_bytes = int(result.as_numpy("CACHE_BYTES").reshape(-1)[0])
-    chunk_out = None
+    chunk_out = None  # handed to on_chunk too (None unless keep_outputs)
     if config.keep_outputs:
         chunk_out = {name.lower(): result.as_numpy(name)[0] for name in OUTPUT_NAMES}
-        chunk_out.update(first_frame=i, segment_start=0)
+        chunk_out.update(first_frame=i, segment_start=segment_start)
         record.outputs.append(chunk_out)
     record.frames_done += c
     if on_chunk is not None:
