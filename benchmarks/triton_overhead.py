@@ -122,6 +122,8 @@ def main() -> int:
     p.add_argument("--strategies", default="oldest", help="comma-separated sequence-batching strategies (oldest, direct)")
     p.add_argument("--max-batch-size", type=int, default=None,
                    help="the model's max_batch_size, also oldest's preferred batch (default: the largest stream count)")
+    p.add_argument("--output-device", choices=("cpu", "gpu"), default="cpu",
+                   help="gpu: the server hands the float outputs to Triton as CUDA tensors (ServeSettings.output_device)")
     p.add_argument("--instances", type=int, default=1,
                    help="model instances in the server (instance_group count); the engine side is one process")
     p.add_argument("--inflight", type=int, default=1,
@@ -146,7 +148,8 @@ def main() -> int:
         workdir = Path(tempfile.mkdtemp(prefix="stac-overhead-"))
         # default max_batch_size = the largest load, so that oldest's preferred batch (= max_batch_size) is "every stream"
         server = start_local_server(workdir, preset=args.preset, device=args.device, dtype=args.dtype,
-                                    output_dtype=args.output_dtype, cache_config=cache, max_streams=max(counts) + 2,
+                                    output_dtype=args.output_dtype, output_device=args.output_device,
+                                    cache_config=cache, max_streams=max(counts) + 2,
                                     max_batch_size=max_batch_size, strategy=strategy,
                                     max_queue_delay_us=delay_us, threads=args.threads if cpu else None,
                                     instance_count=args.instances)
@@ -188,6 +191,7 @@ def main() -> int:
         "device": torch.cuda.get_device_name(0) if not cpu else "cpu",
         "dtype": args.dtype,
         "output_dtype": args.output_dtype,
+        "output_device": args.output_device,
         "frame_size": [height, width],
         "cache_config": cache,
         "max_batch_size": max_batch_size,

@@ -41,6 +41,9 @@ def _add_serving_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dtype", choices=("float32", "float16"), default="float32",
                    help="wire dtype of the dense outputs (depth, points and their confidences); float16 halves "
                         "their bytes, relative error <= 2^-11 (poses stay float32)")
+    p.add_argument("--output-device", choices=("cpu", "gpu"), default="cpu",
+                   help="gpu (GPU device only): hand the float outputs to Triton as CUDA tensors (CUDA IPC), "
+                        "skipping a host copy and the Python backend's shared memory")
 
 
 def resolve_model_args(args: argparse.Namespace) -> None:
@@ -154,6 +157,7 @@ def serve_settings_from_args(args: argparse.Namespace):
         idle_ttl_s=args.idle_ttl,
         triton_idle_us=int(args.idle_ttl * 1e6),
         output_dtype=args.output_dtype,
+        output_device=args.output_device,
     )
 
 

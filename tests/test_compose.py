@@ -238,8 +238,14 @@ def test_prepare_places_validates_and_renders(tmp_path, monkeypatch):
     manifest = json.loads((repo / "stac" / "PREPARED.json").read_text())
     assert manifest["checkpoint"]["tensors"] > 10 and len(manifest["checkpoint"]["sha256"]) == 64
     assert manifest["tensorrt"] == "skipped"
+    assert 'key: "OUTPUT_DEVICE" value: { string_value: "gpu" }' in config  # GPU instance: outputs by CUDA IPC
     # Idempotent: a second run finds the checkpoint in place.
     assert prepare.main(args) == 0
+    # A CPU instance falls back to host outputs unless told otherwise.
+    monkeypatch.setenv("STAC_INSTANCE_KIND", "KIND_CPU")
+    monkeypatch.delenv("STAC_OUTPUT_DEVICE", raising=False)
+    assert prepare.main(args) == 0
+    assert "OUTPUT_DEVICE" not in (repo / "stac" / "config.pbtxt").read_text()
 
 
 def test_prepare_refuses_a_mismatched_or_missing_checkpoint(tmp_path, monkeypatch):

@@ -313,3 +313,27 @@ def test_float16_outputs_server(tmp_path, model):
                 np.testing.assert_allclose(value, reference, atol=1e-4, err_msg=key)
     # The first chunk asked for everything: every dense output went through fp16, poses did not.
     assert {k for k, v in got[0].items() if getattr(v, "dtype", None) == np.float16} == set(DENSE)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="OUTPUT_DEVICE=gpu needs a CUDA GPU")
+def test_gpu_outputs_server_equals_host_outputs_server(tmp_path, model):
+    """OUTPUT_DEVICE=gpu changes only how outputs reach Triton (CUDA IPC instead of a host copy and
+    shared memory): the same stream gets bit-identical outputs from a server with host outputs."""
+    require_stub_imports_this_checkout()
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_checkpoint(model, checkpoint)
+    frames = video(900, 12)
+    got = {}
+    for where in ("cpu", "gpu"):
+        settings = ServeSettings(preset="", device="auto", instance_kind="KIND_GPU", cache_config=CACHE,
+                                 output_dtype="float16", output_device=where, max_queue_delay_us=20000)
+        repo = write_repository(tmp_path / f"repo_{where}", settings, checkpoint_file=checkpoint)
+        with TritonServer(repo, log_file=tmp_path / f"triton_{where}.log", exit_timeout_s=5) as srv:
+            c = StacClient(srv.grpc_url)
+            got[where] = [c.send_chunk(900, frames[i:i + 4], start=i == 0, end=i + 4 >= len(frames)) for i in range(0, 12, 4)]
+            c.close()
+    for host, device in zip(got["cpu"], got["gpu"]):
+        assert set(host) == set(device)
+        for key, value in host.items():
+            assert np.asarray(device[key]).dtype == np.asarray(value).dtype, key
+            np.testing.assert_array_equal(device[key], value, err_msg=key)

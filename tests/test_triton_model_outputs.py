@@ -107,3 +107,42 @@ def test_dense_output_dtype_parameter():
         dense_output_dtype(_config("float16", "TYPE_FP32"))
     with pytest.raises(ValueError, match="declares DEPTH as TYPE_FP16"):
         dense_output_dtype(_config(None, "TYPE_FP16"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_outputs_on_device_keep_float_outputs_on_the_device(device):
+    from stac_backend.serving.triton_model import outputs_on_device
+
+    outputs = step_outputs(device)
+    for dense in (torch.float32, torch.float16):
+        ready = outputs_on_device(outputs, None, dense)
+        assert list(ready) == list(OUTPUTS)
+        for name, (key, dtype) in OUTPUTS.items():
+            want = dense if name in DENSE_OUTPUTS else dtype
+            value = ready[name]
+            assert value.dtype == want and value.is_contiguous(), name
+            assert value.device.type == ("cpu" if want is torch.int64 else device), name
+            assert torch.equal(value.cpu(), outputs[key].to(want).cpu()), name
+        # each float output owns its memory (shared one by one by CUDA IPC)
+        ptrs = [v.untyped_storage().data_ptr() for v in ready.values()]
+        assert len(set(ptrs)) == len(ptrs)
+        assert all(ready[n].untyped_storage().data_ptr() != outputs[OUTPUTS[n][0]].untyped_storage().data_ptr()
+                   for n in DENSE_OUTPUTS)
+
+
+def test_output_device_parameter_and_rendering():
+    from stac_backend.serving.repository import ServeSettings, render_config
+    from stac_backend.serving.triton_model import output_device
+
+    def config(value):
+        return {"parameters": {"OUTPUT_DEVICE": {"string_value": value}}}
+
+    assert output_device({}, "GPU") == "cpu" and output_device(config("gpu"), "GPU") == "gpu"
+    with pytest.raises(ValueError, match="KIND_GPU"):
+        output_device(config("gpu"), "CPU")
+    with pytest.raises(ValueError, match="OUTPUT_DEVICE"):
+        output_device(config("tpu"), "GPU")
+    assert "OUTPUT_DEVICE" not in render_config(ServeSettings())
+    assert '"OUTPUT_DEVICE" value: { string_value: "gpu" }' in render_config(ServeSettings(instance_kind="KIND_GPU", output_device="gpu"))
+    with pytest.raises(ValueError, match="GPU instance"):
+        render_config(ServeSettings(output_device="gpu"))

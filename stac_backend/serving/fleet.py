@@ -673,6 +673,7 @@ def scrape_metrics(url: str, timeout: float = 10.0, by_label: bool = False) -> d
 
 def start_local_server(workdir: Path, *, preset: str = "tiny", checkpoint: Optional[Path] = None,
                        device: str = "cpu", dtype: str = "float32", output_dtype: str = "float32",
+                       output_device: str = "cpu",
                        cache_config: Optional[dict] = None, max_streams: int = 64, idle_ttl_s: float = 120.0,
                        max_batch_size: int = 16, max_queue_delay_us: int = 2000, strategy: str = "oldest",
                        threads: Optional[int] = None, instance_count: int = 1,
@@ -682,6 +683,7 @@ def start_local_server(workdir: Path, *, preset: str = "tiny", checkpoint: Optio
     makes a KIND_GPU instance on the first GPU).
 
     ``output_dtype``: wire dtype of the dense outputs (``ServeSettings.output_dtype``: float32 or float16).
+    ``output_device``: ``"gpu"`` hands the float outputs to Triton as CUDA tensors (``ServeSettings.output_device``).
     ``threads`` sets OMP_NUM_THREADS for the server's stub (torch's intra-op threads).
     ``instance_count``: model instances (each its own stub process, model copy and ``max_streams``);
     Triton's sequence batcher spreads the streams over them.
@@ -695,6 +697,7 @@ def start_local_server(workdir: Path, *, preset: str = "tiny", checkpoint: Optio
         cache_config=cache_config or {"policy": "stac"}, max_streams=max_streams, idle_ttl_s=idle_ttl_s,
         triton_idle_us=int(idle_ttl_s * 1e6), max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
         max_candidate_sequences=max(64, max_streams), strategy=strategy, output_dtype=output_dtype,
+        output_device=output_device,
     )
     env = {"OMP_NUM_THREADS": str(threads)} if threads else None
     server = local_server(settings, workdir, checkpoint, http_port=http_port, grpc_port=grpc_port,

@@ -15,6 +15,10 @@ Model-config parameters read by the model (all strings):
   MAX_IMAGE_PIXELS frames larger than this (H * W) are refused as oversized
   OUTPUT_DTYPE     float32 (default) | float16: wire dtype of DEPTH, DEPTH_CONF, WORLD_POINTS,
                    WORLD_POINTS_CONF (the outputs' data_type follows); written only when float16
+  OUTPUT_DEVICE    cpu (default) | gpu: where the float outputs are handed to Triton. gpu (GPU
+                   instances only): as CUDA tensors, which the Python backend passes by CUDA IPC
+                   and Triton copies into the response, instead of a host copy here plus a copy
+                   into the backend's shared memory; written only when gpu
   RUNTIME          torch (default: the engine) | onnxruntime (the exported step graph, CPU; issue #6)
   ONNX_MODEL       RUNTIME=onnxruntime: the exported graph, absolute or relative to the model's folder
   ORT_THREADS      RUNTIME=onnxruntime: intra-op threads (0 = ONNX Runtime's default)
@@ -61,6 +65,8 @@ class ServeSettings:
     # "float32" or "float16": wire dtype of the dense per-pixel outputs (DEPTH, DEPTH_CONF, WORLD_POINTS,
     # WORLD_POINTS_CONF); float16 halves their bytes (docs/serving.md). Poses stay float32.
     output_dtype: str = "float32"
+    # "cpu" or "gpu": where the float outputs are handed to Triton (OUTPUT_DEVICE above).
+    output_device: str = "cpu"
 
 
 def render_config(s: ServeSettings) -> str:
@@ -68,6 +74,10 @@ def render_config(s: ServeSettings) -> str:
         raise ValueError(f"strategy must be 'oldest' or 'direct', got {s.strategy!r}")
     if s.output_dtype not in DENSE_TYPES:
         raise ValueError(f"output_dtype must be 'float32' or 'float16', got {s.output_dtype!r}")
+    if s.output_device not in ("cpu", "gpu"):
+        raise ValueError(f"output_device must be 'cpu' or 'gpu', got {s.output_device!r}")
+    if s.output_device == "gpu" and s.instance_kind != "KIND_GPU":
+        raise ValueError("output_device='gpu' needs a GPU instance (instance_kind='KIND_GPU')")
     params = {
         "PRESET": s.preset,
         "CHECKPOINT": s.checkpoint,
@@ -83,6 +93,8 @@ def render_config(s: ServeSettings) -> str:
         params.update({"RUNTIME": s.runtime, "ONNX_MODEL": s.onnx_model, "ORT_THREADS": str(s.ort_threads)})
     if s.output_dtype != "float32":  # likewise: the float32 default renders exactly as before
         params["OUTPUT_DTYPE"] = s.output_dtype
+    if s.output_device != "cpu":
+        params["OUTPUT_DEVICE"] = s.output_device
     parameters = "\n".join(
         f'parameters: {{ key: "{k}" value: {{ string_value: {json.dumps(v)} }} }}' for k, v in params.items()
     )
@@ -174,7 +186,8 @@ def write_repository(
 
 
 # The checked-in production repository (model_repository/stac): GPU instance, bf16, STAC policy,
-# the vggt-1b checkpoint placed by the deployment's prepare step.
+# the vggt-1b checkpoint placed by the deployment's prepare step; outputs handed to Triton on the
+# GPU (bit-identical to host outputs, tests/test_serving_triton.py; faster, docs/performance.md).
 PRODUCTION = ServeSettings(
     preset="vggt-1b",
     checkpoint="checkpoints/vggt-1b.safetensors",
@@ -185,6 +198,7 @@ PRODUCTION = ServeSettings(
     max_streams=8,
     idle_ttl_s=120.0,
     max_batch_size=8,
+    output_device="gpu",
 )
 
 

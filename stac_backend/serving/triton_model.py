@@ -11,6 +11,9 @@ dimension: one request carries one chunk of one stream.
 Dense outputs (DEPTH, DEPTH_CONF, WORLD_POINTS, WORLD_POINTS_CONF: ~4.9 MB per 518x392 frame in
 float32) travel as float16 when the OUTPUT_DTYPE parameter says so - half the bytes over PCIe, in
 Triton's shared memory and on the network. Poses, intrinsics and FRAME_INDEX keep their types.
+With OUTPUT_DEVICE=gpu (GPU instances) the float outputs are handed over as CUDA tensors: the
+Python backend passes them to Triton by CUDA IPC and Triton copies them into the response, which
+skips this process's device-to-host copy and the copy into the backend's shared memory.
 
 Tensors cross the backend boundary only through DLPack (``to_dlpack`` / ``Tensor.from_dlpack``),
 never through ``as_numpy()`` / ``Tensor(name, ndarray)``: those numpy paths of the Python backend
@@ -159,6 +162,7 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         self.model_config = json.loads(args["model_config"])
         self.dense_dtype = dense_output_dtype(self.model_config)  # checked before the (slow) model load
+        self.outputs_on_gpu = output_device(self.model_config, args.get("model_instance_kind", "CPU")) == "gpu"
         repository = args.get("model_repository")
         self.sessions = build_sessions(
             self.model_config, args.get("model_instance_kind", "CPU"), int(args.get("model_instance_device_id", 0) or 0), repository
@@ -221,8 +225,12 @@ class TritonPythonModel:
         # Only what the client asked for leaves the GPU and crosses the wire (Triton lists every output
         # when a client names none).
         wanted = set(request.requested_output_names())
-        host = outputs_on_host(result.outputs, [name for name in OUTPUTS if name in wanted], self.dense_dtype)
-        tensors = [_from_torch(name, value.unsqueeze(0)) for name, value in host.items()]
+        names = [name for name in OUTPUTS if name in wanted]
+        if self.outputs_on_gpu:
+            ready = outputs_on_device(result.outputs, names, self.dense_dtype)
+        else:
+            ready = outputs_on_host(result.outputs, names, self.dense_dtype)
+        tensors = [_from_torch(name, value.unsqueeze(0)) for name, value in ready.items()]
         if "CACHE_BYTES" in wanted:
             tensors.append(_from_torch("CACHE_BYTES", torch.tensor([[result.cache_bytes]], dtype=torch.int64)))
         return pb_utils.InferenceResponse(output_tensors=tensors)
@@ -238,6 +246,40 @@ class TritonPythonModel:
             elif value > self._counted[key]:
                 metric.increment(value - self._counted[key])
                 self._counted[key] = value
+
+
+def output_device(model_config: dict[str, Any], instance_kind: str) -> str:
+    """The OUTPUT_DEVICE parameter (cpu default, or gpu); gpu needs a GPU instance."""
+    name = (read_parameters(model_config).get("OUTPUT_DEVICE", "") or "cpu").strip().lower()
+    if name not in ("cpu", "gpu"):
+        raise ValueError(f"OUTPUT_DEVICE must be 'cpu' or 'gpu', got {name!r}")
+    if name == "gpu" and instance_kind.upper() != "GPU":
+        raise ValueError(f"OUTPUT_DEVICE=gpu needs a KIND_GPU instance, this one is {instance_kind}")
+    return name
+
+
+def outputs_on_device(outputs: dict[str, torch.Tensor], names: Optional[list[str]] = None,
+                      dense_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A step's outputs (``names``, default all of OUTPUTS) in wire dtypes, the float ones left on the
+    model's device (OUTPUT_DEVICE=gpu), each its own contiguous tensor (one allocation per output,
+    so each can be shared by CUDA IPC on its own); FRAME_INDEX (a few int64s) goes to the host.
+    Values beyond float16's finite range are clamped as in ``outputs_on_host``."""
+    if dense_dtype not in TRITON_TYPES:
+        raise ValueError(f"dense_dtype must be torch.float32 or torch.float16, got {dense_dtype}")
+    ready: dict[str, torch.Tensor] = {}
+    for name in OUTPUTS if names is None else names:
+        key, dtype = OUTPUTS[name]
+        value = outputs[key].detach()
+        if name in DENSE_OUTPUTS:
+            dtype = dense_dtype
+        if dtype in (torch.float32, torch.float16):
+            value = value.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+            if dtype is torch.float16:
+                value.clamp_(-FP16_MAX, FP16_MAX)
+        else:
+            value = value.to(device="cpu", dtype=dtype).contiguous()
+        ready[name] = value
+    return ready
 
 
 def outputs_on_host(outputs: dict[str, torch.Tensor], names: Optional[list[str]] = None,
