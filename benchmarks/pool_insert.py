@@ -50,7 +50,11 @@ def capture_insert(stream: Stream, frames: torch.Tensor) -> tuple[VoxelPool, tup
 
     def spy(*args, **kwargs):
         if not captured:
-            captured["state"] = copy.deepcopy(pool)
+            state = copy.deepcopy(pool)
+            # the copy would carry this spy as its own insert (an instance attribute), which calls
+            # the original pool's insert: replays must run the copy's own method
+            del state.insert
+            captured["state"] = state
             captured["args"] = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
             captured["kwargs"] = dict(kwargs)
         return original(*args, **kwargs)
@@ -100,6 +104,34 @@ def phase_times(stream: Stream, images: torch.Tensor, chunk: int, steps: int, de
     return {name: seconds / steps * 1e3 for name, seconds in totals.items()}
 
 
+# VoxelPool methods timed by --by-method (nested: _collapse runs inside _fill_buffers, which with
+# _nearest_pivot and _merge_into_pivots runs inside _round).
+METHODS = ("_resolve_rows", "_round", "_nearest_pivot", "_merge_into_pivots", "_fill_buffers", "_collapse")
+
+
+def method_times(state: VoxelPool, args: tuple, kwargs: dict, device: str) -> dict:
+    """Synchronised ms of each pool method over one replay (syncs add a little per call)."""
+    totals = {name: [0.0, 0] for name in METHODS + ("insert",)}
+    pool = copy.deepcopy(state)
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            sync(device)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                sync(device)
+                totals[name][0] += time.perf_counter() - t0
+                totals[name][1] += 1
+        return wrapper
+
+    for name in METHODS:
+        setattr(pool, name, timed(name, getattr(pool, name)))
+    timed("insert", pool.insert)(*args, **kwargs)
+    return {name: {"ms": seconds * 1e3, "calls": calls} for name, (seconds, calls) in totals.items()}
+
+
 def replay(state: VoxelPool, args: tuple, kwargs: dict, device: str) -> tuple[float, VoxelPool]:
     pool = copy.deepcopy(state)
     sync(device)
@@ -121,6 +153,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--phase-steps", type=int, default=0,
                    help="after the replays, time this many more steps by phase (synchronised; adds sync overhead)")
+    p.add_argument("--by-method", action="store_true",
+                   help="also time each pool method over one replay (synchronised; recorded as method_ms)")
     p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler table of one replay here")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
@@ -156,6 +190,7 @@ def main() -> int:
             args.profile.parent.mkdir(parents=True, exist_ok=True)
             args.profile.write_text(f"one VoxelPool.insert of {tokens} tokens after {args.warm_steps} steps\n\n"
                                     + prof.key_averages().table(sort_by=sort, row_limit=40))
+        by_method = method_times(state, call_args, call_kwargs, args.device) if args.by_method else None
         phases = phase_times(stream, images, chunk, args.phase_steps, args.device) if args.phase_steps else None
     data = {
         "benchmark": "pool_insert",
@@ -169,11 +204,12 @@ def main() -> int:
         "insert_ms": {"median": statistics.median(times) * 1e3, "all": [t * 1e3 for t in times]},
         "pool_after": result.stats(),
         "phase_ms_per_step": phases,
+        "method_ms": by_method,
         "torch": torch.__version__,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1))
-    print(json.dumps({k: data[k] for k in ("tokens", "insert_ms", "phase_ms_per_step")}), file=sys.stderr)
+    print(json.dumps({k: data[k] for k in ("tokens", "insert_ms", "method_ms", "phase_ms_per_step")}), file=sys.stderr)
     return 0
 
 

@@ -134,21 +134,37 @@ def triton_section(report, lines, plt):
 
 
 SERVING_FILES = ("triton_overhead_h100.json", "triton_overhead_h100_fp16.json", "triton_overhead_h100_fp16_48frames.json",
-                 "triton_overhead_h100_fp16_instances2.json", "triton_overhead_h100_fp16_inflight2.json")
+                 "triton_overhead_h100_fp16_instances2.json", "triton_overhead_h100_fp16_inflight2.json",
+                 "triton_overhead_h100_fp16_gpu.json", "triton_overhead_h100_fp16_gpu_inflight2.json",
+                 "triton_overhead_h100_fp16_output_device.json")
+
+
+def label_setting(label: str, key: str, default):
+    """A setting named in a triton_overhead result label (",inflight=2"), else the file-wide default."""
+    for part in label.split(","):
+        if part.startswith(key + "="):
+            return part.split("=", 1)[1]
+    return default
 
 
 def serving_section(lines) -> None:
-    """One row per (file, stream count): the serving settings tried at a fixed load."""
+    """One row per (file, stream count, server label): the serving settings tried at a fixed load."""
     rows = []
     for name in SERVING_FILES:
         report = load(name)
         if report is None:
             continue
+        # older files hold one scalar setting per file; newer ones list them and name each in the label
+        file_inflight = report.get("inflight", 1)
+        file_inflight = file_inflight if isinstance(file_inflight, int) else 1
+        file_device = report.get("output_device", "cpu")
         for r in report["rows"]:
             for label, t in r["triton"].items():
                 s = t["server"]
-                rows.append(f"| `{name}` | {r['streams']} | {report.get('output_dtype', 'float32')} | {report.get('instances', 1)} | "
-                            f"{report.get('inflight', 1)} | {report['frames_per_stream']} | {t['frames_per_second']:.1f} | "
+                rows.append(f"| `{name}` | {r['streams']} | {report.get('output_dtype', 'float32')} | "
+                            f"{label_setting(label, 'output_device', file_device)} | {report.get('instances', 1)} | "
+                            f"{label_setting(label, 'inflight', file_inflight)} | {report['frames_per_stream']} | "
+                            f"{t['frames_per_second']:.1f} | "
                             f"{r['engine']['frames_per_second']:.1f} | **{r['triton_over_engine'][label]:.2f}** | "
                             f"{s['mean_requests_per_execution']:.1f} | {s['per_request_ms'].get('compute_infer', 0):.0f} | "
                             f"{s['per_request_ms'].get('compute_output', 0):.0f} |")
@@ -157,11 +173,27 @@ def serving_section(lines) -> None:
     lines.append("## Triton serving settings at a fixed load (same frames through Triton and the engine)\n")
     lines.append("Sources: `triton_overhead_h100*.json` (`benchmarks/triton_overhead.py`, oldest strategy, max batch 8, "
                  "100 ms queue delay). infer/output ms: Triton's per-request compute_infer / compute_output.\n")
-    lines.append("| file | streams | dense outputs | instances | in flight per stream | frames per stream | Triton frames/s | "
-                 "engine frames/s | Triton/engine | requests per execute | infer ms | output ms |")
-    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    lines.append("| file | streams | dense outputs | outputs handed over on | instances | in flight per stream | "
+                 "frames per stream | Triton frames/s | engine frames/s | Triton/engine | requests per execute | "
+                 "infer ms | output ms |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     lines.extend(rows)
     lines.append("")
+    path_rows = []
+    for name in ("serving_path_h100.json", "serving_path_h100_fp32.json"):
+        report = load(name)
+        if report is not None:
+            ms = report["median_ms_per_step"]
+            path_rows.append(f"| `{name}` | {report['streams']} | {report['output_dtype']} | {ms['engine_push_many']:.0f} | "
+                             f"{ms['sessions_handle']:.0f} | {ms['outputs_on_host_all_requests']:.1f} |")
+    if path_rows:
+        lines.append("The model's own serving code in-process, without Triton (`benchmarks/serving_path.py`): one "
+                     "batched step through the engine, through the serving sessions, and the outputs' host copy; "
+                     "median ms per step.\n")
+        lines.append("| file | streams | dense outputs | engine push_many | sessions handle | outputs to host |")
+        lines.append("| --- | --- | --- | --- | --- | --- |")
+        lines.extend(path_rows)
+        lines.append("")
 
 
 def pool_section(lines) -> None:

@@ -19,8 +19,11 @@ outputs back, the other computes.
 
 --inflight N lets each Triton-side stream keep N requests outstanding (the fleet client's pipelined
 mode: one bidirectional gRPC stream per camera stream, the next chunks sent before the previous
-result is back), so the GPU need not idle while results travel back and the next batch forms;
-recorded as "inflight" in the JSON. The engine side stays lockstep (one push_many per step).
+result is back), so the GPU need not idle while results travel back and the next batch forms; a
+comma list ("1,2") runs each value against every server. --output-device gpu makes the server hand
+the float outputs to Triton as CUDA tensors; "cpu,gpu" starts one server each, so both are measured
+on the same machine. Both show in the result labels (",inflight=2", ",output_device=gpu"). The
+engine side stays lockstep (one push_many per step).
 
 --output-dtype float16 makes the server send the dense outputs (depth, points, confidences) as
 float16 (half the bytes; recorded as "output_dtype" in the JSON); the engine side is unchanged.
@@ -122,12 +125,14 @@ def main() -> int:
     p.add_argument("--strategies", default="oldest", help="comma-separated sequence-batching strategies (oldest, direct)")
     p.add_argument("--max-batch-size", type=int, default=None,
                    help="the model's max_batch_size, also oldest's preferred batch (default: the largest stream count)")
-    p.add_argument("--output-device", choices=("cpu", "gpu"), default="cpu",
-                   help="gpu: the server hands the float outputs to Triton as CUDA tensors (ServeSettings.output_device)")
+    p.add_argument("--output-device", default="cpu",
+                   help="comma-separated: cpu and/or gpu (the server hands the float outputs to Triton as CUDA "
+                        "tensors, ServeSettings.output_device); one server each")
     p.add_argument("--instances", type=int, default=1,
                    help="model instances in the server (instance_group count); the engine side is one process")
-    p.add_argument("--inflight", type=int, default=1,
-                   help="requests each stream keeps outstanding through Triton (1: lockstep; >1: pipelined)")
+    p.add_argument("--inflight", default="1",
+                   help="comma-separated requests each stream keeps outstanding through Triton (1: lockstep; "
+                        ">1: pipelined); every value is run against every server")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
 
@@ -142,33 +147,40 @@ def main() -> int:
     # 1. Through Triton (servers first: each owns the GPU while it runs, then frees it on stop).
     max_batch_size = args.max_batch_size or max(counts)
     rows = [{"streams": n, "triton": {}} for n in counts]
-    servers = [(strategy, int(d)) for strategy in args.strategies.split(",") for d in args.queue_delays_us.split(",")]
-    for strategy, delay_us in servers:
-        label = f"{strategy},queue_delay_us={delay_us}"
+    devices = args.output_device.split(",")
+    if not set(devices) <= {"cpu", "gpu"}:
+        raise SystemExit(f"--output-device takes cpu and/or gpu, got {args.output_device!r}")
+    inflights = [int(x) for x in args.inflight.split(",")]
+    servers = [(strategy, int(d), device) for strategy in args.strategies.split(",")
+               for d in args.queue_delays_us.split(",") for device in devices]
+    for strategy, delay_us, output_device in servers:
+        # the label names only what differs from the defaults, so older files read the same
+        base = f"{strategy},queue_delay_us={delay_us}" + (f",output_device={output_device}" if output_device != "cpu" else "")
         workdir = Path(tempfile.mkdtemp(prefix="stac-overhead-"))
         # default max_batch_size = the largest load, so that oldest's preferred batch (= max_batch_size) is "every stream"
         server = start_local_server(workdir, preset=args.preset, device=args.device, dtype=args.dtype,
-                                    output_dtype=args.output_dtype, output_device=args.output_device,
+                                    output_dtype=args.output_dtype, output_device=output_device,
                                     cache_config=cache, max_streams=max(counts) + 2,
                                     max_batch_size=max_batch_size, strategy=strategy,
                                     max_queue_delay_us=delay_us, threads=args.threads if cpu else None,
                                     instance_count=args.instances)
         try:
             for row in rows:
-                n = row["streams"]
-                run_server(server.grpc_url, frames[:n], 10_000 * n + delay_us, args.chunk, height, width,
-                           args.inflight)  # warm-up
-                before = model_statistics(server.grpc_url)
-                agg = run_server(server.grpc_url, frames[:n], 10_000 * n + delay_us + 1000, args.chunk, height, width,
-                                 args.inflight)
-                server_side = statistics_delta(before, model_statistics(server.grpc_url))
-                row["triton"][label] = {
-                    "frames_per_second": agg["frames_per_second"], "errors": agg["errors"], "latency_ms": agg["latency_ms"],
-                    "frames": agg["frames"], "server": server_side}
-                print(f"[triton] {n} streams, {label}: {agg['frames_per_second']:.2f} frames/s, "
-                      f"errors {agg['errors']}, {server_side['mean_requests_per_execution']:.2f} requests/execute, "
-                      f"per request ms {json.dumps({k: round(v, 1) for k, v in server_side['per_request_ms'].items()})}",
-                      file=sys.stderr)
+                for j, inflight in enumerate(inflights):
+                    n = row["streams"]
+                    label = base + (f",inflight={inflight}" if inflight != 1 else "")
+                    first_id = 10_000 * n + delay_us + 100 * j
+                    run_server(server.grpc_url, frames[:n], first_id, args.chunk, height, width, inflight)  # warm-up
+                    before = model_statistics(server.grpc_url)
+                    agg = run_server(server.grpc_url, frames[:n], first_id + 1000, args.chunk, height, width, inflight)
+                    server_side = statistics_delta(before, model_statistics(server.grpc_url))
+                    row["triton"][label] = {
+                        "frames_per_second": agg["frames_per_second"], "errors": agg["errors"], "latency_ms": agg["latency_ms"],
+                        "frames": agg["frames"], "server": server_side}
+                    print(f"[triton] {n} streams, {label}: {agg['frames_per_second']:.2f} frames/s, "
+                          f"errors {agg['errors']}, {server_side['mean_requests_per_execution']:.2f} requests/execute, "
+                          f"per request ms {json.dumps({k: round(v, 1) for k, v in server_side['per_request_ms'].items()})}",
+                          file=sys.stderr)
         finally:
             server.stop()
 
@@ -191,12 +203,12 @@ def main() -> int:
         "device": torch.cuda.get_device_name(0) if not cpu else "cpu",
         "dtype": args.dtype,
         "output_dtype": args.output_dtype,
-        "output_device": args.output_device,
+        "output_devices": devices,
         "frame_size": [height, width],
         "cache_config": cache,
         "max_batch_size": max_batch_size,
         "instances": args.instances,
-        "inflight": args.inflight,
+        "inflight": inflights,
         "frames_per_stream": args.frames,
         "threads": args.threads if cpu else None,
         "environment": environment(),

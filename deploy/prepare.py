@@ -79,8 +79,6 @@ def settings_from_env(env=os.environ, preset=None):
         s.output_dtype = env["STAC_OUTPUT_DTYPE"]
     if env.get("STAC_OUTPUT_DEVICE"):
         s.output_device = env["STAC_OUTPUT_DEVICE"]
-    elif s.instance_kind != "KIND_GPU":
-        s.output_device = "cpu"  # handing outputs over on the GPU needs a GPU instance
     from stac_backend.cache import CacheConfig
 
     CacheConfig.from_dict(s.cache_config)  # refuse a bad cache config here, not at model load

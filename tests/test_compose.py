@@ -238,14 +238,17 @@ def test_prepare_places_validates_and_renders(tmp_path, monkeypatch):
     manifest = json.loads((repo / "stac" / "PREPARED.json").read_text())
     assert manifest["checkpoint"]["tensors"] > 10 and len(manifest["checkpoint"]["sha256"]) == 64
     assert manifest["tensorrt"] == "skipped"
-    assert 'key: "OUTPUT_DEVICE" value: { string_value: "gpu" }' in config  # GPU instance: outputs by CUDA IPC
+    assert "OUTPUT_DEVICE" not in config  # host outputs unless asked (no measured gain, docs/performance.md)
     # Idempotent: a second run finds the checkpoint in place.
     assert prepare.main(args) == 0
-    # A CPU instance falls back to host outputs unless told otherwise.
-    monkeypatch.setenv("STAC_INSTANCE_KIND", "KIND_CPU")
-    monkeypatch.delenv("STAC_OUTPUT_DEVICE", raising=False)
+    # Asked for, a GPU instance hands its outputs over as CUDA tensors ...
+    monkeypatch.setenv("STAC_OUTPUT_DEVICE", "gpu")
     assert prepare.main(args) == 0
-    assert "OUTPUT_DEVICE" not in (repo / "stac" / "config.pbtxt").read_text()
+    assert 'key: "OUTPUT_DEVICE" value: { string_value: "gpu" }' in (repo / "stac" / "config.pbtxt").read_text()
+    # ... and a CPU instance asked for it is refused before anything is served.
+    monkeypatch.setenv("STAC_INSTANCE_KIND", "KIND_CPU")
+    with pytest.raises(ValueError, match="GPU instance"):
+        prepare.main(args)
 
 
 def test_prepare_refuses_a_mismatched_or_missing_checkpoint(tmp_path, monkeypatch):

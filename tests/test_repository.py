@@ -23,7 +23,7 @@ def output_types(text: str) -> dict[str, str]:
 def test_checked_in_repository_is_the_rendered_production_settings():
     text = (ROOT / "model_repository" / "stac" / "config.pbtxt").read_text()
     assert text == render_config(PRODUCTION), "model_repository/stac/config.pbtxt drifted: re-render it from PRODUCTION"
-    assert PRODUCTION.output_dtype == "float32" and PRODUCTION.output_device == "gpu"
+    assert PRODUCTION.output_dtype == "float32" and PRODUCTION.output_device == "cpu"
 
 
 def test_float32_outputs_by_default():

@@ -186,8 +186,8 @@ def write_repository(
 
 
 # The checked-in production repository (model_repository/stac): GPU instance, bf16, STAC policy,
-# the vggt-1b checkpoint placed by the deployment's prepare step; outputs handed to Triton on the
-# GPU (bit-identical to host outputs, tests/test_serving_triton.py; faster, docs/performance.md).
+# the vggt-1b checkpoint placed by the deployment's prepare step. Outputs go through the host
+# (OUTPUT_DEVICE=gpu is bit-identical but measured no faster, docs/performance.md).
 PRODUCTION = ServeSettings(
     preset="vggt-1b",
     checkpoint="checkpoints/vggt-1b.safetensors",
@@ -198,7 +198,6 @@ PRODUCTION = ServeSettings(
     max_streams=8,
     idle_ttl_s=120.0,
     max_batch_size=8,
-    output_device="gpu",
 )
 
 
