@@ -104,9 +104,11 @@ def phase_times(stream: Stream, images: torch.Tensor, chunk: int, steps: int, de
     return {name: seconds / steps * 1e3 for name, seconds in totals.items()}
 
 
-# VoxelPool methods timed by --by-method (nested: _collapse runs inside _fill_buffers, which with
-# _nearest_pivot and _merge_into_pivots runs inside _round).
-METHODS = ("_resolve_rows", "_round", "_nearest_pivot", "_merge_into_pivots", "_fill_buffers", "_collapse")
+# VoxelPool methods timed by --by-method. Nested: _round holds the merge stage (the merge_round
+# kernel, or _merge_and_gate with _nearest_pivot and _merge_into_pivots in eager mode) and
+# _fill_buffers, which holds _collapse.
+METHODS = ("_resolve_rows", "_round", "_merge_and_gate", "_nearest_pivot", "_merge_into_pivots", "_fill_buffers",
+           "_collapse")
 
 
 def method_times(state: VoxelPool, args: tuple, kwargs: dict, device: str) -> dict:

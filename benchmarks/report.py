@@ -196,18 +196,30 @@ def serving_section(lines) -> None:
         lines.append("")
 
 
+POOL_FILES = (("merge_round + collapse_rows kernels", "pool_insert_h100.json"),
+              ("eager torch ops (STAC_POOL_KERNELS=0)", "pool_insert_h100_eager.json"),
+              ("round 4: nearest_pivot + weighted_row_sums kernels", "pool_insert_h100_round4.json"))
+
+
 def pool_section(lines) -> None:
-    fused, eager = load("pool_insert_h100.json"), load("pool_insert_h100_eager.json")
-    if fused is None:
+    rows = []
+    for label, name in POOL_FILES:
+        r = load(name)
+        if r is None:
+            continue
+        methods = r.get("method_ms") or {}
+        by = lambda m: f"{methods[m]['ms']:.1f}" if m in methods and methods[m]["calls"] else "-"  # noqa: E731
+        rows.append(f"| {label} | `{name}` | {r['tokens']:,} | {r['insert_ms']['median']:.1f} | {by('_round')} | "
+                    f"{by('_fill_buffers')} | {by('_collapse')} |")
+    if not rows:
         return
     lines.append("## Voxel-pool insert of one stress step (kernels vs eager torch ops)\n")
-    lines.append("Sources: `pool_insert_h100.json`, `pool_insert_h100_eager.json` (`benchmarks/pool_insert.py`, "
-                 "STAC_POOL_KERNELS=0 for the eager run): the same captured insert replayed on copies of the same pool.\n")
-    lines.append("| implementation | tokens filed | insert ms (median of 5) |")
-    lines.append("| --- | --- | --- |")
-    for label, r in (("Triton kernels", fused), ("eager torch", eager)):
-        if r is not None:
-            lines.append(f"| {label} | {r['tokens']:,} | {r['insert_ms']['median']:.1f} |")
+    lines.append("Sources: `pool_insert_h100*.json` (`benchmarks/pool_insert.py --by-method`): the same captured insert "
+                 "replayed on copies of the pool's state; the by-method columns are one more replay with a "
+                 "synchronisation around each method (nested: fill_buffers holds collapse, round holds both).\n")
+    lines.append("| implementation | file | tokens filed | insert ms (median of 5) | rounds ms | fill_buffers ms | collapse ms |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+    lines.extend(rows)
     lines.append("")
 
 

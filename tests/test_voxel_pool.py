@@ -523,9 +523,12 @@ def test_layer_tensor_is_validated():
         make_pool(max_rounds=0)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, tests/test_kernels.py runs the pool kernels for real")
 def test_pool_kernels_in_triton_interpreter():
     """The CUDA kernels of the insert (kernels/pool_kernels.py) run here in Triton's CPU interpreter
-    and must match the eager path (tests/test_kernels.py -k pool)."""
+    and must match the eager path (tests/test_kernels.py -k pool). Seen failing in the interpreter
+    of Triton 3.6 with numpy 2.5 ("only 0-dimensional arrays can be converted to Python scalars"),
+    an interpreter limit: the CPU set-up here has Triton 3.9 and numpy < 2."""
     import os
     import subprocess
     import sys

@@ -125,7 +125,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels.pool_kernels import kernels_apply, nearest_pivot, weighted_row_sums
+from ..kernels.pool_kernels import collapse_rows, kernels_apply, merge_round
 
 __all__ = ["VoxelPool"]
 
@@ -541,6 +541,24 @@ class VoxelPool:
         Host synchronisations: a handful of data-dependent sizes (mask indexing, unique), a
         constant number per round, whatever the number of layers, rows or tokens.
         """
+        if kernels_apply(k):
+            # the whole merge stage in one kernel, one program per pool row (kernels/pool_kernels.py)
+            piv = {name: self._fv(name) for name in ("piv_k", "piv_v", "piv_w", "piv_s", "piv_c")}
+            state = merge_round(k, v, src, pending, g, s, piv, self.merge_cos, self.score_gate, _EPS)
+            cand = pending[state == 1]
+            n_merged = int((state == 0).sum())  # the GPU is idle after the selection: a cheap read
+            self._merged_tokens += n_merged
+        else:
+            cand, n_merged = self._merge_and_gate(g, k, v, s, src, pending)
+        self._gated_tokens += pending.numel() - n_merged - cand.numel()
+        if cand.numel() == 0:
+            return cand
+        return self._fill_buffers(g, k, v, s, src, cand)
+
+    def _merge_and_gate(self, g: Tensor, k: Tensor, v: Tensor, s: Tensor, src: Tensor,
+                        pending: Tensor) -> tuple[Tensor, int]:
+        """The merge stage of a round in torch ops: merges, then the score gate. Returns the buffer
+        candidates (ascending positions) and the number of tokens merged."""
         P = self.max_pivots
         gp, sp = g[pending], s[pending]
         used = self._fv("piv_c")[gp] > 0  # [n, P]
@@ -557,25 +575,17 @@ class VoxelPool:
             row_mean = self._fv("piv_s")[gp].sum(dim=1) / self._fv("piv_c")[gp].sum(dim=1).clamp_min(_EPS)
             gated = keep & used.any(dim=1) & ~(sp > self.score_gate * row_mean)
             keep &= ~gated
-        cand = pending[keep]
-        # Counted from sizes already on the host: no extra synchronisation.
-        self._gated_tokens += pending.numel() - n_merged - cand.numel()
-        if cand.numel() == 0:
-            return cand
-        return self._fill_buffers(g, k, v, s, src, cand)
+        return pending[keep], n_merged
 
     def _nearest_pivot(self, k: Tensor, k_rows: Tensor, gp: Tensor, used: Tensor) -> tuple[Tensor, Tensor]:
         """Cosine of key ``k[k_rows[i]]`` to the most similar pivot of flat row ``gp[i]`` (pivots as
         of now) and that pivot's slot.
 
-        On CUDA one kernel (kernels/pool_kernels.py); else computed in chunks of tokens so the
-        gathered pivots ([chunk, P, D] fp32) stay small when a whole step's tokens (all layers)
-        arrive at once.
+        Computed in chunks of tokens so the gathered pivots ([chunk, P, D] fp32) stay small when a
+        whole step's tokens (all layers) arrive at once.
         """
         n = k_rows.numel()
         pk = self._fv("piv_k")
-        if kernels_apply(k):
-            return nearest_pivot(k, k_rows.contiguous(), gp.contiguous(), pk, self._fv("piv_c"), _EPS)
         best = torch.empty(n, device=self.device)
         best_p = torch.empty(n, dtype=torch.int64, device=self.device)
         for a in range(0, n, _TOKEN_CHUNK):
@@ -597,11 +607,8 @@ class VoxelPool:
         uslot, inv = torch.unique(flat, return_inverse=True)
         nu = uslot.numel()
         rows = src[tok]
-        if kernels_apply(k):
-            ka, va = weighted_row_sums(k, v, rows.contiguous(), a, inv.contiguous(), nu)
-        else:
-            ka = torch.zeros(nu, D, device=self.device).index_add_(0, inv, a[:, None] * k[rows].float())
-            va = torch.zeros(nu, D, device=self.device).index_add_(0, inv, a[:, None] * v[rows].float())
+        ka = torch.zeros(nu, D, device=self.device).index_add_(0, inv, a[:, None] * k[rows].float())
+        va = torch.zeros(nu, D, device=self.device).index_add_(0, inv, a[:, None] * v[rows].float())
         asum = torch.zeros(nu, device=self.device).index_add_(0, inv, a)
         ssum = torch.zeros(nu, device=self.device).index_add_(0, inv, s[tok])
         csum = torch.zeros(nu, device=self.device).index_add_(0, inv, torch.ones_like(a))
@@ -652,6 +659,12 @@ class VoxelPool:
     def _collapse(self, rows: Tensor) -> None:
         """Turn the full buffers of ``rows`` (flat layer/head/row indices) into one pivot each."""
         n = rows.numel()
+        if kernels_apply(rows):
+            buf = {name: self._fv(name) for name in ("buf_k", "buf_v", "buf_s", "buf_n")}
+            piv = {name: self._fv(name) for name in ("piv_k", "piv_v", "piv_w", "piv_s", "piv_c")}
+            collapse_rows(rows, buf, piv, _EPS)
+            self._pivots_created += n
+            return
         ar = torch.arange(n, device=self.device)
         bk = self._fv("buf_k")[rows].float()  # [n, B, D]
         bv = self._fv("buf_v")[rows].float()

@@ -1,16 +1,24 @@
-"""Per-token passes of the voxel pool's insert as single kernels (OpenAI Triton, CUDA only).
+"""The voxel pool's insert stages as kernels (OpenAI Triton; CUDA, or Triton's CPU interpreter).
 
 In the stress geometry a step files ~1.6 M evicted tokens (24 layers x 16 heads x 4 frames of
-tokens). The eager path of each insert round gathers every token's key and its row's pivots as
-fp32 copies ([tokens, pivots, head_dim]: ~1.6 GB), normalises both, multiplies and reduces - a
-dozen kernels, in chunks. ``nearest_pivot`` reads each token's key and its row's pivot keys once
-and writes only the best cosine and slot; ``weighted_row_sums`` gathers, weights and adds the
-merged tokens' keys and values into their pivots' accumulators in one pass (fp32 atomics, as
-``index_add_`` on CUDA does).
+tokens) in up to 4 rounds. In torch ops an insert is ~250 small kernels, each 10-40 us of host
+time to launch, plus data-dependent sizes read back: on the H100 the insert was host-bound
+(29.6 ms wall for 11.4 ms of GPU work, docs/benchmarks/pool_insert_h100_round4*). Two kernels
+fold whole stages into one launch each, one program per pool row (rows never interact):
 
-Both follow the eager arithmetic in float32 (normalise by ``max(norm, eps)``, clamp the cosine to
-[-1, 1], first maximum on ties), so they agree with it to float32 rounding; the eager path stays
-the CPU implementation and the reference in tests. ``STAC_POOL_KERNELS=0`` turns them off.
+* ``merge_round``: a round's merge stage - each pending token's nearest pivot (cosine to the
+  pivots as of the round's start), the merge of the tokens at ``cos >= merge_cos`` into their
+  pivots with weight ``exp(cos)``, accumulated in token order (so the result does not depend on
+  scheduling, unlike ``index_add_``'s atomics), the pivot update, and the score gate of the tokens
+  that did not merge against the row's mean after the merges. Replaces ~35 ops and a ``unique``.
+* ``collapse_rows``: full buffers into one pivot each, first merging the row's weakest pivot into
+  its most similar sibling when all its slots are used. Replaces ~60 ops.
+
+Both follow the eager arithmetic in float32 (normalise by ``max(norm, eps)``, clamp cosines to
+[-1, 1], first extremum on ties), so with a float32 pool an insert gives the same decisions and
+values to float32 rounding (tests/test_kernels.py -k pool); the eager path
+(``VoxelPool._merge_and_gate``, ``_collapse``) stays the CPU implementation and the reference.
+``STAC_POOL_KERNELS=0`` turns the kernels off.
 """
 
 from __future__ import annotations
@@ -39,83 +47,228 @@ def kernels_apply(t: Tensor) -> bool:
 
 if HAVE_TRITON:
 
-    # n (the token count) changes every call: not specialised on, so the kernel compiles once.
-    @triton.jit(do_not_specialize=["n"])
-    def _nearest_pivot(K, TOK, ROW, PK, PC, BEST, SLOT, n, stride_k, eps,
-                       D: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        live = offs < n
-        tok = tl.load(TOK + offs, mask=live, other=0)
-        row = tl.load(ROW + offs, mask=live, other=0)
-        d = tl.arange(0, BLOCK_D)
-        m2 = live[:, None] & (d[None, :] < D)
-        k = tl.load(K + tok[:, None] * stride_k + d[None, :], mask=m2, other=0.0).to(tl.float32)
+    @triton.jit
+    def _nearest_of_block(k, pn, used, eps, BLOCK_P: tl.constexpr):
+        """[BT, D] keys against [BLOCK_P, D] unit pivots: best cosine (-inf: no used pivot) and
+        its slot (first maximum on ties, as torch.max)."""
         kn = k / tl.maximum(tl.sqrt(tl.sum(k * k, axis=1)), eps)[:, None]
-        best = tl.full([BLOCK], float("-inf"), tl.float32)
-        slot = tl.zeros([BLOCK], tl.int64)
-        for p in tl.static_range(P):
-            pv = tl.load(PK + (row * P + p)[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
-            pn = pv / tl.maximum(tl.sqrt(tl.sum(pv * pv, axis=1)), eps)[:, None]
-            cos = tl.minimum(tl.maximum(tl.sum(kn * pn, axis=1), -1.0), 1.0)
-            used = tl.load(PC + row * P + p, mask=live, other=0.0) > 0
-            cos = tl.where(used, cos, float("-inf"))
-            better = cos > best  # strict: the first maximum wins ties, as torch.max does
-            best = tl.where(better, cos, best)
-            slot = tl.where(better, p, slot)
-        tl.store(BEST + offs, best, mask=live)
-        tl.store(SLOT + offs, slot, mask=live)
-
-    @triton.jit(do_not_specialize=["n"])
-    def _weighted_row_sums(K, V, TOK, W, DST, OUT_K, OUT_V, n, stride_k, stride_v,
-                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        live = offs < n
-        tok = tl.load(TOK + offs, mask=live, other=0)
-        dst = tl.load(DST + offs, mask=live, other=0)
-        w = tl.load(W + offs, mask=live, other=0.0)
-        d = tl.arange(0, BLOCK_D)
-        m2 = live[:, None] & (d[None, :] < D)
-        k = tl.load(K + tok[:, None] * stride_k + d[None, :], mask=m2, other=0.0).to(tl.float32)
-        tl.atomic_add(OUT_K + dst[:, None] * D + d[None, :], w[:, None] * k, mask=m2)
-        v = tl.load(V + tok[:, None] * stride_v + d[None, :], mask=m2, other=0.0).to(tl.float32)
-        tl.atomic_add(OUT_V + dst[:, None] * D + d[None, :], w[:, None] * v, mask=m2)
-
-
-_BLOCK = 64
-
-
-def nearest_pivot(k: Tensor, tok: Tensor, row: Tensor, piv_k: Tensor, piv_c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """Best cosine to a used pivot of its row, and that pivot's slot, for each listed token.
-
-    k [N, D] keys (rows with unit stride); tok [n] int64 rows of ``k``; row [n] int64 flat pool
-    rows; piv_k [R, P, D] contiguous; piv_c [R, P] contiguous (a slot is used iff > 0).
-    Returns (best [n] float32, -inf where the row has no pivot; slot [n] int64).
-    """
-    n = tok.numel()
-    R, P, D = piv_k.shape
-    best = torch.empty(n, dtype=torch.float32, device=k.device)
-    slot = torch.empty(n, dtype=torch.int64, device=k.device)
-    if n == 0:
+        cos = tl.sum(kn[:, None, :] * pn[None, :, :], axis=2)  # [BT, BLOCK_P]
+        cos = tl.minimum(tl.maximum(cos, -1.0), 1.0)
+        cos = tl.where(used[None, :], cos, float("-inf"))
+        best = tl.max(cos, axis=1)
+        p = tl.arange(0, BLOCK_P)
+        slot = tl.min(tl.where(cos == best[:, None], p[None, :], BLOCK_P), axis=1)
         return best, slot
-    if k.stride(1) != 1 or not piv_k.is_contiguous() or not piv_c.is_contiguous():
-        raise ValueError("nearest_pivot needs unit-stride key rows and contiguous pivot tensors")
-    grid = (triton.cdiv(n, _BLOCK),)
-    _nearest_pivot[grid](k, tok, row, piv_k, piv_c, best, slot, n, k.stride(0), eps,
-                         D=D, BLOCK_D=triton.next_power_of_2(D), P=P, BLOCK=_BLOCK)
-    return best, slot
+
+    @triton.jit(do_not_specialize=["n_seg"])
+    def _merge_round(K, V, SRC, POS, G, S, BOUNDS, PK, PV, PW, PS, PC, STATE,
+                     n_seg, stride_k, stride_v, merge_cos, score_gate, eps,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr,
+                     BT: tl.constexpr, GATE: tl.constexpr):
+        # One program per segment = the pending tokens of one pool row (contiguous: sorted by row).
+        seg = tl.program_id(0)
+        start = tl.load(BOUNDS + seg)
+        end = tl.load(BOUNDS + seg + 1)
+        row = tl.load(G + tl.load(POS + start))
+        d = tl.arange(0, BLOCK_D)
+        p = tl.arange(0, BLOCK_P)
+        dm = d < D
+        pm = p < P
+        pm2 = pm[:, None] & dm[None, :]
+        slot_ix = row * P + p
+        pk = tl.load(PK + slot_ix[:, None] * D + d[None, :], mask=pm2, other=0.0).to(tl.float32)
+        pv = tl.load(PV + slot_ix[:, None] * D + d[None, :], mask=pm2, other=0.0).to(tl.float32)
+        pw = tl.load(PW + slot_ix, mask=pm, other=0.0)
+        ps = tl.load(PS + slot_ix, mask=pm, other=0.0)
+        pc = tl.load(PC + slot_ix, mask=pm, other=0.0)
+        used = pc > 0
+        pn = pk / tl.maximum(tl.sqrt(tl.sum(pk * pk, axis=1)), eps)[:, None]
+
+        # Pass 1: accumulate the merging tokens per pivot, in token order.
+        acc_k = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+        acc_v = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+        asum = tl.zeros([BLOCK_P], tl.float32)
+        ssum = tl.zeros([BLOCK_P], tl.float32)
+        csum = tl.zeros([BLOCK_P], tl.float32)
+        for b in range(start, end, BT):
+            t = b + tl.arange(0, BT)
+            live = t < end
+            pos = tl.load(POS + t, mask=live, other=0)
+            src = tl.load(SRC + pos, mask=live, other=0)
+            s = tl.load(S + pos, mask=live, other=0.0)
+            m2 = live[:, None] & dm[None, :]
+            k = tl.load(K + src[:, None] * stride_k + d[None, :], mask=m2, other=0.0).to(tl.float32)
+            best, slot = _nearest_of_block(k, pn, used, eps, BLOCK_P)
+            merge = live & (best >= merge_cos)
+            hit = (slot[:, None] == p[None, :]) & merge[:, None]  # [BT, BLOCK_P]
+            wgt = tl.where(hit, tl.exp(best)[:, None], 0.0)
+            v = tl.load(V + src[:, None] * stride_v + d[None, :], mask=m2 & merge[:, None], other=0.0).to(tl.float32)
+            acc_k += tl.sum(wgt[:, :, None] * k[:, None, :], axis=0)
+            acc_v += tl.sum(wgt[:, :, None] * v[:, None, :], axis=0)
+            asum += tl.sum(wgt, axis=0)
+            ssum += tl.sum(tl.where(hit, s[:, None], 0.0), axis=0)
+            csum += tl.sum(hit.to(tl.float32), axis=0)
+
+        # The pivot update: K <- (W K + sum a k) / (W + sum a), V likewise; W, S, C add.
+        upd = csum > 0
+        w_new = pw + asum
+        denom = tl.where(upd, w_new, 1.0)[:, None]
+        pk_new = tl.where(upd[:, None], (pw[:, None] * pk + acc_k) / denom, pk)
+        pv_new = tl.where(upd[:, None], (pw[:, None] * pv + acc_v) / denom, pv)
+        tl.store(PK + slot_ix[:, None] * D + d[None, :], pk_new.to(PK.dtype.element_ty), mask=pm2)
+        tl.store(PV + slot_ix[:, None] * D + d[None, :], pv_new.to(PV.dtype.element_ty), mask=pm2)
+        tl.store(PW + slot_ix, tl.where(upd, w_new, pw), mask=pm)
+        tl.store(PS + slot_ix, ps + ssum, mask=pm)
+        tl.store(PC + slot_ix, pc + csum, mask=pm)
+
+        # Pass 2: every token's outcome, 0 merged, 1 buffer candidate, 2 gated (dropped): a
+        # non-merging token of a row with a pivot is kept only if its score beats score_gate x
+        # the row's mean score per merged token after this round's merges. The merge decision is
+        # recomputed (the pivots as of the round's start are still in registers): cheaper than
+        # publishing it between the passes.
+        row_mean = tl.sum(ps + ssum, axis=0) / tl.maximum(tl.sum(pc + csum, axis=0), eps)
+        has_pivot = tl.sum(used.to(tl.int32), axis=0) > 0
+        for b in range(start, end, BT):
+            t = b + tl.arange(0, BT)
+            live = t < end
+            pos = tl.load(POS + t, mask=live, other=0)
+            src = tl.load(SRC + pos, mask=live, other=0)
+            s = tl.load(S + pos, mask=live, other=0.0)
+            k = tl.load(K + src[:, None] * stride_k + d[None, :], mask=live[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            best, slot = _nearest_of_block(k, pn, used, eps, BLOCK_P)
+            merge = best >= merge_cos
+            state = tl.where(merge, 0, 1)
+            if GATE:
+                gated = (~merge) & has_pivot & ~(s > score_gate * row_mean)
+                state = tl.where(gated, 2, state)
+            tl.store(STATE + t, state.to(tl.int8), mask=live)
+
+    @triton.jit
+    def _collapse_rows(ROWS, BK, BV, BS, BN, PK, PV, PW, PS, PC, eps,
+                       D: tl.constexpr, BLOCK_D: tl.constexpr, B: tl.constexpr, BLOCK_B: tl.constexpr,
+                       P: tl.constexpr, BLOCK_P: tl.constexpr):
+        row = tl.load(ROWS + tl.program_id(0))
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        # The full buffer -> one pivot: seed = highest score (first on ties), a_i = exp(cos(k_i, seed)).
+        b = tl.arange(0, BLOCK_B)
+        bm = b < B
+        bm2 = bm[:, None] & dm[None, :]
+        buf_ix = row * B + b
+        bk = tl.load(BK + buf_ix[:, None] * D + d[None, :], mask=bm2, other=0.0).to(tl.float32)
+        bv = tl.load(BV + buf_ix[:, None] * D + d[None, :], mask=bm2, other=0.0).to(tl.float32)
+        bs = tl.load(BS + buf_ix, mask=bm, other=float("-inf"))
+        top = tl.max(bs, axis=0)
+        seed = tl.min(tl.where(bs == top, b, BLOCK_B), axis=0)
+        kn = bk / tl.maximum(tl.sqrt(tl.sum(bk * bk, axis=1)), eps)[:, None]
+        k_seed = tl.sum(tl.where((b == seed)[:, None], kn, 0.0), axis=0)
+        cos = tl.minimum(tl.maximum(tl.sum(kn * k_seed[None, :], axis=1), -1.0), 1.0)
+        a = tl.where(bm, tl.exp(cos), 0.0)
+        w = tl.sum(a, axis=0)
+        k_new = tl.sum(a[:, None] * bk, axis=0) / w
+        v_new = tl.sum(a[:, None] * bv, axis=0) / w
+        s_new = tl.sum(tl.where(bm, bs, 0.0), axis=0)
+
+        p = tl.arange(0, BLOCK_P)
+        pm = p < P
+        pm2 = pm[:, None] & dm[None, :]
+        slot_ix = row * P + p
+        pk = tl.load(PK + slot_ix[:, None] * D + d[None, :], mask=pm2, other=0.0).to(tl.float32)
+        pv = tl.load(PV + slot_ix[:, None] * D + d[None, :], mask=pm2, other=0.0).to(tl.float32)
+        pw = tl.load(PW + slot_ix, mask=pm, other=0.0)
+        ps = tl.load(PS + slot_ix, mask=pm, other=0.0)
+        pc = tl.load(PC + slot_ix, mask=pm, other=0.0)
+        used = pm & (pc > 0)
+        full = tl.sum(used.to(tl.int32), axis=0) == P
+        free = tl.min(tl.where(pm & ~used, p, BLOCK_P), axis=0)  # first free slot
+
+        # A full row first merges its lowest-W pivot (first on ties) into its most similar
+        # sibling, the victim's weight discounted by exp(cos - 1); the new pivot takes its slot.
+        pw_min = tl.min(tl.where(pm, pw, float("inf")), axis=0)
+        victim = tl.min(tl.where(pm & (pw == pw_min), p, BLOCK_P), axis=0)
+        pn = pk / tl.maximum(tl.sqrt(tl.sum(pk * pk, axis=1)), eps)[:, None]
+        is_v = p == victim
+        k_v = tl.sum(tl.where(is_v[:, None], pk, 0.0), axis=0)
+        v_v = tl.sum(tl.where(is_v[:, None], pv, 0.0), axis=0)
+        n_v = tl.sum(tl.where(is_v[:, None], pn, 0.0), axis=0)
+        sim = tl.minimum(tl.maximum(tl.sum(pn * n_v[None, :], axis=1), -1.0), 1.0)
+        sim = tl.where(pm & ~is_v, sim, float("-inf"))
+        sim_best = tl.max(sim, axis=0)
+        nb = tl.min(tl.where(sim == sim_best, p, BLOCK_P), axis=0)
+        is_n = (p == nb) & ~is_v & full  # with one pivot per row there is no sibling to merge into
+        w_v = tl.sum(tl.where(is_v, pw, 0.0), axis=0) * tl.exp(sim_best - 1.0)
+        w_n = tl.sum(tl.where(p == nb, pw, 0.0), axis=0)
+        w_m = w_v + w_n
+        w_m = tl.where(w_m > 0, w_m, 1.0)  # (only rows that merge use it; keeps the others finite)
+        k_n = tl.sum(tl.where((p == nb)[:, None], pk, 0.0), axis=0)
+        v_n = tl.sum(tl.where((p == nb)[:, None], pv, 0.0), axis=0)
+        k_m = (w_v * k_v + w_n * k_n) / w_m
+        v_m = (w_v * v_v + w_n * v_n) / w_m
+        s_m = tl.sum(tl.where(is_v | (p == nb), ps, 0.0), axis=0)
+        c_m = tl.sum(tl.where(is_v | (p == nb), pc, 0.0), axis=0)
+
+        slot = tl.where(full, victim, free)
+        is_s = p == slot
+        # Every slot's final value, stored once (no two stores to one address).
+        pk_out = tl.where(is_s[:, None], k_new[None, :], tl.where(is_n[:, None], k_m[None, :], pk))
+        pv_out = tl.where(is_s[:, None], v_new[None, :], tl.where(is_n[:, None], v_m[None, :], pv))
+        tl.store(PK + slot_ix[:, None] * D + d[None, :], pk_out.to(PK.dtype.element_ty), mask=pm2)
+        tl.store(PV + slot_ix[:, None] * D + d[None, :], pv_out.to(PV.dtype.element_ty), mask=pm2)
+        tl.store(PW + slot_ix, tl.where(is_s, w, tl.where(is_n, w_m, pw)), mask=pm)
+        tl.store(PS + slot_ix, tl.where(is_s, s_new, tl.where(is_n, s_m, ps)), mask=pm)
+        tl.store(PC + slot_ix, tl.where(is_s, float(B), tl.where(is_n, c_m, pc)), mask=pm)
+        tl.store(BN + row, 0)
 
 
-def weighted_row_sums(k: Tensor, v: Tensor, tok: Tensor, weight: Tensor, dst: Tensor, rows: int) -> tuple[Tensor, Tensor]:
-    """``out_k[dst[i]] += weight[i] * k[tok[i]]`` (and v) in float32, as [rows, D] tensors."""
-    D = k.shape[1]
-    out_k = torch.zeros(rows, D, dtype=torch.float32, device=k.device)
-    out_v = torch.zeros(rows, D, dtype=torch.float32, device=k.device)
-    n = tok.numel()
+_SEGMENT_BLOCK = 32  # tokens per iteration of merge_round's loop over a row
+
+
+def merge_round(k: Tensor, v: Tensor, src: Tensor, pending: Tensor, g: Tensor, s: Tensor,
+                piv: dict[str, Tensor], merge_cos: float, score_gate: float, eps: float) -> Tensor:
+    """One insert round's merge stage for the ``pending`` positions, in place on the pivots.
+
+    Positions index ``g`` (flat pool row, non-decreasing in position), ``s`` (float32 score) and
+    ``src`` (row of ``k``/``v`` holding the token); ``pending`` is ascending, so each pool row's
+    tokens are one contiguous run. ``piv`` holds the flat pivot tensors ``piv_k``/``piv_v``
+    [R, P, D] and ``piv_w``/``piv_s``/``piv_c`` [R, P] (contiguous). Returns int8 [n]: 0 merged,
+    1 buffer candidate, 2 dropped by the score gate (only with ``score_gate > 0``).
+    """
+    n = pending.numel()
+    state = torch.empty(n, dtype=torch.int8, device=k.device)
     if n == 0:
-        return out_k, out_v
-    if k.stride(1) != 1 or v.stride(1) != 1:
-        raise ValueError("weighted_row_sums needs unit-stride key and value rows")
-    grid = (triton.cdiv(n, _BLOCK),)
-    _weighted_row_sums[grid](k, v, tok, weight.float().contiguous(), dst, out_k, out_v, n, k.stride(0), v.stride(0),
-                             D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK=_BLOCK)
-    return out_k, out_v
+        return state
+    pk = piv["piv_k"]
+    R, P, D = pk.shape
+    if k.stride(1) != 1 or v.stride(1) != 1 or not all(t.is_contiguous() for t in piv.values()):
+        raise ValueError("merge_round needs unit-stride key/value rows and contiguous pivot tensors")
+    gp = g[pending]
+    first = torch.ones(n, dtype=torch.bool, device=k.device)
+    first[1:] = gp[1:] != gp[:-1]
+    starts = first.nonzero().squeeze(1)  # one synchronisation: the number of rows touched
+    bounds = torch.cat([starts, starts.new_full((1,), n)])
+    _merge_round[(starts.numel(),)](
+        k, v, src, pending, g, s, bounds, pk, piv["piv_v"], piv["piv_w"], piv["piv_s"], piv["piv_c"], state,
+        starts.numel(), k.stride(0), v.stride(0), float(merge_cos), float(score_gate), eps,
+        D=D, BLOCK_D=triton.next_power_of_2(D), P=P, BLOCK_P=triton.next_power_of_2(P),
+        BT=_SEGMENT_BLOCK, GATE=score_gate > 0)
+    return state
+
+
+def collapse_rows(rows: Tensor, buf: dict[str, Tensor], piv: dict[str, Tensor], eps: float) -> None:
+    """Collapse the full buffers of the flat pool ``rows`` (distinct) into one pivot each, in place.
+
+    ``buf`` holds ``buf_k``/``buf_v`` [R, B, D], ``buf_s`` [R, B] and ``buf_n`` [R]; ``piv`` the
+    flat pivot tensors as in ``merge_round``. A row whose pivot slots are all used first merges
+    its lowest-W pivot into its most similar sibling and reuses that slot.
+    """
+    n = rows.numel()
+    if n == 0:
+        return
+    R, B, D = buf["buf_k"].shape
+    P = piv["piv_k"].shape[1]
+    if not all(t.is_contiguous() for t in (*buf.values(), *piv.values())):
+        raise ValueError("collapse_rows needs contiguous pool tensors")
+    _collapse_rows[(n,)](rows.contiguous(), buf["buf_k"], buf["buf_v"], buf["buf_s"], buf["buf_n"],
+                         piv["piv_k"], piv["piv_v"], piv["piv_w"], piv["piv_s"], piv["piv_c"], eps,
+                         D=D, BLOCK_D=triton.next_power_of_2(D), B=B, BLOCK_B=triton.next_power_of_2(B),
+                         P=P, BLOCK_P=triton.next_power_of_2(P))
