@@ -72,11 +72,9 @@ def capture_insert(stream: Stream, frames: torch.Tensor) -> tuple[VoxelPool, tup
 PHASES = ("_attach_positions", "_file_queued", "_retrieve", "on_evict")
 
 
-def phase_times(stream: Stream, images: torch.Tensor, chunk: int, steps: int, device: str) -> dict:
-    """Mean ms per step of the whole step and of StacCache's own phases (synchronised wall time)."""
-    cache = stream.cache
-    totals = dict.fromkeys(PHASES + ("HeavyHitterCache.end_step", "step"), 0.0)
-
+def synced_timer(totals: dict, device: str):
+    """``timed(name, fn)`` wraps fn so that each call adds its synchronised wall time and a count
+    to ``totals[name] = [seconds, calls]``."""
     def timed(name, fn):
         def wrapper(*a, **k):
             sync(device)
@@ -85,8 +83,17 @@ def phase_times(stream: Stream, images: torch.Tensor, chunk: int, steps: int, de
                 return fn(*a, **k)
             finally:
                 sync(device)
-                totals[name] += time.perf_counter() - t0
+                totals[name][0] += time.perf_counter() - t0
+                totals[name][1] += 1
         return wrapper
+    return timed
+
+
+def phase_times(stream: Stream, images: torch.Tensor, chunk: int, steps: int, device: str) -> dict:
+    """Mean ms per step of the whole step and of StacCache's own phases (synchronised wall time)."""
+    cache = stream.cache
+    totals = {name: [0.0, 0] for name in PHASES + ("HeavyHitterCache.end_step", "step")}
+    timed = synced_timer(totals, device)
 
     for name in PHASES:
         setattr(cache, name, timed(name, getattr(cache, name)))
@@ -101,7 +108,7 @@ def phase_times(stream: Stream, images: torch.Tensor, chunk: int, steps: int, de
         HeavyHitterCache.end_step = prune
         for name in PHASES:
             delattr(cache, name)
-    return {name: seconds / steps * 1e3 for name, seconds in totals.items()}
+    return {name: seconds / steps * 1e3 for name, (seconds, _) in totals.items()}
 
 
 # VoxelPool methods timed by --by-method. Nested: _round holds the merge stage (the merge_round
@@ -115,18 +122,7 @@ def method_times(state: VoxelPool, args: tuple, kwargs: dict, device: str) -> di
     """Synchronised ms of each pool method over one replay (syncs add a little per call)."""
     totals = {name: [0.0, 0] for name in METHODS + ("insert",)}
     pool = copy.deepcopy(state)
-
-    def timed(name, fn):
-        def wrapper(*a, **k):
-            sync(device)
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                sync(device)
-                totals[name][0] += time.perf_counter() - t0
-                totals[name][1] += 1
-        return wrapper
+    timed = synced_timer(totals, device)
 
     for name in METHODS:
         setattr(pool, name, timed(name, getattr(pool, name)))

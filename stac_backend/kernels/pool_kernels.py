@@ -60,6 +60,50 @@ if HAVE_TRITON:
         slot = tl.min(tl.where(cos == best[:, None], p[None, :], BLOCK_P), axis=1)
         return best, slot
 
+    @triton.jit
+    def _row_pivot_offsets(row, D: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Flat slot indices of a row's pivots, the feature offsets, and the [P] / [P, D] masks."""
+        d = tl.arange(0, BLOCK_D)
+        p = tl.arange(0, BLOCK_P)
+        pm = p < P
+        return row * P + p, d, pm, pm[:, None] & (d[None, :] < D)
+
+    @triton.jit
+    def _load_row_pivots(PK, PV, PW, PS, PC, row, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                         P: tl.constexpr, BLOCK_P: tl.constexpr):
+        """A pool row's pivots in float32: K, V [BLOCK_P, BLOCK_D] and W, S, C [BLOCK_P] (padding 0)."""
+        ix, d, pm, pm2 = _row_pivot_offsets(row, D, BLOCK_D, P, BLOCK_P)
+        pk = tl.load(PK + ix[:, None] * D + d[None, :], mask=pm2, other=0.0).to(tl.float32)
+        pv = tl.load(PV + ix[:, None] * D + d[None, :], mask=pm2, other=0.0).to(tl.float32)
+        pw = tl.load(PW + ix, mask=pm, other=0.0)
+        ps = tl.load(PS + ix, mask=pm, other=0.0)
+        pc = tl.load(PC + ix, mask=pm, other=0.0)
+        return pk, pv, pw, ps, pc
+
+    @triton.jit
+    def _store_row_pivots(PK, PV, PW, PS, PC, row, pk, pv, pw, ps, pc, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                          P: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Write a row's pivots back (K and V in the pool's dtype), every slot once."""
+        ix, d, pm, pm2 = _row_pivot_offsets(row, D, BLOCK_D, P, BLOCK_P)
+        tl.store(PK + ix[:, None] * D + d[None, :], pk.to(PK.dtype.element_ty), mask=pm2)
+        tl.store(PV + ix[:, None] * D + d[None, :], pv.to(PV.dtype.element_ty), mask=pm2)
+        tl.store(PW + ix, pw, mask=pm)
+        tl.store(PS + ix, ps, mask=pm)
+        tl.store(PC + ix, pc, mask=pm)
+
+    @triton.jit
+    def _token_block(K, SRC, POS, S, b, end, stride_k, D: tl.constexpr, BLOCK_D: tl.constexpr, BT: tl.constexpr):
+        """Tokens b .. b+BT of a row's run (positions below ``end`` live): their index, liveness,
+        key row, score and float32 key [BT, BLOCK_D]."""
+        t = b + tl.arange(0, BT)
+        live = t < end
+        pos = tl.load(POS + t, mask=live, other=0)
+        src = tl.load(SRC + pos, mask=live, other=0)
+        s = tl.load(S + pos, mask=live, other=0.0)
+        d = tl.arange(0, BLOCK_D)
+        k = tl.load(K + src[:, None] * stride_k + d[None, :], mask=live[:, None] & (d[None, :] < D), other=0.0)
+        return t, live, src, s, k.to(tl.float32)
+
     @triton.jit(do_not_specialize=["n_seg"])
     def _merge_round(K, V, SRC, POS, G, S, BOUNDS, PK, PV, PW, PS, PC, STATE,
                      n_seg, stride_k, stride_v, merge_cos, score_gate, eps,
@@ -73,14 +117,7 @@ if HAVE_TRITON:
         d = tl.arange(0, BLOCK_D)
         p = tl.arange(0, BLOCK_P)
         dm = d < D
-        pm = p < P
-        pm2 = pm[:, None] & dm[None, :]
-        slot_ix = row * P + p
-        pk = tl.load(PK + slot_ix[:, None] * D + d[None, :], mask=pm2, other=0.0).to(tl.float32)
-        pv = tl.load(PV + slot_ix[:, None] * D + d[None, :], mask=pm2, other=0.0).to(tl.float32)
-        pw = tl.load(PW + slot_ix, mask=pm, other=0.0)
-        ps = tl.load(PS + slot_ix, mask=pm, other=0.0)
-        pc = tl.load(PC + slot_ix, mask=pm, other=0.0)
+        pk, pv, pw, ps, pc = _load_row_pivots(PK, PV, PW, PS, PC, row, D, BLOCK_D, P, BLOCK_P)
         used = pc > 0
         pn = pk / tl.maximum(tl.sqrt(tl.sum(pk * pk, axis=1)), eps)[:, None]
 
@@ -91,13 +128,8 @@ if HAVE_TRITON:
         ssum = tl.zeros([BLOCK_P], tl.float32)
         csum = tl.zeros([BLOCK_P], tl.float32)
         for b in range(start, end, BT):
-            t = b + tl.arange(0, BT)
-            live = t < end
-            pos = tl.load(POS + t, mask=live, other=0)
-            src = tl.load(SRC + pos, mask=live, other=0)
-            s = tl.load(S + pos, mask=live, other=0.0)
+            t, live, src, s, k = _token_block(K, SRC, POS, S, b, end, stride_k, D, BLOCK_D, BT)
             m2 = live[:, None] & dm[None, :]
-            k = tl.load(K + src[:, None] * stride_k + d[None, :], mask=m2, other=0.0).to(tl.float32)
             best, slot = _nearest_of_block(k, pn, used, eps, BLOCK_P)
             merge = live & (best >= merge_cos)
             hit = (slot[:, None] == p[None, :]) & merge[:, None]  # [BT, BLOCK_P]
@@ -115,11 +147,8 @@ if HAVE_TRITON:
         denom = tl.where(upd, w_new, 1.0)[:, None]
         pk_new = tl.where(upd[:, None], (pw[:, None] * pk + acc_k) / denom, pk)
         pv_new = tl.where(upd[:, None], (pw[:, None] * pv + acc_v) / denom, pv)
-        tl.store(PK + slot_ix[:, None] * D + d[None, :], pk_new.to(PK.dtype.element_ty), mask=pm2)
-        tl.store(PV + slot_ix[:, None] * D + d[None, :], pv_new.to(PV.dtype.element_ty), mask=pm2)
-        tl.store(PW + slot_ix, tl.where(upd, w_new, pw), mask=pm)
-        tl.store(PS + slot_ix, ps + ssum, mask=pm)
-        tl.store(PC + slot_ix, pc + csum, mask=pm)
+        _store_row_pivots(PK, PV, PW, PS, PC, row, pk_new, pv_new, tl.where(upd, w_new, pw), ps + ssum, pc + csum,
+                          D, BLOCK_D, P, BLOCK_P)
 
         # Pass 2: every token's outcome, 0 merged, 1 buffer candidate, 2 gated (dropped): a
         # non-merging token of a row with a pivot is kept only if its score beats score_gate x
@@ -129,12 +158,7 @@ if HAVE_TRITON:
         row_mean = tl.sum(ps + ssum, axis=0) / tl.maximum(tl.sum(pc + csum, axis=0), eps)
         has_pivot = tl.sum(used.to(tl.int32), axis=0) > 0
         for b in range(start, end, BT):
-            t = b + tl.arange(0, BT)
-            live = t < end
-            pos = tl.load(POS + t, mask=live, other=0)
-            src = tl.load(SRC + pos, mask=live, other=0)
-            s = tl.load(S + pos, mask=live, other=0.0)
-            k = tl.load(K + src[:, None] * stride_k + d[None, :], mask=live[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            t, live, src, s, k = _token_block(K, SRC, POS, S, b, end, stride_k, D, BLOCK_D, BT)
             best, slot = _nearest_of_block(k, pn, used, eps, BLOCK_P)
             merge = best >= merge_cos
             state = tl.where(merge, 0, 1)
@@ -171,13 +195,7 @@ if HAVE_TRITON:
 
         p = tl.arange(0, BLOCK_P)
         pm = p < P
-        pm2 = pm[:, None] & dm[None, :]
-        slot_ix = row * P + p
-        pk = tl.load(PK + slot_ix[:, None] * D + d[None, :], mask=pm2, other=0.0).to(tl.float32)
-        pv = tl.load(PV + slot_ix[:, None] * D + d[None, :], mask=pm2, other=0.0).to(tl.float32)
-        pw = tl.load(PW + slot_ix, mask=pm, other=0.0)
-        ps = tl.load(PS + slot_ix, mask=pm, other=0.0)
-        pc = tl.load(PC + slot_ix, mask=pm, other=0.0)
+        pk, pv, pw, ps, pc = _load_row_pivots(PK, PV, PW, PS, PC, row, D, BLOCK_D, P, BLOCK_P)
         used = pm & (pc > 0)
         full = tl.sum(used.to(tl.int32), axis=0) == P
         free = tl.min(tl.where(pm & ~used, p, BLOCK_P), axis=0)  # first free slot
@@ -210,13 +228,13 @@ if HAVE_TRITON:
         slot = tl.where(full, victim, free)
         is_s = p == slot
         # Every slot's final value, stored once (no two stores to one address).
-        pk_out = tl.where(is_s[:, None], k_new[None, :], tl.where(is_n[:, None], k_m[None, :], pk))
-        pv_out = tl.where(is_s[:, None], v_new[None, :], tl.where(is_n[:, None], v_m[None, :], pv))
-        tl.store(PK + slot_ix[:, None] * D + d[None, :], pk_out.to(PK.dtype.element_ty), mask=pm2)
-        tl.store(PV + slot_ix[:, None] * D + d[None, :], pv_out.to(PV.dtype.element_ty), mask=pm2)
-        tl.store(PW + slot_ix, tl.where(is_s, w, tl.where(is_n, w_m, pw)), mask=pm)
-        tl.store(PS + slot_ix, tl.where(is_s, s_new, tl.where(is_n, s_m, ps)), mask=pm)
-        tl.store(PC + slot_ix, tl.where(is_s, float(B), tl.where(is_n, c_m, pc)), mask=pm)
+        _store_row_pivots(PK, PV, PW, PS, PC, row,
+                          tl.where(is_s[:, None], k_new[None, :], tl.where(is_n[:, None], k_m[None, :], pk)),
+                          tl.where(is_s[:, None], v_new[None, :], tl.where(is_n[:, None], v_m[None, :], pv)),
+                          tl.where(is_s, w, tl.where(is_n, w_m, pw)),
+                          tl.where(is_s, s_new, tl.where(is_n, s_m, ps)),
+                          tl.where(is_s, float(B), tl.where(is_n, c_m, pc)),
+                          D, BLOCK_D, P, BLOCK_P)
         tl.store(BN + row, 0)
 
 
