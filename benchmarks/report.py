@@ -135,7 +135,8 @@ def triton_section(report, lines, plt):
 
 SERVING_FILES = ("triton_overhead_h100.json", "triton_overhead_h100_fp16.json", "triton_overhead_h100_fp16_48frames.json",
                  "triton_overhead_h100_fp16_instances2.json", "triton_overhead_h100_fp16_inflight2.json",
-                 "triton_overhead_h100_fp16_gpu.json", "triton_overhead_h100_fp16_gpu_inflight2.json",
+                 "triton_overhead_h100_fp16_gpu_8streams.json", "triton_overhead_h100_fp16_gpu.json",
+                 "triton_overhead_h100_fp16_gpu_inflight2.json",
                  "triton_overhead_h100_fp16_output_device.json")
 
 

@@ -104,9 +104,9 @@ if HAVE_TRITON:
         k = tl.load(K + src[:, None] * stride_k + d[None, :], mask=live[:, None] & (d[None, :] < D), other=0.0)
         return t, live, src, s, k.to(tl.float32)
 
-    @triton.jit(do_not_specialize=["n_seg"])
+    @triton.jit
     def _merge_round(K, V, SRC, POS, G, S, BOUNDS, PK, PV, PW, PS, PC, STATE,
-                     n_seg, stride_k, stride_v, merge_cos, score_gate, eps,
+                     stride_k, stride_v, merge_cos, score_gate, eps,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr,
                      BT: tl.constexpr, GATE: tl.constexpr):
         # One program per segment = the pending tokens of one pool row (contiguous: sorted by row).
@@ -266,7 +266,7 @@ def merge_round(k: Tensor, v: Tensor, src: Tensor, pending: Tensor, g: Tensor, s
     bounds = torch.cat([starts, starts.new_full((1,), n)])
     _merge_round[(starts.numel(),)](
         k, v, src, pending, g, s, bounds, pk, piv["piv_v"], piv["piv_w"], piv["piv_s"], piv["piv_c"], state,
-        starts.numel(), k.stride(0), v.stride(0), float(merge_cos), float(score_gate), eps,
+        k.stride(0), v.stride(0), float(merge_cos), float(score_gate), eps,
         D=D, BLOCK_D=triton.next_power_of_2(D), P=P, BLOCK_P=triton.next_power_of_2(P),
         BT=_SEGMENT_BLOCK, GATE=score_gate > 0)
     return state

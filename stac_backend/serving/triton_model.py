@@ -258,20 +258,24 @@ def output_device(model_config: dict[str, Any], instance_kind: str) -> str:
     return name
 
 
+def _wire_outputs(names: Optional[list[str]], dense_dtype: torch.dtype) -> dict[str, tuple[str, torch.dtype]]:
+    """Output name -> (key in the step's outputs, wire dtype) for ``names`` (default all of OUTPUTS):
+    DENSE_OUTPUTS in ``dense_dtype``, the others in OUTPUTS' dtypes."""
+    if dense_dtype not in TRITON_TYPES:
+        raise ValueError(f"dense_dtype must be torch.float32 or torch.float16, got {dense_dtype}")
+    return {name: (OUTPUTS[name][0], dense_dtype if name in DENSE_OUTPUTS else OUTPUTS[name][1])
+            for name in (OUTPUTS if names is None else names)}
+
+
 def outputs_on_device(outputs: dict[str, torch.Tensor], names: Optional[list[str]] = None,
                       dense_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """A step's outputs (``names``, default all of OUTPUTS) in wire dtypes, the float ones left on the
     model's device (OUTPUT_DEVICE=gpu), each its own contiguous tensor (one allocation per output,
     so each can be shared by CUDA IPC on its own); FRAME_INDEX (a few int64s) goes to the host.
     Values beyond float16's finite range are clamped as in ``outputs_on_host``."""
-    if dense_dtype not in TRITON_TYPES:
-        raise ValueError(f"dense_dtype must be torch.float32 or torch.float16, got {dense_dtype}")
     ready: dict[str, torch.Tensor] = {}
-    for name in OUTPUTS if names is None else names:
-        key, dtype = OUTPUTS[name]
+    for name, (key, dtype) in _wire_outputs(names, dense_dtype).items():
         value = outputs[key].detach()
-        if name in DENSE_OUTPUTS:
-            dtype = dense_dtype
         if dtype in (torch.float32, torch.float16):
             value = value.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
             if dtype is torch.float16:
@@ -296,10 +300,7 @@ def outputs_on_host(outputs: dict[str, torch.Tensor], names: Optional[list[str]]
     buffers. Values beyond float16's finite range (|x| > 65504) are clamped to +-65504 rather than
     sent as inf (NaN stays NaN).
     """
-    if dense_dtype not in TRITON_TYPES:
-        raise ValueError(f"dense_dtype must be torch.float32 or torch.float16, got {dense_dtype}")
-    wire = {name: dense_dtype if name in DENSE_OUTPUTS else dtype for name, (_, dtype) in OUTPUTS.items()}
-    selected = {name: (OUTPUTS[name][0], wire[name]) for name in (OUTPUTS if names is None else names)}
+    selected = _wire_outputs(names, dense_dtype)
     host_outputs: dict[str, torch.Tensor] = {}
     for group_dtype in (torch.float32, torch.float16):  # one buffer, one copy per float wire dtype
         group = [(name, outputs[key].detach()) for name, (key, dtype) in selected.items() if dtype is group_dtype]
