@@ -25,6 +25,11 @@ the float outputs to Triton as CUDA tensors; "cpu,gpu" starts one server each, s
 on the same machine. Both show in the result labels (",inflight=2", ",output_device=gpu"). The
 engine side stays lockstep (one push_many per step).
 
+--decoupled yes serves the model with Triton's decoupled transaction policy: execute() returns once
+a batch's outputs are on the host, and the model's sender thread answers while the next batch
+computes; the fleet then streams every camera (one bidirectional gRPC stream each). "no,yes"
+starts one server each (label ",decoupled").
+
 --output-dtype float16 makes the server send the dense outputs (depth, points, confidences) as
 float16 (half the bytes; recorded as "output_dtype" in the JSON); the engine side is unchanged.
 """
@@ -128,6 +133,9 @@ def main() -> int:
     p.add_argument("--output-device", default="cpu",
                    help="comma-separated: cpu and/or gpu (the server hands the float outputs to Triton as CUDA "
                         "tensors, ServeSettings.output_device); one server each")
+    p.add_argument("--decoupled", default="no",
+                   help="comma-separated: no and/or yes (the model sends responses from its own thread while the next "
+                        "batch computes, ServeSettings.decoupled; the fleet then streams); one server each")
     p.add_argument("--instances", type=int, default=1,
                    help="model instances in the server (instance_group count); the engine side is one process")
     p.add_argument("--inflight", default="1",
@@ -151,11 +159,15 @@ def main() -> int:
     if not set(devices) <= {"cpu", "gpu"}:
         raise SystemExit(f"--output-device takes cpu and/or gpu, got {args.output_device!r}")
     inflights = [int(x) for x in args.inflight.split(",")]
-    servers = [(strategy, int(d), device) for strategy in args.strategies.split(",")
-               for d in args.queue_delays_us.split(",") for device in devices]
-    for strategy, delay_us, output_device in servers:
+    modes = args.decoupled.split(",")
+    if not set(modes) <= {"no", "yes"}:
+        raise SystemExit(f"--decoupled takes no and/or yes, got {args.decoupled!r}")
+    servers = [(strategy, int(d), device, mode == "yes") for strategy in args.strategies.split(",")
+               for d in args.queue_delays_us.split(",") for device in devices for mode in modes]
+    for strategy, delay_us, output_device, decoupled in servers:
         # the label names only what differs from the defaults, so older files read the same
-        base = f"{strategy},queue_delay_us={delay_us}" + (f",output_device={output_device}" if output_device != "cpu" else "")
+        base = (f"{strategy},queue_delay_us={delay_us}" + (f",output_device={output_device}" if output_device != "cpu" else "")
+                + (",decoupled" if decoupled else ""))
         workdir = Path(tempfile.mkdtemp(prefix="stac-overhead-"))
         # default max_batch_size = the largest load, so that oldest's preferred batch (= max_batch_size) is "every stream"
         server = start_local_server(workdir, preset=args.preset, device=args.device, dtype=args.dtype,
@@ -163,13 +175,13 @@ def main() -> int:
                                     cache_config=cache, max_streams=max(counts) + 2,
                                     max_batch_size=max_batch_size, strategy=strategy,
                                     max_queue_delay_us=delay_us, threads=args.threads if cpu else None,
-                                    instance_count=args.instances)
+                                    instance_count=args.instances, decoupled=decoupled)
         try:
             for row in rows:
                 for j, inflight in enumerate(inflights):
                     n = row["streams"]
                     label = base + (f",inflight={inflight}" if inflight != 1 else "")
-                    first_id = 10_000 * n + delay_us + 100 * j
+                    first_id = 10_000 * n + delay_us + 100 * j + 50 * decoupled
                     run_server(server.grpc_url, frames[:n], first_id, args.chunk, height, width, inflight)  # warm-up
                     before = model_statistics(server.grpc_url)
                     agg = run_server(server.grpc_url, frames[:n], first_id + 1000, args.chunk, height, width, inflight)
@@ -204,6 +216,7 @@ def main() -> int:
         "dtype": args.dtype,
         "output_dtype": args.output_dtype,
         "output_devices": devices,
+        "decoupled": modes,
         "frame_size": [height, width],
         "cache_config": cache,
         "max_batch_size": max_batch_size,

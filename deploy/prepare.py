@@ -79,6 +79,11 @@ def settings_from_env(env=os.environ, preset=None):
         s.output_dtype = env["STAC_OUTPUT_DTYPE"]
     if env.get("STAC_OUTPUT_DEVICE"):
         s.output_device = env["STAC_OUTPUT_DEVICE"]
+    if env.get("STAC_DECOUPLED"):
+        value = env["STAC_DECOUPLED"].strip().lower()
+        if value not in ("0", "1", "true", "false", "yes", "no"):
+            raise ValueError(f"STAC_DECOUPLED must be 0 or 1, got {env['STAC_DECOUPLED']!r}")
+        s.decoupled = value in ("1", "true", "yes")
     from stac_backend.cache import CacheConfig
 
     CacheConfig.from_dict(s.cache_config)  # refuse a bad cache config here, not at model load

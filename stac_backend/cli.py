@@ -44,6 +44,10 @@ def _add_serving_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-device", choices=("cpu", "gpu"), default="cpu",
                    help="gpu (GPU device only): hand the float outputs to Triton as CUDA tensors (CUDA IPC), "
                         "skipping a host copy and the Python backend's shared memory")
+    p.add_argument("--decoupled", action="store_true",
+                   help="send responses from a thread of the model while the next batch computes (Triton's "
+                        "decoupled transaction policy); clients must use gRPC streaming (StacClient and "
+                        "'stac fleet' do; perf_analyzer needs --streaming)")
 
 
 def resolve_model_args(args: argparse.Namespace) -> None:
@@ -158,6 +162,7 @@ def serve_settings_from_args(args: argparse.Namespace):
         triton_idle_us=int(args.idle_ttl * 1e6),
         output_dtype=args.output_dtype,
         output_device=args.output_device,
+        decoupled=args.decoupled,
     )
 
 

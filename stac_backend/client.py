@@ -15,6 +15,11 @@ Each stream is one Triton sequence: the first chunk carries sequence_start, the 
 sequence_end. The stream id is also sent as an ``x-stream-id`` header so that a proxy in front
 of several Triton replicas can route every chunk of a stream to the same replica.
 
+A server with the decoupled transaction policy (``stac serve --decoupled``) answers gRPC streams
+only: the client reads the model's config on first use and then sends each camera stream's chunks
+over one bidirectional gRPC stream (opened at the stream's first chunk, closed after its END),
+one chunk at a time as before. Its ``x-stream-id`` header then travels with the gRPC stream.
+
 Retries: only errors that mean the request never reached the model (the server was unreachable)
 are retried, at most ``retries`` times with exponential backoff. A chunk the model may already have
 consumed is never re-sent, since that would feed the same frames into the stream twice.
@@ -22,11 +27,14 @@ consumed is never re-sent, since that would feed the same frames into the stream
 
 from __future__ import annotations
 
+import queue
 import time
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
+
+from .serving.repository import is_decoupled
 
 OUTPUT_KEYS = {
     "DEPTH": "depth",
@@ -68,6 +76,9 @@ class StacClient:
         self.backoff_s = backoff_s
         self.timeout_s = timeout_s
         self.client = grpcclient.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates)
+        self._decoupled: Optional[bool] = None  # read from the model's config on first use
+        self._stream_id: Optional[int] = None  # the camera stream the open gRPC stream carries
+        self._responses: "queue.Queue" = queue.Queue()
 
     def send_chunk(self, stream_id: int, frames, start: bool = False, end: bool = False,
                    outputs: Optional[Iterable[str]] = None) -> dict[str, np.ndarray]:
@@ -86,6 +97,9 @@ class StacClient:
         if unknown or not wanted:
             raise ValueError(f"unknown or no outputs {sorted(unknown)}; choose from {sorted(OUTPUT_KEYS.values())}")
         requested = [self._grpc.InferRequestedOutput(name) for name in wanted]
+        if self.decoupled():
+            result = self._stream_call(int(stream_id), inputs, requested, start, end)
+            return {key: result.as_numpy(name)[0] for name, key in wanted.items()}
         attempt = 0
         while True:
             try:
@@ -101,6 +115,46 @@ class StacClient:
                 time.sleep(self.backoff_s * 2**attempt)
                 attempt += 1
         return {key: result.as_numpy(name)[0] for name, key in wanted.items()}
+
+    def decoupled(self) -> bool:
+        """Whether the server's model is decoupled (answers gRPC streams only); asked once."""
+        if self._decoupled is None:
+            try:
+                config = self.client.get_model_config(self.model, as_json=True).get("config", {})
+            except self._grpc.InferenceServerException:
+                return False  # not known yet: the request itself will report what is wrong
+            self._decoupled = is_decoupled(config)
+        return self._decoupled
+
+    def _stream_call(self, stream_id: int, inputs, requested, start: bool, end: bool):
+        """One request over the camera stream's gRPC stream, waiting for its one response."""
+        if self._stream_id != stream_id:
+            self._close_stream()
+            self._responses = queue.Queue()
+            responses = self._responses
+            self.client.start_stream(callback=lambda result, error: responses.put((result, error)),
+                                     headers={"x-stream-id": str(stream_id)})
+            self._stream_id = stream_id
+        try:
+            self.client.async_stream_infer(self.model, inputs, outputs=requested, sequence_id=stream_id,
+                                           sequence_start=start, sequence_end=end)
+            result, error = self._responses.get(timeout=self.timeout_s)
+        except queue.Empty:
+            self._close_stream()
+            raise StreamError(f"stream {stream_id}: no response within {self.timeout_s} s") from None
+        except self._grpc.InferenceServerException as exc:
+            self._close_stream()
+            raise StreamError(f"stream {stream_id}: {exc.message()}") from exc
+        if error is not None:
+            raise StreamError(f"stream {stream_id}: {error.message()}")
+        if end:
+            self._close_stream()
+        return result
+
+    def _close_stream(self) -> None:
+        if self._stream_id is not None:
+            self._stream_id = None
+            self.client.stop_stream()
 
     def stream(self, frames: Iterable, stream_id: int, chunk_size: int = 4) -> Iterator[dict[str, np.ndarray]]:
         """Send frames [3, H, W] as chunks of ``chunk_size``; START on the first, END on the last."""
@@ -129,4 +183,5 @@ class StacClient:
             return False
 
     def close(self) -> None:
+        self._close_stream()
         self.client.close()

@@ -245,6 +245,13 @@ def test_prepare_places_validates_and_renders(tmp_path, monkeypatch):
     monkeypatch.setenv("STAC_OUTPUT_DEVICE", "gpu")
     assert prepare.main(args) == 0
     assert 'key: "OUTPUT_DEVICE" value: { string_value: "gpu" }' in (repo / "stac" / "config.pbtxt").read_text()
+    monkeypatch.setenv("STAC_DECOUPLED", "1")
+    assert prepare.main(args) == 0
+    assert "model_transaction_policy { decoupled: true }" in (repo / "stac" / "config.pbtxt").read_text()
+    monkeypatch.setenv("STAC_DECOUPLED", "maybe")
+    with pytest.raises(ValueError, match="STAC_DECOUPLED"):
+        prepare.main(args)
+    monkeypatch.delenv("STAC_DECOUPLED")
     # ... and a CPU instance asked for it is refused before anything is served.
     monkeypatch.setenv("STAC_INSTANCE_KIND", "KIND_CPU")
     with pytest.raises(ValueError, match="GPU instance"):

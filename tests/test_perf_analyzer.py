@@ -46,6 +46,7 @@ def test_csv_parsing_and_command():
     joined = " ".join(cmd)
     assert "--concurrency-range 1:4:1" in joined and "--serial-sequences" in cmd and "-i grpc" in joined
     assert "--sequence-id-range 1000000:1000064" in joined and "--sequence-length 6" in joined
+    assert "--streaming" not in cmd and "--streaming" in SweepConfig(streaming=True).command("pa", "in.json", "out.csv")
     with pytest.raises(ValueError, match="sequence_id_range"):
         SweepConfig(concurrency=(1, 40, 1), sequence_id_range=(1, 50)).command("pa", "in.json", "out.csv")
 
@@ -61,11 +62,14 @@ def _analyzer_or_skip():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pytriton") is None, reason="serving extras not installed")
-def test_perf_analyzer_smoke_sweep_has_zero_errors(tmp_path):
+@pytest.mark.parametrize("decoupled", [False, True], ids=["unary", "decoupled"])
+def test_perf_analyzer_smoke_sweep_has_zero_errors(tmp_path, decoupled):
+    """perf_analyzer in sequence mode against the stac model; a decoupled server is found and streamed to."""
     analyzer = _analyzer_or_skip()
     from stac_backend.serving.fleet import start_local_server
 
-    server = start_local_server(tmp_path / "server", max_streams=16, threads=1, cache_config={"policy": "stac", "chunk": 4})
+    server = start_local_server(tmp_path / "server", max_streams=16, threads=1, cache_config={"policy": "stac", "chunk": 4},
+                                decoupled=decoupled)
     try:
         config = SweepConfig(url=server.grpc_url, metrics_url=server.metrics_url, streams=2, steps=4, chunk=4, height=56,
                              width=84, concurrency=(1, 2, 1), sequence_id_range=(1000, 1064), measurement_mode="count_windows",
@@ -73,6 +77,7 @@ def test_perf_analyzer_smoke_sweep_has_zero_errors(tmp_path):
         summary = run_sweep(config, tmp_path / "perf_smoke", analyzer=analyzer, log=lambda _: None)
     finally:
         server.stop()
+    assert config.streaming == decoupled and ("--streaming" in summary["command"]) == decoupled
     assert summary["returncode"] == 0, "\n".join(summary["output_tail"])
     assert summary["server_errors"] == 0 and summary["passed"], summary
     assert [r["concurrency"] for r in summary["rows"]] == [1, 2]

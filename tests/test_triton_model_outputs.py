@@ -146,3 +146,32 @@ def test_output_device_parameter_and_rendering():
     assert '"OUTPUT_DEVICE" value: { string_value: "gpu" }' in render_config(ServeSettings(instance_kind="KIND_GPU", output_device="gpu"))
     with pytest.raises(ValueError, match="GPU instance"):
         render_config(ServeSettings(output_device="gpu"))
+
+
+def test_response_sender_sends_in_order_and_survives_a_failed_response():
+    """The decoupled model's sender thread: batches leave in submit order, a response that cannot be
+    built does not stop the ones after it, and close() sends what is queued before stopping."""
+    import threading
+
+    from stac_backend.serving.triton_model import ResponseSender
+
+    sent: list = []
+    gate = threading.Event()
+
+    def make(value):
+        def build():
+            gate.wait(5)  # hold the thread until all batches are queued
+            if value == "broken":
+                raise RuntimeError("cannot build")
+            return value
+        return build
+
+    sender = ResponseSender(max_pending=4)
+    for batch in (["a", "b"], ["broken", "c"], ["d"]):
+        sender.submit([(sent.append, make(v)) for v in batch])
+    gate.set()
+    sender.close()
+    # "broken" got no response of its own here (no Triton to build an error response), "c" still did
+    assert sent == ["a", "b", "c", "d"]
+    with pytest.raises(RuntimeError, match="stopped"):
+        sender.submit([])

@@ -30,6 +30,9 @@ batcher (``oldest``) still runs a sequence's requests one after the other. infli
 restarts; a failed request ends the stream. Through the NGINX proxy the whole gRPC stream is one
 request body, so it must fit ``NginxConfig.max_body``.
 
+Decoupled servers (``ServeSettings.decoupled``) answer gRPC streams only; the fleet asks the
+server's model config and then streams every camera (the pipelined path, ``inflight`` as set).
+
 Result: per-stream and aggregate frames/s, request latency p50/p90/p99 (and, when paced, the
 capture-to-result latency), errors, restarts, frame-index continuity; JSON via ``--out``, a
 table on stdout, a live progress line on stderr, an optional plot (matplotlib, if installed).
@@ -146,7 +149,7 @@ class FleetConfig:
     seed: int = 0  # stream k uses seed + k
     first_stream_id: int = 1
     stream_ids: Optional[list[int]] = None  # explicit ids (overrides first_stream_id)
-    max_restarts: int = 3  # per stream (inflight == 1 only)
+    max_restarts: int = 3  # per stream (the unary path only: inflight 1 against a unary server)
     restart_backoff_s: float = 0.2
     request_timeout_s: float = 120.0
     connections: int = 1  # gRPC channels the streams are spread over
@@ -154,6 +157,9 @@ class FleetConfig:
     # calls, restarts). > 1: one bidirectional gRPC stream per camera stream, no restarts (a failed
     # request ends the stream).
     inflight: int = 1
+    # One bidirectional gRPC stream per camera stream even at inflight 1 (the pipelined path).
+    # A decoupled server (ServeSettings.decoupled) answers only streams; None = ask the server.
+    streaming: Optional[bool] = None
     keep_outputs: bool = False  # keep every response's arrays (tests compare them)
     progress: bool = True
     progress_interval_s: float = 1.0
@@ -611,6 +617,9 @@ async def run_fleet_async(config: FleetConfig, frames: Optional[dict[int, np.nda
         root = Path(config.root_certificates).read_bytes()
     clients = [grpc_aio.InferenceServerClient(config.url, ssl=config.ssl, root_certificates=root, channel_args=CHANNEL_ARGS)
                for _ in range(max(1, config.connections))]
+    streaming = config.streaming
+    if streaming is None:  # asked before the clock starts
+        streaming = await server_is_decoupled(clients[0], config.model)
     before = {u: scrape_metrics(u) for u in config.metrics_urls}
     started_at = time.time()
     t0 = time.perf_counter()
@@ -620,7 +629,7 @@ async def run_fleet_async(config: FleetConfig, frames: Optional[dict[int, np.nda
     phases = rng.uniform(0, period, len(ids)) if len(ids) > 1 else [0.0]
     progress = _Progress(records, sum(r.frames_total for r in records), t0, config.progress_interval_s, config.progress)
     ticker = asyncio.ensure_future(progress.run())
-    run_stream = _run_stream if config.inflight == 1 else _run_stream_pipelined
+    run_stream = _run_stream if config.inflight == 1 and not streaming else _run_stream_pipelined
     try:
         await asyncio.gather(*[
             run_stream(clients[k % len(clients)], grpc, config, rec, frames[rec.stream_id], t0, float(phases[k]), on_chunk)
@@ -639,6 +648,18 @@ async def run_fleet_async(config: FleetConfig, frames: Optional[dict[int, np.nda
         server_metrics[u] = {k: after.get(k, 0.0) - before[u].get(k, 0.0) for k in sorted(set(after) | set(before[u]))
                              if k.startswith(("stac_", "nv_inference_"))}
     return FleetResult(config, records, wall, started_at, server_metrics)
+
+
+async def server_is_decoupled(client, model: str) -> bool:
+    """Whether ``model`` has the decoupled transaction policy (it then answers gRPC streams only).
+    False when the config cannot be read: the requests themselves will then say what is wrong."""
+    from .repository import is_decoupled
+
+    try:
+        reply = await client.get_model_config(model, as_json=True)
+    except Exception:  # noqa: BLE001 - unreachable or unknown model
+        return False
+    return is_decoupled(reply.get("config", {}))
 
 
 def run_fleet(config: FleetConfig, frames: Optional[dict[int, np.ndarray]] = None,
@@ -673,7 +694,7 @@ def scrape_metrics(url: str, timeout: float = 10.0, by_label: bool = False) -> d
 
 def start_local_server(workdir: Path, *, preset: str = "tiny", checkpoint: Optional[Path] = None,
                        device: str = "cpu", dtype: str = "float32", output_dtype: str = "float32",
-                       output_device: str = "cpu",
+                       output_device: str = "cpu", decoupled: bool = False,
                        cache_config: Optional[dict] = None, max_streams: int = 64, idle_ttl_s: float = 120.0,
                        max_batch_size: int = 16, max_queue_delay_us: int = 2000, strategy: str = "oldest",
                        threads: Optional[int] = None, instance_count: int = 1,
@@ -684,6 +705,7 @@ def start_local_server(workdir: Path, *, preset: str = "tiny", checkpoint: Optio
 
     ``output_dtype``: wire dtype of the dense outputs (``ServeSettings.output_dtype``: float32 or float16).
     ``output_device``: ``"gpu"`` hands the float outputs to Triton as CUDA tensors (``ServeSettings.output_device``).
+    ``decoupled``: responses sent by the model's sender thread (``ServeSettings.decoupled``); clients must stream.
     ``threads`` sets OMP_NUM_THREADS for the server's stub (torch's intra-op threads).
     ``instance_count``: model instances (each its own stub process, model copy and ``max_streams``);
     Triton's sequence batcher spreads the streams over them.
@@ -697,7 +719,7 @@ def start_local_server(workdir: Path, *, preset: str = "tiny", checkpoint: Optio
         cache_config=cache_config or {"policy": "stac"}, max_streams=max_streams, idle_ttl_s=idle_ttl_s,
         triton_idle_us=int(idle_ttl_s * 1e6), max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
         max_candidate_sequences=max(64, max_streams), strategy=strategy, output_dtype=output_dtype,
-        output_device=output_device,
+        output_device=output_device, decoupled=decoupled,
     )
     env = {"OMP_NUM_THREADS": str(threads)} if threads else None
     server = local_server(settings, workdir, checkpoint, http_port=http_port, grpc_port=grpc_port,
@@ -1098,6 +1120,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--inflight", type=int, default=1,
                    help="requests one stream keeps outstanding (default 1: wait for each result); >1 pipelines the "
                         "chunks over one bidirectional gRPC stream per camera, without restarts")
+    p.add_argument("--streaming", choices=("auto", "yes", "no"), default="auto",
+                   help="one gRPC stream per camera even at --inflight 1 (auto: when the server's model is decoupled)")
     p.add_argument("--metrics-url", action="append", default=[], help="Triton /metrics URL to diff (repeatable)")
     p.add_argument("--ssl", action="store_true", help="gRPC over TLS")
     p.add_argument("--root-certificates", default=None, help="CA bundle for --ssl")
@@ -1107,6 +1131,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--policy", default="stac", help="--local: cache policy")
     p.add_argument("--max-streams", type=int, default=64, help="--local: admission limit")
     p.add_argument("--server-threads", type=int, default=1, help="--local: torch threads of the server's stub")
+    p.add_argument("--local-decoupled", action="store_true", help="--local: serve decoupled (responses from a sender thread)")
     p.set_defaults(func=cmd_fleet)
     return p
 
@@ -1120,6 +1145,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         height=args.size[0], width=args.size[1], fps=args.fps, source=args.source, scene_frames=args.scene_frames,
         seed=args.seed, first_stream_id=args.first_stream_id, max_restarts=args.max_restarts,
         request_timeout_s=args.timeout, connections=args.connections, inflight=args.inflight, progress=not args.quiet,
+        streaming={"auto": None, "yes": True, "no": False}[args.streaming],
         ssl=args.ssl, root_certificates=args.root_certificates, metrics_urls=list(args.metrics_url),
     )
     config.validate()
@@ -1128,7 +1154,8 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="stac-fleet-"))
         print(f"[fleet] starting a local tritonserver (tiny model, CPU) in {workdir}", file=sys.stderr)
         server = start_local_server(workdir, cache_config={"policy": args.policy, "chunk": args.chunk},
-                                    max_streams=max(args.max_streams, args.streams), threads=args.server_threads)
+                                    max_streams=max(args.max_streams, args.streams), threads=args.server_threads,
+                                    decoupled=args.local_decoupled)
         config.url = server.grpc_url
         config.metrics_urls.append(server.metrics_url)
     try:

@@ -244,6 +244,9 @@ class SweepConfig:
     percentile: Optional[int] = None
     metrics_url: Optional[str] = None  # Triton /metrics of the same replica: server-side error check
     timeout_s: float = 1800.0
+    # gRPC streaming (--streaming), which a decoupled model (ServeSettings.decoupled) requires;
+    # None: run_sweep asks the server's model config.
+    streaming: Optional[bool] = None
     extra_args: list[str] = field(default_factory=list)
 
     def command(self, binary: Path, input_data: Path, csv_path: Path) -> list[str]:
@@ -266,6 +269,8 @@ class SweepConfig:
             cmd.append("--serial-sequences")
         if self.percentile:
             cmd += ["--percentile", str(self.percentile)]
+        if self.streaming:
+            cmd.append("--streaming")
         return cmd + list(self.extra_args)
 
 
@@ -299,6 +304,23 @@ def _frames_per_request(input_data: Path) -> float:
     return float(np.mean(counts)) if counts else 1.0
 
 
+def model_is_decoupled(url: str, model: str) -> bool:
+    """Whether the served ``model`` is decoupled (perf_analyzer must then stream); False if unknown."""
+    import tritonclient.grpc as grpcclient
+
+    from .repository import is_decoupled
+
+    try:
+        client = grpcclient.InferenceServerClient(url)
+        try:
+            config = client.get_model_config(model, as_json=True).get("config", {})
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001 - unreachable: perf_analyzer will say so itself
+        return False
+    return is_decoupled(config)
+
+
 def run_sweep(config: SweepConfig, out_prefix: Path, analyzer: Optional[PerfAnalyzer] = None,
               log=lambda line: print(line, file=sys.stderr)) -> dict[str, Any]:
     """Run perf_analyzer over the concurrency range; writes ``<out_prefix>.csv`` and ``.json``.
@@ -321,6 +343,8 @@ def run_sweep(config: SweepConfig, out_prefix: Path, analyzer: Optional[PerfAnal
         tmp = tempfile.TemporaryDirectory(prefix="stac-perf-")
         input_data = write_input_data(Path(tmp.name) / "input.json", streams=config.streams, steps=config.steps,
                                       chunk=config.chunk, height=config.height, width=config.width, source=config.source)
+    if config.streaming is None:
+        config.streaming = model_is_decoupled(config.url, config.model)
     try:
         before = scrape_metrics(config.metrics_url) if config.metrics_url else {}
         cmd = config.command(analyzer.binary, input_data, csv_path)
@@ -466,6 +490,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--out", type=Path, default=Path("docs/benchmarks/perf_cpu"), help="prefix for .csv/.json/.png")
     q.add_argument("--plot", action="store_true", help="also write <out>.png (needs matplotlib)")
     q.add_argument("--server-threads", type=int, default=1, help="--local: torch threads of the server's stub")
+    q.add_argument("--local-decoupled", action="store_true",
+                   help="--local: serve decoupled; perf_analyzer then streams (found from the model config)")
     q.set_defaults(func=_cmd_sweep)
     return p
 
@@ -505,7 +531,8 @@ def _cmd_sweep(args) -> int:
 
         workdir = Path(tempfile.mkdtemp(prefix="stac-perf-server-"))
         server = start_local_server(workdir, cache_config={"policy": "stac", "chunk": args.chunk},
-                                    max_streams=max(16, 2 * config.concurrency[1]), threads=args.server_threads)
+                                    max_streams=max(16, 2 * config.concurrency[1]), threads=args.server_threads,
+                                    decoupled=args.local_decoupled)
         config.url, config.metrics_url = server.grpc_url, server.metrics_url
     try:
         summary = run_sweep(config, args.out)

@@ -15,6 +15,14 @@ With OUTPUT_DEVICE=gpu (GPU instances) the float outputs are handed over as CUDA
 Python backend passes them to Triton by CUDA IPC and Triton copies them into the response, which
 skips this process's device-to-host copy and the copy into the backend's shared memory.
 
+With the decoupled transaction policy (``ServeSettings.decoupled``, ``stac serve --decoupled``)
+``execute()`` returns as soon as the batch's step has run and its outputs are on the host; a
+sender thread of this model builds and sends the responses (the copies into the backend's shared
+memory, and Triton's own copies into the gRPC responses) while the next batch computes. Responses
+leave in the order their requests were executed, so a stream's results stay in order. Clients must
+then use gRPC streaming (``stream_infer``; ``StacClient`` and ``stac fleet`` do so by themselves,
+perf_analyzer needs ``--streaming``): Triton refuses unary calls to a decoupled model.
+
 Tensors cross the backend boundary only through DLPack (``to_dlpack`` / ``Tensor.from_dlpack``),
 never through ``as_numpy()`` / ``Tensor(name, ndarray)``: those numpy paths of the Python backend
 bundled with nvidia-pytriton 0.7.0 silently corrupt data when the stub's environment has numpy 2
@@ -27,6 +35,8 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,6 +48,7 @@ try:  # only importable inside Triton's Python-backend stub
 except ImportError:  # pragma: no cover - unit tests import this module without Triton
     pb_utils = None
 
+from .repository import is_decoupled
 from .sessions import FrameRequest, RequestError, StepResult
 
 log = logging.getLogger("stac.triton")
@@ -158,11 +169,54 @@ def _limits(p: dict[str, str], model_config: dict[str, Any]):
     )
 
 
+class ResponseSender:
+    """Builds and sends a decoupled model's responses on a thread of its own, in the order queued.
+
+    ``submit`` takes one executed batch: a list of ``(send, make_response)`` pairs. The thread
+    calls ``send(make_response())`` for each, so building the responses (the copies into the
+    Python backend's shared memory) and Triton's side of sending them overlap the next batch's
+    step. At most ``max_pending`` batches wait; ``submit`` blocks beyond that, which bounds the
+    host memory held by outputs not yet sent. A failure to build or send one response is logged
+    and answered with an error where still possible; it never stops the thread.
+    """
+
+    def __init__(self, max_pending: int = 2):
+        self._queue: "queue.Queue[Optional[list]]" = queue.Queue(maxsize=max_pending)
+        self._thread = threading.Thread(target=self._run, name="stac-response-sender", daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: list) -> None:
+        if not self._thread.is_alive():
+            raise RuntimeError("the response sender thread has stopped")
+        self._queue.put(batch)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Send what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            for send, make_response in batch:
+                try:
+                    send(make_response())
+                except Exception as exc:  # noqa: BLE001 - one broken response must not stop the others
+                    log.exception("could not send a response")
+                    try:
+                        send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"could not send the result: {exc}")))
+                    except Exception:  # noqa: BLE001 - the request is gone (client cancelled, already final)
+                        pass
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         self.model_config = json.loads(args["model_config"])
         self.dense_dtype = dense_output_dtype(self.model_config)  # checked before the (slow) model load
         self.outputs_on_gpu = output_device(self.model_config, args.get("model_instance_kind", "CPU")) == "gpu"
+        self.decoupled = is_decoupled(self.model_config)
         repository = args.get("model_repository")
         self.sessions = build_sessions(
             self.model_config, args.get("model_instance_kind", "CPU"), int(args.get("model_instance_device_id", 0) or 0), repository
@@ -176,6 +230,7 @@ class TritonPythonModel:
                 self._families.append(family)
                 self._metrics[key] = (family.Metric(labels=labels), kind)
         self._counted = {key: 0 for key in METRICS}
+        self._sender = ResponseSender() if self.decoupled else None
 
     def execute(self, requests):
         parsed = [self._parse(r) for r in requests]
@@ -184,11 +239,24 @@ class TritonPythonModel:
         if ok:
             for i, result in zip(ok, self.sessions.handle([parsed[i] for i in ok])):
                 results[i] = result
-        responses = [self._respond(result, request) for result, request in zip(results, requests)]
+        # The outputs are made ready here, in execute order (copied to the host, or finished on the
+        # GPU); only building and sending the responses may wait for the sender thread.
+        prepared = [self._prepare(result, request) for result, request in zip(results, requests)]
         self._publish_metrics()
-        return responses
+        if not self.decoupled:
+            return [_make_response(ready) for ready in prepared]
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        batch = []
+        for ready, request in zip(prepared, requests):
+            sender = request.get_response_sender()
+            batch.append((lambda response, sender=sender: sender.send(response, flags=final),
+                          lambda ready=ready: _make_response(ready)))
+        self._sender.submit(batch)
+        return None
 
     def finalize(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
         self.sessions.close_all()
         self._metrics.clear()
         self._families.clear()
@@ -216,11 +284,11 @@ class TritonPythonModel:
         except Exception as exc:  # noqa: BLE001 - any malformed request is that client's error
             return RequestError(f"malformed request: {exc}")
 
-    def _respond(self, result, request):
-        if result is None:  # a null request (direct strategy, idle slot): nothing to compute, nothing touched
-            return pb_utils.InferenceResponse(output_tensors=[])
-        if isinstance(result, RequestError):
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result)))
+    def _prepare(self, result, request):
+        """What the response will carry: None (a null request), a RequestError, or a dict of output
+        name -> tensor in wire dtype (on the host, or on the GPU with OUTPUT_DEVICE=gpu)."""
+        if result is None or isinstance(result, RequestError):
+            return result
         assert isinstance(result, StepResult)
         # Only what the client asked for leaves the GPU and crosses the wire (Triton lists every output
         # when a client names none).
@@ -228,12 +296,14 @@ class TritonPythonModel:
         names = [name for name in OUTPUTS if name in wanted]
         if self.outputs_on_gpu:
             ready = outputs_on_device(result.outputs, names, self.dense_dtype)
+            cuda = [value.device for value in ready.values() if value.is_cuda]
+            if self.decoupled and cuda:  # finished before another thread hands them to Triton
+                torch.cuda.current_stream(cuda[0]).synchronize()
         else:
-            ready = outputs_on_host(result.outputs, names, self.dense_dtype)
-        tensors = [_from_torch(name, value.unsqueeze(0)) for name, value in ready.items()]
+            ready = outputs_on_host(result.outputs, names, self.dense_dtype)  # a blocking copy
         if "CACHE_BYTES" in wanted:
-            tensors.append(_from_torch("CACHE_BYTES", torch.tensor([[result.cache_bytes]], dtype=torch.int64)))
-        return pb_utils.InferenceResponse(output_tensors=tensors)
+            ready["CACHE_BYTES"] = torch.tensor([result.cache_bytes], dtype=torch.int64)
+        return ready
 
     def _publish_metrics(self) -> None:
         if not self._metrics:
@@ -246,6 +316,15 @@ class TritonPythonModel:
             elif value > self._counted[key]:
                 metric.increment(value - self._counted[key])
                 self._counted[key] = value
+
+
+def _make_response(ready):
+    """The InferenceResponse for what ``TritonPythonModel._prepare`` returned."""
+    if ready is None:  # a null request (direct strategy, idle slot): nothing to compute, nothing touched
+        return pb_utils.InferenceResponse(output_tensors=[])
+    if isinstance(ready, RequestError):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(ready)))
+    return pb_utils.InferenceResponse(output_tensors=[_from_torch(name, value.unsqueeze(0)) for name, value in ready.items()])
 
 
 def output_device(model_config: dict[str, Any], instance_kind: str) -> str:
