@@ -14,11 +14,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stac_backend.cache.attention import attention_with_key_mass  # noqa: E402
-from stac_backend.kernels.attention_mass import fused_attention_with_key_mass, hybrid_attention_with_key_mass  # noqa: E402
+from stac_backend.kernels.attention_mass import (  # noqa: E402
+    MASS_METHODS, fused_attention_with_key_mass, hybrid_attention_with_key_mass, resolve_mass_method)
 
 
 def bench(fn, warmup=3, reps=10) -> float:
@@ -34,12 +36,24 @@ def bench(fn, warmup=3, reps=10) -> float:
     return start.elapsed_time(end) / reps
 
 
+def sdpa_with_key_bias(q, k, v, bias):
+    """torch SDPA doing the same attention as the fused kernel: the per-key bias (log C of merged
+    pivots; -inf for padding) as an additive mask broadcast over the queries. PyTorch's kernels want
+    the mask's head stride 8-aligned, so the bias lives in a padded buffer and is sliced."""
+    B, H, M, _ = q.shape
+    N = k.shape[2]
+    padded = torch.zeros(B, H, 1, (N + 7) // 8 * 8, device=q.device, dtype=q.dtype)
+    padded[..., :N] = bias[:, :, None, :].to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=padded[..., :N].expand(B, H, M, N))
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--frames", default="13,24,50,100,200", help="key counts in frames of 1041 tokens")
     p.add_argument("--batch", default="1,8")
     p.add_argument("--tune", action="store_true", help="first time a few block/warp configurations")
+    p.add_argument("--tune-mass-method", default="auto", help="--tune: the key-mass method the mass grid runs")
     args = p.parse_args()
     tokens, H, D = 1041, 16, 64
     M = 4 * tokens
@@ -51,7 +65,8 @@ def main() -> int:
         bias = torch.zeros(1, H, k.shape[2], device="cuda")
         forward_grid = [(bm, bn, w, st) for bm, bn, w in [(64, 64, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8), (128, 32, 4), (64, 128, 4)]
                         for st in (2, 3, 4)]
-        mass_grid = [(bm, bn, w, st) for bm, bn, w in [(128, 64, 4), (64, 128, 4), (128, 128, 8), (64, 64, 4), (128, 128, 4), (64, 128, 8)]
+        mass_grid = [(bm, bn, w, st) for bm, bn, w in [(128, 64, 4), (64, 128, 4), (128, 128, 8), (64, 64, 4), (128, 128, 4),
+                                                       (64, 128, 8), (32, 128, 4), (64, 256, 8)]
                      for st in (2, 3, 4)]
         base = bench(lambda: fused_attention_with_key_mass(q, k, k, bias, need_mass=False))
         for kind, grid in (("forward", forward_grid), ("mass", mass_grid)):
@@ -62,11 +77,13 @@ def main() -> int:
                                                                         num_warps=w, num_stages=st))
                     else:
                         t = bench(lambda: fused_attention_with_key_mass(q, k, k, bias, mass_block_m=bm, mass_block_n=bn,
-                                                                        mass_num_warps=w, mass_num_stages=st)) - base
+                                                                        mass_num_warps=w, mass_num_stages=st,
+                                                                        mass_method=args.tune_mass_method)) - base
                 except Exception as exc:  # noqa: BLE001 - a config may not compile (shared memory)
                     tuning.append({"kernel": kind, "config": [bm, bn, w, st], "error": str(exc)[:200]})
                     continue
-                tuning.append({"kernel": kind, "config": [bm, bn, w, st], "ms": t})
+                tuning.append({"kernel": kind, "config": [bm, bn, w, st], "ms": t,
+                               **({"mass_method": args.tune_mass_method} if kind == "mass" else {})})
                 print(json.dumps(tuning[-1]), flush=True)
         del q, k
     for B in [int(b) for b in args.batch.split(",")]:
@@ -79,7 +96,15 @@ def main() -> int:
             v = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
             bias = torch.zeros(B, H, N, device="cuda")
             sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # the engine's backend (cuDNN is off there by default)
+                sdpa_flash = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+            try:  # SDPA given our per-key bias (the mass is still not computed)
+                sdpa_bias = bench(lambda: sdpa_with_key_bias(q, k, v, bias))
+            except Exception as exc:  # noqa: BLE001 - a backend may refuse the mask layout
+                sdpa_bias = None
+                print(f"sdpa with key bias failed: {str(exc)[:200]}", file=sys.stderr)
             fused = bench(lambda: fused_attention_with_key_mass(q, k, v, bias))
+            by_method = {m: bench(lambda: fused_attention_with_key_mass(q, k, v, bias, mass_method=m)) for m in MASS_METHODS}
             fused_no_mass = bench(lambda: fused_attention_with_key_mass(q, k, v, bias, need_mass=False))
             try:
                 hybrid = bench(lambda: hybrid_attention_with_key_mass(q, k, v, None))
@@ -93,7 +118,11 @@ def main() -> int:
                 hybrid_check = {"error": str(exc)[:300]}
             reference = bench(lambda: attention_with_key_mass(q, k, v, key_bias=bias), warmup=1, reps=2) if N <= 60000 else None
             flops = 4 * B * H * M * N * D  # q.k and p.v of plain attention
-            row = {"batch": B, "queries": M, "keys": N, "key_frames": frames, "sdpa_ms": sdpa, "fused_with_mass_ms": fused,
+            row = {"batch": B, "queries": M, "keys": N, "key_frames": frames, "sdpa_ms": sdpa, "sdpa_flash_ms": sdpa_flash,
+                   "sdpa_key_bias_ms": sdpa_bias,
+                   "fused_with_mass_ms": fused, "mass_method": resolve_mass_method("auto", q),
+                   "fused_with_mass_ms_by_method": by_method,
+                   "fused_over_sdpa_by_method": {m: t / sdpa for m, t in by_method.items()},
                    "fused_no_mass_ms": fused_no_mass, "reference_blockwise_ms": reference,
                    "hybrid_sdpa_lse_plus_mass_ms": hybrid, "hybrid_with_bias_ms": hybrid_bias, "hybrid_check": hybrid_check,
                    "hybrid_over_sdpa": hybrid / sdpa if hybrid else None,

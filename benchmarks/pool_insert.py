@@ -154,8 +154,14 @@ def main() -> int:
     p.add_argument("--by-method", action="store_true",
                    help="also time each pool method over one replay (synchronised; recorded as method_ms)")
     p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler table of one replay here")
+    p.add_argument("--merge-round-config", default=None, metavar="TOKENS,WARPS",
+                   help="merge_round's tokens per loop iteration and warps per program for this run (kernel tuning)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
+    if args.merge_round_config:
+        from stac_backend.kernels import pool_kernels
+
+        pool_kernels._SEGMENT_BLOCK, pool_kernels._MERGE_ROUND_WARPS = (int(x) for x in args.merge_round_config.split(","))
 
     torch.manual_seed(0)
     model = build_model(args.preset, device=args.device, dtype=DTYPES[args.dtype]).eval()
@@ -198,6 +204,7 @@ def main() -> int:
         "image_hw": [args.height, args.width],
         "cache_config": config.to_dict() if hasattr(config, "to_dict") else json.loads(args.overrides),
         "warm_steps": args.warm_steps,
+        "merge_round_config": args.merge_round_config,
         "tokens": tokens,
         "insert_ms": {"median": statistics.median(times) * 1e3, "all": [t * 1e3 for t in times]},
         "pool_after": result.stats(),

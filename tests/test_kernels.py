@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stac_backend.cache.attention import attention_with_key_mass
-from stac_backend.kernels.attention_mass import HAVE_TRITON, fused_attention_with_key_mass
+from stac_backend.kernels.attention_mass import HAVE_TRITON, MASS_METHODS, fused_attention_with_key_mass
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(
@@ -18,9 +18,13 @@ pytestmark = pytest.mark.skipif(
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32])
+# (input dtype, key-mass method): float32 always sums exactly; 16-bit inputs on a GPU take each method
+CASES = [(torch.float32, "auto")] + ([(torch.bfloat16, m) for m in MASS_METHODS] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("dtype,mass_method", CASES)
 @pytest.mark.parametrize("shape", [(1, 2, 37, 91, 64), (2, 4, 130, 300, 64), (1, 16, 1041, 3123, 64)])
-def test_fused_matches_reference(dtype, shape):
+def test_fused_matches_reference(dtype, mass_method, shape):
     B, H, M, N, D = shape
     if DEVICE == "cpu" and M * N > 20000:
         pytest.skip("too slow in the interpreter")
@@ -29,12 +33,15 @@ def test_fused_matches_reference(dtype, shape):
     bias = torch.randn(B, H, N, generator=g, device=DEVICE).abs().log1p()
     valid = torch.rand(B, H, N, generator=g, device=DEVICE) > 0.1
     ref_out, ref_mass = attention_with_key_mass(q.double(), k.double(), v.double(), key_bias=bias.double(), key_valid=valid)
-    out, mass = fused_attention_with_key_mass(q.to(dtype), k.to(dtype), v.to(dtype), bias, valid)
+    out, mass = fused_attention_with_key_mass(q.to(dtype), k.to(dtype), v.to(dtype), bias, valid, mass_method=mass_method)
     tol = 2e-2 if dtype == torch.bfloat16 else 2e-5
     assert (out.double() - ref_out).abs().max().item() <= tol
     # masses are sums over M queries of probabilities: compare relative to the total M
     assert ((mass.double() - ref_mass).abs().max() / M).item() <= tol
     assert torch.equal(mass[~valid], torch.zeros_like(mass[~valid]))
+    if dtype != torch.float32:  # the float16 sums still rank keys as the exact sum does, up to near-ties
+        exact = fused_attention_with_key_mass(q.to(dtype), k.to(dtype), v.to(dtype), bias, valid, mass_method="exact")[1]
+        assert ((mass - exact).abs() <= 2e-3 * exact.abs() + 1e-3).all()
 
 
 def test_fully_masked_rows_give_zero_output():

@@ -7,7 +7,9 @@ Two kernels, never materialising the [M, N] probability matrix:
 1. ``_forward``: flash-attention forward per query block (online softmax over key blocks, fp32
    accumulators), writing the output and each query's log-sum-exp (base 2);
 2. ``_key_mass``: per key block, a loop over all query blocks that recomputes the scores and sums
-   exp2(s - lse) down the queries - no atomics, deterministic.
+   exp2(s - lse) down the queries - no atomics, deterministic. On 16-bit inputs the sum runs on the
+   tensor cores (probabilities as float16 times a ones matrix) and the exponentials are taken two
+   per instruction in float16 (``MASS_METHODS``); float32 inputs keep an exact float32 sum.
 Work: two q.k^T products and one p.v product, 1.5x plain attention's FLOPs.
 
 ``bias`` is an additive per-key logit bias (log C for merged pivots); invalid (padding) keys are
@@ -18,6 +20,7 @@ output 0. Inputs bf16/fp16/fp32 on CUDA, head dim 16..256 (power of two).
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -111,6 +114,48 @@ if HAVE_TRITON:
         tl.store(LSE + bh * M + offs_m, lse, mask=offs_m < M)
 
     @triton.jit
+    def _exp2_f16(x):
+        """exp2 of float32 scores as float16, two per instruction (ex2.approx.f16x2): half the
+        special-function work of one float32 exp2 per score. Relative error ~2^-10; results below
+        float16's range (2^-24) become 0. CUDA only (inline PTX)."""
+        return tl.inline_asm_elementwise(
+            asm="{ cvt.rn.f16x2.f32 $0, $2, $1; ex2.approx.f16x2 $0, $0; }",
+            constraints="=r,r,r", args=[x], dtype=tl.float16, is_pure=True, pack=2,
+        )
+
+    @triton.jit
+    def _key_mass_block(
+        k, bias, acc, q_ptrs, lse_ptrs, start_m, M, qk_scale,
+        MASK_M: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, METHOD: tl.constexpr,
+    ):
+        """One query block's probabilities for this program's keys, added to ``acc``.
+
+        Transposed (keys x queries), so the sum over queries is along axis 1: METHOD 0 adds the
+        float32 probabilities elementwise (exact; reduced once at the end), METHODs 1 and 2 feed
+        them as float16 into a tensor-core product with a ones matrix (float32 accumulation), so no
+        cross-warp reduction runs per block; METHOD 2 also takes the exponentials two at a time.
+        Rows past M need no mask here: their q is 0 and their lse +inf, so their exp2 is 0.
+        """
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        if MASK_M:
+            q = tl.load(q_ptrs, mask=offs_m[:, None] < M, other=0.0)
+            lse = tl.load(lse_ptrs, mask=offs_m < M, other=float("inf"))
+        else:
+            q = tl.load(q_ptrs)
+            lse = tl.load(lse_ptrs)
+        s = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+        x = s * qk_scale + (bias[:, None] - lse[None, :])
+        if METHOD == 0:
+            acc += tl.exp2(x)
+        else:
+            if METHOD == 2:
+                p = _exp2_f16(x)
+            else:
+                p = tl.exp2(x).to(tl.float16)
+            acc = tl.dot(p, tl.full([BLOCK_M, 16], 1.0, tl.float16), acc)
+        return acc
+
+    @triton.jit
     def _key_mass(
         Q, K, BIAS, LSE, MASS,
         stride_qb, stride_qh, stride_qm,
@@ -118,7 +163,7 @@ if HAVE_TRITON:
         stride_bb, stride_bh,
         H, M, N, qk_scale,
         HAS_BIAS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, METHOD: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         bh = tl.program_id(1)
@@ -126,6 +171,7 @@ if HAVE_TRITON:
         h = bh % H
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D)
+        offs_m = tl.arange(0, BLOCK_M)
         in_n = offs_n < N
         k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
                     mask=in_n[:, None], other=0.0)
@@ -133,16 +179,23 @@ if HAVE_TRITON:
             bias = tl.load(BIAS + b * stride_bb + h * stride_bh + offs_n, mask=in_n, other=float("-inf"))  # log2 units
         else:
             bias = tl.where(in_n, 0.0, float("-inf"))
-        mass = tl.zeros([BLOCK_N], tl.float32)
-        for start_m in range(0, M, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            in_m = offs_m < M
-            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                        mask=in_m[:, None], other=0.0)
-            lse = tl.load(LSE + bh * M + offs_m, mask=in_m, other=float("inf"))
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias[None, :]
-            p = tl.exp2(s - lse[:, None])
-            mass += tl.sum(tl.where(in_m[:, None], p, 0.0), 0)
+        if METHOD == 0:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_N, 16], tl.float32)
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+        lse_ptrs = LSE + bh * M + offs_m
+        m_full = (M // BLOCK_M) * BLOCK_M
+        for start_m in range(0, m_full, BLOCK_M):
+            acc = _key_mass_block(k, bias, acc, q_ptrs + start_m * stride_qm, lse_ptrs + start_m, start_m, M, qk_scale,
+                                  False, BLOCK_M, PRECISION, METHOD)
+        if m_full < M:
+            acc = _key_mass_block(k, bias, acc, q_ptrs + m_full * stride_qm, lse_ptrs + m_full, m_full, M, qk_scale,
+                                  True, BLOCK_M, PRECISION, METHOD)
+        if METHOD == 0:
+            mass = tl.sum(acc, 1)
+        else:
+            mass = tl.max(acc, 1)  # 16 equal columns
         tl.store(MASS + bh * N + offs_n, mass, mask=in_n)
 
 
@@ -161,9 +214,15 @@ def _log2_bias(bias: Optional[Tensor], valid: Optional[Tensor], B: int, H: int, 
 def fused_attention_with_key_mass(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, valid: Optional[Tensor] = None, need_mass: bool = True,
     block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 3,
-    mass_block_m: int = 128, mass_block_n: int = 64, mass_num_warps: int = 4, mass_num_stages: int = 2,
+    mass_block_m: int = 64, mass_block_n: int = 128, mass_num_warps: int = 4, mass_num_stages: int = 3,
+    mass_method: str = "auto",
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """q [B,H,M,D], k/v [B,H,N,D], bias [B,H,N] (float), valid [B,H,N] (bool) -> out [B,H,M,D], mass [B,H,N] fp32."""
+    """q [B,H,M,D], k/v [B,H,N,D], bias [B,H,N] (float), valid [B,H,N] (bool) -> out [B,H,M,D], mass [B,H,N] fp32.
+
+    mass_method: how the key-mass pass sums probabilities (``MASS_METHODS``); "auto" = "exact" for
+    float32 inputs and off CUDA (Triton's interpreter), else ``DEFAULT_MASS_METHOD`` (env
+    STAC_MASS_METHOD overrides it).
+    """
     if not HAVE_TRITON:
         raise RuntimeError("the fused attention kernel needs OpenAI Triton (pip install triton) and a CUDA GPU")
     B, H, M, D = q.shape
@@ -206,9 +265,30 @@ def fused_attention_with_key_mass(
         *bias_strides,
         H, M, N, qk_scale,
         HAS_BIAS=has_bias, D=D, BLOCK_M=mass_block_m, BLOCK_N=mass_block_n, PRECISION=precision,
+        METHOD=MASS_METHODS[resolve_mass_method(mass_method, q)],
         num_warps=mass_num_warps, num_stages=mass_num_stages,
     )
     return out, mass
+
+
+# How the key-mass pass sums each key's probabilities over the queries (kernel constexpr METHOD):
+#   exact:               float32 probabilities added elementwise, one reduction at the end
+#   tensor_core:         float32 exp2, probabilities as float16 summed by a product with ones
+#   tensor_core_f16_exp: the same with exp2 taken in float16, two scores per instruction
+# The float16 forms round each probability to 11 bits before a float32 sum: the mass is a score
+# that ranks keys (decayed, top-k), far coarser than that rounding.
+MASS_METHODS = {"exact": 0, "tensor_core": 1, "tensor_core_f16_exp": 2}
+DEFAULT_MASS_METHOD = "tensor_core_f16_exp"
+
+
+def resolve_mass_method(method: str, q: Tensor) -> str:
+    if method == "auto":
+        if q.dtype == torch.float32 or q.device.type != "cuda":
+            return "exact"
+        method = os.environ.get("STAC_MASS_METHOD", DEFAULT_MASS_METHOD)
+    if method not in MASS_METHODS:
+        raise ValueError(f"mass_method must be 'auto' or one of {sorted(MASS_METHODS)}, got {method!r}")
+    return method
 
 
 def fused_available(device: torch.device) -> bool:
@@ -249,12 +329,12 @@ def hybrid_attention_with_key_mass(
     has_bias = full_bias is not None
     placeholder = full_bias if has_bias else q
     strides = (full_bias.stride(0), full_bias.stride(1)) if has_bias else (0, 0)
-    _key_mass[(triton.cdiv(N, 64), B * H)](
+    _key_mass[(triton.cdiv(N, 128), B * H)](
         q, k, placeholder, lse2, mass,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         *strides, H, M, N, LOG2E / math.sqrt(D),
-        HAS_BIAS=has_bias, D=D, BLOCK_M=128, BLOCK_N=64, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2,
+        HAS_BIAS=has_bias, D=D, BLOCK_M=64, BLOCK_N=128, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        METHOD=MASS_METHODS[resolve_mass_method("auto", q)], num_warps=4, num_stages=3,
     )
     return out, mass

@@ -238,7 +238,8 @@ if HAVE_TRITON:
         tl.store(BN + row, 0)
 
 
-_SEGMENT_BLOCK = 32  # tokens per iteration of merge_round's loop over a row
+_SEGMENT_BLOCK = 16  # tokens per iteration of merge_round's loop over a row
+_MERGE_ROUND_WARPS = 2  # warps per merge_round program (one program per pool row)
 
 
 def merge_round(k: Tensor, v: Tensor, src: Tensor, pending: Tensor, g: Tensor, s: Tensor,
@@ -268,7 +269,7 @@ def merge_round(k: Tensor, v: Tensor, src: Tensor, pending: Tensor, g: Tensor, s
         k, v, src, pending, g, s, bounds, pk, piv["piv_v"], piv["piv_w"], piv["piv_s"], piv["piv_c"], state,
         k.stride(0), v.stride(0), float(merge_cos), float(score_gate), eps,
         D=D, BLOCK_D=triton.next_power_of_2(D), P=P, BLOCK_P=triton.next_power_of_2(P),
-        BT=_SEGMENT_BLOCK, GATE=score_gate > 0)
+        BT=_SEGMENT_BLOCK, GATE=score_gate > 0, num_warps=_MERGE_ROUND_WARPS)
     return state
 
 
