@@ -8,6 +8,7 @@ Every number in SUMMARY.md (and so in README/docs) is read from a JSON file a be
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -27,12 +28,12 @@ def at_frame(steps, frame):
     return None
 
 
-def policies_section(report, lines, plt):
+def policies_section(report, name, lines, plt):
     lines.append(f"## Cache policies, {report['preset']} on {report['device']} ({report['dtype']}, "
                  f"{report['image_hw'][1]}x{report['image_hw'][0]}, chunk {report['chunk']})\n")
-    lines.append("Source: `policies_vggt1b_h100.json` (`benchmarks/policies.py`; random weights).\n")
-    lines.append("| policy | status | ms/frame @12 | @200 | @500 | @1000 | cache MiB @200 | @1000 | bound MiB |")
-    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    lines.append(f"Source: `{name}` (`benchmarks/policies.py`; random weights).\n")
+    lines.append("| policy | status | ms/frame @12 | @200 | @500 | @1000 | median @192-208 | cache MiB @200 | @1000 | bound MiB |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in report["results"]:
         cells = []
         for f in (12, 200, 500, 1000):
@@ -42,7 +43,9 @@ def policies_section(report, lines, plt):
         bound = r.get("memory_bound_bytes")
         bound_cell = f"{bound / 2**20:.0f}" if bound else "unbounded"
         mem_cells = " | ".join(f"{m['cache_bytes'] / 2**20:.0f}" if m else "-" for m in mem)
-        lines.append(f"| {r['policy']} | {r['status']} | " + " | ".join(cells) + f" | {mem_cells} | {bound_cell} |")
+        around_200 = [x["seconds_per_frame"] * 1000 for x in r["steps"] if 192 <= x["frame"] <= 208]
+        median_cell = f"{statistics.median(around_200):.1f}" if around_200 else "-"
+        lines.append(f"| {r['policy']} | {r['status']} | " + " | ".join(cells) + f" | {median_cell} | {mem_cells} | {bound_cell} |")
     lines.append("")
     if plt is None:
         return
@@ -55,14 +58,14 @@ def policies_section(report, lines, plt):
     axes[1].set(xlabel="frame", ylabel="GiB", title="cache memory per stream")
     axes[1].legend()
     fig.tight_layout()
-    fig.savefig(BENCH / "policies_vggt1b_h100.png", dpi=110)
+    fig.savefig(BENCH / png_name(name), dpi=110)
     plt.close(fig)
-    lines.append("![policies](policies_vggt1b_h100.png)\n")
+    lines.append(f"![policies]({png_name(name)})\n")
 
 
-def concurrency_section(report, lines, plt):
+def concurrency_section(report, name, lines, plt):
     lines.append(f"## Concurrent streams in the engine, {report['preset']} on {report['device']} ({report['policy']})\n")
-    lines.append("Source: `engine_concurrency_h100.json` (`benchmarks/engine_concurrency.py`).\n")
+    lines.append(f"Source: `{name}` (`benchmarks/engine_concurrency.py`).\n")
     lines.append("| streams | batched frames/s | stream-by-stream frames/s | per-stream frames/s (batched) | step s | peak GPU GiB |")
     lines.append("| --- | --- | --- | --- | --- | --- |")
     rows = report["rows"]
@@ -83,29 +86,45 @@ def concurrency_section(report, lines, plt):
     ax.set(xscale="log", xlabel="concurrent streams", ylabel="aggregate frames/s", title="engine throughput")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(BENCH / "engine_concurrency_h100.png", dpi=110)
+    fig.savefig(BENCH / png_name(name), dpi=110)
     plt.close(fig)
-    lines.append("![concurrency](engine_concurrency_h100.png)\n")
+    lines.append(f"![concurrency]({png_name(name)})\n")
 
 
-def kernel_section(report, lines, plt):
+def kernel_section(report, name, lines, plt):
     lines.append(f"## Attention with per-key mass vs SDPA, {report['device']} (bf16, 16 heads x 64, 4164 queries)\n")
-    lines.append("Source: `kernel_attention_h100.json` (`benchmarks/kernel_attention.py`).\n")
-    lines.append("| batch | key frames | SDPA ms (no mass) | fused ms (with mass) | fused/SDPA | fused ms (no mass) | blockwise reference ms |")
-    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
-    for r in report["rows"]:
+    lines.append(f"Source: `{name}` (`benchmarks/kernel_attention.py`). SDPA: PyTorch's default choice (cuDNN on "
+                 "Hopper); flash: its flash backend, the one the engine uses (cuDNN is off there by default).\n")
+    rows = report["rows"]
+    methods = list(rows[0].get("fused_with_mass_ms_by_method", {}))
+    with_bias = "sdpa_key_bias_ms" in rows[0]  # SDPA given the same per-key bias as a mask (newer files)
+    lines.append("| batch | key frames | SDPA ms (no mass) | SDPA flash ms | fused ms (with mass) | fused/SDPA | fused/flash | "
+                 "fused ms (no mass) | " + "".join(f"mass: {m} ms | " for m in methods) + "blockwise reference ms |"
+                 + (" SDPA with key bias ms |" if with_bias else ""))
+    lines.append("| --- " * (9 + len(methods) + with_bias) + "|")
+    for r in rows:
         ref = f"{r['reference_blockwise_ms']:.1f}" if r.get("reference_blockwise_ms") else "-"
-        lines.append(f"| {r['batch']} | {r['key_frames']} | {r['sdpa_ms']:.2f} | {r['fused_with_mass_ms']:.2f} | "
-                     f"{r['fused_over_sdpa']:.2f} | {r['fused_no_mass_ms']:.2f} | {ref} |")
+        flash = r.get("sdpa_flash_ms")
+        by_method = "".join(f"{r['fused_with_mass_ms_by_method'][m]:.2f} | " for m in methods)
+        lines.append(f"| {r['batch']} | {r['key_frames']} | {r['sdpa_ms']:.2f} | {flash:.2f} | " if flash else
+                     f"| {r['batch']} | {r['key_frames']} | {r['sdpa_ms']:.2f} | - | ")
+        lines[-1] += (f"{r['fused_with_mass_ms']:.2f} | {r['fused_over_sdpa']:.2f} | "
+                      f"{r['fused_with_mass_ms'] / flash:.2f} | " if flash else
+                      f"{r['fused_with_mass_ms']:.2f} | {r['fused_over_sdpa']:.2f} | - | ")
+        lines[-1] += f"{r['fused_no_mass_ms']:.2f} | {by_method}{ref} |"
+        if with_bias:
+            lines[-1] += f" {r['sdpa_key_bias_ms']:.2f} |" if r.get("sdpa_key_bias_ms") else " - |"
+    if "mass_method" in rows[0]:
+        lines.append(f"\nfused ms (with mass) uses the default key-mass method, `{rows[0]['mass_method']}`.")
     lines.append("")
 
 
-def triton_section(report, lines, plt):
+def triton_section(report, name, lines, plt):
     (label,) = report["rows"][0]["triton"].keys()  # one server setting per sweep file
     lines.append(f"## Streams through Triton vs the engine, {report['preset']} on {report['device']} "
                  f"({report['cache_config']['policy']}, server: {label}, max batch {report['max_batch_size']}, "
                  f"{report.get('output_dtype', 'float32')} outputs)\n")
-    lines.append("Source: `triton_sweep_h100.json` (`benchmarks/triton_overhead.py`; fleet gRPC client, unpaced; "
+    lines.append(f"Source: `{name}` (`benchmarks/triton_overhead.py`; fleet gRPC client, unpaced; "
                  f"{report['frames_per_stream']} frames per stream, START to END).\n")
     lines.append("| streams | Triton frames/s | engine frames/s | Triton/engine | per-chunk latency p50 ms | p99 ms | requests per execute |")
     lines.append("| --- | --- | --- | --- | --- | --- | --- |")
@@ -128,12 +147,13 @@ def triton_section(report, lines, plt):
     axes[1].set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="ms per chunk", title="per-stream latency through Triton")
     axes[1].legend()
     fig.tight_layout()
-    fig.savefig(BENCH / "triton_sweep_h100.png", dpi=110)
+    fig.savefig(BENCH / png_name(name), dpi=110)
     plt.close(fig)
-    lines.append("![triton](triton_sweep_h100.png)\n")
+    lines.append(f"![triton]({png_name(name)})\n")
 
 
-SERVING_FILES = ("triton_overhead_h100.json", "triton_overhead_h100_fp16.json", "triton_overhead_h100_fp16_48frames.json",
+SERVING_FILES = ("triton_overhead_h200_decoupled.json", "triton_overhead_h200_decoupled_16streams.json",
+                 "triton_overhead_h100.json", "triton_overhead_h100_fp16.json", "triton_overhead_h100_fp16_48frames.json",
                  "triton_overhead_h100_fp16_instances2.json", "triton_overhead_h100_fp16_inflight2.json",
                  "triton_overhead_h100_fp16_gpu_8streams.json", "triton_overhead_h100_fp16_gpu.json",
                  "triton_overhead_h100_fp16_gpu_inflight2.json",
@@ -163,7 +183,8 @@ def serving_section(lines) -> None:
             for label, t in r["triton"].items():
                 s = t["server"]
                 rows.append(f"| `{name}` | {r['streams']} | {report.get('output_dtype', 'float32')} | "
-                            f"{label_setting(label, 'output_device', file_device)} | {report.get('instances', 1)} | "
+                            f"{label_setting(label, 'output_device', file_device)} | "
+                            f"{'yes' if 'decoupled' in label.split(',') else 'no'} | {report.get('instances', 1)} | "
                             f"{label_setting(label, 'inflight', file_inflight)} | {report['frames_per_stream']} | "
                             f"{t['frames_per_second']:.1f} | "
                             f"{r['engine']['frames_per_second']:.1f} | **{r['triton_over_engine'][label]:.2f}** | "
@@ -172,12 +193,14 @@ def serving_section(lines) -> None:
     if not rows:
         return
     lines.append("## Triton serving settings at a fixed load (same frames through Triton and the engine)\n")
-    lines.append("Sources: `triton_overhead_h100*.json` (`benchmarks/triton_overhead.py`, oldest strategy, max batch 8, "
-                 "100 ms queue delay). infer/output ms: Triton's per-request compute_infer / compute_output.\n")
-    lines.append("| file | streams | dense outputs | outputs handed over on | instances | in flight per stream | "
+    lines.append("Sources: `triton_overhead_h*.json` (`benchmarks/triton_overhead.py`, oldest strategy, max batch 8 "
+                 "(16 for 16 streams), 100 ms queue delay). infer/output ms: Triton's per-request compute_infer / "
+                 "compute_output (a decoupled model sends its responses itself: no compute_output). Ratios compare "
+                 "Triton and the engine within one file (one machine).\n")
+    lines.append("| file | streams | dense outputs | outputs handed over on | decoupled | instances | in flight per stream | "
                  "frames per stream | Triton frames/s | engine frames/s | Triton/engine | requests per execute | "
                  "infer ms | output ms |")
-    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    lines.append("| --- " * 14 + "|")
     lines.extend(rows)
     lines.append("")
     path_rows = []
@@ -224,6 +247,37 @@ def pool_section(lines) -> None:
     lines.append("")
 
 
+def merge_round_section(lines) -> None:
+    """The merge_round launch configurations replayed on the same captured insert (one file each)."""
+    rows = []
+    for path in sorted(BENCH.glob("pool_insert_h200_merge_*_step*.json")):
+        r = json.loads(path.read_text())
+        tokens, warps = r["merge_round_config"].split(",")
+        rows.append((r["warm_steps"], int(tokens), int(warps), r["insert_ms"]["median"], path.name))
+    if not rows:
+        return
+    lines.append("## merge_round launch configuration (H200, the same captured insert per pool state)\n")
+    lines.append("Sources: `pool_insert_h200_merge_*.json` (`benchmarks/pool_insert.py --merge-round-config TOKENS,WARPS`; "
+                 "pool state after 40 steps (frame 160) or 122 steps (frame 488) of the stress stream).\n")
+    lines.append("| pool state after steps | tokens per iteration | warps | insert ms (median of 5) | file |")
+    lines.append("| --- | --- | --- | --- | --- |")
+    for steps, tokens, warps, ms, name in sorted(rows):
+        lines.append(f"| {steps} | {tokens} | {warps} | {ms:.1f} | `{name}` |")
+    lines.append("")
+
+
+def png_name(json_name: str) -> str:
+    return json_name[: -len(".json")] + ".png"
+
+
+# (file, section): the H200 files of round 6 first, then the H100 files of rounds 1-5.
+SECTIONS = (("policies_vggt1b_h200.json", "policies"), ("policies_vggt1b_h200_all_policies.json", "policies"),
+            ("engine_concurrency_h200.json", "concurrency"),
+            ("kernel_attention_h200.json", "kernel"),
+            ("policies_vggt1b_h100.json", "policies"), ("engine_concurrency_h100.json", "concurrency"),
+            ("triton_sweep_h100.json", "triton"), ("kernel_attention_h100.json", "kernel"))
+
+
 def main() -> int:
     try:
         import matplotlib
@@ -234,13 +288,15 @@ def main() -> int:
         plt = None
         print("matplotlib not installed: writing tables only", file=sys.stderr)
     lines = ["# Benchmark summary (generated by benchmarks/report.py from the JSON files here)\n"]
-    for name, section in (("policies_vggt1b_h100.json", policies_section), ("engine_concurrency_h100.json", concurrency_section),
-                          ("triton_sweep_h100.json", triton_section), ("kernel_attention_h100.json", kernel_section)):
+    sections = {"policies": policies_section, "concurrency": concurrency_section, "triton": triton_section,
+                "kernel": kernel_section}
+    for name, kind in SECTIONS:
         report = load(name)
         if report is not None:
-            section(report, lines, plt)
+            sections[kind](report, name, lines, plt)
     serving_section(lines)
     pool_section(lines)
+    merge_round_section(lines)
     (BENCH / "SUMMARY.md").write_text("\n".join(lines))
     print((BENCH / "SUMMARY.md").read_text())
     return 0
