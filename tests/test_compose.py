@@ -165,6 +165,8 @@ def test_nginx_service_and_proxy_config(compose):
     assert "hash $http_x_stream_id consistent;" in conf
     assert "grpc_pass grpc://triton_grpc;" in conf and "listen 8001 http2;" in conf
     assert re.search(r"client_max_body_size \d+m;", conf)
+    # streaming calls (one body per camera stream) have their own location without the unary cap
+    assert re.search(r"location = /inference\.GRPCInferenceService/ModelStreamInfer \{\s+client_max_body_size 0;", conf)
     upstreams = re.findall(r"^\s*server (\S+):(\d+) ", conf, re.M)
     assert {host for host, _ in upstreams} == {"triton", "triton-1"} and {p for _, p in upstreams} == {"8001"}
     assert set(h for h, _ in upstreams) <= set(compose["services"])

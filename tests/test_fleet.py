@@ -80,7 +80,9 @@ def test_nginx_renderer_refuses_nonsense():
     with pytest.raises(ValueError):
         render_nginx_config(NginxConfig(upstreams=["a:1"], plaintext=False))
     text = render_nginx_config(NginxConfig(upstreams=["a:1", "b:2"], tls_listen="8443"))
-    assert text.count("grpc_pass grpc://triton_grpc;") == 2 and "hash $http_x_stream_id consistent;" in text
+    # two listeners (h2c and TLS), each with a unary and a streaming location
+    assert text.count("grpc_pass grpc://triton_grpc;") == 4 and "hash $http_x_stream_id consistent;" in text
+    assert text.count("location = /inference.GRPCInferenceService/ModelStreamInfer {") == 2
 
 
 @pytest.fixture(scope="module")

@@ -239,3 +239,39 @@ def test_killed_replica_streams_restart_on_the_survivor(cluster, model):
     assert delta["stac_streams_started_total"] == 8  # its own 4 plus the 4 restarted ones
     assert delta["stac_failed_requests_total"] == 0  # the model itself refused nothing
     assert not servers[victim].is_running()
+
+
+def test_decoupled_replica_streams_through_nginx_past_the_unary_body_cap(tmp_path, model):
+    """A decoupled replica behind NGINX: each camera's chunks travel as one gRPC stream, a body far
+    larger than the proxy's unary cap (max_body), which still refuses an oversized unary request."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_checkpoint(model, checkpoint)
+    settings = ServeSettings(preset="", device="cpu", instance_kind="KIND_CPU", cache_config=CACHE, max_streams=8,
+                             idle_ttl_s=60.0, triton_idle_us=60_000_000, max_queue_delay_us=5000, decoupled=True)
+    repo = write_repository(tmp_path / "repo", settings, checkpoint_file=checkpoint)
+    chunk_bytes = CHUNK * 3 * H * W  # 56 KiB of uint8 frames
+    with TritonServer(repo, log_file=tmp_path / "replica.log", exit_timeout_s=2, die_with_parent=True,
+                      env={"OMP_NUM_THREADS": "1"}, check_numpy=False) as server, \
+            NginxProxy([server.grpc_url], tmp_path / "nginx", max_body="64k") as proxy:
+        ids = [7001, 7002]
+        frames = {sid: make_frames(sid, 24, H, W, "random") for sid in ids}
+        assert 24 * 3 * H * W > 4 * 64 * 1024 > chunk_bytes  # a stream is several times the unary cap
+        config = FleetConfig(url=proxy.grpc_url, streams=2, stream_ids=ids, frames=24, chunk=CHUNK, height=H, width=W,
+                             inflight=2, keep_outputs=True, progress=False, max_restarts=0)
+        result = run_fleet(config, frames=dict(frames))
+        assert result.errors == 0 and all(r.completed for r in result.streams), [r.errors for r in result.streams]
+        for record in result.streams:
+            assert_outputs_equal(record, frames[record.stream_id], model)
+        big = make_frames(7003, CHUNK, 2 * H, 2 * W, "random")[None]  # 4x a chunk above: over 64k
+        inputs = [grpcclient.InferInput("FRAMES", list(big.shape), "UINT8")]
+        inputs[0].set_data_from_numpy(big)
+        client = grpcclient.InferenceServerClient(proxy.grpc_url)
+        try:
+            with pytest.raises(InferenceServerException, match="413"):
+                client.infer("stac", inputs, sequence_id=7003, sequence_start=True, sequence_end=True,
+                             headers={"x-stream-id": "7003"})
+        finally:
+            client.close()

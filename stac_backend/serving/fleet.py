@@ -28,7 +28,8 @@ up to that many requests of a stream outstanding on ONE bidirectional gRPC strea
 (``stream_infer``), so the chunks reach Triton's sequence batcher in order by construction; the
 batcher (``oldest``) still runs a sequence's requests one after the other. inflight > 1: no
 restarts; a failed request ends the stream. Through the NGINX proxy the whole gRPC stream is one
-request body, so it must fit ``NginxConfig.max_body``.
+request body; the proxy's streaming location caps it at ``NginxConfig.stream_max_body`` (none by
+default), unary chunks at ``max_body``.
 
 Decoupled servers (``ServeSettings.decoupled``) answer gRPC streams only; the fleet asks the
 server's model config and then streams every camera (the pipelined path, ``inflight`` as set).
@@ -810,6 +811,9 @@ class NginxConfig:
     worker_processes: str = "auto"
     worker_connections: int = 4096
     max_body: str = "16m"  # largest request body (a chunk of frames) accepted
+    # Largest body of a streaming call (ModelStreamInfer): one body for a camera's whole stream,
+    # so "0" (no cap); each chunk in it is still checked by the model (MAX_IMAGE_PIXELS).
+    stream_max_body: str = "0"
     body_buffer: str = "4m"  # request bodies up to this stay in memory
     fail_timeout_s: int = 10  # a replica that failed is skipped (its streams re-hashed) this long
     read_timeout_s: int = 300
@@ -845,18 +849,25 @@ def render_nginx_config(c: NginxConfig) -> str:
     if c.temp_dir:
         temp = "\n".join(f"    {kind}_temp_path {c.temp_dir}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")) + "\n"
     servers = "\n".join(f"        server {u} max_fails=1 fail_timeout={c.fail_timeout_s}s;" for u in c.upstreams)
-    location = f"""        # A chunk of frames is one unary gRPC request; refuse anything larger than max_body.
-        client_max_body_size {c.max_body};
-        client_body_buffer_size {c.body_buffer};
-        location / {{
-            grpc_pass grpc://triton_grpc;
+    proxy = f"""            grpc_pass grpc://triton_grpc;
             grpc_connect_timeout {c.connect_timeout_s}s;
             grpc_read_timeout {c.read_timeout_s}s;
             grpc_send_timeout {c.read_timeout_s}s;
             # Only a failure to connect moves a request to the next replica on the ring (a request
             # already sent is never replayed: gRPC inference is not idempotent).
             grpc_next_upstream error timeout;
-            grpc_next_upstream_tries 2;
+            grpc_next_upstream_tries 2;"""
+    location = f"""        # A chunk of frames is one unary gRPC request; refuse anything larger than max_body.
+        client_max_body_size {c.max_body};
+        client_body_buffer_size {c.body_buffer};
+        location / {{
+{proxy}
+        }}
+        # A streaming call (decoupled models, pipelined clients) is one body for a camera's whole
+        # stream: max_body would end it after a few chunks. The model checks every chunk in it.
+        location = /inference.GRPCInferenceService/ModelStreamInfer {{
+            client_max_body_size {c.stream_max_body};
+{proxy}
         }}"""
     blocks = []
     if c.plaintext:
