@@ -102,18 +102,17 @@ def kernel_section(report, name, lines, plt):
                  "fused ms (no mass) | " + "".join(f"mass: {m} ms | " for m in methods) + "blockwise reference ms |"
                  + (" SDPA with key bias ms |" if with_bias else ""))
     lines.append("| --- " * (9 + len(methods) + with_bias) + "|")
+    def ms(value, digits=2):
+        return f"{value:.{digits}f}" if value else "-"
+
     for r in rows:
-        ref = f"{r['reference_blockwise_ms']:.1f}" if r.get("reference_blockwise_ms") else "-"
         flash = r.get("sdpa_flash_ms")
-        by_method = "".join(f"{r['fused_with_mass_ms_by_method'][m]:.2f} | " for m in methods)
-        lines.append(f"| {r['batch']} | {r['key_frames']} | {r['sdpa_ms']:.2f} | {flash:.2f} | " if flash else
-                     f"| {r['batch']} | {r['key_frames']} | {r['sdpa_ms']:.2f} | - | ")
-        lines[-1] += (f"{r['fused_with_mass_ms']:.2f} | {r['fused_over_sdpa']:.2f} | "
-                      f"{r['fused_with_mass_ms'] / flash:.2f} | " if flash else
-                      f"{r['fused_with_mass_ms']:.2f} | {r['fused_over_sdpa']:.2f} | - | ")
-        lines[-1] += f"{r['fused_no_mass_ms']:.2f} | {by_method}{ref} |"
+        cells = [r["batch"], r["key_frames"], ms(r["sdpa_ms"]), ms(flash), ms(r["fused_with_mass_ms"]),
+                 ms(r["fused_over_sdpa"]), ms(flash and r["fused_with_mass_ms"] / flash), ms(r["fused_no_mass_ms"]),
+                 *(ms(r["fused_with_mass_ms_by_method"][m]) for m in methods), ms(r.get("reference_blockwise_ms"), 1)]
         if with_bias:
-            lines[-1] += f" {r['sdpa_key_bias_ms']:.2f} |" if r.get("sdpa_key_bias_ms") else " - |"
+            cells.append(ms(r.get("sdpa_key_bias_ms")))
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     if "mass_method" in rows[0]:
         lines.append(f"\nfused ms (with mass) uses the default key-mass method, `{rows[0]['mass_method']}`.")
     lines.append("")

@@ -216,7 +216,6 @@ class TritonPythonModel:
         self.model_config = json.loads(args["model_config"])
         self.dense_dtype = dense_output_dtype(self.model_config)  # checked before the (slow) model load
         self.outputs_on_gpu = output_device(self.model_config, args.get("model_instance_kind", "CPU")) == "gpu"
-        self.decoupled = is_decoupled(self.model_config)
         repository = args.get("model_repository")
         self.sessions = build_sessions(
             self.model_config, args.get("model_instance_kind", "CPU"), int(args.get("model_instance_device_id", 0) or 0), repository
@@ -230,7 +229,7 @@ class TritonPythonModel:
                 self._families.append(family)
                 self._metrics[key] = (family.Metric(labels=labels), kind)
         self._counted = {key: 0 for key in METRICS}
-        self._sender = ResponseSender() if self.decoupled else None
+        self._sender = ResponseSender() if is_decoupled(self.model_config) else None  # None: unary
 
     def execute(self, requests):
         parsed = [self._parse(r) for r in requests]
@@ -243,8 +242,11 @@ class TritonPythonModel:
         # GPU); only building and sending the responses may wait for the sender thread.
         prepared = [self._prepare(result, request) for result, request in zip(results, requests)]
         self._publish_metrics()
-        if not self.decoupled:
+        if self._sender is None:
             return [_make_response(ready) for ready in prepared]
+        on_gpu = next((v.device for r in prepared if isinstance(r, dict) for v in r.values() if v.is_cuda), None)
+        if on_gpu is not None:  # OUTPUT_DEVICE=gpu: finished before another thread hands them to Triton
+            torch.cuda.current_stream(on_gpu).synchronize()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         batch = []
         for ready, request in zip(prepared, requests):
@@ -296,9 +298,6 @@ class TritonPythonModel:
         names = [name for name in OUTPUTS if name in wanted]
         if self.outputs_on_gpu:
             ready = outputs_on_device(result.outputs, names, self.dense_dtype)
-            cuda = [value.device for value in ready.values() if value.is_cuda]
-            if self.decoupled and cuda:  # finished before another thread hands them to Triton
-                torch.cuda.current_stream(cuda[0]).synchronize()
         else:
             ready = outputs_on_host(result.outputs, names, self.dense_dtype)  # a blocking copy
         if "CACHE_BYTES" in wanted:
