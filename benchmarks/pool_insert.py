@@ -111,9 +111,9 @@ def phase_times(stream: Stream, images: torch.Tensor, chunk: int, steps: int, de
     return {name: seconds / steps * 1e3 for name, (seconds, _) in totals.items()}
 
 
-# VoxelPool methods timed by --by-method. Nested: _round holds the merge stage (the merge_round
-# kernel, or _merge_and_gate with _nearest_pivot and _merge_into_pivots in eager mode) and
-# _fill_buffers, which holds _collapse.
+# VoxelPool methods timed by --by-method. With the kernels (CUDA) an insert is _resolve_rows and
+# one insert_rows launch; in eager mode _round holds the merge stage (_merge_and_gate with
+# _nearest_pivot and _merge_into_pivots) and _fill_buffers, which holds _collapse.
 METHODS = ("_resolve_rows", "_round", "_merge_and_gate", "_nearest_pivot", "_merge_into_pivots", "_fill_buffers",
            "_collapse")
 
@@ -154,14 +154,14 @@ def main() -> int:
     p.add_argument("--by-method", action="store_true",
                    help="also time each pool method over one replay (synchronised; recorded as method_ms)")
     p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler table of one replay here")
-    p.add_argument("--merge-round-config", default=None, metavar="TOKENS,WARPS",
-                   help="merge_round's tokens per loop iteration and warps per program for this run (kernel tuning)")
+    p.add_argument("--kernel-config", default=None, metavar="TOKENS,WARPS",
+                   help="insert_rows' tokens per loop iteration and warps per program for this run (kernel tuning)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    if args.merge_round_config:
+    if args.kernel_config:
         from stac_backend.kernels import pool_kernels
 
-        pool_kernels._SEGMENT_BLOCK, pool_kernels._MERGE_ROUND_WARPS = (int(x) for x in args.merge_round_config.split(","))
+        pool_kernels._SEGMENT_BLOCK, pool_kernels._INSERT_WARPS = (int(x) for x in args.kernel_config.split(","))
 
     torch.manual_seed(0)
     model = build_model(args.preset, device=args.device, dtype=DTYPES[args.dtype]).eval()
@@ -204,7 +204,7 @@ def main() -> int:
         "image_hw": [args.height, args.width],
         "cache_config": config.to_dict() if hasattr(config, "to_dict") else json.loads(args.overrides),
         "warm_steps": args.warm_steps,
-        "merge_round_config": args.merge_round_config,
+        "kernel_config": args.kernel_config,
         "tokens": tokens,
         "insert_ms": {"median": statistics.median(times) * 1e3, "all": [t * 1e3 for t in times]},
         "pool_after": result.stats(),

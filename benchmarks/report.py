@@ -100,8 +100,8 @@ def kernel_section(report, name, lines, plt):
     with_bias = "sdpa_key_bias_ms" in rows[0]  # SDPA given the same per-key bias as a mask (newer files)
     lines.append("| batch | key frames | SDPA ms (no mass) | SDPA flash ms | fused ms (with mass) | fused/SDPA | fused/flash | "
                  "fused ms (no mass) | " + "".join(f"mass: {m} ms | " for m in methods) + "blockwise reference ms |"
-                 + (" SDPA with key bias ms |" if with_bias else ""))
-    lines.append("| --- " * (9 + len(methods) + with_bias) + "|")
+                 + (" SDPA with key bias ms | fused/SDPA with key bias |" if with_bias else ""))
+    lines.append("| --- " * (9 + len(methods) + 2 * with_bias) + "|")
     def ms(value, digits=2):
         return f"{value:.{digits}f}" if value else "-"
 
@@ -111,7 +111,8 @@ def kernel_section(report, name, lines, plt):
                  ms(r["fused_over_sdpa"]), ms(flash and r["fused_with_mass_ms"] / flash), ms(r["fused_no_mass_ms"]),
                  *(ms(r["fused_with_mass_ms_by_method"][m]) for m in methods), ms(r.get("reference_blockwise_ms"), 1)]
         if with_bias:
-            cells.append(ms(r.get("sdpa_key_bias_ms")))
+            biased = r.get("sdpa_key_bias_ms")
+            cells += [ms(biased), ms(biased and r["fused_with_mass_ms"] / biased)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     if "mass_method" in rows[0]:
         lines.append(f"\nfused ms (with mass) uses the default key-mass method, `{rows[0]['mass_method']}`.")
@@ -255,7 +256,7 @@ def merge_round_section(lines) -> None:
         rows.append((r["warm_steps"], int(tokens), int(warps), r["insert_ms"]["median"], path.name))
     if not rows:
         return
-    lines.append("## merge_round launch configuration (H200, the same captured insert per pool state)\n")
+    lines.append("## merge_round launch configuration (H200, round 6's code, the same captured insert per pool state)\n")
     lines.append("Sources: `pool_insert_h200_merge_*.json` (`benchmarks/pool_insert.py --merge-round-config TOKENS,WARPS`; "
                  "pool state after 40 steps (frame 160) or 122 steps (frame 488) of the stress stream).\n")
     lines.append("| pool state after steps | tokens per iteration | warps | insert ms (median of 5) | file |")
@@ -265,13 +266,59 @@ def merge_round_section(lines) -> None:
     lines.append("")
 
 
+# Round 7 (H200): the insert as one kernel; labelled by hand (the launch was the code's default).
+POOL_ROUND7_FILES = (("round-6 code: merge_round + collapse_rows, rounds in torch", "pool_insert_h200_round6code_step48.json"),
+                     ("round-6 code, A/B run", "pool_insert_h200_ab_round6code.json"),
+                     ("insert_rows, 16 tokens x 2 warps, A/B run", "pool_insert_h200_ab_fused_16x2.json"),
+                     ("insert_rows, 8 tokens x 1 warp (the automatic launch's pick at ~23 tokens per row)",
+                      "pool_insert_h200_round7.json"))
+
+
+def pool_round7_section(lines) -> None:
+    rows = [(label, name, load(name)) for label, name in POOL_ROUND7_FILES]
+    rows = [(label, name, r) for label, name, r in rows if r is not None]
+    if not rows:
+        return
+    lines.append("## Voxel-pool insert as one kernel (H200, round 7)\n")
+    lines.append("Sources: `benchmarks/pool_insert.py` (default stress geometry, pool state after 48 steps; the same "
+                 "captured insert replayed 5 times on copies of the pool).\n")
+    lines.append("| implementation | file | tokens filed | insert ms (median of 5) |")
+    lines.append("| --- | --- | --- | --- |")
+    for label, name, r in rows:
+        lines.append(f"| {label} | `{name}` | {r['tokens']:,} | {r['insert_ms']['median']:.2f} |")
+    lines.append("")
+
+
+def stac_ab_section(lines) -> None:
+    """Same-call A/B of the stac step: round-6 code (old_*) and round-7 code (new_*), interleaved."""
+    rows = []
+    for path in sorted((BENCH / "stac_ab_h200_round7").glob("*.json")):
+        for r in json.loads(path.read_text())["results"]:
+            ms = [s["seconds_per_frame"] * 1000 for s in r["steps"] if s["frame"] > 60]
+            around = [s["seconds_per_frame"] * 1000 for s in r["steps"] if 192 <= s["frame"] <= 208]
+            rows.append((path.name, r["policy"], statistics.median(around), statistics.median(ms)))
+    if not rows:
+        return
+    lines.append("## stac step A/B, round-6 vs round-7 code (H200, one device call, runs interleaved)\n")
+    lines.append("Sources: `stac_ab_h200_round7/*.json` (`benchmarks/policies.py`, 232 frames, stress overrides; "
+                 "`old_*` ran round 6's code, `new_*` this round's with two settings since changed: insert_rows at 16 tokens "
+                 "x 2 warps and the retrieval's candidate voxels marked by an accumulating index_put_).\n")
+    lines.append("| file | policy | median ms/frame @192-208 | median ms/frame after frame 60 |")
+    lines.append("| --- | --- | --- | --- |")
+    for name, policy, around, after in rows:
+        lines.append(f"| `{name}` | {policy} | {around:.2f} | {after:.2f} |")
+    lines.append("")
+
+
 def png_name(json_name: str) -> str:
     return json_name[: -len(".json")] + ".png"
 
 
-# (file, section): the H200 files of round 6 first, then the H100 files of rounds 1-5.
-SECTIONS = (("policies_vggt1b_h200.json", "policies"), ("policies_vggt1b_h200_all_policies.json", "policies"),
-            ("engine_concurrency_h200.json", "concurrency"),
+# (file, section): the H200 files of rounds 6-7 first, then the H100 files of rounds 1-5.
+SECTIONS = (("policies_vggt1b_h200.json", "policies"), ("policies_vggt1b_h200_round6.json", "policies"),
+            ("policies_vggt1b_h200_round7_final_code_slow_phase.json", "policies"),
+            ("policies_vggt1b_h200_all_policies.json", "policies"),
+            ("engine_concurrency_h200.json", "concurrency"), ("engine_concurrency_h200_round7.json", "concurrency"),
             ("kernel_attention_h200.json", "kernel"),
             ("policies_vggt1b_h100.json", "policies"), ("engine_concurrency_h100.json", "concurrency"),
             ("triton_sweep_h100.json", "triton"), ("kernel_attention_h100.json", "kernel"))
@@ -294,6 +341,8 @@ def main() -> int:
         if report is not None:
             sections[kind](report, name, lines, plt)
     serving_section(lines)
+    pool_round7_section(lines)
+    stac_ab_section(lines)
     pool_section(lines)
     merge_round_section(lines)
     (BENCH / "SUMMARY.md").write_text("\n".join(lines))

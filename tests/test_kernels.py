@@ -101,9 +101,11 @@ def test_fused_qk_norm_rope_matches_eager_ops(dtype):
 # ---------------------------------------------------------------------------------------------
 
 
-def _fill_pool(dtype=torch.float32, steps=4, buffer_size=4, max_pivots=3, score_gate=0.2, M=800):
+def _fill_pool(dtype=torch.float32, steps=4, buffer_size=4, max_pivots=3, score_gate=0.2, M=800, voxels=2,
+               ties=False):
     """Insert clustered keys into a few voxels over several steps: rows fill their buffers, collapse,
-    run out of pivot slots (sibling merges), merge and gate - every stage of an insert."""
+    run out of pivot slots (sibling merges), merge and gate - every stage of an insert. ``voxels``
+    per axis (8 voxels by default; 1: every token of a (layer, head) lands in one row)."""
     from stac_backend.cache.voxel_pool import VoxelPool
 
     g = torch.Generator(device=DEVICE).manual_seed(1)
@@ -116,39 +118,74 @@ def _fill_pool(dtype=torch.float32, steps=4, buffer_size=4, max_pivots=3, score_
         k = base[torch.randint(0, 6, (M,), generator=g, device=DEVICE)] + 0.6 * torch.randn(M, 16, generator=g, device=DEVICE)
         v = torch.randn(M, 16, generator=g, device=DEVICE)
         score = torch.rand(M, generator=g, device=DEVICE)
-        coords = torch.randint(-1, 1, (M, 3), generator=g, device=DEVICE)  # 8 voxels
+        if ties:
+            score = (score * 8).floor() / 8  # many equal scores: buffer order falls back to arrival
+        coords = torch.randint(0, voxels, (M, 3), generator=g, device=DEVICE)
         pool.insert(layer, head, k, v, score, coords, step)
     return pool
 
 
-@pytest.mark.parametrize("buffer_size,max_pivots,score_gate", [(4, 3, 0.2), (8, 4, 0.2), (4, 2, 0.0)])
-def test_pool_insert_with_kernels_equals_eager_insert(monkeypatch, buffer_size, max_pivots, score_gate):
-    """Float32 pool: several multi-round inserts through the kernels (merge_round, collapse_rows)
-    make the same decisions as the torch ops and the same values to float32 rounding."""
+@pytest.fixture
+def launch(monkeypatch):
+    """Set insert_rows' launch (tokens per key loop, warps); in the CPU interpreter, where a loop
+    iteration costs milliseconds, wider blocks keep the test short (the code path is the same)."""
+    from stac_backend.kernels import pool_kernels
+
+    def use(config):
+        if config is None and INTERPRET:
+            config = (32, 1)
+        block, warps = config if config is not None else (None, None)
+        monkeypatch.setattr(pool_kernels, "_SEGMENT_BLOCK", block)
+        monkeypatch.setattr(pool_kernels, "_INSERT_WARPS", warps)
+
+    return use
+
+
+def _kernel_and_eager(monkeypatch, **kw):
     from stac_backend.cache import voxel_pool
 
     monkeypatch.setattr(voxel_pool, "kernels_apply", lambda t: True)
-    fused = _fill_pool(buffer_size=buffer_size, max_pivots=max_pivots, score_gate=score_gate)
+    fused = _fill_pool(**kw)
     monkeypatch.setattr(voxel_pool, "kernels_apply", lambda t: False)
-    eager = _fill_pool(buffer_size=buffer_size, max_pivots=max_pivots, score_gate=score_gate)
+    return fused, _fill_pool(**kw)
+
+
+def _assert_same_pool(fused, eager, atol=1e-4):
+    assert fused.stats() == eager.stats()
+    for name, t in eager._tensors.items():
+        assert torch.allclose(fused._tensors[name].float(), t.float(), atol=atol), name
+
+
+@pytest.mark.parametrize("buffer_size,max_pivots,score_gate", [(4, 3, 0.2), (8, 4, 0.2), (4, 2, 0.0)])
+def test_pool_insert_with_kernels_equals_eager_insert(monkeypatch, launch, buffer_size, max_pivots, score_gate):
+    """Float32 pool: several multi-round inserts through the kernel (insert_rows: every round of
+    every row in one launch) make the same decisions as the torch ops and the same values to
+    float32 rounding."""
+    launch(None)
+    fused, eager = _kernel_and_eager(monkeypatch, buffer_size=buffer_size, max_pivots=max_pivots, score_gate=score_gate)
     stats = eager.stats()
-    assert fused.stats() == stats
     # the case reaches every stage (so a kernel that skipped one could not pass)
     assert stats["merged_tokens"] > 100 and stats["sibling_merges"] > 100 and stats["pivots_created"] > 100
     assert (stats["gated_tokens"] > 100) == (score_gate > 0)
-    for name, t in eager._tensors.items():
-        assert torch.allclose(fused._tensors[name].float(), t.float(), atol=1e-4), name
+    _assert_same_pool(fused, eager)
 
 
-def test_pool_insert_kernels_bfloat16_pool(monkeypatch):
+@pytest.mark.parametrize("config", [None, (8, 1), (16, 2)] if DEVICE == "cuda" else [None])
+def test_pool_insert_kernel_long_rows_and_score_ties(monkeypatch, launch, config):
+    """One voxel: ~200 tokens per (layer, head) row per insert, so the score loops cross their
+    128-token blocks, rows overflow their rounds, and tied scores must keep arrival order."""
+    launch(config)
+    fused, eager = _kernel_and_eager(monkeypatch, steps=3, M=800, voxels=1, ties=True)
+    stats = eager.stats()
+    assert stats["overflow_dropped_tokens"] > 0 and stats["insert_rounds_max"] == 4
+    _assert_same_pool(fused, eager)
+
+
+def test_pool_insert_kernels_bfloat16_pool(monkeypatch, launch):
     """bf16 pool, one insert: same decisions; pivots equal to bf16 rounding (later inserts may then
     differ where a rounded pivot tips a merge decision, as they may between GPUs)."""
-    from stac_backend.cache import voxel_pool
-
-    monkeypatch.setattr(voxel_pool, "kernels_apply", lambda t: True)
-    fused = _fill_pool(torch.bfloat16, steps=1)
-    monkeypatch.setattr(voxel_pool, "kernels_apply", lambda t: False)
-    eager = _fill_pool(torch.bfloat16, steps=1)
+    launch(None)
+    fused, eager = _kernel_and_eager(monkeypatch, dtype=torch.bfloat16, steps=1)
     assert fused.stats() == eager.stats() and eager.stats()["sibling_merges"] > 0
     for name, t in eager._tensors.items():
         torch.testing.assert_close(fused._tensors[name].float(), t.float(), rtol=2e-2, atol=5e-2, msg=name)

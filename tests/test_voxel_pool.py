@@ -510,6 +510,60 @@ def test_one_call_for_all_layers_equals_one_call_per_layer():
         assert all(torch.equal(a, b) for a, b in zip(got, want)), layer
 
 
+def _filled_pool(seed: int = 3, ties: bool = False) -> VoxelPool:
+    gen = torch.Generator().manual_seed(seed)
+    pool = make_pool(num_layers=3, score_gate=0.2, max_voxels=40, initial_voxels=4, max_pivots=3)
+    base = F.normalize(torch.randn(5, D, generator=gen), dim=-1)
+    for step in range(3):
+        M = 600
+        layers = torch.randint(0, 3, (M,), generator=gen)
+        heads = torch.randint(0, 2, (M,), generator=gen)
+        keys = base[torch.randint(0, 5, (M,), generator=gen)] + 0.5 * torch.randn(M, D, generator=gen)
+        scores = torch.rand(M, generator=gen)
+        if ties:
+            scores = (scores * 4).round() / 4
+        pool.insert(layers, heads, keys, torch.randn(M, D, generator=gen), scores,
+                    torch.randint(-3, 3, (M, 3), generator=gen), step)
+    return pool
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("max_tokens,radius,include_buffer", [(5, 1, True), (40, 2, True), (3, 0, False), (100, 1, True)])
+def test_retrieve_with_query_mask_equals_retrieving_the_selected_queries(ties, max_tokens, radius, include_buffer):
+    """StacCache passes every hot token's voxel plus a mask (no host-side selection): the result
+    and the voxels marked as used equal those of retrieving the selected, de-duplicated queries."""
+    gen = torch.Generator().manual_seed(4)
+    queries = torch.randint(-4, 4, (30, 3), generator=gen)
+    queries[10:20] = queries[0]  # duplicates
+    mask = torch.rand(30, generator=gen) > 0.4
+    by_mask, by_selection = _filled_pool(ties=ties), _filled_pool(ties=ties)
+    got = by_mask.retrieve_layers([2, 0, 1], queries, max_tokens, 9, radius, include_buffer, query_valid=mask)
+    want = by_selection.retrieve_layers([2, 0, 1], torch.unique(queries[mask], dim=0), max_tokens, 9, radius,
+                                        include_buffer)
+    for a, b in zip(got, want):
+        assert all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b))
+    assert torch.equal(by_mask._tensors["row_last_used"], by_selection._tensors["row_last_used"])
+    assert any(r[0].shape[1] > 0 for r in got)
+
+
+def test_retrieve_query_mask_ignores_out_of_range_coordinates():
+    """With a query mask, a coordinate outside the packed range is ignored (the unmasked call
+    raises): the masked path must not read data-dependent values back to the host."""
+    pool = _filled_pool()
+    far = torch.tensor([[0, 0, 0], [1 << 21, 0, 0]])
+    with pytest.raises(ValueError, match="outside the supported range"):
+        pool.retrieve_layers([0], far, 8, 5)
+    got = pool.retrieve_layers([0], far, 8, 5, query_valid=torch.tensor([True, True]))[0]
+    want = pool.retrieve_layers([0], far[:1], 8, 5)[0]
+    assert all(torch.equal(x, y) for x, y in zip(got, want))
+    with pytest.raises(ValueError, match="query_valid"):
+        pool.retrieve_layers([0], far, 8, 5, query_valid=torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="query_valid"):
+        pool.retrieve_layers([0], far, 8, 5, query_valid=torch.tensor([True]))
+    nothing = pool.retrieve_layers([0, 1], far, 8, 5, query_valid=torch.tensor([False, False]))
+    assert all(r[0].shape == (2, 0, D) and r[2].shape == (2, 0) for r in nothing)
+
+
 def test_layer_tensor_is_validated():
     pool = make_pool()
     h = torch.zeros(2, dtype=torch.long)

@@ -169,14 +169,14 @@ class StacCache(HeavyHitterCache):
 
     def _retrieve(self, info: StepInfo, latest: int) -> None:
         first = next(iter(self.layers.values()))
-        recent = (first.frame[0] > latest - self.config.window)
-        points = first.position[0][recent]
-        coords, valid = self._voxels(points)
-        query = torch.unique(coords[valid], dim=0)
+        coords, valid = self._voxels(first.position[0])
+        valid &= first.frame[0] > latest - self.config.window  # the recent window's tokens
         budget = self.config.retrieval * info.tokens_per_frame
         layers = list(self.layers)
-        found = self.pool.retrieve_layers(layers, query, budget, self.steps, self.config.retrieval_radius,
-                                          self.config.include_buffer)
+        # Masks, not selections: no host synchronisation until the result sizes, so this queues
+        # behind the insert still running on the GPU.
+        found = self.pool.retrieve_layers(layers, coords, budget, self.steps, self.config.retrieval_radius,
+                                          self.config.include_buffer, query_valid=valid)
         self.retrieved = dict(zip(layers, found))
 
     # ------------------------------------------------------------------ memory

@@ -72,10 +72,11 @@ A call runs at most ``max_rounds`` rounds (default 4). Tokens still pending afte
 ``overflow_dropped_tokens``. So the cost of a call is bounded by ``max_rounds`` vectorised passes
 over its tokens whatever their distribution over voxels: with random weights every point lands
 in a few voxels and an unbounded loop ran ``tokens per row / buffer_size`` rounds (hundreds),
-per layer. Each round needs a constant number of host synchronisations (data-dependent sizes:
-mask indexing and ``unique``), independent of the number of layers, rows and tokens; the sibling
-merge is applied with a mask and counters are derived from sizes already on the host. Merging
-math is fp32; K/V are stored in the pool dtype.
+per layer. In torch ops (the CPU path and the reference) each round needs a constant number of
+host synchronisations (data-dependent sizes: mask indexing and ``unique``), independent of the
+number of layers, rows and tokens; on CUDA one kernel (``kernels/pool_kernels.insert_rows``) runs
+every round of every row and keeps its counters on the device, so after the rows are resolved an
+insert reads nothing back. Merging math is fp32; K/V are stored in the pool dtype.
 
 Retrieval semantics (one batched pass for any number of layers)
 -----------------------------------------------------------------
@@ -85,7 +86,9 @@ key, then slot) and up to ``max_tokens`` are returned with bias ``log(C)``. With
 ``include_buffer`` the candidates' buffered raw tokens, ranked by score, fill the rest of the
 ``max_tokens`` budget after the pivots, with bias 0. Per head the valid entries come first;
 ``T`` is the largest per-head count (<= ``max_tokens``); padding has ``valid=False``, zero K/V
-and bias ``-inf``.
+and bias ``-inf``. The pass works on masks over every row of the table (fixed sizes), so it reads
+back only the output lengths, once for all layers; with ``query_valid`` the queries need no
+selection on the host either.
 
 Eviction rule (hard cap ``max_voxels``)
 --------------------------------------
@@ -125,7 +128,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels.pool_kernels import collapse_rows, kernels_apply, merge_round
+from ..kernels.pool_kernels import INSERT_COUNTERS, insert_rows, kernels_apply
 
 __all__ = ["VoxelPool"]
 
@@ -256,6 +259,10 @@ class VoxelPool:
         self._insert_calls = 0
         self._last_rounds = 0
         self._max_rounds_seen = 0
+        # Inserts through the kernel count on the device (merged, gated, pivots created,
+        # overflow, rounds of the last insert, most rounds): no synchronisation per insert.
+        self._kernel_counts: Tensor | None = None
+        self._last_insert_on_device = False
 
     # ------------------------------------------------------------------ sizes and memory
     @staticmethod
@@ -294,6 +301,9 @@ class VoxelPool:
         """Counters for monitoring: occupancy, evictions and token fates."""
         t = self._tensors
         pivots = int((t["piv_c"] > 0).sum())
+        dev = self._kernel_counts.tolist() if self._kernel_counts is not None else [0] * (len(INSERT_COUNTERS) + 1)
+        merged, gated, created, overflow, rounds_last, rounds_max = dev
+        created += self._pivots_created
         return {
             "voxels": self.num_voxels,
             "capacity": self._cap,
@@ -302,17 +312,17 @@ class VoxelPool:
             "buffered_tokens": int(t["buf_n"].sum()),
             "evicted_voxels": self._evicted_voxels,
             "inserted_tokens": self._inserted_tokens,
-            "merged_tokens": self._merged_tokens,
-            "gated_tokens": self._gated_tokens,
+            "merged_tokens": self._merged_tokens + merged,
+            "gated_tokens": self._gated_tokens + gated,
             "capacity_dropped_tokens": self._capacity_dropped_tokens,
-            "overflow_dropped_tokens": self._overflow_dropped_tokens,
-            "pivots_created": self._pivots_created,
+            "overflow_dropped_tokens": self._overflow_dropped_tokens + overflow,
+            "pivots_created": created,
             # Every collapse adds a pivot to its row unless the row was full, where a sibling
             # merge removed one first; so merges = created - alive - evicted with their voxels.
-            "sibling_merges": self._pivots_created - pivots - self._evicted_pivots,
+            "sibling_merges": created - pivots - self._evicted_pivots,
             "insert_calls": self._insert_calls,
-            "insert_rounds_last": self._last_rounds,
-            "insert_rounds_max": self._max_rounds_seen,
+            "insert_rounds_last": rounds_last if self._last_insert_on_device else self._last_rounds,
+            "insert_rounds_max": max(self._max_rounds_seen, rounds_max),
             "memory_bytes": self.memory_bytes(),
         }
 
@@ -367,13 +377,13 @@ class VoxelPool:
         coords = torch.where(valid[:, None], q, torch.zeros_like(q)).to(torch.int64)
         return coords, valid
 
-    def _keys(self, coords: Tensor, name: str) -> Tensor:
+    def _keys(self, coords: Tensor, name: str, check_range: bool = True) -> Tensor:
         if coords.dim() != 2 or coords.shape[1] != 3:
             raise ValueError(f"{name} must be [N, 3], got {tuple(coords.shape)}")
         if coords.is_floating_point() or coords.dtype == torch.bool:
             raise ValueError(f"{name} must be an integer tensor, got {coords.dtype}")
         coords = coords.to(self.device, torch.int64)
-        if coords.numel() and bool((coords.abs() > _COORD_LIMIT).any()):
+        if check_range and coords.numel() and bool((coords.abs() > _COORD_LIMIT).any()):
             raise ValueError(f"{name} outside the supported range |coord| <= {_COORD_LIMIT}")
         return _pack(coords)
 
@@ -509,6 +519,14 @@ class VoxelPool:
         src = order
         k, v = k.to(self.device), v.to(self.device)
 
+        if kernels_apply(k):
+            # every round in one kernel, one program per touched row; counters stay on the device
+            piv = {name: self._fv(name) for name in ("piv_k", "piv_v", "piv_w", "piv_s", "piv_c")}
+            buf = {name: self._fv(name) for name in ("buf_k", "buf_v", "buf_s", "buf_n")}
+            found = insert_rows(k, v, src, g, s, piv, buf, self.merge_cos, self.score_gate, _EPS, self.max_rounds)
+            self._add_kernel_counts(found)
+            return
+        self._last_insert_on_device = False
         pending = torch.arange(g.numel(), device=self.device)
         while pending.numel() and self._last_rounds < self.max_rounds:
             pending = self._round(g, k, v, s, src, pending)
@@ -517,6 +535,16 @@ class VoxelPool:
         # of rows that received more than about max_rounds x buffer_size of them in this call.
         self._overflow_dropped_tokens += pending.numel()
         self._max_rounds_seen = max(self._max_rounds_seen, self._last_rounds)
+
+    def _add_kernel_counts(self, found: Tensor) -> None:
+        """Accumulate ``insert_rows``' counters on the device (read only by ``stats()``)."""
+        if self._kernel_counts is None:
+            self._kernel_counts = torch.zeros(len(INSERT_COUNTERS) + 1, dtype=torch.int64, device=self.device)
+        kc = self._kernel_counts
+        kc[:4] += found[:4]
+        kc[4:5].copy_(found[4:5])  # rounds of this insert
+        torch.maximum(kc[5:6], found[4:5], out=kc[5:6])  # most rounds of any insert
+        self._last_insert_on_device = True
 
     def _layer_ids(self, layer: int | Tensor, M: int) -> Tensor:
         """The layer of every token as a LongTensor [M] on the pool's device (validated)."""
@@ -541,15 +569,7 @@ class VoxelPool:
         Host synchronisations: a handful of data-dependent sizes (mask indexing, unique), a
         constant number per round, whatever the number of layers, rows or tokens.
         """
-        if kernels_apply(k):
-            # the whole merge stage in one kernel, one program per pool row (kernels/pool_kernels.py)
-            piv = {name: self._fv(name) for name in ("piv_k", "piv_v", "piv_w", "piv_s", "piv_c")}
-            state = merge_round(k, v, src, pending, g, s, piv, self.merge_cos, self.score_gate, _EPS)
-            cand = pending[state == 1]
-            n_merged = int((state == 0).sum())  # the GPU is idle after the selection: a cheap read
-            self._merged_tokens += n_merged
-        else:
-            cand, n_merged = self._merge_and_gate(g, k, v, s, src, pending)
+        cand, n_merged = self._merge_and_gate(g, k, v, s, src, pending)
         self._gated_tokens += pending.numel() - n_merged - cand.numel()
         if cand.numel() == 0:
             return cand
@@ -659,12 +679,6 @@ class VoxelPool:
     def _collapse(self, rows: Tensor) -> None:
         """Turn the full buffers of ``rows`` (flat layer/head/row indices) into one pivot each."""
         n = rows.numel()
-        if kernels_apply(rows):
-            buf = {name: self._fv(name) for name in ("buf_k", "buf_v", "buf_s", "buf_n")}
-            piv = {name: self._fv(name) for name in ("piv_k", "piv_v", "piv_w", "piv_s", "piv_c")}
-            collapse_rows(rows, buf, piv, _EPS)
-            self._pivots_created += n
-            return
         ar = torch.arange(n, device=self.device)
         bk = self._fv("buf_k")[rows].float()  # [n, B, D]
         bv = self._fv("buf_v")[rows].float()
@@ -759,9 +773,17 @@ class VoxelPool:
         step: int,
         radius: int = 2,
         include_buffer: bool = True,
+        *,
+        query_valid: Tensor | None = None,
     ) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
         """``retrieve`` for several layers in one batched pass: one result per entry of ``layers``,
-        each exactly what ``retrieve(layer, ...)`` returns (its own ``T``)."""
+        each exactly what ``retrieve(layer, ...)`` returns (its own ``T``).
+
+        ``query_valid`` (bool [Q], e.g. the mask from ``voxel_coords``) selects the queries to use;
+        with it, coordinates outside the supported range are ignored instead of raising, so the
+        call needs one host synchronisation in all (the output lengths) and can be queued behind
+        the insert still running on the GPU.
+        """
         layers = list(layers)
         for layer in layers:
             if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
@@ -774,16 +796,25 @@ class VoxelPool:
             raise ValueError(f"step must be an int, got {step!r}")
         if not isinstance(query_coords, Tensor):
             raise ValueError("query_coords must be a LongTensor [Q, 3]")
-        qkeys = self._keys(query_coords, "query_coords")
+        if query_valid is None:
+            qkeys = self._keys(query_coords, "query_coords")
+            qvalid = torch.ones(qkeys.shape, dtype=torch.bool, device=self.device)
+        else:
+            if not isinstance(query_valid, Tensor) or query_valid.dtype != torch.bool \
+                    or tuple(query_valid.shape) != tuple(query_coords.shape[:1]):
+                raise ValueError(f"query_valid must be a bool tensor [{query_coords.shape[0]}]")
+            qkeys = self._keys(query_coords, "query_coords", check_range=False)
+            in_range = (query_coords.to(self.device).abs() <= _COORD_LIMIT).all(dim=1)
+            qvalid = query_valid.to(self.device) & in_range
         if not layers:
             return []
         if qkeys.numel() == 0 or max_tokens == 0:
             return [self._empty_result() for _ in layers]
-        rows = self._candidate_rows(qkeys, radius)
-        if rows.numel() == 0:
-            return [self._empty_result() for _ in layers]
-        self._tensors["row_last_used"].index_fill_(0, rows, step)
-        return self._gather_retrieved(layers, rows, max_tokens, include_buffer)
+        rows, candidate = self._candidate_rows(qkeys, qvalid, radius)
+        last_used = self._tensors["row_last_used"]
+        by_row = torch.empty_like(candidate).scatter_(0, rows, candidate)
+        last_used.copy_(torch.where(by_row, step, last_used))
+        return self._gather_retrieved(layers, rows, candidate, max_tokens, include_buffer)
 
     def _empty_result(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         H, D = self.num_heads, self.head_dim
@@ -794,23 +825,33 @@ class VoxelPool:
             torch.zeros(H, 0, dtype=torch.bool, device=self.device),
         )
 
-    def _candidate_rows(self, qkeys: Tensor, radius: int) -> Tensor:
-        """Rows of the held voxels within Chebyshev ``radius`` of any query voxel (ascending key)."""
+    def _candidate_rows(self, qkeys: Tensor, qvalid: Tensor, radius: int) -> tuple[Tensor, Tensor]:
+        """Every row in ascending voxel-key order (free rows first) and which of them are held
+        voxels within Chebyshev ``radius`` of a valid query voxel. Fixed sizes (the capacity),
+        so no host synchronisation."""
         r = torch.arange(-radius, radius + 1, device=self.device)
         offs = torch.cartesian_prod(r, r, r)
         # Packing is linear per axis within the coordinate limit, so neighbour keys are sums.
         off_keys = offs[:, 0] + (offs[:, 1] << _BITS) + (offs[:, 2] << (2 * _BITS))
-        cand = torch.unique((torch.unique(qkeys)[:, None] + off_keys[None, :]).reshape(-1))
-        rows = self._lookup(cand)
-        return rows[rows >= 0]
+        keys = (qkeys[:, None] + off_keys[None, :]).reshape(-1)
+        sorted_keys, rows = torch.sort(self._tensors["row_key"])  # free rows (-1) sort first
+        at = torch.searchsorted(sorted_keys, keys).clamp_max(self._cap - 1)
+        hit = (sorted_keys[at] == keys) & qvalid[:, None].expand(-1, off_keys.numel()).reshape(-1)
+        # Misses write to a spare last slot. index_fill_, not an accumulating index_put_: every
+        # write stores True, so duplicates need no atomics (a few hot voxels drew ~1.4 M adds to
+        # the same counters, 83 ms on the H200).
+        at = torch.where(hit, at, self._cap)
+        candidate = torch.zeros(self._cap + 1, dtype=torch.bool, device=self.device).index_fill_(0, at, True)
+        return rows, candidate[: self._cap]
 
     def _gather_retrieved(
-        self, layers: list[int], rows: Tensor, max_tokens: int, include_buffer: bool
+        self, layers: list[int], rows: Tensor, candidate: Tensor, max_tokens: int, include_buffer: bool
     ) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
         """Rank the candidate rows' pivots (then buffered tokens) per (layer, head) and compact.
 
-        Three host synchronisations whatever the number of layers: the widest pivot and buffer
-        selections, and the per-layer output lengths.
+        ``rows`` are all rows in voxel-key order, ``candidate`` marks the ones to rank (same
+        order). One host synchronisation whatever the number of layers: the widest pivot and
+        buffer selections and the per-layer output lengths, read together.
         """
         H, D, P, B = self.num_heads, self.head_dim, self.max_pivots, self.buffer_size
         t, dev = self._tensors, self.device
@@ -818,54 +859,54 @@ class VoxelPool:
         ll = torch.tensor(layers, dtype=torch.int64, device=dev)[:, None, None]
         hh = torch.arange(H, device=dev)[None, :, None]
         rr = rows[None, None, :]
-        # ---- pivots, ranked by W per (layer, head) ----
+        # ---- pivots, ranked by W per (layer, head); ties: voxel key, then slot ----
         c = t["piv_c"][ll, hh, rr].reshape(nl, H, R * P)
         w = t["piv_w"][ll, hh, rr].reshape(nl, H, R * P)
-        p_valid = c > 0
+        p_valid = (c > 0) & candidate[:, None].expand(R, P).reshape(1, 1, R * P)
         p_order = torch.argsort(torch.where(p_valid, w, torch.full_like(w, float("-inf"))),
                                 dim=-1, descending=True, stable=True)
         n_piv = p_valid.sum(dim=-1).clamp_max(max_tokens)  # [nl, H]
-        tp = int(n_piv.max())
-        p_sel = p_order[..., :tp]
-        # Gather only the selected vectors (not every candidate's [P, D] block).
-        p_row, p_slot = rows[p_sel // P], p_sel % P
-        parts_k = [t["piv_k"][ll, hh, p_row, p_slot]]
-        parts_v = [t["piv_v"][ll, hh, p_row, p_slot]]
-        parts_b = [torch.log(c.gather(-1, p_sel).clamp_min(1.0))]
-        parts_ok = [torch.arange(tp, device=dev) < n_piv[..., None]]
-
         # ---- buffered raw tokens fill the remaining budget, by score ----
         if include_buffer:
             bn = t["buf_n"][ll, hh, rr]  # [nl, H, R]
-            b_valid = (torch.arange(B, device=dev) < bn[..., None]).reshape(nl, H, R * B)
+            b_valid = (torch.arange(B, device=dev) < bn[..., None]) & candidate[:, None]
+            b_valid = b_valid.reshape(nl, H, R * B)
             s = t["buf_s"][ll, hh, rr].reshape(nl, H, R * B)
             b_order = torch.argsort(torch.where(b_valid, s, torch.full_like(s, float("-inf"))),
                                     dim=-1, descending=True, stable=True)
             n_buf = torch.minimum(b_valid.sum(dim=-1), max_tokens - n_piv)
-            tb = int(n_buf.max())
-            if tb > 0:
-                b_sel = b_order[..., :tb]
-                b_row, b_slot = rows[b_sel // B], b_sel % B
-                parts_k.append(t["buf_k"][ll, hh, b_row, b_slot])
-                parts_v.append(t["buf_v"][ll, hh, b_row, b_slot])
-                parts_b.append(torch.zeros(nl, H, tb, device=dev))
-                parts_ok.append(torch.arange(tb, device=dev) < n_buf[..., None])
-
-        k_all, v_all = torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2)
-        b_all, ok_all = torch.cat(parts_b, dim=2), torch.cat(parts_ok, dim=2)
-        # Compact per (layer, head): valid entries first, in order (pivots, then raw tokens).
-        lengths = ok_all.sum(dim=2).amax(dim=1).tolist()  # T per layer
+        else:
+            n_buf = torch.zeros_like(n_piv)
+        total = n_piv + n_buf  # [nl, H]: valid entries per (layer, head), pivots first
+        sizes = torch.cat([n_piv.amax().reshape(1), n_buf.amax().reshape(1), total.amax(dim=1)]).tolist()
+        tp, tb, lengths = sizes[0], sizes[1], sizes[2:]
         T = max(lengths)
-        pos = torch.cumsum(ok_all.to(torch.int64), dim=2) - 1
-        idx = (torch.arange(nl, device=dev)[:, None, None].expand_as(pos)[ok_all],
-               torch.arange(H, device=dev)[None, :, None].expand_as(pos)[ok_all], pos[ok_all])
-        k_out = torch.zeros(nl, H, T, D, dtype=self.dtype, device=dev)
-        v_out = torch.zeros(nl, H, T, D, dtype=self.dtype, device=dev)
-        bias = torch.full((nl, H, T), float("-inf"), dtype=torch.float32, device=dev)
-        valid = torch.zeros(nl, H, T, dtype=torch.bool, device=dev)
-        k_out[idx] = k_all[ok_all]
-        v_out[idx] = v_all[ok_all]
-        bias[idx] = b_all[ok_all].float()
-        valid[idx] = torch.ones_like(idx[0], dtype=torch.bool)  # a device value: no host->device copy
+        # Pivot j of a (layer, head) goes to column j, buffered token j to n_piv + j; every
+        # unused column keeps the padding (zero K/V, bias -inf, invalid). Unused selections are
+        # sent to a spare last column, dropped at the end.
+        k_out = torch.zeros(nl, H, T + 1, D, dtype=self.dtype, device=dev)
+        v_out = torch.zeros(nl, H, T + 1, D, dtype=self.dtype, device=dev)
+        bias = torch.full((nl, H, T + 1), float("-inf"), dtype=torch.float32, device=dev)
+        valid = torch.zeros(nl, H, T + 1, dtype=torch.bool, device=dev)
+
+        def place(column: Tensor, ok: Tensor, k: Tensor, v: Tensor, b: Tensor) -> None:
+            column = torch.where(ok, column, T)
+            k_out.scatter_(2, column[..., None].expand(-1, -1, -1, D), k)
+            v_out.scatter_(2, column[..., None].expand(-1, -1, -1, D), v)
+            bias.scatter_(2, column, torch.where(ok, b, float("-inf")))
+            valid.scatter_(2, column, ok)
+
+        if tp > 0:
+            p_sel = p_order[..., :tp]
+            p_row, p_slot = rows[p_sel // P], p_sel % P
+            j = torch.arange(tp, device=dev)
+            place(j.expand(nl, H, tp), j < n_piv[..., None], t["piv_k"][ll, hh, p_row, p_slot],
+                  t["piv_v"][ll, hh, p_row, p_slot], torch.log(c.gather(-1, p_sel).clamp_min(1.0)))
+        if include_buffer and tb > 0:
+            b_sel = b_order[..., :tb]
+            b_row, b_slot = rows[b_sel // B], b_sel % B
+            j = torch.arange(tb, device=dev)
+            place(n_piv[..., None] + j, j < n_buf[..., None], t["buf_k"][ll, hh, b_row, b_slot],
+                  t["buf_v"][ll, hh, b_row, b_slot], torch.zeros(nl, H, tb, device=dev))
         # Each layer gets tensors of its own (cloned): memory accounting sees exactly its T.
         return [tuple(x[i, :, : lengths[i]].clone() for x in (k_out, v_out, bias, valid)) for i in range(nl)]
