@@ -322,10 +322,11 @@ if HAVE_TRITON:
 
 # insert_rows' launch: tokens per iteration of the loops that read keys (BT), warps per program
 # (one program per pool row), and tokens per iteration of the loops over scores only (BF). A
-# row's rounds are serial, so an insert takes as long as its busiest row: rows of a few tokens
-# run best as small latency-bound programs, rows of thousands on wider ones. Picked from the
-# mean tokens per row (H200, vggt-1b: the stress insert of ~23 tokens per row took 3.7 ms with
-# 8 x 1 warp, 5.7 with 16 x 2, 6.1 with 32 x 4). None = automatic; set to tune.
+# row's rounds are serial, so an insert takes as long as its busiest row. Rows of a few tokens
+# run best as small latency-bound programs (H200, vggt-1b: the stress insert of ~23 tokens per
+# row took 3.7 ms with 8 x 1 warp, 5.7 with 16 x 2, 6.1 with 32 x 4); for long rows (few voxels)
+# the launch stays at round 6's merge kernel's 16 x 2, fewer serial iterations per row, not
+# measured against others. Picked from the mean tokens per row; None = automatic, set to tune.
 _SEGMENT_BLOCK: int | None = None
 _INSERT_WARPS: int | None = None
 _SCORE_BLOCK = 128
