@@ -172,6 +172,27 @@ def main() -> int:
         names.remove("full")
         names.insert(0, "full")
     results, reference = [], None
+
+    def write_report() -> None:
+        """Rewritten after every policy, so a run cut short (a job time limit) keeps what it measured."""
+        report = {
+            "benchmark": "policies",
+            "preset": args.preset,
+            "model_overrides": json.loads(args.model_overrides) if args.model_overrides else {},
+            "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+            "dtype": args.dtype,
+            "frames": args.frames,
+            "warmup_frames": args.warmup_frames,
+            "image_hw": [args.height, args.width],
+            "chunk": args.chunk,
+            "torch": torch.__version__,
+            "results": results,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out} ({len(results)} of {len(names)} policies)", file=sys.stderr)
+
     for name in names:
         print(f"policy {name} ...", file=sys.stderr)
         result, kept = run_policy(model, frames, name, args, reference)
@@ -183,23 +204,7 @@ def main() -> int:
         print(f"policy {name}: {result['status']}, {result['frames']} frames, last {last.get('seconds_per_frame', 0) * 1000:.1f} ms/frame, "
               f"cache {last.get('cache_bytes', 0) / 2**20:.2f} MiB; median ms/frame first/middle/last quarter "
               + "/".join(f"{lat.get(f'{q}_quarter_ms_per_frame', 0):.1f}" for q in ("first", "middle", "last")), file=sys.stderr)
-    report = {
-        "benchmark": "policies",
-        "preset": args.preset,
-        "model_overrides": json.loads(args.model_overrides) if args.model_overrides else {},
-        "checkpoint": str(args.checkpoint) if args.checkpoint else None,
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
-        "dtype": args.dtype,
-        "frames": args.frames,
-        "warmup_frames": args.warmup_frames,
-        "image_hw": [args.height, args.width],
-        "chunk": args.chunk,
-        "torch": torch.__version__,
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}", file=sys.stderr)
+        write_report()
     return 0
 
 
