@@ -90,7 +90,9 @@ def main() -> int:
         report = {"benchmark": "engine_concurrency", "preset": args.preset,
                   "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                   "dtype": args.dtype, "image_hw": [args.height, args.width], "policy": args.policy, "chunk": args.chunk,
-                  "torch": torch.__version__, "rows": rows}
+                  "torch": torch.__version__,
+                  "cuda_graphs": model.cuda_graph_stats.to_dict() if hasattr(model, "cuda_graph_stats") else None,
+                  "rows": rows}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
 

@@ -187,6 +187,8 @@ def main() -> int:
             "image_hw": [args.height, args.width],
             "chunk": args.chunk,
             "torch": torch.__version__,
+            # captures / replays / eager calls of model/cuda_graphs.py (None: off or not CUDA)
+            "cuda_graphs": model.cuda_graph_stats.to_dict() if hasattr(model, "cuda_graph_stats") else None,
             "results": results,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)

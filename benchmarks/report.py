@@ -47,6 +47,13 @@ def policies_section(report, name, lines, plt):
         median_cell = f"{statistics.median(around_200):.1f}" if around_200 else "-"
         lines.append(f"| {r['policy']} | {r['status']} | " + " | ".join(cells) + f" | {median_cell} | {mem_cells} | {bound_cell} |")
     lines.append("")
+    target_line = policy_targets(report)
+    if target_line:
+        lines.append(target_line + "\n")
+    if report.get("cuda_graphs"):
+        g = report["cuda_graphs"]
+        lines.append(f"CUDA graphs (`model/cuda_graphs.py`) were on: {g['captured']} captured, {g['replays']:,} replays, "
+                     f"{g['eager_calls']:,} eager calls, {len(g['failed'])} failed captures.\n")
     if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -63,9 +70,52 @@ def policies_section(report, name, lines, plt):
     lines.append(f"![policies]({png_name(name)})\n")
 
 
+def policy_targets(report) -> str:
+    """The issue-7 ratios one policies file gives (empty when it lacks full or stac)."""
+    by_name = {r["policy"]: r["steps"] for r in report["results"]}
+    full, stac = by_name.get("full"), by_name.get("stac")
+    if not full or not stac or not at_frame(full, 200) or not at_frame(stac, 200):
+        return ""
+
+    def median_192_208(steps):
+        return statistics.median(x["seconds_per_frame"] for x in steps if 192 <= x["frame"] <= 208)
+
+    f200, s200 = at_frame(full, 200), at_frame(stac, 200)
+    parts = [f"full / stac time per frame at frame 200: {f200['seconds_per_frame'] / s200['seconds_per_frame']:.2f}x "
+             f"(median of frames 192-208: {median_192_208(full) / median_192_208(stac):.2f}x)",
+             f"stac cache at frame 200: 1/{f200['cache_bytes'] / s200['cache_bytes']:.1f} of full"]
+    s12, s500 = at_frame(stac, 12), at_frame(stac, 500)
+    if s12 and s500:
+        parts.append(f"stac frame 500 / frame 12: {s500['seconds_per_frame'] / s12['seconds_per_frame']:.2f}x")
+    return "Targets from this file: " + "; ".join(parts) + "."
+
+
+def cuda_graphs_ab_section(lines) -> None:
+    """Same-machine A/B of model/cuda_graphs.py: STAC_CUDA_GRAPHS=0 then =1, one device call."""
+    rows = []
+    for label in ("off", "on"):
+        report = load(f"cuda_graphs_ab_h100/graphs_{label}.json")
+        if report is None:
+            return
+        for r in report["results"]:
+            after = [s["seconds_per_frame"] * 1000 for s in r["steps"] if s["frame"] > 20]
+            rows.append((label, r["policy"], statistics.median(after), report["device"]))
+    lines.append(f"## CUDA graphs A/B, {rows[0][3]} (one device call, off then on)\n")
+    lines.append("Sources: `cuda_graphs_ab_h100/graphs_{off,on}.json` (`benchmarks/policies.py --frames 100`, stress overrides, "
+                 "`STAC_CUDA_GRAPHS=0` / `=1`).\n")
+    lines.append("| CUDA graphs | policy | median ms/frame after frame 20 |")
+    lines.append("| --- | --- | --- |")
+    for label, policy, ms, _ in rows:
+        lines.append(f"| {label} | {policy} | {ms:.1f} |")
+    lines.append("")
+
+
 def concurrency_section(report, name, lines, plt):
     lines.append(f"## Concurrent streams in the engine, {report['preset']} on {report['device']} ({report['policy']})\n")
-    lines.append(f"Source: `{name}` (`benchmarks/engine_concurrency.py`).\n")
+    graphs = report.get("cuda_graphs")  # key absent: the run predates model/cuda_graphs.py
+    graphs_note = "" if "cuda_graphs" not in report else "; CUDA graphs " + (
+        f"on: {graphs['captured']} captured, {graphs['replays']} replays" if graphs else "off")
+    lines.append(f"Source: `{name}` (`benchmarks/engine_concurrency.py`{graphs_note}).\n")
     lines.append("| streams | batched frames/s | stream-by-stream frames/s | per-stream frames/s (batched) | step s | peak GPU GiB |")
     lines.append("| --- | --- | --- | --- | --- | --- |")
     rows = report["rows"]
@@ -314,8 +364,11 @@ def png_name(json_name: str) -> str:
     return json_name[: -len(".json")] + ".png"
 
 
-# (file, section): the H200 files of rounds 6-7 first, then the H100 files of rounds 1-5.
-SECTIONS = (("policies_vggt1b_h200.json", "policies"), ("policies_vggt1b_h200_round6.json", "policies"),
+# (file, section): round 8's H100 and H200 files, the H200 files of rounds 6-7, the H100 files of rounds 1-5.
+SECTIONS = (("policies_vggt1b_h100_round8.json", "policies"), ("policies_vggt1b_h100_1000.json", "policies"),
+            ("policies_vggt1b_h200_1000_expandable.json", "policies"),
+            ("engine_concurrency_h100_round8.json", "concurrency"), ("engine_concurrency_h100_round8_graphs.json", "concurrency"),
+            ("policies_vggt1b_h200.json", "policies"), ("policies_vggt1b_h200_round6.json", "policies"),
             ("policies_vggt1b_h200_round7_final_code_slow_phase.json", "policies"),
             ("policies_vggt1b_h200_all_policies.json", "policies"),
             ("engine_concurrency_h200.json", "concurrency"), ("engine_concurrency_h200_round7.json", "concurrency"),
@@ -340,6 +393,7 @@ def main() -> int:
         report = load(name)
         if report is not None:
             sections[kind](report, name, lines, plt)
+    cuda_graphs_ab_section(lines)
     serving_section(lines)
     pool_round7_section(lines)
     stac_ab_section(lines)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig, get_preset
+from .cuda_graphs import enabled_by_env, graph_static_parts
 from .vggt import VGGT
 
 CONFIG_METADATA_KEY = "stac_model_config"
@@ -123,11 +124,14 @@ def build_model(
     device: Union[str, torch.device] = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: Optional[int] = 0,
+    cuda_graphs: Optional[bool] = None,
 ) -> VGGT:
     """A VGGT in eval mode from a preset name or config, optionally with a checkpoint's weights.
 
     With only a checkpoint that records its config, the config comes from the checkpoint. With
     neither weights nor a seed, weights are random; ``seed`` makes random weights reproducible.
+    ``cuda_graphs``: on CUDA, give the cache-free parts CUDA graphs (``cuda_graphs.py``; None: only
+    if ``STAC_CUDA_GRAPHS=1``); ``model.cuda_graph_stats`` then counts captures and replays.
     """
     state, recorded = (None, None)
     if checkpoint is not None:
@@ -143,9 +147,13 @@ def build_model(
     model = VGGT(config)
     if state is not None:
         load_state_dict_strict(model, state, str(checkpoint))
-    if torch.device(device).type == "cuda":
+    on_cuda = torch.device(device).type == "cuda"
+    if on_cuda:
         prefer_low_overhead_attention()
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    if on_cuda and (cuda_graphs if cuda_graphs is not None else enabled_by_env()):
+        graph_static_parts(model)
+    return model
 
 
 def prefer_low_overhead_attention() -> None:
