@@ -86,6 +86,7 @@ def run_policy(model, frames, name, args, reference):
     stream = Stream(model, cache=policy_config(name, args))
     steps, deviations = [], {k: [] for k in COMPARED}
     status = "ok"
+    memory_at_oom = None
     keep = {} if name == "full" else None
     began = time.perf_counter()
     limit = args.full_max_seconds if name == "full" and args.full_max_seconds else args.max_seconds
@@ -101,6 +102,10 @@ def run_policy(model, frames, name, args, reference):
             sync(args.device)
         except torch.OutOfMemoryError:
             status = f"out of memory at frame {start}"
+            # allocated vs reserved tells live tensors from the allocator's fragmentation
+            memory_at_oom = {"allocated_bytes": torch.cuda.memory_allocated(), "reserved_bytes": torch.cuda.memory_reserved(),
+                             "max_allocated_bytes": torch.cuda.max_memory_allocated(),
+                             "cache_bytes": stream.memory_bytes()} if args.device.startswith("cuda") else None
             stream.reset()
             break
         seconds = time.perf_counter() - t0
@@ -122,6 +127,7 @@ def run_policy(model, frames, name, args, reference):
         "policy": name,
         "config": policy_config(name, args).to_dict(),
         "status": status,
+        "memory_at_oom": memory_at_oom,
         "frames": steps[-1]["frame"] if steps else 0,
         "steps": steps,
         "memory_bound_bytes": stream.memory_bound(),
