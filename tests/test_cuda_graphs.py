@@ -26,8 +26,10 @@ def test_graphed_forward_runs_cpu_and_autograd_calls_eagerly():
     stats = GraphStats()
     layer.forward = GraphedForward(layer, "linear", layer.forward, None, stats, max_frames=8, frames=leading_frames)
     x = torch.randn(4, 8)
-    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
-    assert stats.eager_calls == 1 and stats.captured == 0
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))  # autograd on
+    with torch.inference_mode():
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))  # CPU tensors
+    assert stats.eager_calls == 2 and stats.captured == 0
     assert "weight" in dict(layer.named_parameters())  # the module tree is untouched
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -61,14 +61,15 @@ class GraphStats:
     failed: list[str] = field(default_factory=list)  # "module: error" of captures that failed
 
     def to_dict(self) -> dict:
-        return {"captured": self.captured, "replays": self.replays, "eager_calls": self.eager_calls, "failed": list(self.failed)}
+        return asdict(self)
 
 
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
     inputs: list[Tensor]  # static input buffers, refilled before each replay
-    outputs: Any  # the captured call's outputs (static; copied out after each replay)
+    outputs: list[Any]  # the captured call's outputs, flattened (static; copied out after each replay)
+    outputs_spec: Any  # their structure, to rebuild the copies
 
 
 class GraphedForward:
@@ -109,8 +110,7 @@ class GraphedForward:
             graph.graph.replay()
             self.stats.replays += 1
             # Copies: the static outputs are overwritten by the next replay, callers keep theirs.
-            out_leaves, out_spec = tree_flatten(graph.outputs)
-            return tree_unflatten([x.clone() if isinstance(x, Tensor) else x for x in out_leaves], out_spec)
+            return tree_unflatten([x.clone() if isinstance(x, Tensor) else x for x in graph.outputs], graph.outputs_spec)
 
     def _may_graph(self, tensors: list[Tensor]) -> bool:
         if not tensors or self.module.training:
@@ -149,7 +149,7 @@ class GraphedForward:
             log.warning("CUDA graph capture of %s failed, running it eagerly: %s", self.name, error)
             return None
         self.stats.captured += 1
-        self.graphs[key] = _Graph(graph, static, outputs)
+        self.graphs[key] = _Graph(graph, static, *tree_flatten(outputs))
         return self.graphs[key]
 
 
