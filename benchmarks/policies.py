@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -51,7 +52,11 @@ def make_frames(count: int, height: int, width: int, seed: int, device: str = "c
 def policy_config(name: str, args: argparse.Namespace) -> CacheConfig:
     if name == "window":
         return CacheConfig(policy="window", window=args.baseline_window, chunk=args.chunk)
-    overrides = json.loads(args.stac_overrides) if name == "stac" and args.stac_overrides else {}
+    overrides = {}
+    if name == "stac" and args.stac_overrides:
+        overrides = json.loads(args.stac_overrides)
+    elif name == "full" and args.full_overrides:
+        overrides = json.loads(args.full_overrides)
     return CacheConfig(policy=name, chunk=args.chunk, **overrides)
 
 
@@ -109,8 +114,11 @@ def run_policy(model, frames, name, args, reference):
             stream.reset()
             break
         seconds = time.perf_counter() - t0
-        steps.append({"frame": start + len(chunk), "seconds": seconds, "seconds_per_frame": seconds / len(chunk),
-                      "cache_bytes": stream.memory_bytes()})
+        step = {"frame": start + len(chunk), "seconds": seconds, "seconds_per_frame": seconds / len(chunk),
+                "cache_bytes": stream.memory_bytes()}
+        if args.device.startswith("cuda"):  # live tensors vs what the allocator holds (fragmentation)
+            step.update(allocated_bytes=torch.cuda.memory_allocated(), reserved_bytes=torch.cuda.memory_reserved())
+        steps.append(step)
         for i, index in enumerate(range(start, start + len(chunk))):
             if index % args.compare_every:
                 continue
@@ -160,6 +168,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (tiny models run best on 1)")
     p.add_argument("--stac-overrides", default="", help='JSON CacheConfig fields for stac, e.g. {"conf_threshold": 0}')
+    p.add_argument("--full-overrides", default="", help='JSON CacheConfig fields for full, e.g. {"full_growth": 1.25}')
     p.add_argument("--max-seconds", type=float, default=None, help="stop a policy after this long (recorded)")
     p.add_argument("--full-max-seconds", type=float, default=None, help="the same for the full cache")
     p.add_argument("--out", type=Path, required=True)
@@ -193,6 +202,7 @@ def main() -> int:
             "image_hw": [args.height, args.width],
             "chunk": args.chunk,
             "torch": torch.__version__,
+            "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
             # captures / replays / eager calls of model/cuda_graphs.py (None: off or not CUDA)
             "cuda_graphs": model.cuda_graph_stats.to_dict() if hasattr(model, "cuda_graph_stats") else None,
             "results": results,

@@ -52,6 +52,24 @@ def test_bounded_policies_differ_from_full(tiny_model, frames24, full_run, polic
     assert (out["pose_enc"] - full_run["pose_enc"]).abs().max() > 1e-4
 
 
+def test_full_cache_with_spare_capacity_equals_exact(tiny_model, frames24, full_run):
+    """Appending in place into a growing buffer gives the very same outputs as re-making the cache;
+    memory_bytes counts the held capacity, used_bytes the exact content."""
+    exact_out, _, exact_stream = run(tiny_model, frames24, "full")
+    stream = Stream(tiny_model, cache=CacheConfig(policy="full", full_growth=1.5))
+    outs, buffers = [], set()
+    for i in range(0, len(frames24), 4):
+        outs.append(stream.push(frames24[i : i + 4]))
+        buffers.add(stream.cache.keys[0].data_ptr())
+    for name in OUTPUT_NAMES:
+        assert torch.equal(torch.cat([o[name] for o in outs]), exact_out[name]), name
+    exact_cache, cache = exact_stream.cache, stream.cache
+    assert cache.used_bytes() == exact_cache.used_bytes() == exact_cache.memory_bytes()
+    assert cache.num_tokens() == exact_cache.num_tokens() == 24 * tiny_model.config.tokens_per_frame(56, 84)
+    assert exact_cache.used_bytes() <= cache.memory_bytes() <= 1.5 * exact_cache.used_bytes()
+    assert len(buffers) < len(outs)  # some steps appended in place, without a new buffer
+
+
 def test_stac_is_bit_identical_across_runs(tiny_model, frames24):
     config = CacheConfig(policy="stac", voxel_size=1e-3, conf_threshold=0.0, retrieval_start_frame=8)
     a, mem_a, _ = run(tiny_model, frames24, config)
@@ -134,6 +152,8 @@ def test_budget_sets_pool_size(tiny_model):
         ({"memory_budget_bytes": 0}, "memory_budget_bytes"),
         ({"memory_budget_bytes": -5}, "memory_budget_bytes"),
         ({"retrieval_every": 0}, "retrieval_every"),
+        ({"policy": "full", "full_growth": 0.5}, "full_growth"),
+        ({"policy": "full", "full_growth": float("nan")}, "full_growth"),
     ],
 )
 def test_invalid_configuration_is_refused(changes, message):

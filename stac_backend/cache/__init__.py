@@ -16,7 +16,7 @@ from .window import SinkWindowCache, WindowCache
 
 def make_cache(config: CacheConfig, geometry: CacheGeometry) -> CachePolicy:
     if config.policy == "full":
-        return FullCache()
+        return FullCache(growth=config.full_growth)
     if config.policy == "window":
         return WindowCache(config, geometry)
     if config.policy == "sink_window":

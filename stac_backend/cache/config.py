@@ -44,6 +44,10 @@ class CacheConfig:
     # Camera-trunk history (one token per frame): frames kept besides the pinned ones. None keeps
     # all (the default of ``full``); bounded policies default to 64 frames.
     camera_window: Optional[int] = -1
+    # full only: capacity factor of each layer's key/value buffer. 1.0 re-makes an exactly sized
+    # tensor every step (a copy of the whole cache per step, as the reference code does); e.g. 1.25
+    # keeps up to 25% spare so that steps append in place (see cache/full.py).
+    full_growth: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pinned_frames", tuple(int(f) for f in self.pinned_frames))
@@ -73,6 +77,8 @@ class CacheConfig:
             problems.append(f"voxel_size must be a positive number, got {self.voxel_size!r}")
         if not math.isfinite(float(self.conf_threshold)):
             problems.append("conf_threshold must be finite")
+        if not (isinstance(self.full_growth, (int, float)) and math.isfinite(self.full_growth) and self.full_growth >= 1):
+            problems.append(f"full_growth must be a number >= 1, got {self.full_growth!r}")
         if not -1 <= self.merge_cos <= 1:
             problems.append(f"merge_cos must lie in [-1, 1], got {self.merge_cos!r}")
         if self.max_voxels is not None and (not isinstance(self.max_voxels, int) or self.max_voxels < 1):

@@ -1,10 +1,21 @@
 """The unbounded cache: every key/value of every earlier frame is kept (StreamVGGT / STream3R).
 
-The reference every bounded policy is measured against. Memory grows by exactly
+The reference every bounded policy is measured against. Its content grows by exactly
 ``2 * depth * tokens_per_frame * embed_dim * element_size`` bytes per frame.
+
+``growth`` (``CacheConfig.full_growth``) chooses how a layer's keys are stored:
+
+* 1.0 (default): one exactly sized tensor per layer, re-made by ``torch.cat`` every step, as the
+  reference implementations do. Memory is exact, but every step copies the whole cache.
+* > 1 (e.g. 1.25): a buffer with spare capacity; a step writes its keys in place and the cache is
+  copied only when the buffer is full (amortised, as a growing array). Up to ``growth - 1`` of the
+  cache is spare capacity, and ``memory_bytes`` counts it (it is held). Used while autograd records
+  (training), the exact path is taken, since in-place writes would invalidate saved views.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -15,27 +26,60 @@ from .base import CachePolicy, KeySet
 class FullCache(CachePolicy):
     name = "full"
 
-    def __init__(self) -> None:
-        self.keys: dict[int, Tensor] = {}
+    def __init__(self, growth: float = 1.0) -> None:
+        if not (isinstance(growth, (int, float)) and math.isfinite(growth) and growth >= 1.0):
+            raise ValueError(f"full cache growth must be a number >= 1, got {growth!r}")
+        self.growth = float(growth)
+        self.keys: dict[int, Tensor] = {}  # [H, capacity, D] per layer
         self.values: dict[int, Tensor] = {}
+        self.used: dict[int, int] = {}  # tokens stored per layer (<= capacity)
 
     def prepare(self, layer: int, k: Tensor, v: Tensor) -> KeySet:
+        if self.growth == 1.0 or k.requires_grad:
+            return self._prepare_exact(layer, k, v)
+        used = self.used.get(layer, 0)
+        needed = used + k.shape[1]
+        if layer not in self.keys or needed > self.keys[layer].shape[1]:
+            self._reallocate(layer, used, math.ceil(needed * self.growth), k, v)
+        self.keys[layer][:, used:needed] = k
+        self.values[layer][:, used:needed] = v
+        self.used[layer] = needed
+        return KeySet(self.keys[layer][:, :needed], self.values[layer][:, :needed])
+
+    def _prepare_exact(self, layer: int, k: Tensor, v: Tensor) -> KeySet:
         if layer in self.keys:
-            # One copy per step into an exactly-sized tensor: memory_bytes stays exact.
-            k = torch.cat([self.keys[layer], k], dim=1)
-            v = torch.cat([self.values[layer], v], dim=1)
+            used = self.used[layer]
+            k = torch.cat([self.keys[layer][:, :used], k], dim=1)
+            v = torch.cat([self.values[layer][:, :used], v], dim=1)
         self.keys[layer], self.values[layer] = k, v
+        self.used[layer] = k.shape[1]
         return KeySet(k, v)
+
+    def _reallocate(self, layer: int, used: int, capacity: int, k: Tensor, v: Tensor) -> None:
+        for store, new_tokens in ((self.keys, k), (self.values, v)):
+            buffer = new_tokens.new_empty((new_tokens.shape[0], capacity, new_tokens.shape[2]))
+            if used:
+                buffer[:, :used] = store[layer][:, :used]
+            store[layer] = buffer  # the old buffer is freed here, before the next one is made
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
 
+    def used_bytes(self) -> int:
+        """Bytes of the stored keys/values alone (without spare capacity)."""
+        return sum(
+            self.used[layer] * t.shape[0] * t.shape[2] * t.element_size()
+            for store in (self.keys, self.values)
+            for layer, t in store.items()
+        )
+
     def num_tokens(self, layer: int = 0) -> int:
-        return 0 if layer not in self.keys else self.keys[layer].shape[1]
+        return self.used.get(layer, 0)
 
     def reset(self) -> None:
         self.keys.clear()
         self.values.clear()
+        self.used.clear()
 
     def stats(self) -> dict:
-        return {"memory_bytes": self.memory_bytes(), "tokens": self.num_tokens()}
+        return {"memory_bytes": self.memory_bytes(), "used_bytes": self.used_bytes(), "tokens": self.num_tokens()}
