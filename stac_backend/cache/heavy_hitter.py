@@ -35,12 +35,10 @@ class HeavyHitterCache(CachePolicy):
         self.evicted_tokens = 0
         self._step: Optional[StepInfo] = None
         self._pending: dict[int, tuple] = {}  # layer -> what absorb() needs from prepare()
-        self._step_ids: Optional[tuple[Tensor, Tensor]] = None  # the step's frame/index ids, made once
 
     # ------------------------------------------------------------------ step
     def begin_step(self, info: StepInfo) -> None:
         self._step = info
-        self._step_ids = None
         self.check_budget(info)
 
     def extra_keys(self, layer: int) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor]]:
@@ -70,9 +68,7 @@ class HeavyHitterCache(CachePolicy):
             valid = torch.ones(H, keys.shape[1], dtype=torch.bool, device=k.device)
             valid[:, old : old + n_extra] = extra[3]
         # Store the new tokens now (their scores arrive in absorb).
-        if self._step_ids is None:
-            self._step_ids = step_token_ids(H, self._step.frame_offset, self._step.num_frames, self._step.tokens_per_frame, k.device)
-        frame, index = self._step_ids
+        frame, index = step_token_ids(H, self._step.frame_offset, self._step.num_frames, self._step.tokens_per_frame, k.device)
         position = torch.full((H, M, 3), float("nan"), device=k.device) if self.tracks_positions else None
         placeholder = torch.empty(H, M, device=k.device)  # filled in absorb()
         if store is None:

@@ -54,10 +54,7 @@ class LayerTokens:
 
 
 def step_token_ids(num_heads: int, frame_offset: int, num_frames: int, tokens_per_frame: int, device) -> tuple[Tensor, Tensor]:
-    """Frame index and in-frame index [H, C*P] (int32) of a step's new tokens.
-
-    Every layer of a step gets the same ids: policies make them once per step and share the two
-    tensors between layers (stores only ever replace them, never write into them)."""
+    """Frame index and in-frame index [H, C*P] (int32) of a step's new tokens."""
     frames = torch.arange(frame_offset, frame_offset + num_frames, device=device, dtype=torch.int32)
     frame = frames.repeat_interleave(tokens_per_frame)
     index = torch.arange(tokens_per_frame, device=device, dtype=torch.int32).repeat(num_frames)

@@ -25,7 +25,6 @@ class WindowCache(CachePolicy):
         self.pinned = tuple(pinned_frames)
         self.layers: dict[int, LayerTokens] = {}
         self._step: Optional[StepInfo] = None
-        self._step_ids: Optional[tuple[Tensor, Tensor]] = None  # the step's frame/index ids, made once
 
     def begin_step(self, info: StepInfo) -> None:
         budget = self.config.memory_budget_bytes
@@ -33,7 +32,6 @@ class WindowCache(CachePolicy):
             raise ValueError(f"memory budget {budget} B is too small for a {self.name} cache of {self.window} frames "
                              f"at {info.tokens_per_frame} tokens/frame (needs {self.bytes_bound(info.tokens_per_frame)} B)")
         self._step = info
-        self._step_ids = None
 
     def bytes_bound(self, tokens_per_frame: int) -> int:
         g = self.geometry
@@ -45,9 +43,7 @@ class WindowCache(CachePolicy):
         if self._step is None:
             raise RuntimeError("begin_step() must be called before attention")
         store = self.layers.get(layer)
-        if self._step_ids is None:
-            self._step_ids = step_token_ids(k.shape[0], self._step.frame_offset, self._step.num_frames, self._step.tokens_per_frame, k.device)
-        frame, index = self._step_ids
+        frame, index = step_token_ids(k.shape[0], self._step.frame_offset, self._step.num_frames, self._step.tokens_per_frame, k.device)
         if store is None:
             store = self.layers[layer] = LayerTokens(k, v, frame, index, None, None)
         else:
