@@ -202,7 +202,8 @@ def triton_section(report, name, lines, plt):
     lines.append(f"![triton]({png_name(name)})\n")
 
 
-SERVING_FILES = ("triton_overhead_h200_decoupled.json", "triton_overhead_h200_decoupled_16streams.json",
+SERVING_FILES = ("triton_overhead_h100_decoupled.json", "triton_overhead_h100_decoupled_16streams.json",
+                 "triton_overhead_h200_decoupled.json", "triton_overhead_h200_decoupled_16streams.json",
                  "triton_overhead_h100.json", "triton_overhead_h100_fp16.json", "triton_overhead_h100_fp16_48frames.json",
                  "triton_overhead_h100_fp16_instances2.json", "triton_overhead_h100_fp16_inflight2.json",
                  "triton_overhead_h100_fp16_gpu_8streams.json", "triton_overhead_h100_fp16_gpu.json",
@@ -360,12 +361,67 @@ def stac_ab_section(lines) -> None:
     lines.append("")
 
 
+def folder_ab_section(lines, folder: str, title: str, source: str) -> None:
+    """One row per (file, policy) of a folder of policies.py runs made in one device call.
+
+    The A/B folders hold the same command run with one setting changed (file names say which);
+    medians over frame windows are steadier than single frames on a shared GPU.
+    """
+    rows, targets = [], []
+    for path in sorted((BENCH / folder).glob("*.json")):
+        report = json.loads(path.read_text())
+        if policy_targets(report):
+            targets.append(f"- `{path.name}`: " + policy_targets(report)[len("Targets from this file: "):])
+        for r in report["results"]:
+            def median_ms(lo, hi):
+                ms = [s["seconds_per_frame"] * 1000 for s in r["steps"] if lo <= s["frame"] <= hi]
+                return f"{statistics.median(ms):.1f}" if ms else "-"
+            last = r["steps"][-1]
+            oom = r.get("memory_at_oom") or {}
+            reserved = oom.get("reserved_bytes", last.get("reserved_bytes"))
+            allocated = oom.get("allocated_bytes", last.get("allocated_bytes"))
+            gib = lambda b: f"{b / 2**30:.1f}" if b else "-"  # noqa: E731
+            rows.append((path.name, r["policy"], r["status"], median_ms(21, 100), median_ms(101, 180),
+                         median_ms(181, 240), last["frame"], f"{last['cache_bytes'] / 2**20:,.0f}",
+                         gib(allocated), gib(reserved), report.get("allocator_conf") or "default", report["device"]))
+    if not rows:
+        return
+    lines.append(f"## {title}, {rows[0][-1]}\n")
+    lines.append(f"Sources: `{folder}/*.json` ({source}).\n")
+    lines.append("| file | policy | status | median ms/frame 21-100 | 101-180 | 181-240 | last frame | cache MiB there "
+                 "| allocated GiB | reserved GiB | allocator |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        lines.append("| `" + row[0] + "` | " + " | ".join(str(c) for c in row[1:-1]) + " |")
+    lines.append("")
+    if targets:
+        lines.extend(["Targets per file:", ""] + targets + [""])
+
+
+# (folder, title, how it was made): same-call A/B runs of round 9 on.
+AB_FOLDERS = (
+    ("full_growth_ab_h100_round9", "Full cache: exact concatenation vs spare capacity (round 9)",
+     "`benchmarks/policies.py --policies full,stac,window --frames 240`, stress overrides; `exact_*` the default "
+     "`full_growth` 1.0, `growth_*` `--full-overrides '{\"full_growth\": 1.25}'`; runs interleaved"),
+    ("full_memory_h100_round9", "Full cache to 600 frames: default allocator vs expandable segments (round 9)",
+     "`benchmarks/policies.py --policies full --frames 600`; `exact_expandable` with "
+     "`PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`; allocated/reserved at the out-of-memory error or the last frame"),
+    ("step_ids_ab_h100_round10", "Step token ids shared across layers A/B (round 10)",
+     "`benchmarks/policies.py --policies stac,window --frames 100`, stress overrides; `old_*` 72b50cf, `new_*` b6f1047 "
+     "(step ids made once per step; reverted next: no gain); runs interleaved"),
+    ("cuda_graphs_ab_h100_round9", "CUDA graphs A/B (round 9)",
+     "`benchmarks/policies.py --policies stac,window --frames 100`, stress overrides, `STAC_CUDA_GRAPHS=0` / `=1`"),
+)
+
+
 def png_name(json_name: str) -> str:
     return json_name[: -len(".json")] + ".png"
 
 
-# (file, section): round 8's H100 and H200 files, the H200 files of rounds 6-7, the H100 files of rounds 1-5.
-SECTIONS = (("policies_vggt1b_h100_round8.json", "policies"), ("policies_vggt1b_h100_1000.json", "policies"),
+# (file, section): round 10's H100 files, round 8's H100 and H200 files, the H200 files of rounds 6-7,
+# the H100 files of rounds 1-5.
+SECTIONS = (("triton_sweep_h100_round10.json", "triton"), ("kernel_attention_h100_round10.json", "kernel"),
+            ("policies_vggt1b_h100_round8.json", "policies"), ("policies_vggt1b_h100_1000.json", "policies"),
             ("policies_vggt1b_h200_1000_expandable.json", "policies"),
             ("engine_concurrency_h100_round8.json", "concurrency"), ("engine_concurrency_h100_round8_graphs.json", "concurrency"),
             ("policies_vggt1b_h200.json", "policies"), ("policies_vggt1b_h200_round6.json", "policies"),
@@ -393,6 +449,8 @@ def main() -> int:
         report = load(name)
         if report is not None:
             sections[kind](report, name, lines, plt)
+    for folder, title, source in AB_FOLDERS:
+        folder_ab_section(lines, folder, title, source)
     cuda_graphs_ab_section(lines)
     serving_section(lines)
     pool_round7_section(lines)
