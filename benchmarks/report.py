@@ -208,7 +208,8 @@ SERVING_FILES = ("triton_overhead_h100_decoupled.json", "triton_overhead_h100_de
                  "triton_overhead_h100_fp16_instances2.json", "triton_overhead_h100_fp16_inflight2.json",
                  "triton_overhead_h100_fp16_gpu_8streams.json", "triton_overhead_h100_fp16_gpu.json",
                  "triton_overhead_h100_fp16_gpu_inflight2.json",
-                 "triton_overhead_h100_fp16_output_device.json")
+                 "triton_overhead_h100_fp16_output_device.json",
+                 "triton_queue_delay_h100_round11.json", "triton_queue_delay_h100_round11b.json")
 
 
 def label_setting(label: str, key: str, default):
@@ -236,6 +237,7 @@ def serving_section(lines) -> None:
                 rows.append(f"| `{name}` | {r['streams']} | {report.get('output_dtype', 'float32')} | "
                             f"{label_setting(label, 'output_device', file_device)} | "
                             f"{'yes' if 'decoupled' in label.split(',') else 'no'} | {report.get('instances', 1)} | "
+                            f"{int(label_setting(label, 'queue_delay_us', 100000)) / 1000:g} | "
                             f"{label_setting(label, 'inflight', file_inflight)} | {report['frames_per_stream']} | "
                             f"{t['frames_per_second']:.1f} | "
                             f"{r['engine']['frames_per_second']:.1f} | **{r['triton_over_engine'][label]:.2f}** | "
@@ -248,10 +250,11 @@ def serving_section(lines) -> None:
                  "(16 for 16 streams), 100 ms queue delay). infer/output ms: Triton's per-request compute_infer / "
                  "compute_output (a decoupled model sends its responses itself: no compute_output). Ratios compare "
                  "Triton and the engine within one file (one machine).\n")
-    lines.append("| file | streams | dense outputs | outputs handed over on | decoupled | instances | in flight per stream | "
+    lines.append("| file | streams | dense outputs | outputs handed over on | decoupled | instances | queue delay ms | "
+                 "in flight per stream | "
                  "frames per stream | Triton frames/s | engine frames/s | Triton/engine | requests per execute | "
                  "infer ms | output ms |")
-    lines.append("| --- " * 14 + "|")
+    lines.append("| --- " * 15 + "|")
     lines.extend(rows)
     lines.append("")
     path_rows = []
