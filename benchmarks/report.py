@@ -209,7 +209,8 @@ SERVING_FILES = ("triton_overhead_h100_decoupled.json", "triton_overhead_h100_de
                  "triton_overhead_h100_fp16_gpu_8streams.json", "triton_overhead_h100_fp16_gpu.json",
                  "triton_overhead_h100_fp16_gpu_inflight2.json",
                  "triton_overhead_h100_fp16_output_device.json",
-                 "triton_queue_delay_h100_round11.json", "triton_queue_delay_h100_round11b.json")
+                 "triton_queue_delay_h100_round11.json", "triton_queue_delay_h100_round11b.json",
+                 "triton_queue_delay_h100_round11_shipped.json")
 
 
 def label_setting(label: str, key: str, default):
