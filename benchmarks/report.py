@@ -247,8 +247,9 @@ def serving_section(lines) -> None:
     if not rows:
         return
     lines.append("## Triton serving settings at a fixed load (same frames through Triton and the engine)\n")
-    lines.append("Sources: `triton_overhead_h*.json` (`benchmarks/triton_overhead.py`, oldest strategy, max batch 8 "
-                 "(16 for 16 streams), 100 ms queue delay). infer/output ms: Triton's per-request compute_infer / "
+    lines.append("Sources: `triton_overhead_h*.json` and `triton_queue_delay_h100_round11*.json` "
+                 "(`benchmarks/triton_overhead.py`, oldest strategy, max batch 8 (16 for 16 streams; 32 in the "
+                 "round 11 files but `*_shipped`), queue delay as listed). infer/output ms: Triton's per-request compute_infer / "
                  "compute_output (a decoupled model sends its responses itself: no compute_output). Ratios compare "
                  "Triton and the engine within one file (one machine).\n")
     lines.append("| file | streams | dense outputs | outputs handed over on | decoupled | instances | queue delay ms | "
