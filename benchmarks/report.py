@@ -238,7 +238,7 @@ def serving_section(lines) -> None:
                 rows.append(f"| `{name}` | {r['streams']} | {report.get('output_dtype', 'float32')} | "
                             f"{label_setting(label, 'output_device', file_device)} | "
                             f"{'yes' if 'decoupled' in label.split(',') else 'no'} | {report.get('instances', 1)} | "
-                            f"{int(label_setting(label, 'queue_delay_us', 100000)) / 1000:g} | "
+                            f"{report['max_batch_size']} | {int(label_setting(label, 'queue_delay_us', 100000)) / 1000:g} | "
                             f"{label_setting(label, 'inflight', file_inflight)} | {report['frames_per_stream']} | "
                             f"{t['frames_per_second']:.1f} | "
                             f"{r['engine']['frames_per_second']:.1f} | **{r['triton_over_engine'][label]:.2f}** | "
@@ -248,15 +248,15 @@ def serving_section(lines) -> None:
         return
     lines.append("## Triton serving settings at a fixed load (same frames through Triton and the engine)\n")
     lines.append("Sources: `triton_overhead_h*.json` and `triton_queue_delay_h100_round11*.json` "
-                 "(`benchmarks/triton_overhead.py`, oldest strategy, max batch 8 (16 for 16 streams; 32 in the "
-                 "round 11 files but `*_shipped`), queue delay as listed). infer/output ms: Triton's per-request compute_infer / "
+                 "(`benchmarks/triton_overhead.py`, oldest strategy; max batch, also the preferred batch, and queue "
+                 "delay as listed). infer/output ms: Triton's per-request compute_infer / "
                  "compute_output (a decoupled model sends its responses itself: no compute_output). Ratios compare "
                  "Triton and the engine within one file (one machine).\n")
-    lines.append("| file | streams | dense outputs | outputs handed over on | decoupled | instances | queue delay ms | "
+    lines.append("| file | streams | dense outputs | outputs handed over on | decoupled | instances | max batch | queue delay ms | "
                  "in flight per stream | "
                  "frames per stream | Triton frames/s | engine frames/s | Triton/engine | requests per execute | "
                  "infer ms | output ms |")
-    lines.append("| --- " * 15 + "|")
+    lines.append("| --- " * 16 + "|")
     lines.extend(rows)
     lines.append("")
     path_rows = []
