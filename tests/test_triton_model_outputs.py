@@ -20,10 +20,15 @@ def step_outputs(device: str, frames: int = 2, h: int = 14, w: int = 28) -> dict
     return out
 
 
+@pytest.mark.parametrize("non_blocking", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
-def test_outputs_on_host_are_the_values_in_wire_dtypes(device):
+def test_outputs_on_host_are_the_values_in_wire_dtypes(device, non_blocking):
     outputs = step_outputs(device)
-    host = outputs_on_host(outputs)
+    host = outputs_on_host(outputs, non_blocking=non_blocking)
+    if non_blocking and device == "cuda":  # only queued: wait as the decoupled model's sender does
+        event = torch.cuda.Event()
+        event.record()
+        event.synchronize()
     assert list(host) == list(OUTPUTS)
     for name, (key, dtype) in OUTPUTS.items():
         value = host[name]
@@ -175,3 +180,42 @@ def test_response_sender_sends_in_order_and_survives_a_failed_response():
     assert sent == ["a", "b", "c", "d"]
     with pytest.raises(RuntimeError, match="stopped"):
         sender.submit([])
+
+
+def test_response_sender_waits_for_the_batch_and_answers_a_failed_device_with_errors(monkeypatch):
+    """Decoupled: execute() hands over a batch with the event behind its output copies. The sender
+    builds no response before that event is done; a failed event (the step failed on the device)
+    answers that batch's requests with the error, and the next batch is sent as usual."""
+    import threading
+    from types import SimpleNamespace
+
+    from stac_backend.serving import triton_model
+    from stac_backend.serving.triton_model import ResponseSender
+
+    monkeypatch.setattr(triton_model, "pb_utils", SimpleNamespace(
+        TritonError=lambda message: message, InferenceResponse=lambda error=None: ("error", error)))
+    log: list = []
+    release = threading.Event()
+
+    class Ready:
+        def __init__(self, fail=False):
+            self.fail = fail
+
+        def synchronize(self):
+            release.wait(5)
+            log.append("ready")
+            if self.fail:
+                raise RuntimeError("device-side assert")
+
+    def make(value):
+        return lambda: log.append(f"built {value}") or value
+
+    sender = ResponseSender(max_pending=4)
+    sender.submit([(log.append, make("a"))], ready=Ready())
+    sender.submit([(log.append, make("b")), (log.append, make("c"))], ready=Ready(fail=True))
+    sender.submit([(log.append, make("d"))])  # no device work: nothing to wait for
+    assert log == []  # nothing built while the first batch's outputs are not ready
+    release.set()
+    sender.close()
+    error = ("error", "the step failed on the device: device-side assert")
+    assert log == ["ready", "built a", "a", "ready", error, error, "built d", "d"]

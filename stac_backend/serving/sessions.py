@@ -148,7 +148,7 @@ class StreamSessions:
     def stats(self) -> dict[str, int]:
         with self._lock:
             cache = sum(s.stream.memory_bytes() for s in self.sessions.values())
-            evicted = sum(int(s.stream.cache.stats().get("evicted_tokens", 0)) for s in self.sessions.values())
+            evicted = sum(_evicted_tokens(s.stream.cache) for s in self.sessions.values())
             c = self.counters
             return {
                 "active_streams": len(self.sessions),
@@ -263,3 +263,14 @@ class StreamSessions:
         session = self.sessions.pop(cid, None)
         if session is not None:
             session.stream.reset()
+
+
+def _evicted_tokens(cache) -> int:
+    """The cache's evicted-token count, from its host-side counter where it keeps one.
+
+    The Triton model publishes these stats after every execute; ``stats()`` of the stac cache also
+    reads the voxel pool's counters from the GPU, a synchronisation that would make every execute
+    wait for its step to finish on the device.
+    """
+    count = getattr(cache, "evicted_tokens", None)
+    return int(count) if count is not None else int(cache.stats().get("evicted_tokens", 0))

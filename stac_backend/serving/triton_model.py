@@ -16,10 +16,13 @@ Python backend passes them to Triton by CUDA IPC and Triton copies them into the
 skips this process's device-to-host copy and the copy into the backend's shared memory.
 
 With the decoupled transaction policy (``ServeSettings.decoupled``, ``stac serve --decoupled``)
-``execute()`` returns as soon as the batch's step has run and its outputs are on the host; a
-sender thread of this model builds and sends the responses (the copies into the backend's shared
-memory, and Triton's own copies into the gRPC responses) while the next batch computes. Responses
-leave in the order their requests were executed, so a stream's results stay in order. Clients must
+``execute()`` returns as soon as the batch's step and the copies of its outputs to the host are
+queued on the GPU, without waiting for them: a sender thread of this model waits for that batch's
+copies (one CUDA event), then builds and sends the responses (the copies into the backend's shared
+memory, and Triton's own copies into the gRPC responses), while Triton hands the model its next
+batch and the next step's kernels queue behind the current one - the GPU does not idle between
+batches while requests travel. Responses leave in the order their requests were executed, so a
+stream's results stay in order. Clients must
 then use gRPC streaming (``stream_infer``; ``StacClient`` and ``stac fleet`` do so by themselves,
 perf_analyzer needs ``--streaming``): Triton refuses unary calls to a decoupled model.
 
@@ -172,12 +175,15 @@ def _limits(p: dict[str, str], model_config: dict[str, Any]):
 class ResponseSender:
     """Builds and sends a decoupled model's responses on a thread of its own, in the order queued.
 
-    ``submit`` takes one executed batch: a list of ``(send, make_response)`` pairs. The thread
-    calls ``send(make_response())`` for each, so building the responses (the copies into the
-    Python backend's shared memory) and Triton's side of sending them overlap the next batch's
-    step. At most ``max_pending`` batches wait; ``submit`` blocks beyond that, which bounds the
-    host memory held by outputs not yet sent. A failure to build or send one response is logged
-    and answered with an error where still possible; it never stops the thread.
+    ``submit`` takes one executed batch: a list of ``(send, make_response)`` pairs, and optionally
+    ``ready``, an object whose ``synchronize()`` returns once the batch's outputs exist (the CUDA
+    event recorded after their copies were queued). The thread waits for ``ready``, then calls
+    ``send(make_response())`` for each pair, so the end of the step on the GPU, building the
+    responses (the copies into the Python backend's shared memory) and Triton's side of sending
+    them overlap the next batch. At most ``max_pending`` batches wait; ``submit`` blocks beyond
+    that, which bounds the memory held by outputs not yet sent. A failure to build or send one
+    response is logged and answered with an error where still possible; a failed ``ready`` (the
+    step failed on the GPU) answers the whole batch with that error. Neither stops the thread.
     """
 
     def __init__(self, max_pending: int = 2):
@@ -185,10 +191,10 @@ class ResponseSender:
         self._thread = threading.Thread(target=self._run, name="stac-response-sender", daemon=True)
         self._thread.start()
 
-    def submit(self, batch: list) -> None:
+    def submit(self, batch: list, ready: Any = None) -> None:
         if not self._thread.is_alive():
             raise RuntimeError("the response sender thread has stopped")
-        self._queue.put(batch)
+        self._queue.put((batch, ready))
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Send what is queued, then stop the thread."""
@@ -197,12 +203,23 @@ class ResponseSender:
 
     def _run(self) -> None:
         while True:
-            batch = self._queue.get()
-            if batch is None:
+            item = self._queue.get()
+            if item is None:
                 return
+            batch, ready = item
+            failure = None
+            if ready is not None:
+                try:
+                    ready.synchronize()
+                except Exception as exc:  # noqa: BLE001 - e.g. a device-side error in the step
+                    log.exception("the batch's outputs could not be made ready")
+                    failure = f"the step failed on the device: {exc}"
             for send, make_response in batch:
                 try:
-                    send(make_response())
+                    if failure is not None:
+                        send(pb_utils.InferenceResponse(error=pb_utils.TritonError(failure)))
+                    else:
+                        send(make_response())
                 except Exception as exc:  # noqa: BLE001 - one broken response must not stop the others
                     log.exception("could not send a response")
                     try:
@@ -238,22 +255,22 @@ class TritonPythonModel:
         if ok:
             for i, result in zip(ok, self.sessions.handle([parsed[i] for i in ok])):
                 results[i] = result
-        # The outputs are made ready here, in execute order (copied to the host, or finished on the
-        # GPU); only building and sending the responses may wait for the sender thread.
-        prepared = [self._prepare(result, request) for result, request in zip(results, requests)]
+        # The outputs' copies (to the host, or to their own GPU buffers) are queued here, in execute
+        # order. Unary: they are waited for before returning. Decoupled: only the sender thread waits,
+        # on one event recorded behind them, so this returns while the GPU finishes the step.
+        decoupled = self._sender is not None
+        prepared = [self._prepare(result, request, non_blocking=decoupled) for result, request in zip(results, requests)]
         self._publish_metrics()
-        if self._sender is None:
+        if not decoupled:
             return [_make_response(ready) for ready in prepared]
-        on_gpu = next((v.device for r in prepared if isinstance(r, dict) for v in r.values() if v.is_cuda), None)
-        if on_gpu is not None:  # OUTPUT_DEVICE=gpu: finished before another thread hands them to Triton
-            torch.cuda.current_stream(on_gpu).synchronize()
+        ready_event = _event_after(results)
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         batch = []
         for ready, request in zip(prepared, requests):
             sender = request.get_response_sender()
             batch.append((lambda response, sender=sender: sender.send(response, flags=final),
                           lambda ready=ready: _make_response(ready)))
-        self._sender.submit(batch)
+        self._sender.submit(batch, ready=ready_event)
         return None
 
     def finalize(self) -> None:
@@ -286,9 +303,12 @@ class TritonPythonModel:
         except Exception as exc:  # noqa: BLE001 - any malformed request is that client's error
             return RequestError(f"malformed request: {exc}")
 
-    def _prepare(self, result, request):
+    def _prepare(self, result, request, non_blocking: bool = False):
         """What the response will carry: None (a null request), a RequestError, or a dict of output
-        name -> tensor in wire dtype (on the host, or on the GPU with OUTPUT_DEVICE=gpu)."""
+        name -> tensor in wire dtype (on the host, or on the GPU with OUTPUT_DEVICE=gpu).
+
+        non_blocking: host outputs are only queued for copying (see ``outputs_on_host``); the
+        caller waits for the device before reading them."""
         if result is None or isinstance(result, RequestError):
             return result
         assert isinstance(result, StepResult)
@@ -299,7 +319,7 @@ class TritonPythonModel:
         if self.outputs_on_gpu:
             ready = outputs_on_device(result.outputs, names, self.dense_dtype)
         else:
-            ready = outputs_on_host(result.outputs, names, self.dense_dtype)  # a blocking copy
+            ready = outputs_on_host(result.outputs, names, self.dense_dtype, non_blocking=non_blocking)
         if "CACHE_BYTES" in wanted:
             ready["CACHE_BYTES"] = torch.tensor([result.cache_bytes], dtype=torch.int64)
         return ready
@@ -315,6 +335,18 @@ class TritonPythonModel:
             elif value > self._counted[key]:
                 metric.increment(value - self._counted[key])
                 self._counted[key] = value
+
+
+def _event_after(results) -> Optional["torch.cuda.Event"]:
+    """A CUDA event recorded on the current stream of the device the batch's outputs live on, behind
+    every copy queued so far (None when no output is on a GPU: nothing to wait for)."""
+    device = next((v.device for r in results if isinstance(r, StepResult) for v in r.outputs.values()
+                   if isinstance(v, torch.Tensor) and v.is_cuda), None)
+    if device is None:
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 def _make_response(ready):
@@ -365,39 +397,38 @@ def outputs_on_device(outputs: dict[str, torch.Tensor], names: Optional[list[str
 
 
 def outputs_on_host(outputs: dict[str, torch.Tensor], names: Optional[list[str]] = None,
-                    dense_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+                    dense_dtype: torch.dtype = torch.float32, non_blocking: bool = False) -> dict[str, torch.Tensor]:
     """A step's outputs (``names``, default all of OUTPUTS) as contiguous host tensors in wire dtypes.
 
     dense_dtype: the wire dtype of DENSE_OUTPUTS (float32, or float16 to halve their bytes); the
     other outputs keep OUTPUTS' dtypes.
 
     The cast to the wire dtype happens on the model's device, before the copy, so float16 halves the
-    PCIe traffic too. On a GPU the float outputs (~5 MB per 518x392 frame in float32) leave in one
+    PCIe traffic too. On a GPU the outputs (~5 MB per 518x392 frame in float32) leave in one
     device-to-host copy per wire dtype into pinned memory - full PCIe speed and a fixed number of
     synchronisations - instead of one pageable copy per output; the results are views of those
     buffers. Values beyond float16's finite range (|x| > 65504) are clamped to +-65504 rather than
     sent as inf (NaN stays NaN).
+
+    non_blocking: on a GPU, only queue the copies on the current stream and return at once; the
+    values are there once that stream has passed them (an event recorded after this call, waited
+    for before reading), which lets the host go on to the next batch while the GPU finishes.
     """
     selected = _wire_outputs(names, dense_dtype)
     host_outputs: dict[str, torch.Tensor] = {}
-    for group_dtype in (torch.float32, torch.float16):  # one buffer, one copy per float wire dtype
+    for group_dtype in dict.fromkeys(dtype for _, dtype in selected.values()):  # one buffer, one copy per wire dtype
         group = [(name, outputs[key].detach()) for name, (key, dtype) in selected.items() if dtype is group_dtype]
-        if not group:
-            continue
         flat = torch.cat([value.reshape(-1).to(group_dtype) for _, value in group])
         if group_dtype is torch.float16:
             flat.clamp_(-FP16_MAX, FP16_MAX)  # out-of-range values became inf in the cast: send the largest finite
         if flat.is_cuda:
             host = torch.empty(flat.shape, dtype=group_dtype, pin_memory=True)
-            host.copy_(flat)
+            host.copy_(flat, non_blocking=non_blocking)
             flat = host
         offset = 0
         for name, value in group:
             host_outputs[name] = flat[offset:offset + value.numel()].view(value.shape)
             offset += value.numel()
-    for name, (key, dtype) in selected.items():
-        if dtype not in (torch.float32, torch.float16):  # FRAME_INDEX: a few int64s
-            host_outputs[name] = outputs[key].detach().to(device="cpu", dtype=dtype).contiguous()
     return {name: host_outputs[name] for name in selected}
 
 
