@@ -56,3 +56,35 @@ def test_numpy_uint8_frames_are_accepted(tiny_model, frames12):
 def test_invalid_chunk_size(tiny_model):
     with pytest.raises(ValueError, match="chunk_size"):
         Stream(tiny_model, chunk_size=0)
+
+
+def test_token_positions_are_reused_while_the_shape_stays(tiny_model):
+    """RoPE reads the largest position from the device once per positions tensor it has not seen; the
+    aggregator hands it the same tensors while the step's shape stays, so that read (a host
+    synchronisation on a GPU) happens once per shape, not once per step."""
+    aggregator = tiny_model.aggregator
+    first = aggregator._token_positions(4, 6, 1, 2, torch.device("cpu"))
+    again = aggregator._token_positions(4, 6, 1, 2, torch.device("cpu"))
+    assert first[0] is again[0] and first[1] is again[1]
+    wider = aggregator._token_positions(4, 6, 2, 2, torch.device("cpu"))  # another batch: new positions
+    assert wider[0].shape == (4, 29, 2) and wider[1].shape == (2, 58, 2)
+    assert torch.equal(wider[1][1], first[1][0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_frames_reach_the_gpu_without_a_host_synchronisation(tiny_model):
+    """uint8 and float frames cross to the GPU through pinned memory without making the host wait for
+    the GPU (torch's sync debug mode raises on any synchronising call), and arrive unchanged."""
+    stream = Stream(tiny_model.to("cuda"))
+    try:
+        uint8 = torch.randint(0, 256, (2, 3, 56, 84), dtype=torch.uint8)
+        floats = torch.rand(2, 3, 56, 84)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            from_uint8, from_float = stream.validate(uint8), stream.validate(floats)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(from_uint8.cpu(), uint8.float() / 255.0)
+        assert torch.equal(from_float.cpu(), floats)
+    finally:
+        tiny_model.to("cpu")

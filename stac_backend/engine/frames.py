@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..model.transfer import to_device_nonblocking
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Floats are images in [0, 1]; a little slack absorbs resampling overshoot.
 RANGE_SLACK = 1e-3
@@ -51,27 +53,13 @@ def to_frame_tensor(
     if expected_hw is not None and (height, width) != tuple(expected_hw):
         raise ValueError(f"frame size changed within the stream: {height}x{width}, stream is {expected_hw[0]}x{expected_hw[1]}")
     if frames.dtype == torch.uint8:
-        out = _to_device(frames, device).to(torch.float32) / 255.0
+        out = to_device_nonblocking(frames, device).to(torch.float32) / 255.0
     else:
         if not bool(torch.isfinite(frames).all()):
             raise ValueError("frames contain non-finite values (NaN or inf)")
         lo, hi = float(frames.min()), float(frames.max())
         if lo < -RANGE_SLACK or hi > 1 + RANGE_SLACK:
             raise ValueError(f"float frames must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}] (uint8 input is also accepted)")
-        out = _to_device(frames, device).to(torch.float32).clamp_(0.0, 1.0)
+        out = to_device_nonblocking(frames, device).to(torch.float32).clamp_(0.0, 1.0)
     return out.to(dtype)
 
-
-def _to_device(frames: Tensor, device: Union[str, torch.device]) -> Tensor:
-    """``frames`` on ``device``, in their own dtype (uint8 frames cross PCIe at 1 byte a value).
-
-    Host to GPU goes through a pinned copy with a non-blocking transfer: a copy from pageable
-    memory makes the host wait until the GPU has finished all earlier work (torch synchronises the
-    stream after it), so a server could not read and queue its next batch while the previous
-    step's last kernels still run. The pinned buffer is torch's (cached, reused once the transfer
-    is done); the caller's buffer may be freed as soon as this returns.
-    """
-    device = torch.device(device)
-    if device.type != "cuda" or frames.device.type != "cpu":
-        return frames.to(device)
-    return frames.pin_memory().to(device, non_blocking=True)

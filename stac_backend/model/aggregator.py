@@ -18,6 +18,7 @@ from .config import ModelConfig
 from .layers import AttendFn, Block, dense_attention
 from .patch_embed import build_patch_embed
 from .rope import RotaryEmbedding2D, frame_token_positions
+from .transfer import compiling_or_exporting, to_device_nonblocking
 
 FrameOffset = Union[int, Sequence[int]]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,6 +52,7 @@ class Aggregator(nn.Module):
         self.config = c
         self.patch_embed = build_patch_embed(c.patch_embed, c.img_size, c.patch_size, c.num_register_tokens, c.embed_dim)
         self.rope = RotaryEmbedding2D(c.rope_freq) if c.rope_freq > 0 else None
+        self._positions: tuple = ()  # (key, frame positions, global positions) of the last step's shape
 
         def make_block() -> Block:
             return Block(
@@ -79,13 +81,33 @@ class Aggregator(nn.Module):
         B, S, _, H, W = images.shape
         x = ((images - self._mean.to(images.dtype)) / self._std.to(images.dtype)).reshape(B * S, 3, H, W)
         patches = self.patch_embed(x)
-        offsets = torch.as_tensor(frame_offset, device=images.device).reshape(-1, 1).expand(B, 1)
-        # Which special-token variant each frame gets: 0 for its stream's first frame, else 1.
-        variant = (torch.arange(S, device=images.device)[None, :] + offsets > 0).long()  # [B, S]
+        # Which special-token variant each frame gets: 0 for its stream's first frame, else 1. Made
+        # where the offsets are (host ints) and sent without a host wait (see model/transfer.py).
+        offsets = torch.as_tensor(frame_offset).reshape(-1, 1).expand(B, 1)
+        variant = (torch.arange(S, device=offsets.device)[None, :] + offsets > 0).long()  # [B, S]
+        variant = to_device_nonblocking(variant, images.device)
         camera = self.camera_token[0, variant].to(patches.dtype)  # [B, S, 1, D]
         registers = self.register_token[0, variant].to(patches.dtype)  # [B, S, R, D]
         special = torch.cat([camera, registers], dim=2)
         return torch.cat([special.reshape(B * S, -1, patches.shape[-1]), patches], dim=1)
+
+    def _token_positions(self, grid_h: int, grid_w: int, B: int, S: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Token positions for frame attention [B*S, P, 2] and global attention [B, S*P, 2].
+
+        The same tensors again while the shape stays: RoPE sizes its tables by reading the largest
+        position from the GPU once per positions tensor it has not seen (a host synchronisation),
+        which new tensors every step would repeat every step.
+        """
+        # Inference-mode tensors may not be saved for backward (training indexes with these).
+        key = (grid_h, grid_w, B, S, str(device), torch.is_inference_mode_enabled())
+        if self._positions and self._positions[0] == key:
+            return self._positions[1], self._positions[2]
+        pos = frame_token_positions(grid_h, grid_w, self.config.patch_start_idx, device)
+        frame_pos = pos.unsqueeze(0).expand(B * S, -1, -1)
+        global_pos = pos.unsqueeze(0).expand(B * S, -1, -1).reshape(B, S * pos.shape[0], 2)
+        if not compiling_or_exporting():  # never keep a tracer's tensors
+            self._positions = (key, frame_pos, global_pos)
+        return frame_pos, global_pos
 
     def forward(
         self,
@@ -103,9 +125,7 @@ class Aggregator(nn.Module):
         B, S, _, H, W = images.shape
         tokens = self.embed(images, frame_offset)
         P, D = tokens.shape[1], tokens.shape[2]
-        pos = frame_token_positions(H // c.patch_size, W // c.patch_size, c.patch_start_idx, images.device)
-        frame_pos = pos.unsqueeze(0).expand(B * S, -1, -1)
-        global_pos = pos.unsqueeze(0).expand(B * S, -1, -1).reshape(B, S * P, 2)
+        frame_pos, global_pos = self._token_positions(H // c.patch_size, W // c.patch_size, B, S, images.device)
         global_attention = global_attention or DenseGlobalAttention()
         keep = set(range(c.depth)) if keep_layers is None else set(keep_layers)
 

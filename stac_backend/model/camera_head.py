@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import Block, Mlp
+from .transfer import to_device_nonblocking
 
 POSE_ENCODING_DIM = 9
 
@@ -80,8 +81,8 @@ class CameraKVCache:
             return
         idx = keep.nonzero().squeeze(1)
         self.frames = self.frames[idx]
-        # one host-to-device copy for all keys (a blocking copy per key would stall the GPU queue each time)
-        device_idx = idx.to(next(iter(self.keys.values())).device)
+        # one host-to-device copy for all keys, not blocking (a blocking one would wait for the GPU)
+        device_idx = to_device_nonblocking(idx, next(iter(self.keys.values())).device)
         for key in self.keys:
             self.keys[key] = self.keys[key].index_select(1, device_idx)
             self.values[key] = self.values[key].index_select(1, device_idx)
