@@ -210,7 +210,9 @@ SERVING_FILES = ("triton_overhead_h100_decoupled.json", "triton_overhead_h100_de
                  "triton_overhead_h100_fp16_gpu_inflight2.json",
                  "triton_overhead_h100_fp16_output_device.json",
                  "triton_queue_delay_h100_round11.json", "triton_queue_delay_h100_round11b.json",
-                 "triton_queue_delay_h100_round11_shipped.json")
+                 "triton_queue_delay_h100_round11_shipped.json",
+                 # round 12: round 11's code (old_*) and this round's (new_*), interleaved on one machine
+                 *(f"triton_ab_h100_round12/{run}.json" for run in ("old_1", "new_1", "new_2", "old_2", "new_8streams")))
 
 
 def label_setting(label: str, key: str, default):
@@ -247,7 +249,8 @@ def serving_section(lines) -> None:
     if not rows:
         return
     lines.append("## Triton serving settings at a fixed load (same frames through Triton and the engine)\n")
-    lines.append("Sources: `triton_overhead_h*.json` and `triton_queue_delay_h100_round11*.json` "
+    lines.append("Sources: `triton_overhead_h*.json`, `triton_queue_delay_h100_round11*.json` and "
+                 "`triton_ab_h100_round12/*.json` "
                  "(`benchmarks/triton_overhead.py`, oldest strategy; max batch, also the preferred batch, and queue "
                  "delay as listed). infer/output ms: Triton's per-request compute_infer / "
                  "compute_output (a decoupled model sends its responses itself: no compute_output). Ratios compare "

@@ -84,7 +84,8 @@ def test_frames_reach_the_gpu_without_a_host_synchronisation(tiny_model):
             from_uint8, from_float = stream.validate(uint8), stream.validate(floats)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        assert torch.equal(from_uint8.cpu(), uint8.float() / 255.0)
+        # the same values as the blocking copy (scaled on the GPU, as before)
+        assert torch.equal(from_uint8, uint8.to("cuda").float() / 255.0)
         assert torch.equal(from_float.cpu(), floats)
     finally:
         tiny_model.to("cpu")
