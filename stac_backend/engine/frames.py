@@ -62,4 +62,3 @@ def to_frame_tensor(
             raise ValueError(f"float frames must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}] (uint8 input is also accepted)")
         out = to_device_nonblocking(frames, device).to(torch.float32).clamp_(0.0, 1.0)
     return out.to(dtype)
-
