@@ -72,20 +72,19 @@ def test_token_positions_are_reused_while_the_shape_stays(tiny_model):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_frames_reach_the_gpu_without_a_host_synchronisation(tiny_model):
+def test_frames_reach_the_gpu_without_a_host_synchronisation():
     """uint8 and float frames cross to the GPU through pinned memory without making the host wait for
     the GPU (torch's sync debug mode raises on any synchronising call), and arrive unchanged."""
-    stream = Stream(tiny_model.to("cuda"))
+    from conftest import make_tiny_model
+
+    stream = Stream(make_tiny_model().to("cuda"))  # its own model: the shared fixture stays on the CPU
+    uint8 = torch.randint(0, 256, (2, 3, 56, 84), dtype=torch.uint8)
+    floats = torch.rand(2, 3, 56, 84)
+    torch.cuda.set_sync_debug_mode("error")
     try:
-        uint8 = torch.randint(0, 256, (2, 3, 56, 84), dtype=torch.uint8)
-        floats = torch.rand(2, 3, 56, 84)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            from_uint8, from_float = stream.validate(uint8), stream.validate(floats)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        # the same values as the blocking copy (scaled on the GPU, as before)
-        assert torch.equal(from_uint8, uint8.to("cuda").float() / 255.0)
-        assert torch.equal(from_float.cpu(), floats)
+        from_uint8, from_float = stream.validate(uint8), stream.validate(floats)
     finally:
-        tiny_model.to("cpu")
+        torch.cuda.set_sync_debug_mode("default")
+    # the same values as the blocking copy (scaled on the GPU, as before)
+    assert torch.equal(from_uint8, uint8.to("cuda").float() / 255.0)
+    assert torch.equal(from_float.cpu(), floats)

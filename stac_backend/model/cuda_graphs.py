@@ -31,6 +31,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .transfer import compiling_or_exporting
+
 log = logging.getLogger(__name__)
 
 SWITCH_ENV = "STAC_CUDA_GRAPHS"
@@ -119,7 +121,7 @@ class GraphedForward:
             return False  # autograd needs the eager ops
         if not all(x.is_cuda for x in tensors) or torch.cuda.is_current_stream_capturing():
             return False
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _compiling_or_exporting():
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or compiling_or_exporting():
             return False
         return self.frames(tensors) <= self.max_frames
 
@@ -151,11 +153,6 @@ class GraphedForward:
         self.stats.captured += 1
         self.graphs[key] = _Graph(graph, static, *tree_flatten(outputs))
         return self.graphs[key]
-
-
-def _compiling_or_exporting() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler and (compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)()))
 
 
 def enabled_by_env() -> bool:

@@ -24,5 +24,6 @@ def to_device_nonblocking(tensor: Tensor, device: Union[str, torch.device]) -> T
 
 
 def compiling_or_exporting() -> bool:
+    """Whether torch.compile or torch.export is tracing: no pinned copies, no cached tensors then."""
     compiler = getattr(torch, "compiler", None)
     return bool(compiler and (compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)()))
