@@ -34,3 +34,16 @@ def tiny_model():
 def frames12():
     generator = torch.Generator().manual_seed(1)
     return torch.rand(12, 3, 56, 84, generator=generator)
+
+
+# Every test is marked by the folder it lives in, so `pytest -m unit`, `-m integration` (a real
+# tritonserver, nginx or perf_analyzer is started) and `-m gpu` (CUDA kernels and graphs) select a tier.
+_TIER_BY_FOLDER = {"unit": "unit", "integration": "integration", "gpu": "gpu"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        folder = item.path.parent.name
+        tier = _TIER_BY_FOLDER.get(folder)
+        if tier is not None:
+            item.add_marker(getattr(pytest.mark, tier))

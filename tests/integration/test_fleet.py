@@ -166,7 +166,7 @@ def test_stream_unknown_to_the_server_restarts_with_start(server):
 def _capacity_table_module():
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fleet_capacity_table.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "fleet_capacity_table.py"
     spec = importlib.util.spec_from_file_location("fleet_capacity_table", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -589,7 +589,7 @@ def test_pool_kernels_in_triton_interpreter():
     from pathlib import Path
 
     pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "pool",
                            str(root / "tests" / "test_kernels.py")], cwd=root, env=env, capture_output=True, text=True,

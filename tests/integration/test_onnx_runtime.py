@@ -42,7 +42,7 @@ from stac_backend.model import OUTPUT_NAMES, save_checkpoint  # noqa: E402
 
 from conftest import make_tiny_model  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 H, W = 56, 84
 TOL = 1e-4
 COMPARED = [n for n in OUTPUT_NAMES if n != "intrinsics"]  # intrinsics derive from pose_enc (compared)

@@ -13,7 +13,7 @@ import torch
 from stac_backend.serving.repository import PRODUCTION, ServeSettings, render_config
 from stac_backend.serving.triton_model import DENSE_OUTPUTS, OUTPUTS, dense_output_dtype
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def output_types(text: str) -> dict[str, str]:

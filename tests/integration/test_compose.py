@@ -33,7 +33,7 @@ from stac_backend.serving.fleet import (  # noqa: E402
 
 from conftest import make_tiny_model  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 NGC = re.compile(r"^nvcr\.io/nvidia/tritonserver:(\d\d\.\d\d)-py3$")
 

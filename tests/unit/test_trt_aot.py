@@ -24,7 +24,7 @@ pytest.importorskip("triton.backends.compiler")
 
 from stac_backend.export import trt_aot  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHAPES = [(1, 16, 4164, 13533, 64), (2, 4, 37, 91, 64), (4, 2, 1, 5, 128), (3, 1, 200, 200, 16)]
 
 

@@ -199,7 +199,7 @@ def test_cli_registers_into_a_parent_parser(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_cli_runs_standalone(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     command = [sys.executable, "-m", "stac_backend.data.cli", "synth", "--frames", "2", "--height", "8",
                "--width", "12", "--seed", "3", "--world-frame", "first_camera", "--out", str(tmp_path)]

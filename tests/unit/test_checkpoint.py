@@ -20,7 +20,7 @@ from stac_backend.model import (
     save_checkpoint,
 )
 
-KEYS_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "vggt1b_keys.tsv"
+KEYS_FILE = Path(__file__).resolve().parents[3] / "shared" / "data" / "vggt1b_keys.tsv"
 
 
 def released_layout() -> dict[str, tuple]:

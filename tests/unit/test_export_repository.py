@@ -17,7 +17,7 @@ from stac_backend.export.triton_variant import (
     PRODUCTION_LAYOUT, VARIANTS, copy_cost_bytes, initial_state_files, render_variant_config,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REPO = ROOT / "model_repository_onnx"
 NP = {"TYPE_FP32": np.float32, "TYPE_INT64": np.int64, "TYPE_INT32": np.int32, "TYPE_BOOL": np.bool_}
 
