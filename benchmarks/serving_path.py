@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stac_backend.cache import CacheConfig  # noqa: E402
+from stac_backend.engine.torch_runtime import TorchRuntime  # noqa: E402
 from stac_backend.engine import Stream, push_many  # noqa: E402
 from stac_backend.model import build_model  # noqa: E402
 from stac_backend.serving.fleet import make_frames  # noqa: E402
@@ -79,7 +80,7 @@ def main() -> int:
     del streams
 
     # 2. the model's path: sessions.handle, then outputs_on_host per request
-    sessions = StreamSessions(model, cache, ServingLimits(max_streams=args.streams + 1))
+    sessions = StreamSessions(TorchRuntime(model, cache), ServingLimits(max_streams=args.streams + 1))
     handle_ms, outputs_ms = [], []
     for step in range(args.warmup + args.steps):
         s = step * chunk

@@ -85,6 +85,8 @@ class CachePolicy(ABC):
 
     #: short name used in configs, logs and benchmark files
     name: str = "base"
+    #: tokens evicted so far (a host-side count; policies that evict keep it up to date)
+    evicted_tokens: int = 0
 
     @abstractmethod
     def prepare(self, layer: int, k: Tensor, v: Tensor) -> KeySet:
@@ -112,6 +114,11 @@ class CachePolicy(ABC):
     @abstractmethod
     def memory_bytes(self) -> int:
         """Bytes of every tensor this policy holds for its stream, exactly."""
+
+    def bytes_bound(self, tokens_per_frame: int) -> Optional[int]:
+        """The most bytes this policy can ever hold for frames of ``tokens_per_frame`` tokens
+        (camera-trunk cache included); None where it is unbounded."""
+        return None
 
     @abstractmethod
     def reset(self) -> None:

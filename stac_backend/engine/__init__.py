@@ -1,6 +1,18 @@
-"""Streams and steps: chunked streaming over a model with per-stream cache policies."""
+"""Streams and steps: chunked streaming over a model with per-stream cache policies, and the
+runtime interface that serving uses (torch engine, ONNX Runtime, TensorRT)."""
 
 from .frames import to_frame_tensor
+from .runtime import Runtime, RuntimeStream, make_runtime, register_runtime, runtime_names
 from .stream import Stream, full_cache_bytes_per_frame, push_many
 
-__all__ = ["Stream", "full_cache_bytes_per_frame", "push_many", "to_frame_tensor"]
+__all__ = [
+    "Runtime",
+    "RuntimeStream",
+    "Stream",
+    "full_cache_bytes_per_frame",
+    "make_runtime",
+    "push_many",
+    "register_runtime",
+    "runtime_names",
+    "to_frame_tensor",
+]

@@ -24,6 +24,7 @@ from ..model.config import ModelConfig
 from ..model.vggt import VGGT
 from .batch import run_batched_step
 from .frames import FrameInput, to_frame_tensor
+from .runtime import RuntimeStream
 
 
 def cache_geometry(model: VGGT) -> CacheGeometry:
@@ -34,7 +35,7 @@ def cache_geometry(model: VGGT) -> CacheGeometry:
     return CacheGeometry(c.depth, c.num_heads, c.head_dim, param.dtype, str(param.device), camera)
 
 
-class Stream:
+class Stream(RuntimeStream):
     """One camera stream. ``cache``: a policy name, a ``CacheConfig``, a ready ``CachePolicy`` or
     None (full cache). ``chunk_size`` defaults to the CacheConfig's chunk (else 4)."""
 
@@ -96,11 +97,16 @@ class Stream:
         """Bytes of every cache tensor this stream holds (global-attention cache + camera cache)."""
         return self.cache.memory_bytes() + self.camera_cache.memory_bytes()
 
-    def memory_bound(self) -> Optional[int]:
-        """Most bytes this stream's caches can ever hold at its frame size (None: unbounded / unknown yet)."""
-        if self.image_hw is None or not hasattr(self.cache, "bytes_bound"):
+    def memory_bound(self, image_hw: Optional[tuple[int, int]] = None) -> Optional[int]:
+        """Most bytes this stream's caches can ever hold at frames of ``image_hw`` (default: the
+        size it has seen); None where the policy is unbounded or the size is not known yet."""
+        image_hw = image_hw or self.image_hw
+        if image_hw is None:
             return None
-        return self.cache.bytes_bound(self.config.tokens_per_frame(*self.image_hw))
+        return self.cache.bytes_bound(self.config.tokens_per_frame(*image_hw))
+
+    def evicted_tokens(self) -> int:
+        return int(self.cache.evicted_tokens)
 
     def reset(self) -> None:
         """Forget everything; the next push starts a new stream (frame 0)."""

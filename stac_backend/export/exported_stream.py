@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..engine.frames import FrameInput, to_frame_tensor
+from ..engine.runtime import RuntimeStream
 from .layout import StepLayout
 
 
@@ -48,7 +49,7 @@ class StateView:
         self._stream.reset()
 
 
-class ExportedStream:
+class ExportedStream(RuntimeStream):
     """One camera stream over an exported step (API of ``engine.Stream``); subclasses hold the
     state in their runtime's form and say how many bytes it takes."""
 
@@ -90,7 +91,7 @@ class ExportedStream:
     def memory_bytes(self) -> int:
         raise NotImplementedError
 
-    def memory_bound(self) -> Optional[int]:
+    def memory_bound(self, image_hw: Optional[tuple[int, int]] = None) -> Optional[int]:
         return self.layout.state_bytes()
 
     def advance(self, state: dict, out: dict[str, Tensor], images: Tensor) -> dict[str, Tensor]:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..engine.frames import FrameInput
+from ..engine.runtime import Runtime
 from .exported_stream import ExportedStream, StateView, batch_groups  # noqa: F401 - StateView re-exported
 from .layout import OUTPUTS, StepLayout
 from .onnx_export import input_names, output_names, read_layout
@@ -102,21 +103,22 @@ def push_many(streams: Sequence[OnnxRuntimeStream], images: Sequence[Tensor]) ->
     return results  # type: ignore[return-value]
 
 
-class OnnxRuntimeEngine:
+class OnnxRuntimeEngine(Runtime):
     """What ``serving.sessions.StreamSessions`` needs to serve streams with the exported graph."""
 
+    name = "onnxruntime"
+
     def __init__(self, step: OnnxStep):
-        self.step = step
+        self.graph = step
 
     @property
     def cache_config(self):
-        return self.step.layout.cache
+        return self.graph.layout.cache
 
-    def new_stream(self) -> OnnxRuntimeStream:
-        return OnnxRuntimeStream(self.step)
+    def open_stream(self) -> OnnxRuntimeStream:
+        return OnnxRuntimeStream(self.graph)
 
-    @staticmethod
-    def push_many(streams, images):
+    def step(self, streams, images):
         return push_many(streams, images)
 
     @classmethod

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..engine.frames import FrameInput
+from ..engine.runtime import Runtime
 from .exported_stream import ExportedStream, batch_groups
 from .layout import OUTPUTS
 from .onnx_export import input_names, output_names
@@ -122,21 +123,22 @@ def push_many(streams: Sequence[TensorRTStream], images: Sequence[Tensor]) -> li
     return results  # type: ignore[return-value]
 
 
-class TensorRTEngine:
+class TensorRTEngine(Runtime):
     """What ``serving.sessions.StreamSessions`` needs (Triton model with RUNTIME=tensorrt)."""
 
+    name = "tensorrt"
+
     def __init__(self, step: TensorRTStep):
-        self.step = step
+        self.graph = step
 
     @property
     def cache_config(self):
-        return self.step.layout.cache
+        return self.graph.layout.cache
 
-    def new_stream(self) -> TensorRTStream:
-        return TensorRTStream(self.step)
+    def open_stream(self) -> TensorRTStream:
+        return TensorRTStream(self.graph)
 
-    @staticmethod
-    def push_many(streams, images):
+    def step(self, streams, images):
         return push_many(streams, images)
 
     @classmethod

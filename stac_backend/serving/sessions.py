@@ -25,12 +25,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 import numpy as np
-import torch
 from torch import Tensor
 
-from ..cache import CacheConfig
-from ..engine import Stream, push_many
-from ..model.vggt import VGGT
+from ..engine.runtime import Runtime, RuntimeStream
 
 
 class RequestError(Exception):
@@ -65,7 +62,7 @@ class SessionCounters:
 
 @dataclass
 class _Session:
-    stream: Stream
+    stream: RuntimeStream
     last_used: float
     bound: Optional[int] = None
 
@@ -77,19 +74,16 @@ class StepResult:
 
 
 class StreamSessions:
+    """The streams of one model instance on one runtime (``engine.runtime``), under ``limits``.
+    ``clock`` (seconds, monotonic) is injectable so that expiry can be tested without sleeping."""
+
     def __init__(
         self,
-        model: VGGT,
-        cache_config: CacheConfig,
+        runtime: Runtime,
         limits: ServingLimits = ServingLimits(),
         clock: Callable[[], float] = time.monotonic,
-        runtime=None,
     ):
-        # runtime: None = the torch engine; else an object with new_stream() and push_many(streams,
-        # frames) running another implementation (e.g. the exported graph on ONNX Runtime).
         self.runtime = runtime
-        self.model = model
-        self.cache_config = cache_config
         self.limits = limits
         self.clock = clock
         self.sessions: dict[Union[int, str], _Session] = {}
@@ -148,7 +142,7 @@ class StreamSessions:
     def stats(self) -> dict[str, int]:
         with self._lock:
             cache = sum(s.stream.memory_bytes() for s in self.sessions.values())
-            evicted = sum(_evicted_tokens(s.stream.cache) for s in self.sessions.values())
+            evicted = sum(s.stream.evicted_tokens() for s in self.sessions.values())
             c = self.counters
             return {
                 "active_streams": len(self.sessions),
@@ -190,7 +184,7 @@ class StreamSessions:
             )
         fresh = session is None
         if fresh:
-            stream = self.runtime.new_stream() if self.runtime is not None else Stream(self.model, cache=self.cache_config)
+            stream = self.runtime.open_stream()
             session = _Session(stream, self.clock())
         frames = self._validate(session.stream, request.frames)
         if fresh:
@@ -200,7 +194,7 @@ class StreamSessions:
         session.last_used = self.clock()
         return session, frames
 
-    def _validate(self, stream: Stream, frames: Union[np.ndarray, Tensor]) -> Tensor:
+    def _validate(self, stream: RuntimeStream, frames: Union[np.ndarray, Tensor]) -> Tensor:
         if not isinstance(frames, (np.ndarray, Tensor)):
             raise RequestError("FRAMES must be an array")
         if frames.ndim == 4 and frames.shape[2] * frames.shape[3] > self.limits.max_image_pixels:
@@ -216,13 +210,12 @@ class StreamSessions:
         if len(self.sessions) >= self.limits.max_streams:
             self.counters.rejected_starts += 1
             raise RequestError(f"server is at its limit of {self.limits.max_streams} streams; retry later")
-        tokens = self.model.config.tokens_per_frame(frames.shape[-2], frames.shape[-1])
-        bound = session.stream.cache.bytes_bound(tokens) if hasattr(session.stream.cache, "bytes_bound") else None
+        bound = session.stream.memory_bound(tuple(frames.shape[-2:]))
         session.bound = bound
         if self.limits.max_cache_bytes is not None:
             if bound is None:
                 self.counters.rejected_starts += 1
-                raise RequestError(f"cache policy {self.cache_config.policy!r} has no memory bound; the server caps cache memory")
+                raise RequestError("this server's cache policy has no memory bound, and the server caps cache memory")
             reserved = sum(s.bound or 0 for s in self.sessions.values())
             if reserved + bound > self.limits.max_cache_bytes:
                 self.counters.rejected_starts += 1
@@ -235,7 +228,7 @@ class StreamSessions:
         if not wave:
             return
         sessions = [s for _, s, _ in wave]
-        push = self.runtime.push_many if self.runtime is not None else push_many
+        push = self.runtime.step
         try:
             outs = push([s.stream for s in sessions], [f for _, _, f in wave])
         except Exception:
@@ -264,13 +257,3 @@ class StreamSessions:
         if session is not None:
             session.stream.reset()
 
-
-def _evicted_tokens(cache) -> int:
-    """The cache's evicted-token count, from its host-side counter where it keeps one.
-
-    The Triton model publishes these stats after every execute; ``stats()`` of the stac cache also
-    reads the voxel pool's counters from the GPU, a synchronisation that would make every execute
-    wait for its step to finish on the device.
-    """
-    count = getattr(cache, "evicted_tokens", None)
-    return int(count) if count is not None else int(cache.stats().get("evicted_tokens", 0))

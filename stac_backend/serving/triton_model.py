@@ -121,6 +121,7 @@ def build_sessions(model_config: dict[str, Any], instance_kind: str, device_id: 
     import torch
 
     from ..cache import CacheConfig
+    from ..engine.torch_runtime import TorchRuntime
     from ..model import build_model
     from .sessions import StreamSessions
 
@@ -130,12 +131,12 @@ def build_sessions(model_config: dict[str, Any], instance_kind: str, device_id: 
         from ..export.ort_runtime import OnnxRuntimeEngine
 
         engine = OnnxRuntimeEngine.from_parameters(p, model_dir)
-        return StreamSessions(engine.step, engine.cache_config, _limits(p, model_config), runtime=engine)
+        return StreamSessions(engine, _limits(p, model_config))
     if runtime == "tensorrt":  # a TensorRT engine of the graph (TRT_PLAN), stac plugins in this process; GPU
         from ..export.trt_runtime import TensorRTEngine
 
         engine = TensorRTEngine.from_parameters(p, model_dir, device=f"cuda:{device_id}")
-        return StreamSessions(engine.step, engine.cache_config, _limits(p, model_config), runtime=engine)
+        return StreamSessions(engine, _limits(p, model_config))
     if runtime != "torch":
         raise ValueError(f"RUNTIME must be 'torch', 'onnxruntime' or 'tensorrt', got {runtime!r}")
     device = p.get("DEVICE", "auto") or "auto"
@@ -155,7 +156,7 @@ def build_sessions(model_config: dict[str, Any], instance_kind: str, device_id: 
         log.warning("no CHECKPOINT parameter: serving random weights for preset %s", preset)
     model = build_model(preset, checkpoint=checkpoint or None, device=device, dtype=dtype)
     cache = CacheConfig.from_dict(json.loads(p.get("CACHE_CONFIG", "") or "{}"))
-    return StreamSessions(model, cache, _limits(p, model_config))
+    return StreamSessions(TorchRuntime(model, cache), _limits(p, model_config))
 
 
 def _limits(p: dict[str, str], model_config: dict[str, Any]):

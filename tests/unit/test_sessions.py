@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from stac_backend.cache import CacheConfig
+from stac_backend.engine.torch_runtime import TorchRuntime
 from stac_backend.serving.sessions import FrameRequest, ServingLimits, StepResult, StreamSessions
 
 
@@ -11,7 +12,7 @@ def test_stats_read_host_counters_only(tiny_model, frames12):
     voxel pool's counters from the device (a synchronisation per execute), so the evicted-token
     count must come from the cache's host-side counter."""
     cache = CacheConfig(policy="stac", retrieval_start_frame=8, voxel_size=0.01, conf_threshold=0.0)
-    sessions = StreamSessions(tiny_model, cache, ServingLimits(max_streams=2))
+    sessions = StreamSessions(TorchRuntime(tiny_model, cache), ServingLimits(max_streams=2))
     for i in range(0, 12, 4):
         [result] = sessions.handle([FrameRequest(corr_id=5, start=i == 0, end=False, frames=frames12[i:i + 4])])
         assert isinstance(result, StepResult)
