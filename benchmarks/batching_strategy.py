@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stac_backend.client import StacClient  # noqa: E402
 from stac_backend.serving.repository import ServeSettings, write_repository  # noqa: E402
-from stac_backend.serving.tritonserver import TritonServer  # noqa: E402
+from stac_backend.tools.tritonserver import TritonServer  # noqa: E402
 
 
 def run_streams(url: str, streams: int, frames: int, chunk: int, hw: tuple[int, int]) -> dict:

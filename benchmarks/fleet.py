@@ -1,7 +1,7 @@
 """Capacity sweep: how many camera streams one server sustains, for each cache budget.
 
 For every cache budget, start a local tritonserver with that cache config, then run paced fleets
-(``stac_backend.serving.fleet``: every stream a camera at ``--fps``) with 1, 2, 3, ... streams.
+(``stac_backend.loadgen.fleet``: every stream a camera at ``--fps``) with 1, 2, 3, ... streams.
 A stream count is *sustained* when there are no errors and the p99 capture-to-result latency
 (from the moment a chunk's last frame exists to its result) stays under ``--max-latency-ms``: a
 server that cannot keep up lets that latency grow without bound over the run. The largest sustained count is the budget's capacity. Each budget's
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stac_backend.serving.fleet import (  # noqa: E402
+from stac_backend.loadgen.fleet import (  # noqa: E402
     FleetConfig,
     environment,
     make_frames,

@@ -67,7 +67,7 @@ def measured_rows(files: list[tuple[str, dict]]) -> list[str]:
 
 
 def gpu_rows(gpu_files: list[tuple[str, dict]]) -> list[str]:
-    from stac_backend.serving.fleet import parse_budget, stream_bound_bytes
+    from stac_backend.loadgen.fleet import parse_budget, stream_bound_bytes
 
     measured = {}
     for name, d in gpu_files:

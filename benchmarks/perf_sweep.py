@@ -1,6 +1,6 @@
 """perf_analyzer concurrency sweep for the stac model -> docs/benchmarks/perf_<tag>.{csv,json} (+ .png).
 
-A thin front end for ``stac perf sweep`` (stac_backend/serving/perf.py) with the settings used for
+A thin front end for ``stac perf sweep`` (stac_backend/loadgen/perf.py) with the settings used for
 the checked-in CPU numbers: a local tritonserver (tiny model, CPU, one torch thread), 4 streams of
 real synthetic frames (56x84, chunks of 4, 8 requests per sequence), serial sequences, concurrency
 1..4, 5 s measurement windows.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stac_backend.serving.perf import main  # noqa: E402
+from stac_backend.loadgen.perf import main  # noqa: E402
 
 DEFAULTS = ["sweep", "--concurrency", "1:4", "--streams", "4", "--steps", "8", "--size", "56x84",
             "--measurement-interval", "5000", "--out", "docs/benchmarks/perf_cpu", "--plot"]

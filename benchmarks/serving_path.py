@@ -30,7 +30,7 @@ from stac_backend.cache import CacheConfig  # noqa: E402
 from stac_backend.engine.torch_runtime import TorchRuntime  # noqa: E402
 from stac_backend.engine import Stream, push_many  # noqa: E402
 from stac_backend.model import build_model  # noqa: E402
-from stac_backend.serving.fleet import make_frames  # noqa: E402
+from stac_backend.loadgen.fleet import make_frames  # noqa: E402
 from stac_backend.serving.sessions import FrameRequest, ServingLimits, StreamSessions  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -1,7 +1,7 @@
 """Soak test: many camera streams for a long time through a local tritonserver; memory must stay flat.
 
 Starts a tritonserver with the stac model (tiny preset, CPU), runs ``--streams`` concurrent streams
-of ``--frames`` frames each through it (``stac_backend.serving.fleet``), and samples the resident
+of ``--frames`` frames each through it (``stac_backend.loadgen.fleet``), and samples the resident
 memory of the whole server process tree (tritonserver + Python-backend stubs, from /proc) and the
 model's own metrics every ``--sample-interval`` seconds. Memory is "flat" when the median RSS over
 the last ``--tail`` fraction of the run exceeds the median over the window just after warm-up by
@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stac_backend.serving.fleet import (  # noqa: E402
+from stac_backend.loadgen.fleet import (  # noqa: E402
     FleetConfig,
     plot as plot_fleet,
     process_tree_rss,
@@ -175,7 +175,7 @@ def main() -> int:
     def progress() -> int:
         return sum(done_by.values())
 
-    from stac_backend.serving.fleet import make_frames
+    from stac_backend.loadgen.fleet import make_frames
 
     # Frames are made before the clock starts.
     frames = {sid: make_frames(config.seed + k, config.frames, config.height, config.width, config.source,

@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stac_backend.cache import CacheConfig  # noqa: E402
 from stac_backend.engine import Stream, push_many  # noqa: E402
 from stac_backend.model import build_model  # noqa: E402
-from stac_backend.serving.fleet import FleetConfig, environment, make_frames, run_fleet, start_local_server  # noqa: E402
+from stac_backend.loadgen.fleet import FleetConfig, environment, make_frames, run_fleet, start_local_server  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -15,4 +15,4 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
     fi
 fi
-.venv/bin/python -m stac_backend.serving.perf install >/dev/null
+.venv/bin/python -m stac_backend.loadgen.perf install >/dev/null

@@ -275,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
         register_synth = None
     if register_synth is not None:
         register_synth(sub)
-    from .serving.fleet import register as register_fleet  # stac fleet: N concurrent streams (load test)
-    from .serving.perf import register as register_perf  # stac perf: perf_analyzer install/input-data/sweep
+    from .loadgen.fleet import register as register_fleet  # stac fleet: N concurrent streams (load test)
+    from .loadgen.perf import register as register_perf  # stac perf: perf_analyzer install/input-data/sweep
 
     register_fleet(sub)
     register_perf(sub)

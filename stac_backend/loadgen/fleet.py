@@ -38,10 +38,9 @@ Result: per-stream and aggregate frames/s, request latency p50/p90/p99 (and, whe
 capture-to-result latency), errors, restarts, frame-index continuity; JSON via ``--out``, a
 table on stdout, a live progress line on stderr, an optional plot (matplotlib, if installed).
 
-Server side: :class:`NginxProxy` runs Debian's (or any) ``nginx`` in the foreground with a config
-from :func:`render_nginx_config` - the same renderer that writes ``deploy/nginx/nginx.conf`` for
-the compose deployment - so that local tests route gRPC by consistent hash of ``x-stream-id``
-exactly as production does. :func:`start_local_server` starts a tritonserver with the tiny model.
+Replicas behind a proxy: ``stac_backend.tools.nginx`` (NGINX with consistent hashing on
+``x-stream-id``, as production routes). :func:`start_local_server` starts a tritonserver with the
+tiny model.
 """
 
 from __future__ import annotations
@@ -52,10 +51,6 @@ import json
 import os
 import platform
 import re
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -74,10 +69,6 @@ __all__ = [
     "make_frames",
     "classify_error",
     "scrape_metrics",
-    "render_nginx_config",
-    "NginxProxy",
-    "NginxConfig",
-    "PRODUCTION_NGINX",
     "start_local_server",
     "parse_budget",
     "stream_bound_bytes",
@@ -654,7 +645,7 @@ async def run_fleet_async(config: FleetConfig, frames: Optional[dict[int, np.nda
 async def server_is_decoupled(client, model: str) -> bool:
     """Whether ``model`` has the decoupled transaction policy (it then answers gRPC streams only).
     False when the config cannot be read: the requests themselves will then say what is wrong."""
-    from .repository import is_decoupled
+    from ..serving.repository import is_decoupled
 
     try:
         reply = await client.get_model_config(model, as_json=True)
@@ -712,7 +703,7 @@ def start_local_server(workdir: Path, *, preset: str = "tiny", checkpoint: Optio
     Triton's sequence batcher spreads the streams over them.
     Returns the started :class:`TritonServer` (ready when ``wait``); the caller stops it.
     """
-    from .repository import ServeSettings, local_server
+    from ..serving.repository import ServeSettings, local_server
 
     settings = ServeSettings(
         preset="" if checkpoint else preset, dtype=dtype, device="auto" if device.startswith("cuda") else "cpu",
@@ -792,278 +783,6 @@ def stream_bound_bytes(preset: str, height: int, width: int, cache: dict, dtype:
     bound = getattr(stream.cache, "bytes_bound", None)
     return int(bound(config.tokens_per_frame(height, width))) if bound else None
 
-
-
-# ======================================================================================
-# NGINX: consistent hashing on x-stream-id in front of several Triton replicas
-# ======================================================================================
-
-ACCESS_LOG_FORMAT = (
-    "$msec\\t$http_x_stream_id\\t$upstream_addr\\t$status\\t$upstream_trailer_grpc_status\\t$request_time\\t$request_length"
-)
-
-
-@dataclass
-class NginxConfig:
-    upstreams: list[str]  # host:port of each Triton replica's gRPC endpoint
-    listen: str = "8001"  # gRPC (h2c) listener: "port" or "addr:port"
-    health_listen: Optional[str] = "8080"  # plain HTTP /healthz of the proxy itself (None: none)
-    worker_processes: str = "auto"
-    worker_connections: int = 4096
-    max_body: str = "16m"  # largest request body (a chunk of frames) accepted
-    # Largest body of a streaming call (ModelStreamInfer): one body for a camera's whole stream,
-    # so "0" (no cap); each chunk in it is still checked by the model (MAX_IMAGE_PIXELS).
-    stream_max_body: str = "0"
-    body_buffer: str = "4m"  # request bodies up to this stay in memory
-    fail_timeout_s: int = 10  # a replica that failed is skipped (its streams re-hashed) this long
-    read_timeout_s: int = 300
-    connect_timeout_s: int = 5
-    keepalive: int = 64  # idle upstream connections kept per worker
-    tls_listen: Optional[str] = None  # e.g. "8443": gRPC over TLS, terminated here
-    tls_certificate: str = "/etc/nginx/certs/tls.crt"
-    tls_certificate_key: str = "/etc/nginx/certs/tls.key"
-    plaintext: bool = True  # keep the h2c listener (set False for TLS only)
-    pid: Optional[str] = None
-    error_log: str = "/var/log/nginx/error.log warn"
-    access_log: str = "/var/log/nginx/access.log"
-    temp_dir: Optional[str] = None  # nginx's *_temp_path folders (None: compiled-in defaults)
-    user: Optional[str] = None  # worker user (None: compiled-in default)
-    comment: str = ""
-
-
-def render_nginx_config(c: NginxConfig) -> str:
-    """An nginx.conf that routes gRPC to ``c.upstreams`` by consistent hash of the x-stream-id header."""
-    if not c.upstreams:
-        raise ValueError("at least one upstream is needed")
-    if not c.plaintext and not c.tls_listen:
-        raise ValueError("neither a plaintext nor a TLS listener")
-    head = [f"# {line}".rstrip() for line in c.comment.strip().splitlines()] if c.comment else []
-    head += ["# Generated by stac_backend.serving.fleet.render_nginx_config - edit NginxConfig, not this file."]
-    top = []
-    if c.user:
-        top.append(f"user {c.user};")
-    top += [f"worker_processes {c.worker_processes};", f"error_log {c.error_log};"]
-    if c.pid:
-        top.append(f"pid {c.pid};")
-    temp = ""
-    if c.temp_dir:
-        temp = "\n".join(f"    {kind}_temp_path {c.temp_dir}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")) + "\n"
-    servers = "\n".join(f"        server {u} max_fails=1 fail_timeout={c.fail_timeout_s}s;" for u in c.upstreams)
-    proxy = f"""            grpc_pass grpc://triton_grpc;
-            grpc_connect_timeout {c.connect_timeout_s}s;
-            grpc_read_timeout {c.read_timeout_s}s;
-            grpc_send_timeout {c.read_timeout_s}s;
-            # Only a failure to connect moves a request to the next replica on the ring (a request
-            # already sent is never replayed: gRPC inference is not idempotent).
-            grpc_next_upstream error timeout;
-            grpc_next_upstream_tries 2;"""
-    location = f"""        # A chunk of frames is one unary gRPC request; refuse anything larger than max_body.
-        client_max_body_size {c.max_body};
-        client_body_buffer_size {c.body_buffer};
-        location / {{
-{proxy}
-        }}
-        # A streaming call (decoupled models, pipelined clients) is one body for a camera's whole
-        # stream: max_body would end it after a few chunks. The model checks every chunk in it.
-        location = /inference.GRPCInferenceService/ModelStreamInfer {{
-            client_max_body_size {c.stream_max_body};
-{proxy}
-        }}"""
-    blocks = []
-    if c.plaintext:
-        blocks.append(f"""    server {{
-        # gRPC without TLS (h2c). Put it on a private network or use the TLS listener.
-        listen {c.listen} http2;
-{location}
-    }}""")
-    if c.tls_listen:
-        blocks.append(f"""    server {{
-        # gRPC over TLS, terminated here; the replicas are reached in plaintext on the private network.
-        listen {c.tls_listen} ssl http2;
-        ssl_certificate {c.tls_certificate};
-        ssl_certificate_key {c.tls_certificate_key};
-        ssl_protocols TLSv1.2 TLSv1.3;
-        ssl_session_cache shared:stac_tls:10m;
-{location}
-    }}""")
-    if c.health_listen:
-        blocks.append(f"""    server {{
-        # Liveness of the proxy itself (plain HTTP; the replicas have their own /v2/health/ready).
-        listen {c.health_listen};
-        location = /healthz {{ access_log off; return 200 "ok\\n"; }}
-        location / {{ return 404; }}
-    }}""")
-    return "\n".join(head) + "\n" + "\n".join(top) + f"""
-
-events {{
-    worker_connections {c.worker_connections};
-}}
-
-http {{
-    server_tokens off;
-    log_format stac_grpc "{ACCESS_LOG_FORMAT}";
-    access_log {c.access_log} stac_grpc;
-{temp}
-    # Every chunk of a camera stream carries its id in the x-stream-id header (the gRPC body is
-    # opaque to a proxy). Consistent hashing keeps a stream on one replica - its cache lives
-    # there - and moves only about 1/N of the streams when a replica joins or leaves; those
-    # streams get "unknown stream" from their new replica and restart with a new START.
-    upstream triton_grpc {{
-        hash $http_x_stream_id consistent;
-{servers}
-        keepalive {c.keepalive};
-    }}
-
-""" + "\n\n".join(blocks) + "\n}\n"
-
-
-#: The compose deployment's proxy (deploy/nginx/nginx.conf): two replicas on the compose network.
-PRODUCTION_NGINX = NginxConfig(
-    upstreams=["triton:8001", "triton-1:8001"],
-    comment="""NGINX in front of the Triton replicas of docker-compose.yml (profile "cluster").
-gRPC on 8001 (h2c), TLS variant: deploy/nginx/nginx-tls.conf (8443). Health: :8080/healthz.""",
-)
-
-PRODUCTION_NGINX_TLS = NginxConfig(
-    upstreams=PRODUCTION_NGINX.upstreams,
-    plaintext=False,
-    tls_listen="8443",
-    comment="""NGINX in front of the Triton replicas of docker-compose.yml (profile "cluster"), TLS only:
-gRPC over TLS on 8443 with the certificate and key mounted at /etc/nginx/certs/ (docs/deployment.md).
-Health: :8080/healthz.""",
-)
-
-
-def find_nginx() -> Optional[str]:
-    found = shutil.which("nginx")
-    if found:
-        return found
-    for candidate in ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx"):
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def nginx_test(config_text: str, workdir: Path, binary: Optional[str] = None) -> subprocess.CompletedProcess:
-    """``nginx -t`` on a config text (written to workdir/nginx.conf, prefix workdir)."""
-    binary = binary or find_nginx()
-    if binary is None:
-        raise FileNotFoundError("nginx is not installed (apt-get install nginx)")
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "logs").mkdir(exist_ok=True)
-    conf = workdir / "nginx.conf"
-    conf.write_text(config_text)
-    extra = [] if re.search(r"^\s*pid\s", config_text, re.M) else ["-g", f"pid {workdir}/nginx.pid;"]
-    return subprocess.run([binary, "-t", "-q", "-p", str(workdir), "-c", str(conf), *extra],
-                          capture_output=True, text=True, timeout=30)
-
-
-class NginxProxy:
-    """Run nginx in the foreground (``daemon off``) with a rendered config, on loopback.
-
-    ``with NginxProxy(["127.0.0.1:8001", "127.0.0.1:9001"], workdir) as proxy: proxy.grpc_url``.
-    Stopped (SIGQUIT, then SIGTERM, then SIGKILL to its process group) on exit.
-    """
-
-    def __init__(self, upstreams: Sequence[str], workdir: Path, *, port: int = 0, host: str = "127.0.0.1",
-                 binary: Optional[str] = None, **config_changes):
-        self.binary = binary or find_nginx()
-        if self.binary is None:
-            raise FileNotFoundError("nginx is not installed (apt-get install nginx)")
-        self.workdir = Path(workdir)
-        self.host = host
-        self.port = port or _free_port(host)
-        self.access_log = self.workdir / "access.log"
-        self.error_log = self.workdir / "error.log"
-        temp = self.workdir / "temp"
-        user = None
-        if os.geteuid() == 0:
-            # As root, workers would drop to "nobody" and could not reach a private temp folder;
-            # this proxy is a local, loopback-only one.
-            import pwd
-
-            user = pwd.getpwuid(os.geteuid()).pw_name
-        self.config = NginxConfig(
-            upstreams=list(upstreams), listen=f"{host}:{self.port}", health_listen=None, worker_processes="1",
-            worker_connections=1024, pid=str(self.workdir / "nginx.pid"), error_log=f"{self.error_log} info",
-            access_log=str(self.access_log), temp_dir=str(temp), user=user, fail_timeout_s=30,
-        )
-        for key, value in config_changes.items():
-            setattr(self.config, key, value)
-        self.proc: Optional[subprocess.Popen] = None
-
-    @property
-    def grpc_url(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def start(self, timeout: float = 15.0) -> "NginxProxy":
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "logs").mkdir(exist_ok=True)
-        (self.workdir / "temp").mkdir(exist_ok=True)
-        conf = self.workdir / "nginx.conf"
-        conf.write_text(render_nginx_config(self.config))
-        self._stderr = open(self.workdir / "nginx.stderr", "wb")
-        self.proc = subprocess.Popen([self.binary, "-p", str(self.workdir), "-c", str(conf), "-g", "daemon off;"],
-                                     stdout=self._stderr, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nginx exited with {self.proc.returncode}: {self.errors()}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"nginx did not listen on {self.grpc_url} within {timeout} s: {self.errors()}")
-
-    def errors(self) -> str:
-        text = ""
-        for p in (self.workdir / "nginx.stderr", self.error_log):
-            if p.exists():
-                text += p.read_text(errors="replace")[-2000:]
-        return text
-
-    def stop(self, timeout: float = 10.0) -> Optional[int]:
-        if self.proc is None:
-            return None
-        for sig, wait in ((signal.SIGQUIT, timeout), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            if self.proc.poll() is not None:
-                break
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
-        try:  # workers left behind (should not happen) go with the group
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self._stderr.close()
-        return self.proc.returncode
-
-    def access_entries(self) -> list[dict[str, str]]:
-        """Parsed access-log lines: time, stream_id, upstream, status, grpc_status, request_time, length."""
-        keys = ("time", "stream_id", "upstream", "status", "grpc_status", "request_time", "request_length")
-        if not self.access_log.exists():
-            return []
-        return [dict(zip(keys, line.split("\t"))) for line in self.access_log.read_text().splitlines() if line.strip()]
-
-    def __enter__(self) -> "NginxProxy":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 # ======================================================================================
@@ -1187,7 +906,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stac_backend.serving.fleet")
+    parser = argparse.ArgumentParser(prog="python -m stac_backend.loadgen.fleet")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
     args = parser.parse_args(["fleet", *(argv if argv is not None else sys.argv[1:])])

@@ -308,7 +308,7 @@ def model_is_decoupled(url: str, model: str) -> bool:
     """Whether the served ``model`` is decoupled (perf_analyzer must then stream); False if unknown."""
     import tritonclient.grpc as grpcclient
 
-    from .repository import is_decoupled
+    from ..serving.repository import is_decoupled
 
     try:
         client = grpcclient.InferenceServerClient(url)
@@ -546,7 +546,7 @@ def _cmd_sweep(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stac_backend.serving.perf")
+    parser = argparse.ArgumentParser(prog="python -m stac_backend.loadgen.perf")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
     args = parser.parse_args(["perf", *(argv if argv is not None else sys.argv[1:])])

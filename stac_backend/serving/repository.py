@@ -223,7 +223,7 @@ def local_server(settings: ServeSettings, workdir: Path, checkpoint_file: Option
     benchmarks): the stac model moves tensors only through DLPack, so the launcher's numpy-2
     refusal does not apply to it. ``server_options`` go to ``TritonServer`` (ports, logs, env, ...).
     """
-    from .tritonserver import TritonServer
+    from ..tools.tritonserver import TritonServer
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 from stac_backend.model import save_checkpoint  # noqa: E402
-from stac_backend.serving.fleet import (  # noqa: E402
+from stac_backend.tools.nginx import (  # noqa: E402
     PRODUCTION_NGINX,
     PRODUCTION_NGINX_TLS,
     find_nginx,
@@ -285,7 +285,7 @@ def test_triton_accepts_the_compose_flags(compose, tmp_path):
     """The compose command's flags on the genuine tritonserver 2.51 (= NGC 24.10) with a CPU repository:
     the server must come up ready (also proves config.pbtxt is complete without auto-complete)."""
     from stac_backend.serving.repository import ServeSettings, write_repository
-    from stac_backend.serving.tritonserver import TritonServer
+    from stac_backend.tools.tritonserver import TritonServer
 
     own = ("--model-repository", "--model-control-mode", "--http-port", "--grpc-port", "--metrics-port", "--log-verbose",
            "--exit-on-error", "--strict-readiness", "--exit-timeout-secs")  # the launcher sets these itself

@@ -18,16 +18,15 @@ import json
 import numpy as np
 import pytest
 
-from stac_backend.serving.fleet import (
+from stac_backend.loadgen.fleet import (
     FleetConfig,
-    NginxConfig,
     classify_error,
     make_frames,
     percentiles,
-    render_nginx_config,
     run_fleet,
     run_fleet_async,
 )
+from stac_backend.tools.nginx import NginxConfig, render_nginx_config
 
 SERVING = importlib.util.find_spec("pytriton") is not None and importlib.util.find_spec("tritonclient") is not None
 
@@ -89,7 +88,7 @@ def test_nginx_renderer_refuses_nonsense():
 def server(tmp_path_factory):
     if not SERVING:
         pytest.skip("serving extras not installed (pip install -e '.[serving]')")
-    from stac_backend.serving.fleet import start_local_server
+    from stac_backend.loadgen.fleet import start_local_server
 
     srv = start_local_server(tmp_path_factory.mktemp("fleet"), max_streams=8, threads=1,
                              cache_config={"policy": "stac", "chunk": 4})

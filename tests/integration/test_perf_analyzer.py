@@ -15,8 +15,8 @@ import json
 import numpy as np
 import pytest
 
-from stac_backend.serving.fleet import make_frames
-from stac_backend.serving.perf import SweepConfig, find_perf_analyzer, make_input_data, parse_csv, run_sweep
+from stac_backend.loadgen.fleet import make_frames
+from stac_backend.loadgen.perf import SweepConfig, find_perf_analyzer, make_input_data, parse_csv, run_sweep
 
 CSV = """Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,Server Compute Input,Server Compute Infer,Server Compute Output,Client Recv,p50 latency,p90 latency,p95 latency,p99 latency
 1,11.3257,15,199,2126,57,82301,1152,7,73114,123188,128338,132551
@@ -66,7 +66,7 @@ def _analyzer_or_skip():
 def test_perf_analyzer_smoke_sweep_has_zero_errors(tmp_path, decoupled):
     """perf_analyzer in sequence mode against the stac model; a decoupled server is found and streamed to."""
     analyzer = _analyzer_or_skip()
-    from stac_backend.serving.fleet import start_local_server
+    from stac_backend.loadgen.fleet import start_local_server
 
     server = start_local_server(tmp_path / "server", max_streams=16, threads=1, cache_config={"policy": "stac", "chunk": 4},
                                 decoupled=decoupled)

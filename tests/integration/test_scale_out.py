@@ -33,17 +33,16 @@ if importlib.util.find_spec("pytriton") is None or importlib.util.find_spec("tri
 from stac_backend.cache import CacheConfig  # noqa: E402
 from stac_backend.engine import Stream  # noqa: E402
 from stac_backend.model import save_checkpoint  # noqa: E402
-from stac_backend.serving.fleet import (  # noqa: E402
+from stac_backend.loadgen.fleet import (  # noqa: E402
     CHANNEL_ARGS,
     FleetConfig,
-    NginxProxy,
-    find_nginx,
     make_frames,
     run_fleet,
     scrape_metrics,
 )
+from stac_backend.tools.nginx import NginxProxy, find_nginx  # noqa: E402
 from stac_backend.serving.repository import ServeSettings, write_repository  # noqa: E402
-from stac_backend.serving.tritonserver import TritonServer  # noqa: E402
+from stac_backend.tools.tritonserver import TritonServer  # noqa: E402
 
 from conftest import make_tiny_model  # noqa: E402
 

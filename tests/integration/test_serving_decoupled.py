@@ -26,9 +26,9 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from stac_backend.client import StacClient, StreamError  # noqa: E402
 from stac_backend.model import save_checkpoint  # noqa: E402
-from stac_backend.serving.fleet import FleetConfig, run_fleet  # noqa: E402
+from stac_backend.loadgen.fleet import FleetConfig, run_fleet  # noqa: E402
 from stac_backend.serving.repository import ServeSettings, render_config, write_repository  # noqa: E402
-from stac_backend.serving.tritonserver import TritonServer  # noqa: E402
+from stac_backend.tools.tritonserver import TritonServer  # noqa: E402
 
 from conftest import make_tiny_model  # noqa: E402
 from test_serving_triton import CACHE, H, W, local_reference, require_stub_imports_this_checkout, video  # noqa: E402

@@ -30,7 +30,7 @@ from stac_backend.client import StacClient, StreamError  # noqa: E402
 from stac_backend.engine import Stream  # noqa: E402
 from stac_backend.model import save_checkpoint  # noqa: E402
 from stac_backend.serving.repository import ServeSettings, write_repository  # noqa: E402
-from stac_backend.serving.tritonserver import TritonServer  # noqa: E402
+from stac_backend.tools.tritonserver import TritonServer  # noqa: E402
 
 from conftest import make_tiny_model  # noqa: E402
 
@@ -269,7 +269,7 @@ def require_stub_imports_this_checkout():
     import sys
 
     import stac_backend
-    from stac_backend.serving.tritonserver import stub_python_dir
+    from stac_backend.tools.triton_install import stub_python_dir
 
     probe = "import importlib.util; print(importlib.util.find_spec('stac_backend').origin)"
     origin = subprocess.run([str(stub_python_dir() / "python3"), "-I", "-c", probe], capture_output=True, text=True,

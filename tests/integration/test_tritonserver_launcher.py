@@ -1,4 +1,4 @@
-"""The genuine tritonserver from nvidia-pytriton, started by stac_backend.serving.tritonserver.
+"""The genuine tritonserver from nvidia-pytriton, started by stac_backend.tools.tritonserver.
 
 Starts the real server (Python backend, sequence batcher) on free loopback ports with the
 tiny repository in tests/fixtures/echo_repository, talks to it with tritonclient over gRPC
@@ -31,13 +31,8 @@ if importlib.util.find_spec("pytriton") is None:
 import tritonclient.grpc as grpcclient  # noqa: E402  (installed with nvidia-pytriton)
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from stac_backend.serving.tritonserver import (  # noqa: E402
-    TritonServer,
-    TritonServerError,
-    elf_needed,
-    find_triton_install,
-    prepare_backend_directory,
-)
+from stac_backend.tools.triton_install import elf_needed, find_triton_install, prepare_backend_directory  # noqa: E402
+from stac_backend.tools.tritonserver import TritonServer, TritonServerError  # noqa: E402
 
 ECHO_REPOSITORY = Path(__file__).parent / "fixtures" / "echo_repository"
 MODEL = "echo_seq"
