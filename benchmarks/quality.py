@@ -1,7 +1,7 @@
 """Reconstruction quality of every cache policy against ground truth, on held-out synthetic
 streams with revisits, plus a trivial baseline. Writes JSON and plots.
 
-    python benchmarks/quality.py --frames 300 --out docs/benchmarks/quality_small_cpu.json
+    python benchmarks/quality.py --frames 300 --out docs/benchmarks/quality_cpu.json
 
 Model: the embedded trained ``small`` checkpoint unless --checkpoint is given. Scenes: seeds from
 1,000,000 on (never seen in training), looped trajectories (the camera returns to where it

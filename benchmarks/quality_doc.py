@@ -1,7 +1,7 @@
 """Write docs/quality.md from the quality benchmark's JSON (and the training history's JSON).
 
-    python benchmarks/quality_doc.py                                   # docs/benchmarks/quality_small_cpu.json
-    python benchmarks/quality_doc.py --source docs/benchmarks/quality_small_cpu.json --out docs/quality.md
+    python benchmarks/quality_doc.py                                   # docs/benchmarks/quality_cpu.json
+    python benchmarks/quality_doc.py --source docs/benchmarks/quality_cpu.json --out docs/quality.md
 
 Every number in the page comes from those files; the prose around them only says what they mean.
 """
@@ -115,9 +115,9 @@ def render(report: dict, source: Path, training: Path, previous: Path | None = N
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", type=Path, default=ROOT / "docs/benchmarks/quality_small_cpu.json")
-    p.add_argument("--training", type=Path, default=ROOT / "docs/benchmarks/training_small_h100.json")
-    p.add_argument("--previous", type=Path, default=ROOT / "docs/benchmarks/quality_small_cpu_step7874.json",
+    p.add_argument("--source", type=Path, default=ROOT / "docs/benchmarks/quality_cpu.json")
+    p.add_argument("--training", type=Path, default=ROOT / "docs/benchmarks/training_h100.json")
+    p.add_argument("--previous", type=Path, default=ROOT / "docs/benchmarks/quality_previous_checkpoint_cpu.json",
                    help="an earlier checkpoint's quality JSON to compare on shared seeds")
     p.add_argument("--out", type=Path, default=ROOT / "docs/quality.md")
     args = p.parse_args()
