@@ -35,5 +35,5 @@ if __name__ == "__main__":
     out = Path(argv[len(argv) - 1 - argv[::-1].index("--out") + 1]).with_suffix(".json")
     if out.is_file():
         device = argv[argv.index("--device") + 1] if "--device" in argv else ("cpu" if local else None)
-        write_result(out, json.loads(out.read_text()), "perf_analyzer", device)
+        write_result(out, json.loads(out.read_text()), "perf", device)
     sys.exit(code)
