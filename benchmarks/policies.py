@@ -1,9 +1,9 @@
 """Stream one long sequence through every cache policy; write per-step memory, time and the
 deviation of each policy's outputs from the full cache, as JSON.
 
-    python benchmarks/policies.py --preset tiny --frames 300 --out docs/benchmarks/policies_tiny_cpu.json
+    python benchmarks/policies.py --preset tiny --frames 300 --out /tmp/policies_tiny_cpu.json
     python benchmarks/policies.py --preset vggt-1b --device cuda --dtype bfloat16 --frames 1000 \
-        --height 392 --width 518 --out docs/benchmarks/policies_vggt1b_h100.json
+        --height 392 --width 518 --out docs/benchmarks/policies_h100.json
     # the voxel-pool stress case on a CPU: 24 global layers of tiny width, every point in a few voxels
     python benchmarks/policies.py --preset tiny --model-overrides '{"depth": 24}' --policies heavy_hitter,stac \
         --frames 300 --height 112 --width 168 --stac-overrides '{"conf_threshold": 0.0, "voxel_size": 0.05}' \
