@@ -1,6 +1,7 @@
-"""Writing a stream's results: per-frame arrays, a merged point cloud and the camera trajectory.
+"""Writing results: a stream's reconstruction, and benchmark results with their run record.
 
-Used by the in-process ``stac stream`` and by the gRPC client alike, so both produce the same files:
+A stream's per-frame arrays, merged point cloud and camera trajectory, written by the in-process
+``stac stream`` and by the gRPC client alike, so both produce the same files:
 - ``frames/frame_00000.npz``: depth, depth_conf, world_points, world_points_conf, pose_enc,
   extrinsics, intrinsics of one frame;
 - ``points.ply``: confidence-filtered world points of all frames (an absolute threshold, or by
@@ -8,6 +9,9 @@ Used by the in-process ``stac stream`` and by the gRPC client alike, so both pro
   (binary little-endian PLY; at most ``max_points_per_frame`` per frame, chosen deterministically);
 - ``trajectory.json``: per frame extrinsics (camera-from-world), intrinsics and camera centre;
 - ``trajectory_tum.txt``: the same poses as camera-to-world in TUM format (index tx ty tz qx qy qz qw).
+
+A benchmark's result (``write_result``, ``write_text_result``) starts with its run record: the
+benchmark's name, the command that reproduces it, the commit, the device and the date.
 """
 
 from __future__ import annotations
