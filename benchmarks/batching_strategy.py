@@ -11,7 +11,6 @@ Triton put into each execute() (from its own statistics). Writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -21,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stac_backend.client import StacClient  # noqa: E402
-from stac_backend.serving.repository import ServeSettings, write_repository  # noqa: E402
-from stac_backend.tools.tritonserver import TritonServer  # noqa: E402
+from stac_backend.client import StacClient
+from stac_backend.results import write_result
+from stac_backend.serving.repository import ServeSettings, write_repository
+from stac_backend.tools.tritonserver import TritonServer
 
 
 def run_streams(url: str, streams: int, frames: int, chunk: int, hw: tuple[int, int]) -> dict:
@@ -113,8 +111,7 @@ def main() -> int:
               file=sys.stderr)
     report = {"benchmark": "batching_strategy", "machine": platform.node() and platform.processor() or "cpu",
               "settings": vars(args) | {"out": str(args.out)}, "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    write_result(args.out, report, "batching_strategy", args.device)
     return 0
 
 

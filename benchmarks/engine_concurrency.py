@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stac_backend.cache import CacheConfig  # noqa: E402
-from stac_backend.engine import Stream, push_many  # noqa: E402
-from stac_backend.model import build_model  # noqa: E402
+from stac_backend.cache import CacheConfig
+from stac_backend.engine import Stream, push_many
+from stac_backend.model import build_model
+from stac_backend.results import write_result
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -93,8 +92,7 @@ def main() -> int:
                   "torch": torch.__version__,
                   "cuda_graphs": model.cuda_graph_stats.to_dict() if hasattr(model, "cuda_graph_stats") else None,
                   "rows": rows}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+        write_result(args.out, report, "engine_concurrency", args.device)
 
     for n in [int(x) for x in args.streams.split(",")]:
         for batched in ([True, False] if args.sequential else [True]):

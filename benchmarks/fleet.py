@@ -18,15 +18,12 @@ table of docs/deployment.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stac_backend.loadgen.fleet import (  # noqa: E402
+from stac_backend.loadgen.fleet import (
     FleetConfig,
     environment,
     make_frames,
@@ -35,6 +32,8 @@ from stac_backend.loadgen.fleet import (  # noqa: E402
     start_local_server,
     stream_bound_bytes,
 )
+from stac_backend.results import write_result
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,6 +49,7 @@ def main() -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=1, help="CPU: torch threads of the server's stub")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks/fleet_capacity_cpu.json"))
+    p.add_argument("--benchmark", default="fleet_capacity", help="the name recorded in the result (report.py finds it by this)")
     args = p.parse_args()
 
     import torch
@@ -114,8 +114,7 @@ def main() -> int:
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "budgets": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1))
+    write_result(args.out, data, args.benchmark, args.device)
     for r in results:
         print(f"{r['budget']:>12}: bound {r['stream_bound_bytes'] / 2**20 if r['stream_bound_bytes'] else float('nan'):8.2f} MiB/stream, "
               f"{r['streams_sustained']} streams sustained at {args.fps:g} fps")

@@ -18,8 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 BEGIN, END = "<!-- capacity-table:begin -->", "<!-- capacity-table:end -->"
 # Budgets for the production model: hot cache alone needs ~1.45 GB per stream at 518x392.
 GPU_BUDGETS = ["window", "stac:1.5GiB", "stac:1.75GiB", "stac"]  # stac alone: capped by max_voxels (~1.93 GiB)
@@ -112,7 +110,7 @@ def build(directory: Path) -> str:
         "| --- | --- | --- | --- |",
         *gpu_rows(gpu),
         "",
-        "**Measured here** (`benchmarks/fleet.py`: paced camera streams; a count is sustained with zero errors and",
+        "**Measured** (`benchmarks/fleet.py`: paced camera streams; a count is sustained with zero errors and",
         "p99 capture-to-result latency under the file's limit):",
         "",
         "| device | model, frames | cache budget | bound per stream | streams sustained | frames/s | p99 e2e ms | source |",

@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stac_backend.cache.attention import attention_with_key_mass  # noqa: E402
-from stac_backend.kernels.attention_mass import (  # noqa: E402
+from stac_backend.cache.attention import attention_with_key_mass
+from stac_backend.kernels.attention_mass import (
     MASS_METHODS, fused_attention_with_key_mass, hybrid_attention_with_key_mass, resolve_mass_method)
+from stac_backend.results import write_result
 
 
 def bench(fn, warmup=3, reps=10) -> float:
@@ -133,8 +132,7 @@ def main() -> int:
             torch.cuda.empty_cache()
     report = {"benchmark": "kernel_attention", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "heads": H, "head_dim": D, "dtype": "bfloat16", "tuning": tuning, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    write_result(args.out, report, "kernel_tuning" if args.tune else "kernel_attention", "cuda")
     return 0
 
 

@@ -1,9 +1,9 @@
 """Stream one long sequence through every cache policy; write per-step memory, time and the
 deviation of each policy's outputs from the full cache, as JSON.
 
-    python benchmarks/policies.py --preset tiny --frames 300 --out docs/benchmarks/policies_tiny_cpu.json
+    python benchmarks/policies.py --preset tiny --frames 300 --out /tmp/policies_tiny_cpu.json
     python benchmarks/policies.py --preset vggt-1b --device cuda --dtype bfloat16 --frames 1000 \
-        --height 392 --width 518 --out docs/benchmarks/policies_vggt1b_h100.json
+        --height 392 --width 518 --out docs/benchmarks/policies_h100.json
     # the voxel-pool stress case on a CPU: 24 global layers of tiny width, every point in a few voxels
     python benchmarks/policies.py --preset tiny --model-overrides '{"depth": 24}' --policies heavy_hitter,stac \
         --frames 300 --height 112 --width 168 --stac-overrides '{"conf_threshold": 0.0, "voxel_size": 0.05}' \
@@ -28,11 +28,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stac_backend.cache import POLICIES, CacheConfig  # noqa: E402
-from stac_backend.engine import Stream  # noqa: E402
-from stac_backend.model import build_model, config_with, get_preset  # noqa: E402
+from stac_backend.cache import POLICIES, CacheConfig
+from stac_backend.engine import Stream
+from stac_backend.model import build_model, config_with, get_preset
+from stac_backend.results import write_result
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPARED = ("depth", "world_points", "pose_enc")
@@ -172,6 +171,8 @@ def main() -> int:
     p.add_argument("--max-seconds", type=float, default=None, help="stop a policy after this long (recorded)")
     p.add_argument("--full-max-seconds", type=float, default=None, help="the same for the full cache")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--benchmark", default="policies",
+                   help="the name recorded in the result, e.g. full_growth_ab for an A/B run (report.py finds it by this)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -207,8 +208,7 @@ def main() -> int:
             "cuda_graphs": model.cuda_graph_stats.to_dict() if hasattr(model, "cuda_graph_stats") else None,
             "results": results,
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+        write_result(args.out, report, args.benchmark, args.device)
         print(f"wrote {args.out} ({len(results)} of {len(names)} policies)", file=sys.stderr)
 
     for name in names:

@@ -25,13 +25,12 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stac_backend.cache import CacheConfig  # noqa: E402
-from stac_backend.cache.heavy_hitter import HeavyHitterCache  # noqa: E402
-from stac_backend.cache.voxel_pool import VoxelPool  # noqa: E402
-from stac_backend.engine import Stream  # noqa: E402
-from stac_backend.model import build_model  # noqa: E402
+from stac_backend.cache import CacheConfig
+from stac_backend.cache.heavy_hitter import HeavyHitterCache
+from stac_backend.cache.voxel_pool import VoxelPool
+from stac_backend.engine import Stream
+from stac_backend.model import build_model
+from stac_backend.results import write_result, write_text_result
 
 STRESS = {"conf_threshold": 0.0, "voxel_size": 0.002}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -153,7 +152,7 @@ def main() -> int:
                    help="after the replays, time this many more steps by phase (synchronised; adds sync overhead)")
     p.add_argument("--by-method", action="store_true",
                    help="also time each pool method over one replay (synchronised; recorded as method_ms)")
-    p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler table of one replay here")
+    p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler table of one replay to this file")
     p.add_argument("--kernel-config", default=None, metavar="TOKENS,WARPS",
                    help="insert_rows' tokens per loop iteration and warps per program for this run (kernel tuning)")
     p.add_argument("--out", type=Path, required=True)
@@ -191,9 +190,8 @@ def main() -> int:
                 pool.insert(*call_args, **call_kwargs)
                 sync(args.device)
             sort = "cuda_time_total" if args.device.startswith("cuda") else "cpu_time_total"
-            args.profile.parent.mkdir(parents=True, exist_ok=True)
-            args.profile.write_text(f"one VoxelPool.insert of {tokens} tokens after {args.warm_steps} steps\n\n"
-                                    + prof.key_averages().table(sort_by=sort, row_limit=40))
+            write_text_result(args.profile, f"one VoxelPool.insert of {tokens} tokens after {args.warm_steps} steps\n\n"
+                              + prof.key_averages().table(sort_by=sort, row_limit=40), "pool_insert", args.device)
         by_method = method_times(state, call_args, call_kwargs, args.device) if args.by_method else None
         phases = phase_times(stream, images, chunk, args.phase_steps, args.device) if args.phase_steps else None
     data = {
@@ -212,8 +210,7 @@ def main() -> int:
         "method_ms": by_method,
         "torch": torch.__version__,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1))
+    write_result(args.out, data, "pool_insert", args.device)
     print(json.dumps({k: data[k] for k in ("tokens", "insert_ms", "method_ms", "phase_ms_per_step")}), file=sys.stderr)
     return 0
 

@@ -16,11 +16,10 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stac_backend.cache import CacheConfig  # noqa: E402
-from stac_backend.engine import Stream, push_many  # noqa: E402
-from stac_backend.model import build_model  # noqa: E402
+from stac_backend.cache import CacheConfig
+from stac_backend.engine import Stream, push_many
+from stac_backend.model import build_model
+from stac_backend.results import write_text_result
 
 
 def sync_trace(step) -> str:
@@ -122,8 +121,7 @@ def main() -> int:
         text += f"\nGPU time by launching Python line ({args.by_line} innermost frames):\n{lines}\n"
     if args.sync_trace:
         text += "\nHost synchronisations in one step, by the line that caused them:\n" + sync_trace(step)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_text_result(args.out, text, "profile_step", args.device)
     print(text[:6000])
     return 0
 

@@ -1,7 +1,7 @@
 """Reconstruction quality of every cache policy against ground truth, on held-out synthetic
 streams with revisits, plus a trivial baseline. Writes JSON and plots.
 
-    python benchmarks/quality.py --frames 300 --out docs/benchmarks/quality_small_cpu.json
+    python benchmarks/quality.py --frames 300 --out docs/benchmarks/quality_cpu.json
 
 Model: the embedded trained ``small`` checkpoint unless --checkpoint is given. Scenes: seeds from
 1,000,000 on (never seen in training), looped trajectories (the camera returns to where it
@@ -22,14 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stac_backend.assets import EMBEDDED_CHECKPOINT  # noqa: E402
-from stac_backend.cache import CacheConfig  # noqa: E402
-from stac_backend.data import make_sequence, to_first_camera_frame  # noqa: E402
-from stac_backend.engine import Stream  # noqa: E402
-from stac_backend.metrics import evaluate_sequence  # noqa: E402
-from stac_backend.model import build_model  # noqa: E402
+from stac_backend.assets import EMBEDDED_CHECKPOINT
+from stac_backend.cache import CacheConfig
+from stac_backend.data import make_sequence, to_first_camera_frame
+from stac_backend.engine import Stream
+from stac_backend.metrics import evaluate_sequence
+from stac_backend.model import build_model
+from stac_backend.results import write_result
 
 HELD_OUT_SEED = 1_000_000
 
@@ -113,8 +112,7 @@ def write_report(args, results, baseline, done: int) -> dict:
     report = {"benchmark": "quality", "checkpoint": str(args.checkpoint.name), "device": args.device, "frames": args.frames,
               "sequences": done, "stac_overrides": json.loads(args.stac_overrides or "{}"),
               "trajectory": args.trajectory, "image_hw": [args.height, args.width], "summary": summary, "runs": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1, default=float))
+    write_result(args.out, report, "quality", args.device)
     return report
 
 

@@ -24,14 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stac_backend.cache import CacheConfig  # noqa: E402
-from stac_backend.engine.torch_runtime import TorchRuntime  # noqa: E402
-from stac_backend.engine import Stream, push_many  # noqa: E402
-from stac_backend.model import build_model  # noqa: E402
-from stac_backend.loadgen.fleet import make_frames  # noqa: E402
-from stac_backend.serving.sessions import FrameRequest, ServingLimits, StreamSessions  # noqa: E402
+from stac_backend.cache import CacheConfig
+from stac_backend.engine.torch_runtime import TorchRuntime
+from stac_backend.engine import Stream, push_many
+from stac_backend.model import build_model
+from stac_backend.results import write_result
+from stac_backend.loadgen.fleet import make_frames
+from stac_backend.serving.sessions import FrameRequest, ServingLimits, StreamSessions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -115,8 +114,7 @@ def main() -> int:
         "all_ms": {"engine_push_many": engine_ms, "sessions_handle": handle_ms, "outputs_on_host_all_requests": outputs_ms},
         "torch": torch.__version__,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1))
+    write_result(args.out, data, "serving_path", args.device)
     print(json.dumps(data["median_ms_per_step"]), file=sys.stderr)
     return 0
 

@@ -27,9 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stac_backend.loadgen.fleet import (  # noqa: E402
+from stac_backend.results import write_result
+from stac_backend.loadgen.fleet import (
     FleetConfig,
     plot as plot_fleet,
     process_tree_rss,
@@ -207,8 +206,7 @@ def main() -> int:
     data["samples"] = sampler.samples
     data["config"]["server_threads"] = args.threads
     data["passed"] = bool(flat and result.errors == 0 and data["aggregate"]["frames"] == total)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1))
+    write_result(args.out, data, "soak", "cpu")
     print(json.dumps({"aggregate": data["aggregate"], "memory": data["memory"], "passed": data["passed"]}, indent=1))
     if args.plot:
         if not plot_samples(data, args.plot):

@@ -1,4 +1,4 @@
-"""Triton end to end vs the in-process engine at the same load (issue #7's ">= 85%" target).
+"""Triton end to end vs the in-process engine at the same load (the ">= 85% of the engine" target).
 
 For each stream count N: the same N streams of F frames (chunk C, the same pixels) are run
 1. through a local tritonserver (the ``stac`` Python-backend model, sequence batching ``oldest``)
@@ -10,7 +10,7 @@ from each stream's START to its END, after a warm-up run of the same shape in ea
 backend's shared-memory hops, and batches that form less fully than in a lockstep loop.
 
     python benchmarks/triton_overhead.py --device cuda --preset vggt-1b --dtype bfloat16 \\
-        --size 392x518 --streams 1,8 --frames 32 --out docs/benchmarks/triton_overhead_h100.json
+        --size 392x518 --streams 1,8 --frames 32 --out /tmp/triton_overhead_h100.json
     python benchmarks/triton_overhead.py --out /tmp/triton_overhead_cpu.json   # CPU, tiny, quick
     python benchmarks/triton_overhead.py --output-dtype float16 --out /tmp/triton_overhead_cpu_fp16.json
 
@@ -32,6 +32,11 @@ starts one server each (label ",decoupled").
 
 --output-dtype float16 makes the server send the dense outputs (depth, points, confidences) as
 float16 (half the bytes; recorded as "output_dtype" in the JSON); the engine side is unchanged.
+
+--benchmark names the question a run answers (triton_overhead, triton_sweep, triton_queue_delay,
+triton_decoupled, triton_output_device): docs/benchmarks/ keeps one file per name and device, and
+benchmarks/report.py finds it by the name the file records. The commands of the kept files are in
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -46,12 +51,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stac_backend.cache import CacheConfig  # noqa: E402
-from stac_backend.engine import Stream, push_many  # noqa: E402
-from stac_backend.model import build_model  # noqa: E402
-from stac_backend.loadgen.fleet import FleetConfig, environment, make_frames, run_fleet, start_local_server  # noqa: E402
+from stac_backend.cache import CacheConfig
+from stac_backend.engine import Stream, push_many
+from stac_backend.model import build_model
+from stac_backend.results import write_result
+from stac_backend.loadgen.fleet import FleetConfig, environment, make_frames, run_fleet, start_local_server
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -142,6 +146,8 @@ def main() -> int:
                    help="comma-separated requests each stream keeps outstanding through Triton (1: lockstep; "
                         ">1: pipelined); every value is run against every server")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--benchmark", default="triton_overhead",
+                   help="the name recorded in the result, e.g. triton_sweep (report.py finds it by this)")
     args = p.parse_args()
 
     height, width = (int(x) for x in args.size.split("x"))
@@ -228,8 +234,7 @@ def main() -> int:
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1))
+    write_result(args.out, data, args.benchmark, args.device)
     return 0
 
 

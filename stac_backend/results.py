@@ -1,6 +1,7 @@
-"""Writing a stream's results: per-frame arrays, a merged point cloud and the camera trajectory.
+"""Writing results: a stream's reconstruction, and benchmark results with their run record.
 
-Used by the in-process ``stac stream`` and by the gRPC client alike, so both produce the same files:
+A stream's per-frame arrays, merged point cloud and camera trajectory, written by the in-process
+``stac stream`` and by the gRPC client alike, so both produce the same files:
 - ``frames/frame_00000.npz``: depth, depth_conf, world_points, world_points_conf, pose_enc,
   extrinsics, intrinsics of one frame;
 - ``points.ply``: confidence-filtered world points of all frames (an absolute threshold, or by
@@ -8,6 +9,9 @@ Used by the in-process ``stac stream`` and by the gRPC client alike, so both pro
   (binary little-endian PLY; at most ``max_points_per_frame`` per frame, chosen deterministically);
 - ``trajectory.json``: per frame extrinsics (camera-from-world), intrinsics and camera centre;
 - ``trajectory_tum.txt``: the same poses as camera-to-world in TUM format (index tx ty tz qx qy qz qw).
+
+A benchmark's result (``write_result``, ``write_text_result``) starts with its run record: the
+benchmark's name, the command that reproduces it, the commit, the device and the date.
 """
 
 from __future__ import annotations
@@ -135,3 +139,107 @@ def _numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().float().cpu().numpy() if x.dtype in (torch.bfloat16, torch.float16) else x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+# Benchmark results -------------------------------------------------------------------------------
+# Every file a benchmark writes under docs/benchmarks/ starts with a "run" record, so a reader (and
+# benchmarks/report.py, which finds files by it) knows what was measured, how to measure it again,
+# on which code and machine, and when.
+
+
+def run_record(benchmark: str, device: Optional[str] = None, argv: Optional[list[str]] = None) -> dict:
+    """{"benchmark", "command", "commit", "device", "date"} of the running benchmark.
+
+    ``device``: "cpu", "cuda[:N]" or None (the first GPU if there is one, else the CPU); a GPU is
+    recorded by its name ("NVIDIA H100 80GB HBM3"). ``commit`` ends in "-dirty" when tracked files
+    differ from it, and is None outside a git checkout.
+    """
+    import datetime
+
+    return {
+        "benchmark": benchmark,
+        "command": command_line(argv),
+        "commit": git_commit(),
+        "device": device_name(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def command_line(argv: Optional[list[str]] = None) -> str:
+    """The command as typed from the checkout's root: ``python benchmarks/x.py --flag value``."""
+    import shlex
+    import sys
+
+    argv = list(sys.argv if argv is None else argv)
+    script = Path(argv[0]) if argv else Path("python")
+    try:
+        script = script.resolve().relative_to(_checkout_root())
+    except ValueError:
+        pass
+    return shlex.join(["python", str(script), *argv[1:]])
+
+
+def git_commit() -> Optional[str]:
+    import subprocess
+
+    root = _checkout_root()
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("-dirty" if dirty else "") if sha else None
+
+
+def device_name(device: Optional[str] = None) -> str:
+    if device is None or str(device).startswith("cuda"):
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(torch.device(device or "cuda"))
+        if device is not None:
+            return str(device)
+    return "cpu"
+
+
+def device_key(name: str) -> str:
+    """The short device name used in result file names: "h100", "h200", "a100", "cpu"."""
+    import re
+
+    found = re.search(r"\b([A-Z]{1,3})[ -]?(\d{2,4}[A-Z]?)\b", name or "")
+    if found:
+        return (found.group(1) + found.group(2)).lower()
+    return "cpu" if not name or name.lower().startswith("cpu") else re.sub(r"[^a-z0-9]+", "", name.lower()) or "gpu"
+
+
+def write_result(path: Path, data: dict, benchmark: str, device: Optional[str] = None) -> Path:
+    """Write a benchmark's JSON with its run record first (kept when ``data`` already has one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = data.get("run") or run_record(benchmark, device)
+    path.write_text(json.dumps({"run": record, **{k: v for k, v in data.items() if k != "run"}}, indent=1, default=float))
+    return path
+
+
+def write_text_result(path: Path, text: str, benchmark: str, device: Optional[str] = None) -> Path:
+    """Write a text result (a profile, a test log) under a header of "# key: value" run lines."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = "".join(f"# {k}: {v}\n" for k, v in run_record(benchmark, device).items())
+    path.write_text(header + "\n" + text)
+    return path
+
+
+def read_text_run(path: Path) -> dict:
+    """The run record of a text result written by ``write_text_result`` (empty when it has none)."""
+    record = {}
+    for line in Path(path).read_text(errors="replace").splitlines():
+        if not line.startswith("# ") or ": " not in line:
+            break
+        key, value = line[2:].split(": ", 1)
+        record[key] = value
+    return record
+
+
+def _checkout_root() -> Path:
+    return Path(__file__).resolve().parents[1]

@@ -2,8 +2,8 @@
 
 One step of one camera (4 frames of vggt-1b) launches ~3000 kernels. On a GPU machine with a slow
 host the host can need longer to launch them than the GPU to run them (the H200 of
-docs/benchmarks/profile_step_stac_h200_round8.txt: 81 ms of GPU work per stac step, 112 ms per step
-unprofiled, policies_vggt1b_h200_1000_expandable.json). The patch
+docs/benchmarks/profile_step_h200.txt: 81 ms of GPU work per stac step, 112 ms per step
+unprofiled, policies_h200.json). The patch
 embedding, the frame-attention blocks and the DPT heads never read a cache: for a given input shape
 they do the same work every step. Each is captured once per input shape as a CUDA graph and then
 replayed (one launch instead of dozens to hundreds). Global blocks and the camera head read
