@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .key_sets import KeySet, attend_key_sets
+
 
 @dataclass(frozen=True)
 class CacheGeometry:
@@ -31,9 +33,11 @@ class CacheGeometry:
     head_dim: int
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
-    # The camera trunk's cache (kept by the stream, bounded by CacheConfig.camera_window) costs
-    # this much per frame; bounds and budgets include it.
-    camera_bytes_per_frame: int = 0
+    # The camera trunk's cache (cache/camera.py): a key and a value of camera_width numbers per
+    # frame for each of camera_entries (iteration, block) pairs; 0 without a camera head. Policies
+    # reserve its share of a memory budget.
+    camera_entries: int = 0
+    camera_width: int = 0
 
     @property
     def element_size(self) -> int:
@@ -51,27 +55,6 @@ class StepInfo:
     grid_hw: tuple[int, int]  # patch grid (rows, cols)
     world_points: Optional[Tensor] = None  # [B, C, H, W, 3] point-head output
     world_points_conf: Optional[Tensor] = None  # [B, C, H, W]
-
-
-def camera_bytes_bound(config, geometry: CacheGeometry) -> int:
-    """Most bytes the camera-trunk cache holds under ``config.camera_window`` (pinned + window + chunk frames)."""
-    if config.camera_window is None:
-        if config.memory_budget_bytes is not None and geometry.camera_bytes_per_frame:
-            raise ValueError("a memory budget needs a bounded camera_window")
-        return 0
-    frames = config.camera_window + len(config.pinned_frames) + config.chunk
-    return frames * geometry.camera_bytes_per_frame
-
-
-@dataclass
-class KeySet:
-    """The keys/values one stream's queries attend to at one layer in this step."""
-
-    k: Tensor  # [H, Nk, D]: retained past tokens (+ retrieved ones) + the step's new tokens
-    v: Tensor  # [H, Nk, D]
-    bias: Optional[Tensor] = None  # [H, Nk] float32 additive logit bias (e.g. log C of pivots)
-    valid: Optional[Tensor] = None  # [H, Nk] bool; False = padding
-    need_mass: bool = False  # whether absorb() wants the per-key probability mass
 
 
 class CachePolicy(ABC):
@@ -99,8 +82,6 @@ class CachePolicy(ABC):
         """Attention of one stream's step queries q [1, H, M, D] over its key set."""
         if q.shape[0] != 1:
             raise ValueError("a cache policy serves one stream: batch size must be 1")
-        from .key_sets import attend_key_sets
-
         out, masses = attend_key_sets(q, [self.prepare(layer, k[0], v[0])])
         self.absorb(layer, masses[0], q.shape[2])
         return out

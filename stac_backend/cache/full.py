@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import CachePolicy, KeySet
+from .base import CacheGeometry, CachePolicy, KeySet
 
 
 class FullCache(CachePolicy):
@@ -61,6 +61,12 @@ class FullCache(CachePolicy):
             if used:
                 buffer[:, :used] = store[layer][:, :used]
             store[layer] = buffer  # the old buffer is freed here, before the next one is made
+
+    @staticmethod
+    def bytes_per_frame(geometry: CacheGeometry, tokens_per_frame: int) -> int:
+        """Bytes one more frame adds: a key and a value per token, layer and head."""
+        g = geometry
+        return 2 * g.num_layers * g.num_heads * g.head_dim * tokens_per_frame * g.element_size
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))

@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .base import CacheGeometry, CachePolicy, KeySet, StepInfo, camera_bytes_bound
+from .base import CacheGeometry, CachePolicy, KeySet, StepInfo
+from .camera import camera_budget_share
 from .config import CacheConfig
 from .token_store import LayerTokens, bytes_per_token, step_token_ids
 
@@ -125,25 +126,31 @@ class HeavyHitterCache(CachePolicy):
 
     # ------------------------------------------------------------------ memory
     def hot_bytes_bound(self, tokens_per_frame: int) -> int:
-        """Most bytes the hot store (during a step, with the chunk's new tokens) and the camera-trunk
-        cache can hold."""
+        """Most bytes the hot store holds: during a step, (pinned + window + hh + chunk)
+        frame-equivalents per (layer, head), each token with its score (and position)."""
         g = self.geometry
         frames = len(self.config.pinned_frames) + self.config.window + self.config.hh + self.config.chunk
         per_token = bytes_per_token(g.head_dim, g.element_size, with_score=True, with_position=self.tracks_positions)
-        return g.num_layers * g.num_heads * frames * tokens_per_frame * per_token + camera_bytes_bound(self.config, g)
+        return g.num_layers * g.num_heads * frames * tokens_per_frame * per_token
 
     def bytes_bound(self, tokens_per_frame: int) -> int:
         """Most bytes this policy ever holds for a stream of frames of this size."""
         return self.hot_bytes_bound(tokens_per_frame)
 
+    def budget_reserved_bytes(self, tokens_per_frame: int) -> int:
+        """What a memory budget must leave for the fixed part: the hot store and the camera cache."""
+        return self.hot_bytes_bound(tokens_per_frame) + camera_budget_share(self.config, self.geometry)
+
     def check_budget(self, info: StepInfo) -> None:
         """Refuse, before any work, a memory budget the fixed part of the cache cannot fit."""
         budget = self.config.memory_budget_bytes
-        need = self.hot_bytes_bound(info.tokens_per_frame)
-        if budget is not None and need > budget:
+        if budget is None:
+            return
+        need = self.budget_reserved_bytes(info.tokens_per_frame)
+        if need > budget:
             raise ValueError(
                 f"memory budget {budget} B is too small for the {self.name} cache at {info.tokens_per_frame} tokens/frame: "
-                f"pinned + window + hh + chunk frames need {need} B; lower window/hh or raise the budget"
+                f"pinned + window + hh + chunk frames and the camera cache need {need} B; lower window/hh or raise the budget"
             )
 
     def memory_bytes(self) -> int:

@@ -83,7 +83,7 @@ class StacCache(HeavyHitterCache):
         cap = c.max_voxels
         if c.memory_budget_bytes is not None:
             per_voxel = VoxelPool.bytes_for(1, g.num_layers, g.num_heads, g.head_dim, g.dtype, c.buffer_size, c.max_pivots)
-            left = c.memory_budget_bytes - self.hot_bytes_bound(tokens_per_frame) - self.retrieved_bytes_bound(tokens_per_frame)
+            left = c.memory_budget_bytes - self.budget_reserved_bytes(tokens_per_frame) - self.retrieved_bytes_bound(tokens_per_frame)
             fits = left // per_voxel
             if fits < 1:
                 raise ValueError(

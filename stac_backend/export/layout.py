@@ -37,6 +37,7 @@ from torch import Tensor
 
 from ..cache import CacheConfig, CacheGeometry, StacCache
 from ..cache.voxel_pool import _field_specs
+from ..engine.stream import geometry_of
 from ..model.config import ModelConfig
 
 EXPORTED_POLICIES = ("full", "heavy_hitter", "stac")
@@ -102,9 +103,7 @@ class StepLayout:
 
     @property
     def geometry(self) -> CacheGeometry:
-        m = self.model
-        camera = 2 * m.camera_iterations * m.camera_trunk_depth * 2 * m.embed_dim * 4
-        return CacheGeometry(m.depth, m.num_heads, m.head_dim, torch.float32, "cpu", camera)
+        return geometry_of(self.model, torch.float32, "cpu")
 
     @property
     def hot_tokens(self) -> int:
