@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -108,3 +108,21 @@ class CachePolicy(ABC):
     def stats(self) -> dict:
         """Numbers for logs and metrics (tokens retained, evictions, ...)."""
         return {"memory_bytes": self.memory_bytes()}
+
+    def export_state(self) -> dict[str, Tensor]:
+        """The stream's cache as plain tensors (copies, stable names; counters as 0-d int64), between
+        steps. ``import_state`` into a policy built with the same configuration and geometry
+        continues the stream exactly as this one would."""
+        raise NotImplementedError(f"{type(self).__name__} does not export its state")
+
+    def import_state(self, state: dict[str, Tensor]) -> None:
+        """Replace this policy's content by a state ``export_state`` returned (tensors are copied)."""
+        raise NotImplementedError(f"{type(self).__name__} does not import a state")
+
+
+def check_state_names(what: str, state: dict[str, Tensor], required: Sequence[str], optional: Sequence[str] = ()) -> None:
+    """Refuse a state with missing or unknown tensors, naming them."""
+    missing = [n for n in required if n not in state]
+    unknown = sorted(set(state) - set(required) - set(optional))
+    if missing or unknown:
+        raise ValueError(f"{what} state: missing {missing}, unknown {unknown}")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import CacheGeometry
+from .base import CacheGeometry, check_state_names
 from .config import CacheConfig
 from .key_sets import KeySet
 
@@ -150,7 +150,7 @@ class CameraCache:
 
     def import_state(self, state: dict[str, Tensor]) -> None:
         """Replace the cache by one ``export_state`` returned (the tensors are copied)."""
-        _check_names("camera cache", state, ("entry", "k", "v", "frame"))
+        check_state_names("camera cache", state, ("entry", "k", "v", "frame"))
         entries = [tuple(int(x) for x in e) for e in state["entry"].tolist()]
         k, v, frame = state["k"], state["v"], state["frame"]
         if k.shape[:1] != (len(entries),) or v.shape != k.shape or (entries and k.shape[2] != frame.shape[0]):
@@ -163,9 +163,3 @@ class CameraCache:
             self.values[entry] = v[i].to(device).clone()
         self.frames = frame.to("cpu", torch.long).clone()
 
-
-def _check_names(what: str, state: dict[str, Tensor], names: tuple[str, ...]) -> None:
-    missing = [n for n in names if n not in state]
-    unknown = sorted(set(state) - set(names))
-    if missing or unknown:
-        raise ValueError(f"{what} state: missing {missing}, unknown {unknown}")

@@ -17,10 +17,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .base import CacheGeometry, CachePolicy, KeySet, StepInfo
+from .base import CacheGeometry, CachePolicy, KeySet, StepInfo, check_state_names
 from .camera import camera_budget_share
 from .config import CacheConfig
-from .token_store import LayerTokens, bytes_per_token, step_token_ids
+from .token_store import LayerTokens, bytes_per_token, export_layers, import_layers, step_token_ids
 
 MUST_KEEP = float("inf")
 
@@ -164,3 +164,23 @@ class HeavyHitterCache(CachePolicy):
     def stats(self) -> dict:
         tokens = next(iter(self.layers.values())).num_tokens if self.layers else 0
         return {"memory_bytes": self.memory_bytes(), "tokens_per_head": tokens, "evicted_tokens": self.evicted_tokens}
+
+    # ------------------------------------------------------------------ state
+    def export_state(self) -> dict[str, Tensor]:
+        """``hot_k``/``hot_v`` [L, H, N, D], ``hot_frame``/``hot_index``/``hot_score`` [L, H, N]
+        (``hot_pos`` [L, H, N, 3] where positions are tracked) and ``evicted_tokens``."""
+        if self._step is not None or self._pending:
+            raise RuntimeError("export_state() is only valid between steps")
+        g = self.geometry
+        state = export_layers(self.layers, g.num_heads, g.head_dim, g.dtype, g.device, True, self.tracks_positions)
+        state["evicted_tokens"] = torch.tensor(self.evicted_tokens, dtype=torch.int64)
+        return state
+
+    def import_state(self, state: dict[str, Tensor]) -> None:
+        names = ["hot_k", "hot_v", "hot_frame", "hot_index", "hot_score", "evicted_tokens"]
+        check_state_names(self.name, state, names + (["hot_pos"] if self.tracks_positions else []))
+        g = self.geometry
+        layers = import_layers(state, g.num_heads, g.head_dim, g.device, True, self.tracks_positions)
+        self.reset()
+        self.layers = layers
+        self.evicted_tokens = int(state["evicted_tokens"])

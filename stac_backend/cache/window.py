@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
-from .base import CacheGeometry, CachePolicy, KeySet, StepInfo
+from .base import CacheGeometry, CachePolicy, KeySet, StepInfo, check_state_names
 from .camera import camera_budget_share
 from .config import CacheConfig
-from .token_store import LayerTokens, bytes_per_token, step_token_ids
+from .token_store import LayerTokens, bytes_per_token, export_layers, import_layers, step_token_ids
 
 
 class WindowCache(CachePolicy):
@@ -83,6 +84,23 @@ class WindowCache(CachePolicy):
     def stats(self) -> dict:
         tokens = next(iter(self.layers.values())).num_tokens if self.layers else 0
         return {"memory_bytes": self.memory_bytes(), "tokens": tokens, "evicted_tokens": self.evicted_tokens}
+
+    def export_state(self) -> dict[str, Tensor]:
+        """``hot_k``/``hot_v`` [L, H, N, D], ``hot_frame``/``hot_index`` [L, H, N] and ``evicted_tokens``."""
+        if self._step is not None:
+            raise RuntimeError("export_state() is only valid between steps")
+        g = self.geometry
+        state = export_layers(self.layers, g.num_heads, g.head_dim, g.dtype, g.device, False, False)
+        state["evicted_tokens"] = torch.tensor(self.evicted_tokens, dtype=torch.int64)
+        return state
+
+    def import_state(self, state: dict[str, Tensor]) -> None:
+        check_state_names(self.name, state, ("hot_k", "hot_v", "hot_frame", "hot_index", "evicted_tokens"))
+        g = self.geometry
+        layers = import_layers(state, g.num_heads, g.head_dim, g.device, False, False)
+        self.reset()
+        self.layers = layers
+        self.evicted_tokens = int(state["evicted_tokens"])
 
 
 class SinkWindowCache(WindowCache):

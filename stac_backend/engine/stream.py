@@ -122,6 +122,25 @@ class Stream(RuntimeStream):
 
     close = reset
 
+    def export_state(self) -> dict[str, Tensor]:
+        """Everything the stream holds as plain tensors (copies), between steps: ``cache.<name>`` (the
+        policy's ``export_state``), ``camera.<name>`` (the camera cache's), ``frames_seen`` and
+        ``image_hw`` ([2], or [0] before the first step)."""
+        state = {"cache." + name: t for name, t in self.cache.export_state().items()}
+        state.update({"camera." + name: t for name, t in self.camera_cache.export_state().items()})
+        state["frames_seen"] = torch.tensor(self.frames_seen, dtype=torch.int64)
+        state["image_hw"] = torch.tensor(self.image_hw or (), dtype=torch.int64)
+        return state
+
+    def import_state(self, state: dict[str, Tensor]) -> None:
+        """Continue the stream ``export_state`` exported (same model and cache configuration)."""
+        self.reset()
+        self.cache.import_state({n[6:]: t for n, t in state.items() if n.startswith("cache.")})
+        self.camera_cache.import_state({n[7:]: t for n, t in state.items() if n.startswith("camera.")})
+        self.frames_seen = int(state["frames_seen"])
+        hw = state["image_hw"].tolist()
+        self.image_hw = (int(hw[0]), int(hw[1])) if hw else None
+
 
 def full_cache_bytes_per_frame(config: ModelConfig, height: int, width: int, dtype: torch.dtype = torch.float32) -> int:
     """Bytes one more frame adds to a stream with the full cache (global attention and camera trunk)."""
