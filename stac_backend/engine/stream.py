@@ -105,9 +105,7 @@ class Stream(RuntimeStream):
         image_hw = image_hw or self.image_hw
         if image_hw is None:
             return None
-        policy = self.cache.bytes_bound(self.config.tokens_per_frame(*image_hw))
-        camera = self.camera_cache.bytes_bound()
-        return None if policy is None or camera is None else policy + camera
+        return _sum_bounds(self.cache.bytes_bound(self.config.tokens_per_frame(*image_hw)), self.camera_cache.bytes_bound())
 
     def evicted_tokens(self) -> int:
         return int(self.cache.evicted_tokens)
@@ -140,6 +138,19 @@ class Stream(RuntimeStream):
         self.frames_seen = int(state["frames_seen"])
         hw = state["image_hw"].tolist()
         self.image_hw = (int(hw[0]), int(hw[1])) if hw else None
+
+
+def stream_memory_bound(model: ModelConfig, cache: CacheConfig, image_hw: tuple[int, int],
+                        dtype: torch.dtype = torch.float32) -> Optional[int]:
+    """What ``Stream.memory_bound`` says for a stream of this model and cache configuration, from the
+    configurations alone (no weights): the most bytes its caches can hold; None where unbounded."""
+    geometry = geometry_of(model, dtype)
+    policy = make_cache(cache, geometry).bytes_bound(model.tokens_per_frame(*image_hw))
+    return _sum_bounds(policy, CameraCache(cache, geometry).bytes_bound())
+
+
+def _sum_bounds(*bounds: Optional[int]) -> Optional[int]:
+    return None if any(b is None for b in bounds) else sum(bounds)
 
 
 def full_cache_bytes_per_frame(config: ModelConfig, height: int, width: int, dtype: torch.dtype = torch.float32) -> int:

@@ -232,3 +232,21 @@ def test_stream_state_round_trip_with_the_model(tiny_model, frames12):
     a, b = original.push(frames12[8:12]), restored.push(frames12[8:12])
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("cache", [CacheConfig(policy="stac"), CacheConfig(policy="window"), CacheConfig(policy="full"),
+                                   CacheConfig(policy="sink_window", camera_window=None)])
+def test_stream_bound_from_the_configurations_alone(tiny_model, cache):
+    """A stream's bound sums the policy's and the camera cache's (None where either is unbounded:
+    a window policy with an unbounded camera window is unbounded), and the configurations alone
+    give the same number as a stream of the model."""
+    from stac_backend.engine import stream_memory_bound
+
+    stream = Stream(tiny_model, cache=cache)
+    bound = stream_memory_bound(tiny_model.config, cache, (56, 84))
+    assert stream.memory_bound((56, 84)) == bound
+    if cache.policy == "full" or cache.camera_window is None:
+        assert bound is None
+    else:
+        tokens = tiny_model.config.tokens_per_frame(56, 84)
+        assert bound == stream.cache.bytes_bound(tokens) + stream.camera_cache.bytes_bound() > 0
