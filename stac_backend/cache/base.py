@@ -8,6 +8,11 @@ the new ones, and returns the attention output. Before the forward the engine ca
 ``end_step(info)`` so the policy can do its end-of-step work (score decay, pruning, pooling) with
 the step's predictions at hand (e.g. world points, for spatial policies).
 
+Every policy also answers the same questions of memory and state: ``memory_bytes()`` (held now,
+exactly), ``bytes_bound(tokens_per_frame)`` (the most it can hold; None where unbounded) and
+``export_state()`` / ``import_state(state)`` (its content as plain tensors, to move or restore a
+stream between steps).
+
 Policies know nothing of Triton or of the model beyond this contract; the model knows nothing of
 policies beyond ``attend``.
 """
@@ -97,8 +102,9 @@ class CachePolicy(ABC):
         """Bytes of every tensor this policy holds for its stream, exactly."""
 
     def bytes_bound(self, tokens_per_frame: int) -> Optional[int]:
-        """The most bytes this policy can ever hold for frames of ``tokens_per_frame`` tokens
-        (camera-trunk cache included); None where it is unbounded."""
+        """The most bytes ``memory_bytes`` can ever be for frames of ``tokens_per_frame`` tokens
+        (exactly: a long enough stream reaches it); None where the policy is unbounded. The camera
+        cache states its own bound; a stream's bound is the sum."""
         return None
 
     @abstractmethod
