@@ -140,11 +140,12 @@ class CameraCache:
             k = torch.stack([self.keys[e] for e in entries])
             v = torch.stack([self.values[e] for e in entries])
         else:
-            k = v = torch.zeros(0, 0, 0, 0, dtype=self.geometry.dtype, device=self.geometry.device)
+            k = torch.zeros(0, 0, 0, 0, dtype=self.geometry.dtype, device=self.geometry.device)
+            v = k.clone()
         return {
             "entry": torch.tensor(entries, dtype=torch.int64).reshape(-1, 2),
-            "k": k.clone(),
-            "v": v.clone(),
+            "k": k,  # stacked: already copies
+            "v": v,
             "frame": self.frames.clone(),
         }
 

@@ -99,8 +99,8 @@ class FullCache(CachePolicy):
             empty = torch.zeros(0, 0, 0, 0)
             return {"kv_k": empty, "kv_v": empty.clone()}
         return {
-            "kv_k": torch.stack([self.keys[i][:, : self.used[i]] for i in layers]).clone(),
-            "kv_v": torch.stack([self.values[i][:, : self.used[i]] for i in layers]).clone(),
+            "kv_k": torch.stack([self.keys[i][:, : self.used[i]] for i in layers]),  # stack copies
+            "kv_v": torch.stack([self.values[i][:, : self.used[i]] for i in layers]),
         }
 
     def import_state(self, state: dict[str, Tensor]) -> None:

@@ -82,7 +82,7 @@ def export_layers(layers: dict[int, LayerTokens], num_heads: int, head_dim: int,
     def stacked(field: str, tail: tuple[int, ...], field_dtype: torch.dtype) -> Tensor:
         if not stores:
             return torch.zeros((0, num_heads, 0) + tail, dtype=field_dtype, device=device)
-        return torch.stack([getattr(s, field) for s in stores]).clone()
+        return torch.stack([getattr(s, field) for s in stores])  # a new tensor: a copy
 
     state = {
         "hot_k": stacked("k", (head_dim,), dtype),
