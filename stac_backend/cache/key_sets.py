@@ -29,6 +29,7 @@ class KeySet:
     valid: Optional[Tensor] = None  # [H, Nk] bool; False = padding
     need_mass: bool = False  # whether absorb() wants the per-key probability mass
 
+
 # On CUDA with OpenAI Triton installed, the fused kernel replaces the blockwise reference
 # (STAC_FUSED_ATTENTION=0 turns it off, e.g. to compare).
 USE_FUSED = os.environ.get("STAC_FUSED_ATTENTION", "1") != "0"
