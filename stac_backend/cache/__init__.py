@@ -1,12 +1,14 @@
-"""Per-stream key/value cache policies for the global-attention layers.
+"""Every per-stream cache: the global-attention policies and the camera trunk's cache.
 
 ``make_cache(config, geometry)`` builds the policy a ``CacheConfig`` names:
-``full``, ``window``, ``sink_window``, ``heavy_hitter`` or ``stac``.
+``full``, ``window``, ``sink_window``, ``heavy_hitter`` or ``stac``; ``CameraCache(config,
+geometry)`` the camera trunk's cache, bounded by ``config.camera_window``.
 """
 
 from __future__ import annotations
 
 from .base import CacheGeometry, CachePolicy, StepInfo
+from .camera import CameraCache, camera_bytes_bound, camera_bytes_per_frame
 from .config import POLICIES, CacheConfig
 from .full import FullCache
 from .heavy_hitter import HeavyHitterCache
@@ -29,6 +31,9 @@ def make_cache(config: CacheConfig, geometry: CacheGeometry) -> CachePolicy:
 
 
 __all__ = [
+    "CameraCache",
+    "camera_bytes_bound",
+    "camera_bytes_per_frame",
     "CacheConfig",
     "CacheGeometry",
     "CachePolicy",

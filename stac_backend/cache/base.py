@@ -8,6 +8,11 @@ the new ones, and returns the attention output. Before the forward the engine ca
 ``end_step(info)`` so the policy can do its end-of-step work (score decay, pruning, pooling) with
 the step's predictions at hand (e.g. world points, for spatial policies).
 
+Every policy also answers the same questions of memory and state: ``memory_bytes()`` (held now,
+exactly), ``bytes_bound(tokens_per_frame)`` (the most it can hold; None where unbounded) and
+``export_state()`` / ``import_state(state)`` (its content as plain tensors, to move or restore a
+stream between steps).
+
 Policies know nothing of Triton or of the model beyond this contract; the model knows nothing of
 policies beyond ``attend``.
 """
@@ -16,10 +21,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from .key_sets import KeySet, attend_key_sets
 
 
 @dataclass(frozen=True)
@@ -31,9 +38,11 @@ class CacheGeometry:
     head_dim: int
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
-    # The camera trunk's cache (kept by the stream, bounded by CacheConfig.camera_window) costs
-    # this much per frame; bounds and budgets include it.
-    camera_bytes_per_frame: int = 0
+    # The camera trunk's cache (cache/camera.py): a key and a value of camera_width numbers per
+    # frame for each of camera_entries (iteration, block) pairs; 0 without a camera head. Policies
+    # reserve its share of a memory budget.
+    camera_entries: int = 0
+    camera_width: int = 0
 
     @property
     def element_size(self) -> int:
@@ -51,27 +60,6 @@ class StepInfo:
     grid_hw: tuple[int, int]  # patch grid (rows, cols)
     world_points: Optional[Tensor] = None  # [B, C, H, W, 3] point-head output
     world_points_conf: Optional[Tensor] = None  # [B, C, H, W]
-
-
-def camera_bytes_bound(config, geometry: CacheGeometry) -> int:
-    """Most bytes the camera-trunk cache holds under ``config.camera_window`` (pinned + window + chunk frames)."""
-    if config.camera_window is None:
-        if config.memory_budget_bytes is not None and geometry.camera_bytes_per_frame:
-            raise ValueError("a memory budget needs a bounded camera_window")
-        return 0
-    frames = config.camera_window + len(config.pinned_frames) + config.chunk
-    return frames * geometry.camera_bytes_per_frame
-
-
-@dataclass
-class KeySet:
-    """The keys/values one stream's queries attend to at one layer in this step."""
-
-    k: Tensor  # [H, Nk, D]: retained past tokens (+ retrieved ones) + the step's new tokens
-    v: Tensor  # [H, Nk, D]
-    bias: Optional[Tensor] = None  # [H, Nk] float32 additive logit bias (e.g. log C of pivots)
-    valid: Optional[Tensor] = None  # [H, Nk] bool; False = padding
-    need_mass: bool = False  # whether absorb() wants the per-key probability mass
 
 
 class CachePolicy(ABC):
@@ -99,8 +87,6 @@ class CachePolicy(ABC):
         """Attention of one stream's step queries q [1, H, M, D] over its key set."""
         if q.shape[0] != 1:
             raise ValueError("a cache policy serves one stream: batch size must be 1")
-        from .key_sets import attend_key_sets
-
         out, masses = attend_key_sets(q, [self.prepare(layer, k[0], v[0])])
         self.absorb(layer, masses[0], q.shape[2])
         return out
@@ -116,8 +102,9 @@ class CachePolicy(ABC):
         """Bytes of every tensor this policy holds for its stream, exactly."""
 
     def bytes_bound(self, tokens_per_frame: int) -> Optional[int]:
-        """The most bytes this policy can ever hold for frames of ``tokens_per_frame`` tokens
-        (camera-trunk cache included); None where it is unbounded."""
+        """The most bytes ``memory_bytes`` can ever be for frames of ``tokens_per_frame`` tokens
+        (exactly: a long enough stream reaches it); None where the policy is unbounded. The camera
+        cache states its own bound; a stream's bound is the sum."""
         return None
 
     @abstractmethod
@@ -127,3 +114,21 @@ class CachePolicy(ABC):
     def stats(self) -> dict:
         """Numbers for logs and metrics (tokens retained, evictions, ...)."""
         return {"memory_bytes": self.memory_bytes()}
+
+    def export_state(self) -> dict[str, Tensor]:
+        """The stream's cache as plain tensors (copies, stable names; counters as 0-d int64), between
+        steps. ``import_state`` into a policy built with the same configuration and geometry
+        continues the stream exactly as this one would."""
+        raise NotImplementedError(f"{type(self).__name__} does not export its state")
+
+    def import_state(self, state: dict[str, Tensor]) -> None:
+        """Replace this policy's content by a state ``export_state`` returned (tensors are copied)."""
+        raise NotImplementedError(f"{type(self).__name__} does not import a state")
+
+
+def check_state_names(what: str, state: dict[str, Tensor], required: Sequence[str], optional: Sequence[str] = ()) -> None:
+    """Refuse a state with missing or unknown tensors, naming them."""
+    missing = [n for n in required if n not in state]
+    unknown = sorted(set(state) - set(required) - set(optional))
+    if missing or unknown:
+        raise ValueError(f"{what} state: missing {missing}, unknown {unknown}")

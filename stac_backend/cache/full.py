@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import CachePolicy, KeySet
+from .base import CacheGeometry, CachePolicy, KeySet, check_state_names
 
 
 class FullCache(CachePolicy):
@@ -62,6 +62,12 @@ class FullCache(CachePolicy):
                 buffer[:, :used] = store[layer][:, :used]
             store[layer] = buffer  # the old buffer is freed here, before the next one is made
 
+    @staticmethod
+    def bytes_per_frame(geometry: CacheGeometry, tokens_per_frame: int) -> int:
+        """Bytes one more frame adds: a key and a value per token, layer and head."""
+        g = geometry
+        return 2 * g.num_layers * g.num_heads * g.head_dim * tokens_per_frame * g.element_size
+
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
 
@@ -83,3 +89,27 @@ class FullCache(CachePolicy):
 
     def stats(self) -> dict:
         return {"memory_bytes": self.memory_bytes(), "used_bytes": self.used_bytes(), "tokens": self.num_tokens()}
+
+    def export_state(self) -> dict[str, Tensor]:
+        """``kv_k``/``kv_v`` [L, H, N, D]: the stored keys/values of layers 0 .. L-1 (no spare capacity)."""
+        layers = sorted(self.keys)
+        if layers != list(range(len(layers))) or len({self.used[i] for i in layers}) > 1:
+            raise RuntimeError("export_state() is only valid between steps (every layer 0 .. L-1 holds the same tokens)")
+        if not layers:
+            empty = torch.zeros(0, 0, 0, 0)
+            return {"kv_k": empty, "kv_v": empty.clone()}
+        return {
+            "kv_k": torch.stack([self.keys[i][:, : self.used[i]] for i in layers]),  # stack copies
+            "kv_v": torch.stack([self.values[i][:, : self.used[i]] for i in layers]),
+        }
+
+    def import_state(self, state: dict[str, Tensor]) -> None:
+        """Exactly sized buffers (spare capacity, with growth > 1, comes back as steps append)."""
+        check_state_names("full cache", state, ("kv_k", "kv_v"))
+        k, v = state["kv_k"], state["kv_v"]
+        if k.dim() != 4 or v.shape != k.shape:
+            raise ValueError(f"kv_k and kv_v must be [L, H, N, D] alike, got {tuple(k.shape)} and {tuple(v.shape)}")
+        self.reset()
+        for layer in range(k.shape[0]):
+            self.keys[layer], self.values[layer] = k[layer].clone(), v[layer].clone()
+            self.used[layer] = k.shape[2]

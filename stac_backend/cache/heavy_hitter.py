@@ -17,9 +17,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .base import CacheGeometry, CachePolicy, KeySet, StepInfo, camera_bytes_bound
+from .base import CacheGeometry, CachePolicy, KeySet, StepInfo, check_state_names
+from .camera import camera_budget_share
 from .config import CacheConfig
-from .token_store import LayerTokens, bytes_per_token, step_token_ids
+from .token_store import LayerTokens, bytes_per_token, export_layers, import_layers, step_token_ids
 
 MUST_KEEP = float("inf")
 
@@ -125,25 +126,31 @@ class HeavyHitterCache(CachePolicy):
 
     # ------------------------------------------------------------------ memory
     def hot_bytes_bound(self, tokens_per_frame: int) -> int:
-        """Most bytes the hot store (during a step, with the chunk's new tokens) and the camera-trunk
-        cache can hold."""
+        """Most bytes the hot store holds: during a step, (pinned + window + hh + chunk)
+        frame-equivalents per (layer, head), each token with its score (and position)."""
         g = self.geometry
         frames = len(self.config.pinned_frames) + self.config.window + self.config.hh + self.config.chunk
         per_token = bytes_per_token(g.head_dim, g.element_size, with_score=True, with_position=self.tracks_positions)
-        return g.num_layers * g.num_heads * frames * tokens_per_frame * per_token + camera_bytes_bound(self.config, g)
+        return g.num_layers * g.num_heads * frames * tokens_per_frame * per_token
 
     def bytes_bound(self, tokens_per_frame: int) -> int:
         """Most bytes this policy ever holds for a stream of frames of this size."""
         return self.hot_bytes_bound(tokens_per_frame)
 
+    def budget_reserved_bytes(self, tokens_per_frame: int) -> int:
+        """What a memory budget must leave for the fixed part: the hot store and the camera cache."""
+        return self.hot_bytes_bound(tokens_per_frame) + camera_budget_share(self.config, self.geometry)
+
     def check_budget(self, info: StepInfo) -> None:
         """Refuse, before any work, a memory budget the fixed part of the cache cannot fit."""
         budget = self.config.memory_budget_bytes
-        need = self.hot_bytes_bound(info.tokens_per_frame)
-        if budget is not None and need > budget:
+        if budget is None:
+            return
+        need = self.budget_reserved_bytes(info.tokens_per_frame)
+        if need > budget:
             raise ValueError(
                 f"memory budget {budget} B is too small for the {self.name} cache at {info.tokens_per_frame} tokens/frame: "
-                f"pinned + window + hh + chunk frames need {need} B; lower window/hh or raise the budget"
+                f"pinned + window + hh + chunk frames and the camera cache need {need} B; lower window/hh or raise the budget"
             )
 
     def memory_bytes(self) -> int:
@@ -157,3 +164,23 @@ class HeavyHitterCache(CachePolicy):
     def stats(self) -> dict:
         tokens = next(iter(self.layers.values())).num_tokens if self.layers else 0
         return {"memory_bytes": self.memory_bytes(), "tokens_per_head": tokens, "evicted_tokens": self.evicted_tokens}
+
+    # ------------------------------------------------------------------ state
+    def export_state(self) -> dict[str, Tensor]:
+        """``hot_k``/``hot_v`` [L, H, N, D], ``hot_frame``/``hot_index``/``hot_score`` [L, H, N]
+        (``hot_pos`` [L, H, N, 3] where positions are tracked) and ``evicted_tokens``."""
+        if self._step is not None or self._pending:
+            raise RuntimeError("export_state() is only valid between steps")
+        g = self.geometry
+        state = export_layers(self.layers, g.num_heads, g.head_dim, g.dtype, g.device, True, self.tracks_positions)
+        state["evicted_tokens"] = torch.tensor(self.evicted_tokens, dtype=torch.int64)
+        return state
+
+    def import_state(self, state: dict[str, Tensor]) -> None:
+        names = ["hot_k", "hot_v", "hot_frame", "hot_index", "hot_score", "evicted_tokens"]
+        check_state_names(self.name, state, names + (["hot_pos"] if self.tracks_positions else []))
+        g = self.geometry
+        layers = import_layers(state, g.num_heads, g.head_dim, g.device, True, self.tracks_positions)
+        self.reset()
+        self.layers = layers
+        self.evicted_tokens = int(state["evicted_tokens"])

@@ -9,6 +9,7 @@ otherwise the blockwise attention that also returns per-key mass.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -16,7 +17,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import attention_with_key_mass
-from .base import KeySet
+
+
+@dataclass
+class KeySet:
+    """The keys/values one stream's queries attend to at one layer in this step."""
+
+    k: Tensor  # [H, Nk, D]: retained past tokens (+ retrieved ones) + the step's new tokens
+    v: Tensor  # [H, Nk, D]
+    bias: Optional[Tensor] = None  # [H, Nk] float32 additive logit bias (e.g. log C of pivots)
+    valid: Optional[Tensor] = None  # [H, Nk] bool; False = padding
+    need_mass: bool = False  # whether absorb() wants the per-key probability mass
+
 
 # On CUDA with OpenAI Triton installed, the fused kernel replaces the blockwise reference
 # (STAC_FUSED_ATTENTION=0 turns it off, e.g. to compare).

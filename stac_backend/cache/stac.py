@@ -83,7 +83,7 @@ class StacCache(HeavyHitterCache):
         cap = c.max_voxels
         if c.memory_budget_bytes is not None:
             per_voxel = VoxelPool.bytes_for(1, g.num_layers, g.num_heads, g.head_dim, g.dtype, c.buffer_size, c.max_pivots)
-            left = c.memory_budget_bytes - self.hot_bytes_bound(tokens_per_frame) - self.retrieved_bytes_bound(tokens_per_frame)
+            left = c.memory_budget_bytes - self.budget_reserved_bytes(tokens_per_frame) - self.retrieved_bytes_bound(tokens_per_frame)
             fits = left // per_voxel
             if fits < 1:
                 raise ValueError(
@@ -197,3 +197,63 @@ class StacCache(HeavyHitterCache):
         if self.pool is not None:
             out.update({f"pool_{k}": v for k, v in self.pool.stats().items()})
         return out
+
+    # ------------------------------------------------------------------ state
+    _COUNTERS = ("steps", "pooled_tokens", "dropped_tokens")
+
+    def export_state(self) -> dict[str, Tensor]:
+        """The heavy-hitter state (with ``hot_pos``), the retrieved tokens ``ret_k``/``ret_v``
+        [L, H, T, D], ``ret_bias``/``ret_valid`` [L, H, T] (layer l's own T is ``ret_len[l]``; the
+        rest is padding), the counters ``steps``, ``pooled_tokens``, ``dropped_tokens`` and, once
+        the first step made it, the voxel pool: ``pool_max_voxels`` and ``pool_<name>`` for each
+        tensor of ``VoxelPool.export_state``."""
+        state = super().export_state()
+        g = self.geometry
+        layers = sorted(self.retrieved)
+        if layers != list(range(len(layers))):
+            raise RuntimeError(f"cannot export retrieved tokens of layers {layers}: expected 0 .. {len(layers) - 1}")
+        lengths = [self.retrieved[i][0].shape[1] for i in layers]
+        T = max(lengths, default=0)
+        L, H, D, dev = len(layers), g.num_heads, g.head_dim, g.device
+        ret_k = torch.zeros(L, H, T, D, dtype=g.dtype, device=dev)
+        ret_v = torch.zeros(L, H, T, D, dtype=g.dtype, device=dev)
+        ret_bias = torch.full((L, H, T), float("-inf"), device=dev)
+        ret_valid = torch.zeros(L, H, T, dtype=torch.bool, device=dev)
+        for i, n in zip(layers, lengths):
+            k, v, bias, valid = self.retrieved[i]
+            ret_k[i, :, :n], ret_v[i, :, :n], ret_bias[i, :, :n], ret_valid[i, :, :n] = k, v, bias, valid
+        state.update(ret_k=ret_k, ret_v=ret_v, ret_bias=ret_bias, ret_valid=ret_valid,
+                     ret_len=torch.tensor(lengths, dtype=torch.int64))
+        for name in self._COUNTERS:
+            state[name] = torch.tensor(getattr(self, name), dtype=torch.int64)
+        if self.pool is not None:
+            state["pool_max_voxels"] = torch.tensor(self._pool.max_voxels, dtype=torch.int64)
+            state.update({"pool_" + name: t for name, t in self._pool.export_state().items()})
+        return state
+
+    def import_state(self, state: dict[str, Tensor]) -> None:
+        own = ("ret_k", "ret_v", "ret_bias", "ret_valid", "ret_len") + self._COUNTERS
+        missing = [n for n in own if n not in state]
+        if missing:
+            raise ValueError(f"{self.name} state: missing {missing}")
+        pool_state = {name[5:]: t for name, t in state.items() if name.startswith("pool_") and name != "pool_max_voxels"}
+        super().import_state({n: t for n, t in state.items() if n not in own and not n.startswith("pool_")})
+        dev = self.geometry.device
+        for i, n in enumerate(state["ret_len"].tolist()):
+            if n:
+                self.retrieved[i] = tuple(state[name][i, :, :n].to(dev).clone()
+                                          for name in ("ret_k", "ret_v", "ret_bias", "ret_valid"))
+        for name in self._COUNTERS:
+            setattr(self, name, int(state[name]))
+        self._queued_step = self.steps
+        if "pool_max_voxels" in state:
+            c, g = self.config, self.geometry
+            pool = VoxelPool(
+                g.num_layers, g.num_heads, g.head_dim, voxel_size=c.voxel_size, buffer_size=c.buffer_size,
+                max_pivots=c.max_pivots, merge_cos=c.merge_cos, max_voxels=int(state["pool_max_voxels"]),
+                initial_voxels=1, max_rounds=c.insert_rounds, dtype=g.dtype, device=g.device,
+            )
+            pool.import_state(pool_state)
+            self.pool = pool
+        elif pool_state:
+            raise ValueError(f"{self.name} state: pool tensors without pool_max_voxels")

@@ -64,3 +64,60 @@ def step_token_ids(num_heads: int, frame_offset: int, num_frames: int, tokens_pe
 def bytes_per_token(head_dim: int, element_size: int, with_score: bool, with_position: bool) -> int:
     """Bytes one token costs in one head of one layer's store."""
     return 2 * head_dim * element_size + 4 + 4 + (4 if with_score else 0) + (12 if with_position else 0)
+
+
+def export_layers(layers: dict[int, LayerTokens], num_heads: int, head_dim: int, dtype: torch.dtype, device,
+                  with_score: bool, with_position: bool) -> dict[str, Tensor]:
+    """Every layer's store stacked into plain tensors (copies), as the exported step names them:
+    ``hot_k``/``hot_v`` [L, H, N, D], ``hot_frame``/``hot_index`` [L, H, N] int32 and, if kept,
+    ``hot_score`` [L, H, N] and ``hot_pos`` [L, H, N, 3]. Layers are 0 .. L-1 and hold the same
+    number of tokens (true between steps)."""
+    ids = sorted(layers)
+    if ids != list(range(len(ids))):
+        raise RuntimeError(f"cannot export layers {ids}: expected 0 .. {len(ids) - 1}")
+    stores = [layers[i] for i in ids]
+    if len({s.num_tokens for s in stores}) > 1:
+        raise RuntimeError("layers hold different numbers of tokens: export between steps")
+
+    def stacked(field: str, tail: tuple[int, ...], field_dtype: torch.dtype) -> Tensor:
+        if not stores:
+            return torch.zeros((0, num_heads, 0) + tail, dtype=field_dtype, device=device)
+        return torch.stack([getattr(s, field) for s in stores])  # a new tensor: a copy
+
+    state = {
+        "hot_k": stacked("k", (head_dim,), dtype),
+        "hot_v": stacked("v", (head_dim,), dtype),
+        "hot_frame": stacked("frame", (), torch.int32),
+        "hot_index": stacked("index", (), torch.int32),
+    }
+    if with_score:
+        state["hot_score"] = stacked("score", (), torch.float32)
+    if with_position:
+        state["hot_pos"] = stacked("position", (3,), torch.float32)
+    return state
+
+
+def import_layers(state: dict[str, Tensor], num_heads: int, head_dim: int, device, with_score: bool,
+                  with_position: bool) -> dict[int, LayerTokens]:
+    """The stores ``export_layers`` exported (each tensor copied to ``device``)."""
+    k = state["hot_k"]
+    if k.dim() != 4 or k.shape[1] != num_heads or k.shape[3] != head_dim:
+        raise ValueError(f"hot_k must be [layers, {num_heads}, tokens, {head_dim}], got {tuple(k.shape)}")
+    L, _, N, _ = k.shape
+    expected = {"hot_v": (L, num_heads, N, head_dim), "hot_frame": (L, num_heads, N), "hot_index": (L, num_heads, N)}
+    if with_score:
+        expected["hot_score"] = (L, num_heads, N)
+    if with_position:
+        expected["hot_pos"] = (L, num_heads, N, 3)
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise ValueError(f"{name} must be {shape} to match hot_k, got {tuple(state[name].shape)}")
+
+    def take(name: str, layer: int) -> Optional[Tensor]:
+        return state[name][layer].to(device).clone() if name in expected or name == "hot_k" else None
+
+    return {
+        layer: LayerTokens(take("hot_k", layer), take("hot_v", layer), take("hot_frame", layer), take("hot_index", layer),
+                           take("hot_score", layer), take("hot_pos", layer))
+        for layer in range(L)
+    }

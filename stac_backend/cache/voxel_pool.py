@@ -910,3 +910,82 @@ class VoxelPool:
                   t["buf_v"][ll, hh, b_row, b_slot], torch.zeros(nl, H, tb, device=dev))
         # Each layer gets tensors of its own (cloned): memory accounting sees exactly its T.
         return [tuple(x[i, :, : lengths[i]].clone() for x in (k_out, v_out, bias, valid)) for i in range(nl)]
+
+    # ------------------------------------------------------------------ state export / import
+    #: the host-side counters, in the order of the ``counters`` tensor of ``export_state``
+    _COUNTER_NAMES = (
+        "_evicted_voxels", "_evicted_pivots", "_inserted_tokens", "_merged_tokens", "_gated_tokens",
+        "_capacity_dropped_tokens", "_overflow_dropped_tokens", "_pivots_created", "_insert_calls",
+        "_last_rounds", "_max_rounds_seen", "_last_insert_on_device",
+    )
+
+    @classmethod
+    def state_specs(
+        cls,
+        voxels: int,
+        num_layers: int,
+        num_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        buffer_size: int = 8,
+        max_pivots: int = 4,
+    ) -> dict[str, "PoolTensorSpec"]:
+        """Name -> shape, dtype and fill of every tensor a pool of ``voxels`` rows holds (the data of
+        ``export_state``; a fresh row holds the fill). Their bytes add up to ``bytes_for(voxels, ...)``."""
+        specs = _field_specs(num_layers, num_heads, head_dim, dtype, buffer_size, max_pivots)
+        return {name: PoolTensorSpec(f.lead + (voxels,) + f.tail, f.dtype, f.fill, len(f.lead))
+                for name, f in specs.items()}
+
+    def export_state(self) -> dict[str, Tensor]:
+        """The pool as plain tensors (copies): every ``state_specs`` tensor at the current capacity,
+        plus its statistics, ``counters`` (int64, host) and ``device_counters`` (int64, the pool's
+        device). The settings (voxel size, caps, ...) are not state: a pool imports only into one
+        built with the same ones."""
+        state = {name: t.clone() for name, t in self._tensors.items()}
+        state["counters"] = torch.tensor([int(getattr(self, n)) for n in self._COUNTER_NAMES], dtype=torch.int64)
+        device_counters = self._kernel_counts
+        if device_counters is None:
+            device_counters = torch.zeros(len(INSERT_COUNTERS) + 1, dtype=torch.int64, device=self.device)
+        state["device_counters"] = device_counters.clone()
+        return state
+
+    def import_state(self, state: dict[str, Tensor]) -> None:
+        """Replace the pool's content by ``state`` (from ``export_state``, or just its
+        ``state_specs`` tensors: the statistics then start at zero). Tensors are copied to the
+        pool's device; shapes and dtypes are checked against this pool's settings."""
+        optional = ("counters", "device_counters")
+        missing = [name for name in self._specs if name not in state]
+        unknown = sorted(set(state) - set(self._specs) - set(optional))
+        if missing or unknown:
+            raise ValueError(f"voxel pool state: missing {missing}, unknown {unknown}")
+        voxels = int(state["row_key"].shape[0])
+        if not 1 <= voxels <= self.max_voxels:
+            raise ValueError(f"voxel pool state holds {voxels} rows; this pool allows 1 to {self.max_voxels}")
+        specs = self.state_specs(voxels, self.num_layers, self.num_heads, self.head_dim, self.dtype,
+                                 self.buffer_size, self.max_pivots)
+        for name, spec in specs.items():
+            t = state[name]
+            if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
+                raise ValueError(f"voxel pool state: {name} is {t.dtype} {tuple(t.shape)}, "
+                                 f"this pool needs {spec.dtype} {spec.shape}")
+        self._tensors = {name: state[name].to(self.device).clone().contiguous() for name in specs}
+        self._cap = voxels
+        counters = state.get("counters")
+        values = counters.tolist() if counters is not None else [0] * len(self._COUNTER_NAMES)
+        if len(values) != len(self._COUNTER_NAMES):
+            raise ValueError(f"voxel pool state: counters has {len(values)} entries, expected {len(self._COUNTER_NAMES)}")
+        for name, value in zip(self._COUNTER_NAMES, values):
+            setattr(self, name, bool(value) if name == "_last_insert_on_device" else int(value))
+        device_counters = state.get("device_counters")
+        self._kernel_counts = None if device_counters is None else device_counters.to(self.device).clone()
+
+
+@dataclass(frozen=True)
+class PoolTensorSpec:
+    """One tensor of a pool's state: its shape, dtype, the value of a free row and which axis is
+    the voxel (row) axis."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    fill: float
+    voxel_axis: int

@@ -3,16 +3,19 @@ runtime interface that serving uses (torch engine, ONNX Runtime, TensorRT)."""
 
 from .frames import to_frame_tensor
 from .runtime import Runtime, RuntimeStream, make_runtime, register_runtime, runtime_names
-from .stream import Stream, full_cache_bytes_per_frame, push_many
+from .stream import Stream, cache_geometry, full_cache_bytes_per_frame, geometry_of, push_many, stream_memory_bound
 
 __all__ = [
     "Runtime",
     "RuntimeStream",
     "Stream",
+    "cache_geometry",
     "full_cache_bytes_per_frame",
+    "geometry_of",
     "make_runtime",
     "push_many",
     "register_runtime",
     "runtime_names",
+    "stream_memory_bound",
     "to_frame_tensor",
 ]

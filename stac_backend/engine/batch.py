@@ -9,17 +9,23 @@ for all of them). Streams with different chunk shapes run in separate forwards.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING, Sequence
+from typing import Protocol, Sequence
 
 import torch
 from torch import Tensor
 
-from ..cache import CachePolicy, StepInfo
+from ..cache import CameraCache, CachePolicy, StepInfo
 from ..cache.key_sets import attend_key_sets
-from ..model.camera_head import BatchedCameraAttention
+from ..model.vggt import VGGT
 
-if TYPE_CHECKING:
-    from .stream import Stream
+
+class StepMember(Protocol):
+    """What a step needs of a stream (``engine.Stream`` is one)."""
+
+    model: VGGT
+    cache: CachePolicy
+    camera_cache: CameraCache
+    frames_seen: int
 
 
 class BatchedGlobalAttention:
@@ -36,7 +42,19 @@ class BatchedGlobalAttention:
         return out
 
 
-def run_batched_step(streams: Sequence["Stream"], images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+class BatchedCameraAttention:
+    """The camera trunk's attention over a batch whose row b belongs to the stream with camera cache
+    ``caches[b]``."""
+
+    def __init__(self, caches: Sequence[CameraCache]):
+        self.caches = list(caches)
+
+    def attend(self, iteration: int, block: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        sets = [cache.prepare(iteration, block, k[b], v[b]) for b, cache in enumerate(self.caches)]
+        return attend_key_sets(q, sets)[0]
+
+
+def run_batched_step(streams: Sequence[StepMember], images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
     """One step of each stream on its validated frames (float [C, 3, H, W] on the model's device).
 
     Returns per stream the outputs [C, ...]. All streams must share one model. Errors are
@@ -60,7 +78,7 @@ def run_batched_step(streams: Sequence["Stream"], images: Sequence[Tensor]) -> l
     return results
 
 
-def _run_group(model, streams: list["Stream"], batch: Tensor) -> list[dict[str, Tensor]]:
+def _run_group(model: VGGT, streams: list[StepMember], batch: Tensor) -> list[dict[str, Tensor]]:
     B, C, _, H, W = batch.shape
     config = model.config
     infos = [

@@ -18,8 +18,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..cache import CacheConfig, CacheGeometry, CachePolicy, make_cache
-from ..model.camera_head import CameraKVCache
+from ..cache import CacheConfig, CacheGeometry, CachePolicy, CameraCache, FullCache, camera_bytes_per_frame, make_cache
 from ..model.config import ModelConfig
 from ..model.vggt import VGGT
 from .batch import run_batched_step
@@ -27,12 +26,18 @@ from .frames import FrameInput, to_frame_tensor
 from .runtime import RuntimeStream
 
 
+def geometry_of(config: ModelConfig, dtype: torch.dtype = torch.float32, device: str = "cpu") -> CacheGeometry:
+    """The numbers of a model the caches need: its global-attention layers and, for the camera
+    cache, the camera trunk's (iteration, block) entries and their key width (2 * embed_dim)."""
+    c = config
+    entries = c.camera_iterations * c.camera_trunk_depth if c.enable_camera else 0
+    return CacheGeometry(c.depth, c.num_heads, c.head_dim, dtype, str(device), camera_entries=entries,
+                         camera_width=2 * c.embed_dim if c.enable_camera else 0)
+
+
 def cache_geometry(model: VGGT) -> CacheGeometry:
     param = next(model.parameters())
-    c = model.config
-    element = param.element_size()
-    camera = 2 * c.camera_iterations * c.camera_trunk_depth * 2 * c.embed_dim * element if c.enable_camera else 0
-    return CacheGeometry(c.depth, c.num_heads, c.head_dim, param.dtype, str(param.device), camera)
+    return geometry_of(model.config, param.dtype, str(param.device))
 
 
 class Stream(RuntimeStream):
@@ -49,21 +54,18 @@ class Stream(RuntimeStream):
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         if cache is None or isinstance(cache, str):
             cache = CacheConfig(policy=cache or "full", chunk=chunk_size or 4)
-        camera_window = None
+        geometry = cache_geometry(model)
         if isinstance(cache, CacheConfig):
-            if chunk_size is not None and chunk_size != cache.chunk:
-                cache = cache.replace(chunk=chunk_size)
-            self.chunk_size = cache.chunk
-            camera_window = cache.camera_window
-            cache = make_cache(cache, cache_geometry(model))
-        else:
-            config = getattr(cache, "config", None)
-            self.chunk_size = chunk_size or getattr(config, "chunk", 4)
-            camera_window = getattr(config, "camera_window", None)
+            config = cache if chunk_size is None else cache.replace(chunk=chunk_size)
+            cache = make_cache(config, geometry)
+        else:  # a ready policy: its own config, else the full cache's defaults (unbounded camera window)
+            config = getattr(cache, "config", None) or CacheConfig(policy="full", chunk=chunk_size or 4)
+            if chunk_size is not None and chunk_size != config.chunk:
+                config = config.replace(chunk=chunk_size)
+        self.chunk_size = config.chunk
         self.model = model
         self.cache: CachePolicy = cache
-        pinned = getattr(getattr(cache, "config", None), "pinned_frames", (0,))
-        self.camera_cache = CameraKVCache(camera_window, pinned)
+        self.camera_cache = CameraCache(config, geometry)
         self.frames_seen = 0
         self.image_hw: Optional[tuple[int, int]] = None
         self.broken: Optional[str] = None
@@ -99,11 +101,11 @@ class Stream(RuntimeStream):
 
     def memory_bound(self, image_hw: Optional[tuple[int, int]] = None) -> Optional[int]:
         """Most bytes this stream's caches can ever hold at frames of ``image_hw`` (default: the
-        size it has seen); None where the policy is unbounded or the size is not known yet."""
+        size it has seen); None where a cache is unbounded or the size is not known yet."""
         image_hw = image_hw or self.image_hw
         if image_hw is None:
             return None
-        return self.cache.bytes_bound(self.config.tokens_per_frame(*image_hw))
+        return _sum_bounds(self.cache.bytes_bound(self.config.tokens_per_frame(*image_hw)), self.camera_cache.bytes_bound())
 
     def evicted_tokens(self) -> int:
         return int(self.cache.evicted_tokens)
@@ -111,25 +113,50 @@ class Stream(RuntimeStream):
     def reset(self) -> None:
         """Forget everything; the next push starts a new stream (frame 0)."""
         self.cache.reset()
-        self.camera_cache.clear()
+        self.camera_cache.reset()
         self.frames_seen = 0
         self.image_hw = None
         self.broken = None
 
     close = reset
 
+    def export_state(self) -> dict[str, Tensor]:
+        """Everything the stream holds as plain tensors (copies), between steps: ``cache.<name>`` (the
+        policy's ``export_state``), ``camera.<name>`` (the camera cache's), ``frames_seen`` and
+        ``image_hw`` ([2], or [0] before the first step)."""
+        state = {"cache." + name: t for name, t in self.cache.export_state().items()}
+        state.update({"camera." + name: t for name, t in self.camera_cache.export_state().items()})
+        state["frames_seen"] = torch.tensor(self.frames_seen, dtype=torch.int64)
+        state["image_hw"] = torch.tensor(self.image_hw or (), dtype=torch.int64)
+        return state
+
+    def import_state(self, state: dict[str, Tensor]) -> None:
+        """Continue the stream ``export_state`` exported (same model and cache configuration)."""
+        self.reset()
+        self.cache.import_state({n[6:]: t for n, t in state.items() if n.startswith("cache.")})
+        self.camera_cache.import_state({n[7:]: t for n, t in state.items() if n.startswith("camera.")})
+        self.frames_seen = int(state["frames_seen"])
+        hw = state["image_hw"].tolist()
+        self.image_hw = (int(hw[0]), int(hw[1])) if hw else None
+
+
+def stream_memory_bound(model: ModelConfig, cache: CacheConfig, image_hw: tuple[int, int],
+                        dtype: torch.dtype = torch.float32) -> Optional[int]:
+    """What ``Stream.memory_bound`` says for a stream of this model and cache configuration, from the
+    configurations alone (no weights): the most bytes its caches can hold; None where unbounded."""
+    geometry = geometry_of(model, dtype)
+    policy = make_cache(cache, geometry).bytes_bound(model.tokens_per_frame(*image_hw))
+    return _sum_bounds(policy, CameraCache(cache, geometry).bytes_bound())
+
+
+def _sum_bounds(*bounds: Optional[int]) -> Optional[int]:
+    return None if any(b is None for b in bounds) else sum(bounds)
+
 
 def full_cache_bytes_per_frame(config: ModelConfig, height: int, width: int, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes one more frame adds to a stream with the full cache.
-
-    Global attention keeps keys and values of every token of every layer:
-    2 * depth * tokens_per_frame * embed_dim elements; the camera trunk keeps keys and values of one
-    token per (iteration, block): 2 * iterations * trunk_depth * (2 * embed_dim) elements.
-    """
-    element = torch.empty((), dtype=dtype).element_size()
-    aggregator = 2 * config.depth * config.tokens_per_frame(height, width) * config.embed_dim
-    camera = 2 * config.camera_iterations * config.camera_trunk_depth * 2 * config.embed_dim if config.enable_camera else 0
-    return (aggregator + camera) * element
+    """Bytes one more frame adds to a stream with the full cache (global attention and camera trunk)."""
+    geometry = geometry_of(config, dtype)
+    return FullCache.bytes_per_frame(geometry, config.tokens_per_frame(height, width)) + camera_bytes_per_frame(geometry)
 
 
 def push_many(streams: list[Stream], images: list[Tensor]) -> list[dict[str, Tensor]]:

@@ -36,12 +36,13 @@ import torch
 from torch import Tensor
 
 from ..cache import CacheConfig, CacheGeometry, StacCache
-from ..cache.voxel_pool import _field_specs
+from ..cache.voxel_pool import VoxelPool
+from ..engine.stream import geometry_of
 from ..model.config import ModelConfig
 
 EXPORTED_POLICIES = ("full", "heavy_hitter", "stac")
 OUTPUTS = ("depth", "depth_conf", "world_points", "world_points_conf", "pose_enc", "extrinsics", "intrinsics")
-POOL_FIELDS = tuple(_field_specs(1, 1, 1, torch.float32, 1, 2))  # piv_k, piv_v, ..., row_last_used
+POOL_FIELDS = tuple(VoxelPool.state_specs(1, 1, 1, 1, torch.float32, 1, 2))  # piv_k, piv_v, ..., row_last_used
 LAYOUT_METADATA_KEY = "stac.layout"
 
 _DTYPES = {"float32": torch.float32, "int32": torch.int32, "int64": torch.int64, "bool": torch.bool}
@@ -102,9 +103,7 @@ class StepLayout:
 
     @property
     def geometry(self) -> CacheGeometry:
-        m = self.model
-        camera = 2 * m.camera_iterations * m.camera_trunk_depth * 2 * m.embed_dim * 4
-        return CacheGeometry(m.depth, m.num_heads, m.head_dim, torch.float32, "cpu", camera)
+        return geometry_of(self.model, torch.float32, "cpu")
 
     @property
     def hot_tokens(self) -> int:
@@ -170,10 +169,9 @@ class StepLayout:
                 StateTensor("ret_valid", (L, H, T), torch.bool, False, ax),
             ]
             V = self.voxels
-            for name, f in _field_specs(L, H, D, f32, c.buffer_size, c.max_pivots).items():
-                shape = f.lead + (V,) + f.tail
-                dims = (None,) * len(f.lead) + ("voxels",) + (None,) * len(f.tail)
-                out.append(StateTensor("pool_" + name, shape, f.dtype, f.fill, dims))
+            for name, f in VoxelPool.state_specs(V, L, H, D, f32, c.buffer_size, c.max_pivots).items():
+                dims = tuple("voxels" if axis == f.voxel_axis else None for axis in range(len(f.shape)))
+                out.append(StateTensor("pool_" + name, f.shape, f.dtype, f.fill, dims))
             out.append(StateTensor("steps", (1,), i64, 0, (None,)))
         E, Hc = self.camera_entries, m.camera_num_heads
         Dc = 2 * m.embed_dim // Hc

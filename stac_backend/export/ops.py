@@ -104,8 +104,7 @@ def _pool(tensors: dict[str, Tensor], num_layers: int, num_heads: int, head_dim:
     pool = VoxelPool(num_layers, num_heads, head_dim, voxel_size=voxel_size, buffer_size=B, max_pivots=P,
                      merge_cos=merge_cos, score_gate=score_gate, max_voxels=V, initial_voxels=1,
                      dtype=tensors["piv_k"].dtype, device=tensors["piv_k"].device)
-    pool._tensors = {name: tensors[name].clone().contiguous() for name in POOL_FIELDS}
-    pool._cap = V
+    pool.import_state({name: tensors[name] for name in POOL_FIELDS})
     return pool
 
 
@@ -265,8 +264,9 @@ def pool_update_impl(
             heads = torch.arange(H, device=ev_k.device).repeat_interleave(E)
             tokens = torch.arange(E, device=ev_k.device).repeat(H)
             cache.on_evict(layer, store, heads, tokens, None)
+        state = cache.pool.export_state()
         for name in POOL_FIELDS:
-            outs[name][b] = cache.pool._tensors[name]
+            outs[name][b] = state[name]
     return tuple(outs[name] for name in POOL_FIELDS)
 
 
@@ -313,7 +313,7 @@ def retrieve_impl(
             out_bias[b, layer], out_valid[b, layer] = float("-inf"), False
             out_k[b, layer, :, :t], out_v[b, layer, :, :t] = k, v
             out_bias[b, layer, :, :t], out_valid[b, layer, :, :t] = bias, valid
-        last_used[b] = cache.pool._tensors["row_last_used"]
+        last_used[b] = cache.pool.export_state()["row_last_used"]
     return out_k, out_v, out_bias, out_valid, last_used
 
 

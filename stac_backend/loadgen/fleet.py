@@ -767,21 +767,15 @@ def parse_budget(text: str) -> tuple[str, dict]:
 
 
 def stream_bound_bytes(preset: str, height: int, width: int, cache: dict, dtype: str) -> int | None:
-    """The cache code's exact per-stream bound (model built on the meta device: no weights)."""
+    """The cache code's exact per-stream bound (from the configurations: no model is built)."""
     import torch
 
     from stac_backend.cache import CacheConfig
-    from stac_backend.engine import Stream
+    from stac_backend.engine import stream_memory_bound
     from stac_backend.model.config import get_preset
-    from stac_backend.model.vggt import VGGT
 
-    config = get_preset(preset)
-    with torch.device("meta"):
-        model = VGGT(config)
-    model = model.to({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
-    stream = Stream(model, cache=CacheConfig(**cache))
-    bound = getattr(stream.cache, "bytes_bound", None)
-    return int(bound(config.tokens_per_frame(height, width))) if bound else None
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return stream_memory_bound(get_preset(preset), CacheConfig(**cache), (height, width), torch_dtype)
 
 
 

@@ -96,37 +96,24 @@ class StreamSessions:
         with self._lock:
             self.expire_idle()
             results: list[Union[StepResult, RequestError, None]] = [None] * len(requests)
-            pending: list[tuple[int, _Session, Tensor]] = []
-            for i, request in enumerate(requests):
-                try:
-                    session, frames = self._admit(request, busy={id(p[1]) for p in pending})
-                except RequestError as err:
-                    results[i] = err
-                    self.counters.failed_requests += 1
-                    continue
-                if session is None:  # an earlier request of the same stream is in this batch
-                    results[i] = None
-                    pending.append((i, None, request))  # type: ignore[arg-type]
-                    continue
-                pending.append((i, session, frames))
-            # Steps run in waves so that two requests of one stream in one batch stay in order.
+            # Steps run in waves: requests of different streams share a step, and a stream's next
+            # request is admitted only after its earlier one ran (so a repeated START or a request
+            # after END in the same batch sees the stream as that earlier request left it).
+            pending = list(enumerate(requests))
             while pending:
-                wave, later, seen = [], [], set()
-                for item in pending:
-                    i, session, payload = item
-                    if session is None:  # resolve now that earlier requests have run
-                        try:
-                            session, payload = self._admit(payload, busy=set())
-                        except RequestError as err:
-                            results[i] = err
-                            self.counters.failed_requests += 1
-                            continue
-                        item = (i, session, payload)
-                    if id(session) in seen:
-                        later.append(item)
-                    else:
-                        seen.add(id(session))
-                        wave.append(item)
+                wave, later, busy = [], [], set()
+                for i, request in pending:
+                    if request.corr_id in busy:
+                        later.append((i, request))
+                        continue
+                    busy.add(request.corr_id)
+                    try:
+                        session, frames = self._admit(request)
+                    except RequestError as err:
+                        results[i] = err
+                        self.counters.failed_requests += 1
+                        continue
+                    wave.append((i, session, frames))
                 self._run_wave(wave, requests, results)
                 pending = later
             return results  # type: ignore[return-value]
@@ -163,15 +150,13 @@ class StreamSessions:
                 self._close(cid)
 
     # ------------------------------------------------------------------ internals
-    def _admit(self, request: FrameRequest, busy: set) -> tuple[Optional[_Session], Optional[Tensor]]:
+    def _admit(self, request: FrameRequest) -> tuple[_Session, Tensor]:
         cid = request.corr_id
         if cid is None or cid == 0 or cid == "":
             raise RequestError("request has no sequence (correlation) id: send every frame with a non-zero sequence_id")
         if request.frames is None:
             raise RequestError("request has no FRAMES input")
         session = self.sessions.get(cid)
-        if session is not None and id(session) in busy:
-            return None, None  # run after the earlier request of this stream
         if request.start:
             if session is not None:  # repeated START: the old sequence ends here
                 self._close(cid)
@@ -232,9 +217,13 @@ class StreamSessions:
         try:
             outs = push([s.stream for s in sessions], [f for _, _, f in wave])
         except Exception:
-            # Isolate the failure: run the wave's streams one by one so only the culprit fails.
+            # Isolate the failure: run the wave's streams one by one so only the culprit fails. A
+            # stream the failed step left broken (caches half-updated) is not stepped again.
             outs = []
             for session, (_, _, frames) in zip(sessions, wave):
+                if session.stream.broken is not None:
+                    outs.append(RequestError(f"step failed: {session.stream.broken}"))
+                    continue
                 try:
                     outs.append(push([session.stream], [frames])[0])
                 except Exception as exc:  # noqa: BLE001 - reported to that client only
