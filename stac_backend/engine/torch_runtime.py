@@ -187,12 +187,11 @@ class TorchRuntime(Runtime):
                 # several steps' time, so there only the last (full caches, retrieval) is measured.
                 if self.device.type == "cuda" or t == steps - 1:
                     held = sum(s.memory_bytes() for s in streams)
-                    _, added = measure_peak_bytes(lambda: push_many(streams, images), self.device)
+                    _, added = measure_peak_bytes(lambda images=images: push_many(streams, images), self.device)
                     if added is not None:  # what the caches grew by is theirs (in their bound), not the step's
                         peak = _max(peak, max(0, added - (sum(s.memory_bytes() for s in streams) - held)))
                 else:
                     push_many(streams, images)
-                del images
         finally:
             for s in streams:
                 s.reset()

@@ -1,14 +1,19 @@
-"""Micro-batched steps: a step split into micro-batches gives what one unsplit step gives (outputs
-and every stream's cache state), and a failure part-way leaves no stream silently stepped."""
+"""Memory-bounded steps: a step split into micro-batches gives what one unsplit step gives (outputs
+and every stream's cache state), a failure part-way leaves no stream silently stepped, and
+admission reserves what one step adds beside the streams' memory bounds."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import pytest
 import torch
 
 from stac_backend.cache import CacheConfig
 from stac_backend.engine.microbatch import plan_micro_batches, run_micro_batches, split_evenly
+from stac_backend.engine.runtime import Runtime, RuntimeStream
 from stac_backend.engine.torch_runtime import TorchRuntime
+from stac_backend.serving.sessions import FrameRequest, RequestError, ServingLimits, StepResult, StreamSessions
 
 # The pool takes every evicted token and retrieval starts early, so the split is compared on the
 # whole stac step: eviction, the pool's insert and merges, retrieval and attention over retrieved tokens.
@@ -141,3 +146,75 @@ def test_failure_in_the_first_micro_batch_keeps_its_own_rule(tiny_model):
     with pytest.raises(ValueError, match="budget refused"):
         runtime.step(streams, images)
     assert all(s.broken is None for s in streams)  # a ValueError: every stream as it was
+
+
+# ------------------------------------------------------------------ admission counts a step's memory
+
+
+class BoundedStream(RuntimeStream):
+    def __init__(self, bound: int):
+        self.bound = bound
+
+    def validate(self, frames):
+        return torch.as_tensor(frames)
+
+    def memory_bytes(self) -> int:
+        return 0
+
+    def memory_bound(self, image_hw=None) -> Optional[int]:
+        return self.bound
+
+    def reset(self) -> None:
+        pass
+
+
+class StepMemoryRuntime(Runtime):
+    """Streams bounded at 100 bytes; a step adds ``step_bytes[image_hw]``."""
+
+    def __init__(self, step_bytes: dict):
+        self.step_bytes = step_bytes
+        self.asked = []
+
+    def open_stream(self):
+        return BoundedStream(100)
+
+    def step(self, streams, images):
+        return [{"depth": x} for x in images]
+
+    def step_memory_bytes(self, image_hw):
+        self.asked.append(tuple(image_hw))
+        return self.step_bytes.get(tuple(image_hw))
+
+
+def _start(sessions, cid, hw=(28, 28)):
+    return sessions.handle([FrameRequest(corr_id=cid, start=True, end=False, frames=torch.zeros(4, 3, *hw, dtype=torch.uint8))])[0]
+
+
+def test_admission_reserves_one_steps_memory_once():
+    runtime = StepMemoryRuntime({(28, 28): 150, (28, 42): 250})
+    sessions = StreamSessions(runtime, ServingLimits(max_streams=10, max_cache_bytes=500))
+    # 150 for the step + 100 per stream: three streams fit (450), a fourth would need 550.
+    assert all(isinstance(_start(sessions, cid), StepResult) for cid in (1, 2, 3))
+    refused = _start(sessions, 4)
+    assert isinstance(refused, RequestError)
+    assert "450 of 500 bytes reserved (150 of them for one step's activations), a stream needs up to 100" in str(refused)
+    assert (28, 28) in runtime.asked
+    # A larger frame size needs more for its step: reserved at the largest size's need.
+    sessions.close_all()
+    assert isinstance(_start(sessions, 5, (28, 42)), StepResult)  # 250 + 100
+    assert isinstance(_start(sessions, 6), StepResult)  # 250 + 200
+    assert isinstance(_start(sessions, 7), RequestError)  # 250 + 300 > 500
+    assert sessions.stats()["rejected_starts"] == 2
+
+
+def test_admission_without_a_step_estimate_reserves_bounds_only():
+    sessions = StreamSessions(StepMemoryRuntime({}), ServingLimits(max_streams=10, max_cache_bytes=300))
+    assert all(isinstance(_start(sessions, cid), StepResult) for cid in (1, 2, 3))
+    assert isinstance(_start(sessions, 4), RequestError)
+
+
+def test_torch_runtime_reports_step_memory_only_when_steps_are_bounded(tiny_model):
+    """No split: the peak grows with the streams stepped together, so there is no constant to reserve."""
+    assert TorchRuntime(tiny_model, STAC, max_batch_streams=None).step_memory_bytes((28, 42)) is None
+    assert TorchRuntime(tiny_model, STAC).step_memory_bytes((28, 42)) is None  # "auto" on the CPU: no split
+    assert TorchRuntime(tiny_model, STAC, max_batch_streams=2).step_memory_bytes((28, 42)) is None  # CPU: after a warm-up
