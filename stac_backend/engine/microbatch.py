@@ -15,7 +15,8 @@ Failure rule (the runtime interface's contract): a step that raises ``ValueError
 stream untouched, any other exception leaves ``broken`` set on the streams it may have changed.
 When a micro-batch fails after earlier ones of the same step succeeded, those earlier streams have
 advanced but their outputs never reach the caller, so a retry would step them twice: they are
-marked broken too and the failure is re-raised as a ``RuntimeError``.
+marked broken too, and a ``ValueError`` (which would claim that nothing changed) is re-raised as
+a ``RuntimeError``.
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ def run_micro_batches(
             reason = f"a later micro-batch of the same step failed ({type(exc).__name__}: {exc})"
             for i in done:
                 streams[i].broken = reason
-            # The failing micro-batch's streams are broken already unless it refused before any
-            # work (ValueError); either way the step as a whole did not complete.
+            if not isinstance(exc, ValueError):
+                raise  # its own streams are marked broken already (e.g. out of memory: still that type)
+            # A refusal before any work of this micro-batch, but the step as a whole changed streams.
             raise RuntimeError(f"step failed after {len(done)} of {len(streams)} streams had stepped: {exc}") from exc
         for i, out in zip(members, outs):
             results[i] = out
