@@ -105,11 +105,6 @@ def run_micro_batches(
 # ------------------------------------------------------------------ measuring a step's memory
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_peak_bytes(run: Callable[[], T], device: torch.device) -> tuple[T, Optional[int]]:
     """``run()`` and the most bytes its allocations added on ``device`` above what was allocated
     when it started (its activations and transient copies; outputs it returns count too).
