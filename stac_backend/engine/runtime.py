@@ -9,6 +9,7 @@ learns which one runs, nor anything about cache internals:
     images = stream.validate(frames)               # ValueError names the problem; stream untouched
     bound = stream.memory_bound(images.shape[-2:]) # most bytes it can ever hold (None: unbounded)
     outs = runtime.step([stream], [images])        # one batched step for many streams
+    runtime.step_memory_bytes(images.shape[-2:])   # what a step adds on top (admission reserves it once)
     stream.memory_bytes(), stream.evicted_tokens(), stream.frames_seen
     stream.reset()                                 # free everything; the next step is frame 0
 
@@ -76,7 +77,15 @@ class Runtime(ABC):
         """One step for each stream on its validated chunk; per-frame outputs [C, ...] per stream."""
 
     def warmup(self, image_hw: tuple[int, int], batch_sizes: Sequence[int] = (1,)) -> None:
-        """Run whatever compiles or allocates on first use, so that no request pays for it."""
+        """Run whatever compiles or allocates on first use, so that no request pays for it; leaves
+        no stream and no memory of its own behind."""
+
+    def step_memory_bytes(self, image_hw: tuple[int, int]) -> Optional[int]:
+        """The most bytes one step adds on top of its streams' own memory (activations, transient
+        copies, outputs) at frames of ``image_hw``, whatever the number of streams stepped; None
+        where it is not known or grows with the number of streams. Admission reserves it once,
+        beside the streams' memory bounds."""
+        return None
 
 
 _FACTORIES: dict[str, Callable[..., Runtime] | str] = {

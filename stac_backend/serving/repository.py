@@ -22,6 +22,8 @@ Model-config parameters read by the model (all strings):
   (decoupled: not a parameter but the config's model_transaction_policy, written only when true;
    the model then sends responses from a thread of its own and clients must stream, see
    serving/triton_model.py)
+  WARMUP           on (392x518) | off | HEIGHTxWIDTH[,...]: warm the runtime up at these frame sizes
+                   before serving (every kernel once, step memory measured); unset: on for GPU instances
   RUNTIME          torch (default: the engine) | onnxruntime (the exported step graph, CPU; issue #6)
   ONNX_MODEL       RUNTIME=onnxruntime: the exported graph, absolute or relative to the model's folder
   ORT_THREADS      RUNTIME=onnxruntime: intra-op threads (0 = ONNX Runtime's default)
@@ -74,6 +76,7 @@ class ServeSettings:
     # sender thread sends the responses while the next batch computes. Clients must use gRPC
     # streaming (StacClient and the fleet detect it; perf_analyzer needs --streaming).
     decoupled: bool = False
+    warmup: str = ""  # WARMUP above; "" leaves it to the instance kind (on for GPU instances)
 
 
 def is_decoupled(model_config: dict) -> bool:
@@ -108,6 +111,8 @@ def render_config(s: ServeSettings) -> str:
         params["OUTPUT_DTYPE"] = s.output_dtype
     if s.output_device != "cpu":
         params["OUTPUT_DEVICE"] = s.output_device
+    if s.warmup:
+        params["WARMUP"] = s.warmup
     parameters = "\n".join(
         f'parameters: {{ key: "{k}" value: {{ string_value: {json.dumps(v)} }} }}' for k, v in params.items()
     )

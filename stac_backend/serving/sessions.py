@@ -10,7 +10,8 @@ correlation id, START/END flags and a chunk of frames) and each gets either outp
 - Streams idle longer than ``idle_ttl_s`` are freed (Triton drops idle sequences silently, so the
   model must expire its own state; the TTL is set no shorter than Triton's idle timeout).
 - Admission: at most ``max_streams`` live streams, and the sum of their memory bounds (bounded
-  policies) may not exceed ``max_cache_bytes``. A START beyond either is refused with a clear
+  policies) plus what one step adds (the runtime's ``step_memory_bytes``, once) may not exceed
+  ``max_cache_bytes``. A START beyond either is refused with a clear
   error, never an out-of-memory crash.
 - Bad input (dtype, rank, sizes, frame count, oversized frames) is refused per request; other
   requests of the same batch are unaffected, and so is the stream the bad request named.
@@ -65,6 +66,7 @@ class _Session:
     stream: RuntimeStream
     last_used: float
     bound: Optional[int] = None
+    step_bytes: int = 0  # what one step adds at this stream's frame size (Runtime.step_memory_bytes)
 
 
 @dataclass
@@ -201,12 +203,15 @@ class StreamSessions:
             if bound is None:
                 self.counters.rejected_starts += 1
                 raise RequestError("this server's cache policy has no memory bound, and the server caps cache memory")
-            reserved = sum(s.bound or 0 for s in self.sessions.values())
+            # A step's activations are reserved once (steps run one at a time), at the largest frame size's need.
+            session.step_bytes = self.runtime.step_memory_bytes(tuple(frames.shape[-2:])) or 0
+            step = max([s.step_bytes for s in self.sessions.values()] + [session.step_bytes])
+            reserved = sum(s.bound or 0 for s in self.sessions.values()) + step
             if reserved + bound > self.limits.max_cache_bytes:
                 self.counters.rejected_starts += 1
                 raise RequestError(
                     f"not enough cache memory for another stream: {reserved} of {self.limits.max_cache_bytes} bytes "
-                    f"reserved, a stream needs up to {bound}; retry later"
+                    f"reserved ({step} of them for one step's activations), a stream needs up to {bound}; retry later"
                 )
 
     def _run_wave(self, wave, requests, results) -> None:

@@ -91,6 +91,20 @@ def read_parameters(model_config: dict[str, Any]) -> dict[str, str]:
     return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
 
 
+def warmup_sizes(model_config: dict[str, Any], instance_kind: str) -> list[tuple[int, int]]:
+    """Frame sizes (height, width) the runtime is warmed up at in initialize(), from the WARMUP
+    parameter: "on" (392x518), "off", or "HEIGHTxWIDTH[,HEIGHTxWIDTH...]"; unset: on for GPU instances."""
+    value = (read_parameters(model_config).get("WARMUP", "") or ("on" if instance_kind.upper() == "GPU" else "off")).strip().lower()
+    if value in ("off", "false", "no", "0"):
+        return []
+    if value in ("on", "true", "yes", "1"):
+        return [(392, 518)]
+    sizes = [size.strip().split("x") for size in value.split(",")]
+    if not all(len(hw) == 2 and all(x.isdigit() and int(x) > 0 for x in hw) for hw in sizes):
+        raise ValueError(f"WARMUP must be on, off or frame sizes HEIGHTxWIDTH[,HEIGHTxWIDTH...], got {value!r}")
+    return [(int(h), int(w)) for h, w in sizes]
+
+
 def dense_output_dtype(model_config: dict[str, Any]) -> torch.dtype:
     """The wire dtype of the dense outputs: the OUTPUT_DTYPE parameter (float32 default, or float16).
 
@@ -238,6 +252,9 @@ class TritonPythonModel:
         self.sessions = build_sessions(
             self.model_config, args.get("model_instance_kind", "CPU"), int(args.get("model_instance_device_id", 0) or 0), repository
         )
+        for image_hw in warmup_sizes(self.model_config, args.get("model_instance_kind", "CPU")):  # before any request
+            batch = (1, int(self.model_config.get("max_batch_size", 1) or 1))
+            log.info("warm-up at %dx%d: %s", *image_hw, self.sessions.runtime.warmup(image_hw, batch))
         self._metrics = {}
         self._families = []  # a MetricFamily must outlive its Metrics
         if pb_utils is not None and hasattr(pb_utils, "MetricFamily"):
