@@ -414,6 +414,8 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
     """Every --help shows each option's default (subcommands registered elsewhere too)."""
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     for action in parser._actions:
+        if action.help is None and action.option_strings and action.default is not argparse.SUPPRESS:
+            action.help = "(default: %(default)s)"  # the formatter shows defaults only beside a help text
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
                 _show_defaults(sub)

@@ -10,7 +10,7 @@
 
     live = client.live_stream(stream_id=18)           # a live camera: never waits for a result
     future = live.submit(chunk)                       # [C, 3, H, W]; a concurrent.futures.Future
-    ...  future.result() / await live.asubmit(chunk) / live.results()
+    ...  future.result() / await (await live.asend(chunk)) / live.results()
     live.close()                                      # ends the stream (END) and frees its cache
 
 Output dtypes are what the server sends: float32 for POSE_ENC, EXTRINSICS and INTRINSICS, int64 for
@@ -29,7 +29,7 @@ also travels as the ``x-stream-id`` header for a stream-affine proxy.
 - ``live_stream``: a :class:`LiveStream` keeps up to ``max_inflight`` chunks outstanding on one
   bidirectional gRPC stream (works with decoupled and unary models alike); ``submit`` returns at once
   with a future, results arrive on tritonclient's stream thread. Thread-friendly (futures) and
-  asyncio-friendly (``asubmit``). A camera does not know its last chunk in advance: ``close()``
+  asyncio-friendly (``asend``/``asubmit``). A camera does not know its last chunk in advance: ``close()``
   ends the stream by re-sending the last frame with END and drops that one result (the stream's
   state is freed at END, so the repeat changes nothing that is kept).
 
@@ -254,6 +254,7 @@ class LiveStream:
                                                         root_certificates=client._root_certificates)
         self._slots = threading.Semaphore(max_inflight)
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self._futures: dict[str, Future] = {}
         self._order: "queue.Queue[Future]" = queue.Queue()
         self._sent = 0  # frames sent so far
@@ -265,9 +266,13 @@ class LiveStream:
     def submit(self, frames, end: bool = False, _listed: bool = True) -> Future:
         """Send one chunk [C, 3, H, W] (uint8 RGB or float in [0, 1]); returns its future at once.
         ``end=True`` marks the stream's last chunk (or call :meth:`close` later)."""
+        data = to_uint8_frames(frames)
+        with self._send_lock:  # chunks leave in the order of the calls, one at a time
+            return self._submit(data, end, _listed)
+
+    def _submit(self, data: np.ndarray, end: bool, listed: bool) -> Future:
         if self._ended:
             raise StreamError(f"stream {self.stream_id}: already ended")
-        data = to_uint8_frames(frames)
         future: Future = Future()
         if self._failed is not None:
             future.set_exception(StreamError(self._failed))
@@ -277,7 +282,7 @@ class LiveStream:
         request_id = str(self._sent)
         with self._lock:
             self._futures[request_id] = future
-        if _listed:
+        if listed:
             self._order.put(future)
         try:
             self._client.async_stream_infer(
@@ -290,12 +295,20 @@ class LiveStream:
         self._ended = end
         return future
 
-    async def asubmit(self, frames, end: bool = False) -> dict[str, np.ndarray]:
-        """``submit`` for asyncio: awaits the chunk's result without blocking the event loop (the send
-        itself runs in the default executor, since it may wait for a free slot)."""
+    async def asend(self, frames, end: bool = False) -> "asyncio.Future":
+        """``submit`` for asyncio: returns once the chunk is sent (waiting, off the event loop, only
+        for a free slot) with an awaitable of its result. Await the sends in the camera's order::
+
+            pending = [await live.asend(chunk) for chunk in ...]   # or one per captured chunk
+            out = await pending[0]
+        """
         loop = asyncio.get_running_loop()
         future = await loop.run_in_executor(None, self.submit, frames, end)
-        return await asyncio.wrap_future(future)
+        return asyncio.wrap_future(future)
+
+    async def asubmit(self, frames, end: bool = False) -> dict[str, np.ndarray]:
+        """Send one chunk and await its result (no pipelining: use ``asend`` for that)."""
+        return await (await self.asend(frames, end))
 
     def results(self, timeout_s: Optional[float] = None) -> Iterator[dict[str, np.ndarray]]:
         """The results of submitted chunks, in order, as they complete; stops when none is pending."""
