@@ -131,7 +131,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     with tqdm(total=source.length, unit="frame", disable=args.quiet) as bar:
         for chunk, is_last in _with_last(chunks(source, args.chunk_size)):
             out = step(chunk, frames_done == 0, is_last)
-            cache_bytes = int(out.pop("cache_bytes", 0))
+            cache_bytes = int(np.asarray(out.pop("cache_bytes", 0)).reshape(-1)[0])
             for i, index in enumerate(np.asarray(out["frame_index"]).tolist()):
                 frame_out = {k: v[i] for k, v in out.items() if k != "frame_index"}
                 writer.add(index, frame_out, chunk[i])
