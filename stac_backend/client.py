@@ -74,7 +74,8 @@ def _grpc():
 def explain(exc: BaseException, url: str, stream_id: Optional[int] = None) -> str:
     """One line for a tritonclient error, with a hint where the user can do something about it."""
     status = str(getattr(exc, "status", lambda: "")() or "")
-    message = (getattr(exc, "message", lambda: None)() or str(exc)).strip().splitlines()[0] if str(exc) else status
+    text = (getattr(exc, "message", lambda: None)() or str(exc) or status).strip()
+    message = text.splitlines()[0] if text else type(exc).__name__
     prefix = f"stream {stream_id}: " if stream_id is not None else ""
     if "UNAVAILABLE" in status or "failed to connect" in message.lower() or "connection refused" in message.lower():
         return (f"{prefix}cannot reach a Triton server at {url} ({message}); is it running "
