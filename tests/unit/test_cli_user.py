@@ -95,3 +95,19 @@ def test_output_folder_records_images_source_and_seconds(tmp_path):
     assert json.loads((tmp_path / "trajectory.json").read_text())["fps"] == 25.0
     with pytest.raises(ValueError, match="conf_key"):
         ReconstructionWriter(tmp_path / "x", conf_key="nope")
+
+
+def test_port_clash_is_one_line_with_a_hint(tmp_path, capsys):
+    """The launcher checks its ports before starting anything: no tritonserver is started here."""
+    import socket
+
+    pytest.importorskip("pytriton")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["serve", "--grpc-port", str(port), "--http-port", "0", "--metrics-port", "0",
+                     "--workdir", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert f"grpc port {port} already in use" in err[0] and "--grpc-port" in err[0]
