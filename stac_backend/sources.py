@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Optional
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
