@@ -19,7 +19,7 @@
 Exit code 0 only if all of that worked, so Triton (``depends_on: service_completed_successfully``)
 never starts on a missing or mismatched checkpoint.
 
-    python deploy/prepare.py --repository model_repository --checkpoint-dir checkpoints
+    python deploy/prepare.py --repository /srv/stac/models --checkpoint-dir checkpoints
     python deploy/prepare.py --repository /tmp/repo --checkpoint-dir /tmp --checkpoint-file tiny.safetensors --preset ""
 """
 
@@ -55,6 +55,10 @@ def settings_from_env(env=os.environ, preset=None):
         s.preset = preset
     elif env.get("STAC_PRESET") is not None:
         s.preset = env["STAC_PRESET"]
+    if s.preset != PRODUCTION.preset:  # the frame size clients read from the config follows the preset
+        from stac_backend.model import PRESETS
+
+        s.image_size = PRESETS[s.preset].img_size if s.preset in PRESETS else 0
     if env.get("STAC_DTYPE"):
         s.dtype = env["STAC_DTYPE"]
     if env.get("STAC_MAX_STREAMS"):

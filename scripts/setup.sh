@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
-EXTRAS="${EXTRAS:-dev,serving,export,video}"
+EXTRAS="${EXTRAS:-dev,engine,serving,export,video,viewer}"
 
 if [ ! -x .venv/bin/python ]; then
     echo "[setup] creating .venv with $($PYTHON --version)"

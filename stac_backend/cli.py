@@ -5,7 +5,11 @@
     stac stream SOURCE --out DIR       reconstruct a folder of images, a video or `synthetic:N`
                                        (in-process, or through a server with --server HOST:PORT)
     stac synth --out DIR               write a synthetic scene with ground truth
-    stac info                          presets, parameter counts, cache bytes per frame
+    stac view DIR                      show a finished output folder (point cloud, cameras, depth)
+    stac info                          presets, parameter counts, cache bytes per frame, tools found
+
+Every failure a user can cause (a port in use, an unreachable server, a missing package, a bad
+source) ends in one line on stderr with a hint, and exit status 2.
 """
 
 from __future__ import annotations
@@ -18,9 +22,16 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _default_device() -> str:
+    try:
+        import torch
+    except ImportError:  # a client-only install: the server side is not there anyway
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -28,14 +39,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="model preset (tiny, small, vggt-1b); default: the checkpoint's own config, and with no "
                         "checkpoint the embedded trained small model")
     p.add_argument("--checkpoint", type=Path, default=None, help="weights (.pt/.pth/.safetensors)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", default=_default_device(), help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations")
 
 
 def _add_serving_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="stac", help="cache policy: full, window, sink_window, heavy_hitter, stac")
-    p.add_argument("--max-streams", type=int, default=16)
-    p.add_argument("--max-cache-bytes", type=int, default=None)
+    p.add_argument("--max-streams", type=int, default=16, help="live streams per model instance")
+    p.add_argument("--max-cache-bytes", type=int, default=None, help="cap on the sum of live streams' memory bounds")
     p.add_argument("--idle-ttl", type=float, default=120.0, help="seconds before an idle stream is freed")
     p.add_argument("--host", default="127.0.0.1", help="address the server binds to")
     p.add_argument("--output-dtype", choices=("float32", "float16"), default="float32",
@@ -64,10 +75,33 @@ def resolve_model_args(args: argparse.Namespace) -> None:
 
 
 def load_model_from_args(args: argparse.Namespace):
+    import torch
+
     from .model import build_model
 
     resolve_model_args(args)
-    return build_model(args.preset, checkpoint=args.checkpoint, device=args.device, dtype=DTYPES[args.dtype])
+    return build_model(args.preset, checkpoint=args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
+
+
+def model_image_size(args: argparse.Namespace) -> int:
+    """The frame width the model of ``args`` was trained at (its config's img_size), published to
+    clients in the model config; 0 when it cannot be read cheaply."""
+    from .model import PRESETS
+
+    if args.preset:
+        return PRESETS[args.preset].img_size if args.preset in PRESETS else 0
+    if args.checkpoint is None or Path(args.checkpoint).suffix != ".safetensors":
+        return 0
+    try:  # the header only: a vggt-1b checkpoint is 5 GB
+        from safetensors import safe_open
+
+        from .model.checkpoint import CONFIG_METADATA_KEY
+
+        with safe_open(str(args.checkpoint), framework="numpy") as f:
+            recorded = (f.metadata() or {}).get(CONFIG_METADATA_KEY)
+        return int(json.loads(recorded)["img_size"]) if recorded else 0
+    except (ImportError, OSError, ValueError, KeyError):
+        return 0
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
@@ -77,23 +111,32 @@ def cmd_stream(args: argparse.Namespace) -> int:
     from .sources import chunks, open_source
 
     if args.server:
-        target = args.size or 112
-        step, describe = _remote_stepper(args)
+        step, describe, spec = _remote_stepper(args)
+        if not (args.size or spec.size):
+            raise ValueError(f"the server at {args.server} does not publish its frame size (model-config "
+                             "parameter IMAGE_SIZE): give --size")
+        target, mode = args.size or spec.size, args.mode or spec.preprocess
     else:
         model = load_model_from_args(args)
-        target = args.size or model.config.img_size
+        target, mode = args.size or model.config.img_size, args.mode or "crop"
         step, describe = _local_stepper(model, args)
-    source = open_source(args.source, mode=args.mode, target=target, max_frames=args.max_frames)
+    source = open_source(args.source, mode=mode, target=target, max_frames=args.max_frames)
     print(f"streaming {source.description} {describe}, chunks of {args.chunk_size}", file=sys.stderr)
-    writer = ReconstructionWriter(args.out, conf_threshold=args.conf_threshold, save_frames=not args.no_frames)
+    writer = ReconstructionWriter(args.out, conf_threshold=args.conf_threshold, save_frames=not args.no_frames,
+                                  conf_key=args.conf_key, source=source.description,
+                                  fps=getattr(source, "fps", None))
+    live = _live_viewer(args)
     started = time.perf_counter()
     frames_done, cache_bytes = 0, 0
     with tqdm(total=source.length, unit="frame", disable=args.quiet) as bar:
         for chunk, is_last in _with_last(chunks(source, args.chunk_size)):
             out = step(chunk, frames_done == 0, is_last)
-            cache_bytes = int(out.pop("cache_bytes", 0))
+            cache_bytes = int(np.asarray(out.pop("cache_bytes", 0)).reshape(-1)[0])
             for i, index in enumerate(np.asarray(out["frame_index"]).tolist()):
-                writer.add(index, {k: v[i] for k, v in out.items() if k != "frame_index"}, chunk[i])
+                frame_out = {k: v[i] for k, v in out.items() if k != "frame_index"}
+                writer.add(index, frame_out, chunk[i])
+                if live is not None:
+                    live.add_frame(index, frame_out, chunk[i])
             frames_done += len(chunk)
             bar.update(len(chunk))
             bar.set_postfix(cache=f"{cache_bytes / 2**20:.1f}MiB")
@@ -103,7 +146,20 @@ def cmd_stream(args: argparse.Namespace) -> int:
                    cache_bytes=cache_bytes, server=args.server or None)
     (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
+    if live is not None:
+        live.finish()
     return 0
+
+
+def _live_viewer(args: argparse.Namespace):
+    """--view: the viewer, fed frame by frame while the stream runs (imported only then)."""
+    if not getattr(args, "view", False):
+        return None
+    from .viewer.live import LiveViewer
+
+    viewer = LiveViewer(host=args.view_host, port=args.view_port, conf_key=getattr(args, "conf_key", "depth_conf"))
+    print(f"viewer at {viewer.url}", file=sys.stderr)
+    return viewer
 
 
 def _with_last(items):
@@ -123,10 +179,15 @@ def _local_stepper(model, args):
     from .cache import CacheConfig
     from .engine import Stream
 
+    import torch
+
+    from .protocol import to_uint8_frames
+
     stream = Stream(model, cache=CacheConfig(policy=args.policy, chunk=args.chunk_size))
 
     def step(chunk, first, last):
-        out = stream.push(chunk)
+        # uint8, as a served stream receives its frames: both paths see the same pixels
+        out = stream.push(torch.from_numpy(to_uint8_frames(chunk)))
         out["cache_bytes"] = stream.memory_bytes()
         return out
 
@@ -137,12 +198,13 @@ def _remote_stepper(args):
     from .client import StacClient
 
     client = StacClient(args.server, model=args.model_name)
+    spec = client.frame_spec()  # also: an unreachable server fails here, in one line
     stream_id = args.stream_id or (int(time.time() * 1000) % (2**31 - 1)) + 1
 
     def step(chunk, first, last):
         return client.send_chunk(stream_id, chunk, start=first, end=last)
 
-    return step, f"through Triton at {args.server} (stream id {stream_id})"
+    return step, f"through Triton at {args.server} (stream id {stream_id})", spec
 
 
 def serve_settings_from_args(args: argparse.Namespace):
@@ -163,6 +225,7 @@ def serve_settings_from_args(args: argparse.Namespace):
         output_dtype=args.output_dtype,
         output_device=args.output_device,
         decoupled=args.decoupled,
+        image_size=model_image_size(args),
     )
 
 
@@ -202,14 +265,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         print(f"server ready in {server.startup_seconds:.1f} s at {server.grpc_url}", file=sys.stderr)
         args.server, args.size, args.source = server.grpc_url, None, f"synthetic:{args.frames}"
-        args.mode, args.max_frames, args.no_frames, args.stream_id = "crop", None, False, 1
-        args.conf_threshold = args.conf_threshold
+        args.mode, args.max_frames, args.no_frames, args.stream_id = None, None, False, 1
         return cmd_stream(args)
     finally:
         server.stop()
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from .assets import EMBEDDED_CHECKPOINT
     from .engine import full_cache_bytes_per_frame
     from .model import PRESETS, VGGT, count_parameters
 
@@ -220,7 +285,40 @@ def cmd_info(args: argparse.Namespace) -> int:
         h = int(round(side * 3 / 4 / config.patch_size) * config.patch_size)
         per_frame = full_cache_bytes_per_frame(config, h, side, torch.bfloat16)
         print(f"{name:8s} {params:>14,d} parameters; full cache at {side}x{h} bf16: {per_frame / 2**20:.2f} MiB/frame")
+    if EMBEDDED_CHECKPOINT.is_file():
+        print(f"default model (no --preset, no --checkpoint): the trained small preset, {EMBEDDED_CHECKPOINT}")
+    else:
+        print("default model (no --preset, no --checkpoint): tiny, random weights (the embedded checkpoint is missing)")
+    for line in tool_report():
+        print(line)
     return 0
+
+
+def tool_report() -> list[str]:
+    """Whether tritonserver (from nvidia-pytriton) and perf_analyzer were found, and how to get them."""
+    lines = []
+    try:
+        from .tools.triton_install import find_triton_install
+
+        install = find_triton_install()
+        lines.append(f"tritonserver: {install.binary} (nvidia-pytriton {install.package_version})")
+    except Exception as exc:  # noqa: BLE001 - not installed, or an unusable install: say which
+        lines.append(f"tritonserver: not found ({str(exc).splitlines()[0]}); pip install \"stac-backend[serving]\"")
+    try:
+        from .loadgen.perf import find_perf_analyzer
+
+        analyzer = find_perf_analyzer()
+    except ImportError:
+        analyzer = None
+    lines.append(f"perf_analyzer: {analyzer.binary}" if analyzer else "perf_analyzer: not found; stac perf install")
+    return lines
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from .viewer import view_folder
+
+    return view_folder(args.folder, host=args.view_host, port=args.view_port, serve=not args.no_serve, save=args.save,
+                       video=args.video, snapshot=args.snapshot)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,10 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="local Triton + small model; stream a generated scene through it")
+    _add_view_args(p)
     p.add_argument("--out", type=Path, default=Path("out/demo"))
     p.add_argument("--frames", type=int, default=32)
     p.add_argument("--chunk-size", type=int, default=4)
-    p.add_argument("--conf-threshold", type=float, default=None)
+    p.add_argument("--conf-threshold", type=float, default=None, help="absolute confidence bar for points.ply "
+                   "(default: the top half of each frame)")
+    p.add_argument("--conf-key", choices=("depth_conf", "world_points_conf"), default="depth_conf",
+                   help="which confidence filters points.ply")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--model-name", default="stac")
     _add_model_args(p)
@@ -252,11 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="folder of images, video file, or synthetic[:FRAMES]")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--chunk-size", type=int, default=4)
-    p.add_argument("--mode", choices=("crop", "pad"), default="crop")
-    p.add_argument("--size", type=int, default=None, help="target width in pixels (default: the model's img_size)")
+    p.add_argument("--mode", choices=("crop", "pad"), default=None,
+                   help="VGGT preprocessing (default: the server's PREPROCESS, in-process crop)")
+    p.add_argument("--size", type=int, default=None,
+                   help="target width in pixels (default: the model's img_size; with --server the size it publishes)")
     p.add_argument("--max-frames", type=int, default=None)
     p.add_argument("--conf-threshold", type=float, default=None, help="keep points whose confidence exceeds this "
                    "(default: the top half of each frame by confidence)")
+    p.add_argument("--conf-key", choices=("depth_conf", "world_points_conf"), default="depth_conf",
+                   help="which confidence filters points.ply (depth_conf varies per pixel; world_points_conf "
+                        "is nearly flat for the shipped model)")
     p.add_argument("--no-frames", action="store_true", help="skip the per-frame npz files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--policy", default="stac", help="cache policy (in-process runs)")
@@ -264,9 +371,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default="stac")
     p.add_argument("--stream-id", type=int, default=None, help="sequence id (default: time-based)")
     _add_model_args(p)
+    _add_view_args(p)
     p.set_defaults(func=cmd_stream)
 
-    p = sub.add_parser("info", help="presets, parameter counts and cache sizes")
+    p = sub.add_parser("view", help="show an output folder: point cloud, cameras, trajectory, depth (viser, in a browser)")
+    p.add_argument("folder", type=Path, help="an output folder of stac stream / stac demo")
+    p.add_argument("--view-host", default="127.0.0.1", help="address the viewer's web server binds to")
+    p.add_argument("--view-port", type=int, default=8080, help="its port (the next free one if taken)")
+    p.add_argument("--save", type=Path, default=None, help="also write a viser recording (.viser) of the 3D view")
+    p.add_argument("--no-serve", action="store_true", help="only write the files asked for (--snapshot/--video/--save)")
+    p.add_argument("--video", type=Path, default=None, help="write a depth | confidence video (.mp4, PyAV)")
+    p.add_argument("--snapshot", type=Path, default=None,
+                   help="write a still image (.png) of the point cloud, cameras and a depth map (no GPU or browser needed)")
+    p.set_defaults(func=cmd_view)
+
+    p = sub.add_parser("info", help="presets, parameter counts, cache sizes, default model, tools found")
     p.set_defaults(func=cmd_info)
 
     try:
@@ -280,7 +399,64 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_fleet(sub)
     register_perf(sub)
+    _show_defaults(parser)
     return parser
+
+
+def _add_view_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--view", action="store_true",
+                   help="show the reconstruction live while it streams, in a browser (viser; docs/viewer.md)")
+    p.add_argument("--view-host", default="127.0.0.1", help="--view: address the viewer's web server binds to")
+    p.add_argument("--view-port", type=int, default=8080, help="--view: its port (the next free one if taken)")
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every --help shows each option's default (subcommands registered elsewhere too)."""
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    for action in parser._actions:
+        if action.help is None and action.option_strings and action.default is not argparse.SUPPRESS:
+            action.help = "(default: %(default)s)"  # the formatter shows defaults only beside a help text
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _show_defaults(sub)
+
+
+# Packages a user may lack -> what installs them.
+INSTALL_HINTS = {
+    "tritonclient": 'pip install "stac-backend[client]"',
+    "grpc": 'pip install "stac-backend[client]"',
+    "torch": 'pip install "stac-backend[engine]" (the client alone needs no torch)',
+    "safetensors": 'pip install "stac-backend[engine]"',
+    "pytriton": 'pip install "stac-backend[serving]"',
+    "av": 'pip install "stac-backend[video]"',
+    "viser": 'pip install "stac-backend[viewer]"',
+    "tqdm": 'pip install "stac-backend[engine]"',
+    "PIL": 'pip install "stac-backend[engine]"',
+}
+
+
+def one_line_error(exc: BaseException) -> Optional[str]:
+    """The one line a user sees for a failure they can fix (None: a bug, keep the traceback)."""
+    from .client import StreamError
+
+    if isinstance(exc, ModuleNotFoundError):
+        root = (exc.name or "").split(".")[0]
+        hint = INSTALL_HINTS.get(root, f"pip install {root}")
+        return f"missing package {root!r}: {hint}"
+    if isinstance(exc, (ValueError, FileNotFoundError, StreamError)):
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    try:
+        from .tools.triton_install import TritonServerError
+    except ImportError:
+        TritonServerError = ()  # noqa: N806
+    if TritonServerError and isinstance(exc, TritonServerError):
+        text = str(exc).strip().splitlines()[0]
+        if "already in use" in text:
+            text += " (stop what holds the port, or pick others with --http-port/--grpc-port/--metrics-port)"
+        return text
+    if isinstance(exc, PermissionError):
+        return f"{exc} (choose a folder you can write, e.g. --out/--workdir)"
+    return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -288,8 +464,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"stac: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("stac: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a failure the user can fix is one line; a bug keeps its traceback
+        line = one_line_error(exc)
+        if line is None:
+            raise
+        print(f"stac: error: {line}", file=sys.stderr)
         return 2
 
 

@@ -3,12 +3,21 @@
 A stream's per-frame arrays, merged point cloud and camera trajectory, written by the in-process
 ``stac stream`` and by the gRPC client alike, so both produce the same files:
 - ``frames/frame_00000.npz``: depth, depth_conf, world_points, world_points_conf, pose_enc,
-  extrinsics, intrinsics of one frame;
+  extrinsics, intrinsics of one frame, the RGB image the model saw (``rgb``, uint8 [H, W, 3]),
+  ``frame`` (its index) and ``source`` (where the stream came from);
 - ``points.ply``: confidence-filtered world points of all frames (an absolute threshold, or by
   default the top half of each frame by confidence), coloured by the input pixels
-  (binary little-endian PLY; at most ``max_points_per_frame`` per frame, chosen deterministically);
-- ``trajectory.json``: per frame extrinsics (camera-from-world), intrinsics and camera centre;
-- ``trajectory_tum.txt``: the same poses as camera-to-world in TUM format (index tx ty tz qx qy qz qw).
+  (binary little-endian PLY; at most ``max_points_per_frame`` per frame, chosen deterministically).
+  The confidence is ``depth_conf`` by default: ``world_points_conf`` is nearly flat for the shipped
+  small model, so a percentile of it keeps most pixels;
+- ``trajectory.json``: per frame extrinsics (camera-from-world), intrinsics and camera centre, the
+  source and its frame rate;
+- ``trajectory_tum.txt``: the same poses as camera-to-world in TUM format (timestamp tx ty tz qx qy
+  qz qw): the timestamp is in seconds (frame index / fps) when the source has a frame rate (videos),
+  else the frame index (the file's header says which).
+
+Units and frames of reference are the model's: world = the first frame's camera (OpenCV: x right,
+y down, z forward), lengths up to one unknown scale per stream (VGGT normalises the scene).
 
 A benchmark's result (``write_result``, ``write_text_result``) starts with its run record: the
 benchmark's name, the command that reproduces it, the commit, the device and the date.
@@ -21,9 +30,6 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 import numpy as np
-import torch
-
-from .model.pose import matrix_to_quaternion
 
 FRAME_ARRAYS = ("depth", "depth_conf", "world_points", "world_points_conf", "pose_enc", "extrinsics", "intrinsics")
 
@@ -65,10 +71,16 @@ class ReconstructionWriter:
     """Collects a stream's per-frame outputs and writes them under one folder."""
 
     def __init__(self, out_dir: Path, conf_threshold: Optional[float] = None, max_points_per_frame: int = 20000,
-                 save_frames: bool = True, conf_percentile: float = 50.0):
-        """Points are kept where confidence exceeds ``conf_threshold`` if given, else where it is
+                 save_frames: bool = True, conf_percentile: float = 50.0, conf_key: str = "depth_conf",
+                 source: str = "", fps: Optional[float] = None):
+        """Points are kept where ``conf_key`` exceeds ``conf_threshold`` if given, else where it is
         at least the frame's ``conf_percentile``-th percentile (VGGT's demo keeps the top half)."""
+        if conf_key not in ("depth_conf", "world_points_conf"):
+            raise ValueError(f"conf_key must be depth_conf or world_points_conf, got {conf_key!r}")
         self.out_dir = Path(out_dir)
+        self.conf_key = conf_key
+        self.source = source
+        self.fps = fps
         self.conf_threshold = conf_threshold
         self.conf_percentile = conf_percentile
         self.max_points_per_frame = max_points_per_frame
@@ -83,11 +95,19 @@ class ReconstructionWriter:
     def add(self, frame_index: int, outputs: Mapping[str, np.ndarray], image: Optional[np.ndarray] = None) -> None:
         """outputs: one frame's arrays (no frame dimension); image: [3, H, W] float in [0, 1] or uint8."""
         arrays = {k: _numpy(outputs[k]) for k in FRAME_ARRAYS if k in outputs}
+        rgb = None
+        if image is not None:
+            rgb = _numpy(image)
+            rgb = rgb if rgb.dtype == np.uint8 else (np.clip(rgb, 0, 1) * 255.0 + 0.5).astype(np.uint8)
         if self.save_frames:
-            np.savez_compressed(self.out_dir / "frames" / f"frame_{frame_index:05d}.npz", **arrays)
+            extra = {"frame": np.int64(frame_index), "source": np.str_(self.source)}
+            if rgb is not None:
+                extra["rgb"] = np.ascontiguousarray(rgb.transpose(1, 2, 0))
+            np.savez_compressed(self.out_dir / "frames" / f"frame_{frame_index:05d}.npz", **arrays, **extra)
         if "world_points" in arrays:
-            pts = arrays["world_points"].reshape(-1, 3)
-            conf = arrays["world_points_conf"].reshape(-1)
+            pts = arrays["world_points"].reshape(-1, 3).astype(np.float32)
+            conf_key = self.conf_key if self.conf_key in arrays else "world_points_conf"
+            conf = arrays[conf_key].reshape(-1).astype(np.float32)
             finite = np.isfinite(pts).all(axis=1) & np.isfinite(conf)
             if self.conf_threshold is not None:
                 bar = self.conf_threshold
@@ -97,11 +117,9 @@ class ReconstructionWriter:
             if len(keep) > self.max_points_per_frame:
                 keep = np.random.default_rng(frame_index).choice(keep, self.max_points_per_frame, replace=False)
                 keep.sort()
-            self.points.append(pts[keep].astype(np.float32))
-            if image is not None:
-                rgb = _numpy(image)
-                rgb = (rgb * 255).round() if rgb.dtype != np.uint8 else rgb
-                self.colors.append(rgb.reshape(3, -1).T[keep].astype(np.uint8))
+            self.points.append(pts[keep])
+            if rgb is not None:
+                self.colors.append(rgb.reshape(3, -1).T[keep])
         if "extrinsics" in arrays:
             extr = arrays["extrinsics"].astype(np.float64)
             R, t = extr[:3, :3], extr[:3, 3]
@@ -123,21 +141,47 @@ class ReconstructionWriter:
         points = np.concatenate(self.points) if self.points else np.zeros((0, 3), np.float32)
         colors = np.concatenate(self.colors) if self.colors and len(self.colors) == len(self.points) else None
         write_ply(self.out_dir / "points.ply", points, colors)
-        (self.out_dir / "trajectory.json").write_text(json.dumps({"frames": self.poses}, indent=1))
+        (self.out_dir / "trajectory.json").write_text(json.dumps(
+            {"source": self.source, "fps": self.fps, "frames": self.poses}, indent=1))
         with open(self.out_dir / "trajectory_tum.txt", "w") as f:
-            f.write("# frame tx ty tz qx qy qz qw (camera-to-world)\n")
+            clock = f"seconds (frame / {self.fps:g} fps)" if self.fps else "frame index (the source has no frame rate)"
+            f.write(f"# timestamp tx ty tz qx qy qz qw (camera-to-world); timestamp = {clock}\n")
             for pose in self.poses:
                 extr = np.asarray(pose["extrinsics"])
-                R_wc = extr[:3, :3].T
-                q = matrix_to_quaternion(torch.from_numpy(R_wc)).numpy()
+                q = rotation_to_quaternion(extr[:3, :3].T)
                 c = pose["center"]
-                f.write(f"{pose['frame']} {c[0]:.6f} {c[1]:.6f} {c[2]:.6f} {q[0]:.6f} {q[1]:.6f} {q[2]:.6f} {q[3]:.6f}\n")
+                stamp = f"{pose['frame'] / self.fps:.6f}" if self.fps else str(pose["frame"])
+                f.write(f"{stamp} {c[0]:.6f} {c[1]:.6f} {c[2]:.6f} {q[0]:.6f} {q[1]:.6f} {q[2]:.6f} {q[3]:.6f}\n")
         return {"frames": len(self.poses), "points": int(len(points)), "out_dir": str(self.out_dir)}
 
 
+def rotation_to_quaternion(R: np.ndarray) -> np.ndarray:
+    """A rotation matrix [3, 3] as a unit quaternion (x, y, z, w) with w >= 0 (TUM's order)."""
+    R = np.asarray(R, dtype=np.float64)
+    t = np.trace(R)
+    candidates = np.array([1 + 2 * R[0, 0] - t, 1 + 2 * R[1, 1] - t, 1 + 2 * R[2, 2] - t, 1 + t])
+    k = int(np.argmax(candidates))  # the largest component first: numerically stable (Shepperd)
+    big = np.sqrt(max(candidates[k], 0.0)) / 2
+    if k == 3:
+        q = [(R[2, 1] - R[1, 2]) / (4 * big), (R[0, 2] - R[2, 0]) / (4 * big), (R[1, 0] - R[0, 1]) / (4 * big), big]
+    elif k == 0:
+        q = [big, (R[0, 1] + R[1, 0]) / (4 * big), (R[0, 2] + R[2, 0]) / (4 * big), (R[2, 1] - R[1, 2]) / (4 * big)]
+    elif k == 1:
+        q = [(R[0, 1] + R[1, 0]) / (4 * big), big, (R[1, 2] + R[2, 1]) / (4 * big), (R[0, 2] - R[2, 0]) / (4 * big)]
+    else:
+        q = [(R[0, 2] + R[2, 0]) / (4 * big), (R[1, 2] + R[2, 1]) / (4 * big), big, (R[1, 0] - R[0, 1]) / (4 * big)]
+    q = np.asarray(q)
+    q /= np.linalg.norm(q)
+    return -q if q[3] < 0 else q
+
+
 def _numpy(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().float().cpu().numpy() if x.dtype in (torch.bfloat16, torch.float16) else x.detach().cpu().numpy()
+    """numpy from numpy or a torch tensor (read without importing torch; half floats widened)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        if str(x.dtype) in ("torch.bfloat16", "torch.float16"):
+            x = x.float()
+        return x.numpy()
     return np.asarray(x)
 
 
@@ -194,6 +238,8 @@ def git_commit() -> Optional[str]:
 
 
 def device_name(device: Optional[str] = None) -> str:
+    import torch  # benchmarks have it; the client's use of this module (reconstructions) does not need it
+
     if device is None or str(device).startswith("cuda"):
         if torch.cuda.is_available():
             return torch.cuda.get_device_name(torch.device(device or "cuda"))

@@ -1,7 +1,8 @@
 """Where frames come from: a folder of images, a video file, or a generated synthetic scene.
 
-Every source yields preprocessed frames [3, H, W] float in [0, 1], all of one size, lazily, so a
-long video never has to fit in memory.
+Every source yields preprocessed frames [3, H, W] float in [0, 1] (RGB), all of one size, lazily,
+so a long video never has to fit in memory. Sources with a clock (videos) say their frame rate
+(``fps``), which the results use for timestamps.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Optional
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -22,10 +22,11 @@ VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 class FrameSource:
     """An iterable of frames with a known (or unknown, None) length."""
 
-    def __init__(self, frames: Iterator[Tensor], length: Optional[int], description: str):
+    def __init__(self, frames: Iterator[Tensor], length: Optional[int], description: str, fps: Optional[float] = None):
         self._frames = frames
         self.length = length
         self.description = description
+        self.fps = fps
 
     def __iter__(self) -> Iterator[Tensor]:
         return self._frames
@@ -59,6 +60,10 @@ def video_source(path: Path, mode: str = "crop", target: int = 518, max_frames: 
     except ImportError:
         raise ValueError(f"reading video needs PyAV: pip install av (or extract frames to a folder), file {path}") from None
 
+    with av.open(str(path)) as container:
+        rate = container.streams.video[0].average_rate
+    fps = float(rate) / every if rate else None
+
     def frames() -> Iterator[Tensor]:
         with av.open(str(path)) as container:
             emitted = 0
@@ -70,7 +75,7 @@ def video_source(path: Path, mode: str = "crop", target: int = 518, max_frames: 
                 if max_frames is not None and emitted >= max_frames:
                     return
 
-    return FrameSource(frames(), max_frames, f"video {path}")
+    return FrameSource(frames(), max_frames, f"video {path}", fps=fps)
 
 
 def synthetic_source(num_frames: int, height: int, width: int, trajectory: str = "loop", seed: int = 0) -> FrameSource:

@@ -645,13 +645,13 @@ async def run_fleet_async(config: FleetConfig, frames: Optional[dict[int, np.nda
 async def server_is_decoupled(client, model: str) -> bool:
     """Whether ``model`` has the decoupled transaction policy (it then answers gRPC streams only).
     False when the config cannot be read: the requests themselves will then say what is wrong."""
-    from ..serving.repository import is_decoupled
+    from ..protocol import is_decoupled
 
     try:
         reply = await client.get_model_config(model, as_json=True)
     except Exception:  # noqa: BLE001 - unreachable or unknown model
         return False
-    return is_decoupled(reply.get("config", {}))
+    return is_decoupled(reply)
 
 
 def run_fleet(config: FleetConfig, frames: Optional[dict[int, np.ndarray]] = None,

@@ -120,6 +120,7 @@ def install_perf_analyzer(dest: Optional[Path] = None, force: bool = False, quie
     dest = Path(dest or default_tools_dir())
     binary, lib_dir = dest / "bin" / "perf_analyzer", dest / "lib"
     if binary.is_file() and (lib_dir / "libcudart.so.12").exists() and not force:
+        write_wrapper(dest)
         return PerfAnalyzer(binary, lib_dir)
     if sys.platform != "linux" or os.uname().machine != "x86_64":
         raise RuntimeError("the perf_analyzer wheel exists for Linux x86_64 only; use the Triton SDK container")
@@ -146,11 +147,36 @@ def install_perf_analyzer(dest: Optional[Path] = None, force: bool = False, quie
         if not (found_binary and found_lib):
             raise RuntimeError(f"perf_analyzer or libcudart.so.12 not found in {[w.name for w in wheels]}")
     pa = PerfAnalyzer(binary, lib_dir)
+    write_wrapper(dest)
     missing = pa.missing_libraries()
     if missing:
         raise RuntimeError(f"perf_analyzer installed in {dest} but libraries are missing: {', '.join(missing)}. "
                            f"Fix: {_libb64_hint(missing)}")
     return pa
+
+
+def write_wrapper(dest: Path, bin_dir: Optional[Path] = None) -> Path:
+    """``dest/perf_analyzer``: a shell script that puts ``dest/lib`` (libcudart.so.12) on
+    LD_LIBRARY_PATH and runs the real binary, so that the installed perf_analyzer runs as typed.
+    Also linked into ``bin_dir`` (default: the active virtualenv's bin/, when writable), so that
+    ``perf_analyzer ...`` works from an activated environment."""
+    dest = Path(dest)
+    wrapper = dest / "perf_analyzer"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        "# Written by `stac perf install`: perf_analyzer with the libcudart.so.12 unpacked beside it.\n"
+        'here="$(dirname "$(readlink -f "$0")")"\n'
+        'LD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$here/bin/perf_analyzer" "$@"\n'
+    )
+    os.chmod(wrapper, 0o755)
+    bin_dir = Path(bin_dir) if bin_dir is not None else (Path(sys.prefix) / "bin" if sys.prefix != sys.base_prefix else None)
+    if bin_dir is not None and bin_dir.is_dir() and os.access(bin_dir, os.W_OK):
+        link = bin_dir / "perf_analyzer"
+        if link.is_symlink() or not link.exists():
+            if link.is_symlink():
+                link.unlink()
+            link.symlink_to(wrapper.resolve())
+    return wrapper
 
 
 def _extract(z: zipfile.ZipFile, name: str, target: Path, executable: bool = False) -> None:
@@ -308,17 +334,17 @@ def model_is_decoupled(url: str, model: str) -> bool:
     """Whether the served ``model`` is decoupled (perf_analyzer must then stream); False if unknown."""
     import tritonclient.grpc as grpcclient
 
-    from ..serving.repository import is_decoupled
+    from ..protocol import is_decoupled
 
     try:
         client = grpcclient.InferenceServerClient(url)
         try:
-            config = client.get_model_config(model, as_json=True).get("config", {})
+            reply = client.get_model_config(model, as_json=True)
         finally:
             client.close()
     except Exception:  # noqa: BLE001 - unreachable: perf_analyzer will say so itself
         return False
-    return is_decoupled(config)
+    return is_decoupled(reply)
 
 
 def run_sweep(config: SweepConfig, out_prefix: Path, analyzer: Optional[PerfAnalyzer] = None,
@@ -498,7 +524,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def _cmd_install(args) -> int:
     pa = install_perf_analyzer(args.dest, force=args.force)
-    print(f"perf_analyzer: {pa.binary} (LD_LIBRARY_PATH += {pa.lib_dir}); {pa.version()}")
+    wrapper = pa.binary.parent.parent / "perf_analyzer"
+    print(f"perf_analyzer: {wrapper} (sets LD_LIBRARY_PATH itself; also on the virtualenv's PATH when "
+          f"one is active); {pa.version()}")
     return 0
 
 

@@ -12,6 +12,8 @@ Model-config parameters read by the model (all strings):
   MAX_STREAMS      live streams per model instance
   MAX_CACHE_BYTES  cap on the sum of live streams' memory bounds (empty = none)
   IDLE_TTL_S       seconds before an idle stream is freed (never less than Triton's idle timeout)
+  IMAGE_SIZE       for clients: the frame width the model was trained at (frames are RGB uint8)
+  PREPROCESS       for clients: crop | pad, VGGT's preprocessing to IMAGE_SIZE (stac_backend.protocol)
   MAX_IMAGE_PIXELS frames larger than this (H * W) are refused as oversized
   OUTPUT_DTYPE     float32 (default) | float16: wire dtype of DEPTH, DEPTH_CONF, WORLD_POINTS,
                    WORLD_POINTS_CONF (the outputs' data_type follows); written only when float16
@@ -38,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-MODEL_NAME = "stac"
+from ..protocol import IMAGE_SIZE_PARAMETER, MODEL_NAME, PREPROCESS_PARAMETER, is_decoupled  # noqa: F401 - re-exported
+
 DENSE_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}  # ServeSettings.output_dtype -> data_type
 SHIM = '''"""Triton entry point: the logic lives in stac_backend.serving.triton_model."""
 
@@ -77,12 +80,10 @@ class ServeSettings:
     # streaming (StacClient and the fleet detect it; perf_analyzer needs --streaming).
     decoupled: bool = False
     warmup: str = ""  # WARMUP above; "" leaves it to the instance kind (on for GPU instances)
-
-
-def is_decoupled(model_config: dict) -> bool:
-    """Whether a model config (as JSON: ``config.pbtxt`` parsed by Triton, or the ``config`` of a
-    client's ``get_model_config(..., as_json=True)``) sets the decoupled transaction policy."""
-    return bool(model_config.get("model_transaction_policy", {}).get("decoupled", False))
+    # Published to clients (protocol.frame_spec): the width the model was trained at and VGGT's
+    # preprocessing; 0 = not published (clients then need --size).
+    image_size: int = 0
+    preprocess: str = "crop"
 
 
 def render_config(s: ServeSettings) -> str:
@@ -113,6 +114,8 @@ def render_config(s: ServeSettings) -> str:
         params["OUTPUT_DEVICE"] = s.output_device
     if s.warmup:
         params["WARMUP"] = s.warmup
+    if s.image_size:
+        params.update({IMAGE_SIZE_PARAMETER: str(s.image_size), PREPROCESS_PARAMETER: s.preprocess})
     parameters = "\n".join(
         f'parameters: {{ key: "{k}" value: {{ string_value: {json.dumps(v)} }} }}' for k, v in params.items()
     )
@@ -218,6 +221,7 @@ PRODUCTION = ServeSettings(
     max_streams=8,
     idle_ttl_s=120.0,
     max_batch_size=8,
+    image_size=518,
 )
 
 

@@ -59,6 +59,7 @@ class SessionCounters:
     rejected_starts: int = 0
     failed_requests: int = 0
     frames: int = 0
+    evicted_tokens_ended: int = 0  # evicted tokens of streams already freed (so the total never drops)
 
 
 @dataclass
@@ -138,6 +139,7 @@ class StreamSessions:
                 "cache_bytes": cache,
                 "reserved_cache_bytes": sum(s.bound or 0 for s in self.sessions.values()),
                 "evicted_tokens_live_streams": evicted,
+                "evicted_tokens": c.evicted_tokens_ended + evicted,
                 "streams_started": c.started,
                 "streams_ended": c.ended,
                 "streams_expired": c.expired,
@@ -249,5 +251,6 @@ class StreamSessions:
     def _close(self, cid) -> None:
         session = self.sessions.pop(cid, None)
         if session is not None:
+            self.counters.evicted_tokens_ended += session.stream.evicted_tokens()
             session.stream.reset()
 

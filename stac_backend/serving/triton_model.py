@@ -40,6 +40,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,6 +52,7 @@ try:  # only importable inside Triton's Python-backend stub
 except ImportError:  # pragma: no cover - unit tests import this module without Triton
     pb_utils = None
 
+from .metrics import StacMetrics
 from .repository import is_decoupled
 from .sessions import FrameRequest, RequestError, StepResult
 
@@ -72,20 +74,6 @@ DENSE_OUTPUTS = ("DEPTH", "DEPTH_CONF", "WORLD_POINTS", "WORLD_POINTS_CONF")
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 TRITON_TYPES = {torch.float32: "TYPE_FP32", torch.float16: "TYPE_FP16"}
 FP16_MAX = torch.finfo(torch.float16).max  # 65504
-
-METRICS = {
-    "active_streams": ("stac_active_streams", "live streams holding cache state", "GAUGE"),
-    "cache_bytes": ("stac_cache_bytes", "bytes held by all streams' caches", "GAUGE"),
-    "reserved_cache_bytes": ("stac_reserved_cache_bytes", "sum of live streams' memory bounds", "GAUGE"),
-    "evicted_tokens_live_streams": ("stac_evicted_tokens", "tokens evicted from live streams' hot caches", "GAUGE"),
-    "streams_started": ("stac_streams_started_total", "streams started", "COUNTER"),
-    "streams_ended": ("stac_streams_ended_total", "streams ended by END or a repeated START", "COUNTER"),
-    "streams_expired": ("stac_streams_expired_total", "streams freed by the idle TTL", "COUNTER"),
-    "rejected_starts": ("stac_rejected_starts_total", "STARTs refused by admission control", "COUNTER"),
-    "failed_requests": ("stac_failed_requests_total", "requests answered with an error", "COUNTER"),
-    "frames": ("stac_frames_total", "frames reconstructed", "COUNTER"),
-}
-
 
 def read_parameters(model_config: dict[str, Any]) -> dict[str, str]:
     return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
@@ -255,18 +243,11 @@ class TritonPythonModel:
         for image_hw in warmup_sizes(self.model_config, args.get("model_instance_kind", "CPU")):  # before any request
             batch = (1, int(self.model_config.get("max_batch_size", 1) or 1))
             log.info("warm-up at %dx%d: %s", *image_hw, self.sessions.runtime.warmup(image_hw, batch))
-        self._metrics = {}
-        self._families = []  # a MetricFamily must outlive its Metrics
-        if pb_utils is not None and hasattr(pb_utils, "MetricFamily"):
-            labels = {"model": self.model_config.get("name", "stac"), "instance": args.get("model_instance_name", "0")}
-            for key, (name, description, kind) in METRICS.items():
-                family = pb_utils.MetricFamily(name=name, description=description, kind=getattr(pb_utils.MetricFamily, kind))
-                self._families.append(family)
-                self._metrics[key] = (family.Metric(labels=labels), kind)
-        self._counted = {key: 0 for key in METRICS}
+        self._metrics = StacMetrics(pb_utils, self.model_config.get("name", "stac"), args.get("model_version", "1"))
         self._sender = ResponseSender() if is_decoupled(self.model_config) else None  # None: unary
 
     def execute(self, requests):
+        started = time.perf_counter()
         parsed = [self._parse(r) for r in requests]
         ok = [i for i, p in enumerate(parsed) if isinstance(p, FrameRequest)]  # null requests are None
         results: list[Any] = list(parsed)
@@ -278,7 +259,7 @@ class TritonPythonModel:
         # on one event recorded behind them, so this returns while the GPU finishes the step.
         decoupled = self._sender is not None
         prepared = [self._prepare(result, request, non_blocking=decoupled) for result, request in zip(results, requests)]
-        self._publish_metrics()
+        self._metrics.observe_execute(self.sessions.stats(), time.perf_counter() - started, len(requests))
         if not decoupled:
             return [_make_response(ready) for ready in prepared]
         ready_event = _event_after(results)
@@ -295,8 +276,7 @@ class TritonPythonModel:
         if self._sender is not None:
             self._sender.close()
         self.sessions.close_all()
-        self._metrics.clear()
-        self._families.clear()
+        self._metrics.close()
 
     # ------------------------------------------------------------------ translation
     def _parse(self, request):
@@ -341,18 +321,6 @@ class TritonPythonModel:
         if "CACHE_BYTES" in wanted:
             ready["CACHE_BYTES"] = torch.tensor([result.cache_bytes], dtype=torch.int64)
         return ready
-
-    def _publish_metrics(self) -> None:
-        if not self._metrics:
-            return
-        stats = self.sessions.stats()
-        for key, (metric, kind) in self._metrics.items():
-            value = stats.get(key, 0)
-            if kind == "GAUGE":
-                metric.set(value)
-            elif value > self._counted[key]:
-                metric.increment(value - self._counted[key])
-                self._counted[key] = value
 
 
 def _event_after(results) -> Optional["torch.cuda.Event"]:

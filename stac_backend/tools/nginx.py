@@ -26,6 +26,8 @@ __all__ = [
     "PRODUCTION_NGINX",
     "PRODUCTION_NGINX_TLS",
     "find_nginx",
+    "legacy_http2",
+    "nginx_has_http2_directive",
     "nginx_test",
     "render_nginx_config",
 ]
@@ -63,6 +65,9 @@ class NginxConfig:
     temp_dir: Optional[str] = None  # nginx's *_temp_path folders (None: compiled-in defaults)
     user: Optional[str] = None  # worker user (None: compiled-in default)
     comment: str = ""
+    # "http2 on;" (nginx >= 1.25.1, where "listen ... http2" is deprecated) instead of the listen
+    # parameter that older builds (Debian 12's 1.22, used by the local tests) need.
+    http2_directive: bool = False
 
 
 def render_nginx_config(c: NginxConfig) -> str:
@@ -104,16 +109,18 @@ def render_nginx_config(c: NginxConfig) -> str:
 {proxy}
         }}"""
     blocks = []
+    http2_on = "\n        http2 on;" if c.http2_directive else ""
+    http2_param = "" if c.http2_directive else " http2"
     if c.plaintext:
         blocks.append(f"""    server {{
         # gRPC without TLS (h2c). Put it on a private network or use the TLS listener.
-        listen {c.listen} http2;
+        listen {c.listen}{http2_param};{http2_on}
 {location}
     }}""")
     if c.tls_listen:
         blocks.append(f"""    server {{
         # gRPC over TLS, terminated here; the replicas are reached in plaintext on the private network.
-        listen {c.tls_listen} ssl http2;
+        listen {c.tls_listen} ssl{http2_param};{http2_on}
         ssl_certificate {c.tls_certificate};
         ssl_certificate_key {c.tls_certificate_key};
         ssl_protocols TLSv1.2 TLSv1.3;
@@ -138,12 +145,20 @@ http {{
     log_format stac_grpc "{ACCESS_LOG_FORMAT}";
     access_log {c.access_log} stac_grpc;
 {temp}
-    # Every chunk of a camera stream carries its id in the x-stream-id header (the gRPC body is
-    # opaque to a proxy). Consistent hashing keeps a stream on one replica - its cache lives
-    # there - and moves only about 1/N of the streams when a replica joins or leaves; those
-    # streams get "unknown stream" from their new replica and restart with a new START.
+    # Every chunk of a camera stream carries its id in the x-stream-id header (the gRPC body, and
+    # the sequence id in it, are opaque to a proxy). Consistent hashing keeps a stream on one
+    # replica - its cache lives there - and moves only about 1/N of the streams when a replica
+    # joins or leaves; those streams get "unknown stream" from their new replica and restart with
+    # a new START. Clients that send no header (perf_analyzer, plain tritonclient) are kept on one
+    # replica per connection instead (a sequence's requests travel on one gRPC connection), so
+    # that different connections spread over the replicas rather than all hashing to one.
+    map $http_x_stream_id $stac_route_key {{
+        "" $remote_addr:$remote_port;
+        default $http_x_stream_id;
+    }}
+
     upstream triton_grpc {{
-        hash $http_x_stream_id consistent;
+        hash $stac_route_key consistent;
 {servers}
         keepalive {c.keepalive};
     }}
@@ -156,6 +171,7 @@ PRODUCTION_NGINX = NginxConfig(
     upstreams=["triton:8001", "triton-1:8001"],
     comment="""NGINX in front of the Triton replicas of docker-compose.yml (profile "cluster").
 gRPC on 8001 (h2c), TLS variant: deploy/nginx/nginx-tls.conf (8443). Health: :8080/healthz.""",
+    http2_directive=True,  # the nginx:1.27 image
 )
 
 PRODUCTION_NGINX_TLS = NginxConfig(
@@ -165,6 +181,7 @@ PRODUCTION_NGINX_TLS = NginxConfig(
     comment="""NGINX in front of the Triton replicas of docker-compose.yml (profile "cluster"), TLS only:
 gRPC over TLS on 8443 with the certificate and key mounted at /etc/nginx/certs/ (docs/deployment.md).
 Health: :8080/healthz.""",
+    http2_directive=True,
 )
 
 
@@ -176,6 +193,21 @@ def find_nginx() -> Optional[str]:
         if os.access(candidate, os.X_OK):
             return candidate
     return None
+
+
+def nginx_has_http2_directive(binary: Optional[str] = None) -> bool:
+    """Whether this nginx takes ``http2 on;`` (1.25.1 and later); older ones need ``listen ... http2``."""
+    binary = binary or find_nginx()
+    if binary is None:
+        return False
+    proc = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=30)
+    found = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", proc.stderr + proc.stdout)
+    return bool(found) and tuple(int(x) for x in found.groups()) >= (1, 25, 1)
+
+
+def legacy_http2(config_text: str) -> str:
+    """The same config for an nginx older than 1.25.1: ``listen X; http2 on;`` -> ``listen X http2;``."""
+    return re.sub(r"listen ([^;]+);\n(\s*)http2 on;", r"listen \1 http2;", config_text)
 
 
 def _free_port(host: str = "127.0.0.1") -> int:

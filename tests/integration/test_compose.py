@@ -27,6 +27,8 @@ from stac_backend.tools.nginx import (  # noqa: E402
     PRODUCTION_NGINX,
     PRODUCTION_NGINX_TLS,
     find_nginx,
+    legacy_http2,
+    nginx_has_http2_directive,
     nginx_test,
     render_nginx_config,
 )
@@ -84,7 +86,12 @@ def test_triton_service(compose, name):
     assert flags["--model-control-mode"] == "none"
     assert (flags["--http-port"], flags["--grpc-port"], flags["--metrics-port"]) == ("8000", "8001", "8002")
     assert flags["--allow-metrics"] == "true"
-    assert "./model_repository:/models:ro" in svc["volumes"]
+    assert "${STAC_MODEL_DIR:-stac-models}:/models:ro" in svc["volumes"]  # outside the git checkout
+    assert "stac-models" in compose["volumes"]
+    # Docker's stop timeout must outlast Triton's drain, or the drain is killed half-way.
+    exit_timeout = int(flags["--exit-timeout-secs"])
+    grace = svc["stop_grace_period"]
+    assert grace.endswith("s") and int(grace[:-1]) > exit_timeout
     shm = svc["shm_size"].lower()
     assert shm.endswith("gb") and int(shm[:-2]) >= 1
     gpu = _gpu(svc)
@@ -111,7 +118,7 @@ def test_replicas_get_different_gpus_and_ports_stay_on_loopback(compose):
 def test_prepare_service(compose):
     svc = compose["services"]["prepare"]
     assert "deploy/prepare.py" in " ".join(svc["command"])
-    assert "./model_repository:/models" in svc["volumes"]  # writable: it renders the repository
+    assert "${STAC_MODEL_DIR:-stac-models}:/models" in [v.split("#")[0].strip() for v in svc["volumes"]]  # writable
     assert any(v.endswith(":/checkpoints:ro") for v in svc["volumes"])
     assert svc["restart"] == "no"
     assert "STAC_BUILD_TENSORRT" in svc["environment"]
@@ -162,30 +169,44 @@ def test_nginx_service_and_proxy_config(compose):
     assert conf == render_nginx_config(PRODUCTION_NGINX), "deploy/nginx/nginx.conf drifted from the renderer"
     tls = (ROOT / "deploy" / "nginx" / "nginx-tls.conf").read_text()
     assert tls == render_nginx_config(PRODUCTION_NGINX_TLS), "deploy/nginx/nginx-tls.conf drifted from the renderer"
-    assert "hash $http_x_stream_id consistent;" in conf
-    assert "grpc_pass grpc://triton_grpc;" in conf and "listen 8001 http2;" in conf
+    assert "hash $stac_route_key consistent;" in conf
+    # the header when there is one; one replica per client connection when there is none
+    assert re.search(r'map \$http_x_stream_id \$stac_route_key \{\s+"" \$remote_addr:\$remote_port;\s+'
+                     r'default \$http_x_stream_id;', conf)
+    # nginx >= 1.25.1 (the nginx:1.27 image) deprecates "listen ... http2"
+    assert "grpc_pass grpc://triton_grpc;" in conf and re.search(r"listen 8001;\s+http2 on;", conf)
     assert re.search(r"client_max_body_size \d+m;", conf)
     # streaming calls (one body per camera stream) have their own location without the unary cap
     assert re.search(r"location = /inference\.GRPCInferenceService/ModelStreamInfer \{\s+client_max_body_size 0;", conf)
     upstreams = re.findall(r"^\s*server (\S+):(\d+) ", conf, re.M)
     assert {host for host, _ in upstreams} == {"triton", "triton-1"} and {p for _, p in upstreams} == {"8001"}
     assert set(h for h, _ in upstreams) <= set(compose["services"])
-    assert "listen 8443 ssl http2;" in tls and "ssl_certificate /etc/nginx/certs/tls.crt;" in tls
+    assert re.search(r"listen 8443 ssl;\s+http2 on;", tls) and "ssl_certificate /etc/nginx/certs/tls.crt;" in tls
 
 
 def test_prometheus_and_perf_analyzer(compose):
     s = compose["services"]
-    assert "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in s["prometheus"]["volumes"]
-    prom = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
-    targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
-    assert {"triton:8002", "triton-1:8002"} <= targets
+    volumes = s["prometheus"]["volumes"]
+    assert "${STAC_PROMETHEUS_CONFIG:-./deploy/prometheus/prometheus.yml}:/etc/prometheus/prometheus.yml:ro" in volumes
+    assert "./deploy/prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in volumes
+    assert any(v.split("#")[0].strip() == "prometheus-data:/prometheus" for v in volumes)  # kept across restarts
+    assert "prometheus-data" in compose["volumes"]
+
+    def targets(name):
+        prom = yaml.safe_load((ROOT / "deploy" / "prometheus" / name).read_text())
+        return {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+
+    # the default config scrapes only what the default profile runs; the cluster one both replicas
+    assert targets("prometheus.yml") == {"triton:8002"}
+    assert targets("prometheus-cluster.yml") == {"triton:8002", "triton-1:8002"}
+    assert "profiles" not in s["triton"] and s["triton-1"]["profiles"] == ["cluster"]
     tag = NGC.match(s["triton"]["build"]["args"]["TRITON_IMAGE"]).group(1)
     assert s["perf_analyzer"]["image"] == f"nvcr.io/nvidia/tritonserver:{tag}-py3-sdk"
     cmd = " ".join(s["perf_analyzer"]["command"])
     assert "--sequence-id-range" in cmd and "--serial-sequences" in cmd and "--concurrency-range" in cmd
     dockerfile = (ROOT / "deploy" / "triton" / "Dockerfile").read_text()
     assert f"ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:{tag}-py3" in dockerfile
-    assert "pip install /opt/stac" in dockerfile
+    assert 'pip install "/opt/stac[engine]"' in dockerfile
     ignore = (ROOT / "deploy" / "triton" / "Dockerfile.dockerignore").read_text()
     assert "!stac_backend/" in ignore and "!pyproject.toml" in ignore
 
@@ -194,6 +215,8 @@ def _loopback_copy(text: str, workdir: Path) -> str:
     text = re.sub(r"server (triton(?:-\d+)?):8001 ", lambda m: f"server 127.0.0.1:{18001 + (m.group(1) != 'triton')} ", text)
     text = text.replace("/var/log/nginx/", f"{workdir}/")
     text = text.replace("/etc/nginx/certs/", f"{workdir}/certs/")
+    if not nginx_has_http2_directive():  # Debian 12's nginx 1.22 predates "http2 on;" (1.25.1)
+        text = legacy_http2(text)
     return text
 
 

@@ -80,7 +80,8 @@ def test_nginx_renderer_refuses_nonsense():
         render_nginx_config(NginxConfig(upstreams=["a:1"], plaintext=False))
     text = render_nginx_config(NginxConfig(upstreams=["a:1", "b:2"], tls_listen="8443"))
     # two listeners (h2c and TLS), each with a unary and a streaming location
-    assert text.count("grpc_pass grpc://triton_grpc;") == 4 and "hash $http_x_stream_id consistent;" in text
+    assert text.count("grpc_pass grpc://triton_grpc;") == 4 and "hash $stac_route_key consistent;" in text
+    assert "map $http_x_stream_id $stac_route_key {" in text  # the header, or the connection without one
     assert text.count("location = /inference.GRPCInferenceService/ModelStreamInfer {") == 2
 
 
