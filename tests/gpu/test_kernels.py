@@ -165,8 +165,9 @@ def test_pool_insert_with_kernels_equals_eager_insert(monkeypatch, launch, buffe
     fused, eager = _kernel_and_eager(monkeypatch, buffer_size=buffer_size, max_pivots=max_pivots, score_gate=score_gate)
     stats = eager.stats()
     # the case reaches every stage (so a kernel that skipped one could not pass)
-    assert stats["merged_tokens"] > 100 and stats["sibling_merges"] > 100 and stats["pivots_created"] > 100
-    assert (stats["gated_tokens"] > 100) == (score_gate > 0)
+    assert stats["merged_tokens"] > 100 and stats["pivots_created"] > 50 and stats["carried_tokens"] > 0
+    assert (stats["sibling_merges"] > 0) == (max_pivots < 4)
+    assert (stats["gated_tokens"] > 50) == (score_gate > 0)
     _assert_same_pool(fused, eager)
 
 
@@ -186,6 +187,6 @@ def test_pool_insert_kernels_bfloat16_pool(monkeypatch, launch):
     differ where a rounded pivot tips a merge decision, as they may between GPUs)."""
     launch(None)
     fused, eager = _kernel_and_eager(monkeypatch, dtype=torch.bfloat16, steps=1)
-    assert fused.stats() == eager.stats() and eager.stats()["sibling_merges"] > 0
+    assert fused.stats() == eager.stats() and eager.stats()["pivots_created"] > 0
     for name, t in eager._tensors.items():
         torch.testing.assert_close(fused._tensors[name].float(), t.float(), rtol=2e-2, atol=5e-2, msg=name)
