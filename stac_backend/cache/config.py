@@ -111,6 +111,13 @@ class CacheConfig:
     def refresh_steps(self) -> int:
         return self.retrieval_every or max(1, self.window // self.chunk)
 
+    @property
+    def first_retrieval_frames(self) -> int:
+        """Frames seen after the first step that may retrieve (for steps of ``chunk`` frames)."""
+        if self.retrieval_start_frame is not None:
+            return self.retrieval_start_frame
+        return max(self.chunk + len(self.pinned_frames) + self.window + self.hh, 16) + 1 + self.chunk
+
     def retrieves_at(self, first_frame: int, num_frames: int, step: int) -> bool:
         """Whether the step of frames first_frame .. first_frame + num_frames - 1 (the
         ``step``-th, counted from 1) retrieves from the voxel pool."""
