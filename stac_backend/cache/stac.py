@@ -1,19 +1,26 @@
 """STAC: the temporal heavy-hitter cache plus a long-term spatial cache with retrieval (``stac``).
 
-On top of ``heavy_hitter``:
-- each new patch token gets a 3D position: the point head's world points averaged over its patch,
-  kept only where the averaged confidence exceeds ``conf_threshold`` (special tokens have none);
-- tokens evicted from the hot cache go into the stream's ``VoxelPool`` (merged into voxel-aligned
-  pivots) instead of being dropped; tokens without a position are dropped. Evictions of all layers
-  are queued and filed in one batched ``VoxelPool.insert`` per step (and retrieval serves all
-  layers in one ``retrieve_layers`` pass), so the pool costs a bounded number of vectorised rounds
-  and host synchronisations per step, not per layer;
-- from frame ``retrieval_start_frame`` on, every ``refresh_steps`` steps, the pivots of voxels near
-  the recent window's voxels are retrieved (up to ``retrieval`` frame-equivalents per layer and
-  head) and attended in the following steps with logit bias log(C).
+On top of ``heavy_hitter``, at the end of each step, in the reference's order:
+- each new patch token gets a 3D position: the point head's world points and confidence sampled
+  at the patch centre (bilinear resize to the patch grid; ``patch_position="mean"`` averages the
+  patch instead), kept only where the confidence exceeds ``conf_threshold`` (special tokens have
+  none);
+- on retrieval steps (``CacheConfig.retrieves_at``: by default once the step's first frame index
+  exceeds max(chunk + pinned + window + hh, 16), then every ``refresh_steps`` steps), the pivots
+  of voxels near the recent window's voxels are retrieved from the pool as it was before this
+  step's evictions (up to ``retrieval`` frame-equivalents per layer and head, ranked by W; raw
+  buffered tokens too with ``include_buffer``) and attended in the following steps with logit
+  bias log(C); ``retrieve_before_prune=False`` retrieves after this step's evictions instead;
+- the hot cache is pruned; tokens it evicts go into the stream's ``VoxelPool`` (merged into
+  voxel-aligned pivots) instead of being dropped; tokens without a position are dropped.
+  Evictions of all layers are queued (per head in store order) and filed in one batched
+  ``VoxelPool.insert`` per step.
+
+A head's attention mass is rescaled by its hot keys / queries: retrieved keys are not counted.
 
 Memory is bounded: hot store (pinned + window + hh + chunk frames) + retrieved tokens + the pool's
-``max_voxels`` rows. Given ``memory_budget_bytes``, the pool gets what the rest leaves over.
+``max_voxels`` rows (with their carried-over tokens). Given ``memory_budget_bytes``, the pool gets
+what the rest leaves over. docs/stac.md relates every rule to the reference code.
 """
 
 from __future__ import annotations

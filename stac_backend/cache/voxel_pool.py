@@ -3,12 +3,12 @@
 Tokens evicted from the hot (temporal) cache are not dropped: they are filed by the 3D position
 of their patch into voxels and compressed there into a few merged "pivots" per
 (layer, head, voxel). Before a step, pivots of voxels near the current view are retrieved and
-appended to the hot keys/values with a logit bias ``log(C)``. See stac-reference.md section 2.
+appended to the hot keys/values with a logit bias ``log(C)``. See docs/stac.md.
 
 Public API
 ----------
 ``VoxelPool(num_layers, num_heads, head_dim, *, voxel_size=0.05, buffer_size=8, max_pivots=4,
-merge_cos=0.8, score_gate=0.2, max_voxels=4096, initial_voxels=256, max_rounds=4,
+merge_cos=0.8, score_gate=0.2, max_voxels=4096, initial_voxels=256, carry_slots=8,
 dtype=torch.float32, device="cpu")``
 
 * ``VoxelPool.voxel_coords(points [N,3], conf [N], voxel_size=0.05, conf_threshold=2.0)``
@@ -20,7 +20,7 @@ dtype=torch.float32, device="cpu")``
   ``retrieve_layers(layers, ...)`` -> the same for several layers in one batched pass.
 * ``memory_bytes()`` -> bytes of every tensor the pool holds (exact, including the voxel table).
 * ``VoxelPool.bytes_for(max_voxels, num_layers, num_heads, head_dim, dtype, buffer_size=8,
-  max_pivots=4)`` -> the most ``memory_bytes()`` can ever be; static.
+  max_pivots=4, carry_slots=8)`` -> the most ``memory_bytes()`` can ever be; static.
 * ``contains(coords [N,3])`` -> BoolTensor [N], which voxels are held.
 * ``num_voxels`` / ``capacity`` (properties) and ``stats()`` -> dict of counters.
 
@@ -33,50 +33,50 @@ Per-row data are dense tensors with a voxel axis of the current capacity:
 * pivots: ``piv_k/piv_v [L, H, V, P, D]`` (pool dtype), ``piv_w/piv_s/piv_c [L, H, V, P]``
   (float32; a slot holds a pivot iff ``piv_c > 0``);
 * buffers: ``buf_k/buf_v [L, H, V, B, D]``, ``buf_s [L, H, V, B]`` float32,
-  ``buf_n [L, H, V]`` int32 (slots ``0 .. buf_n-1`` are occupied);
+  ``buf_n [L, H, V]`` int32 (slots ``0 .. buf_n-1`` are occupied, best score first);
+* carried-over tokens: ``car_k/car_v [L, H, V, C, D]``, ``car_s [L, H, V, C]`` float32,
+  ``car_n [L, H, V]`` int32 (``C = carry_slots``; slots ``0 .. car_n-1``, best score first);
 * table: ``row_key [V]`` int64 (-1 = free row), ``row_last_used [V]`` int64.
 
 Capacity starts at ``initial_voxels`` and doubles on demand up to ``max_voxels`` (growth copies
 the tensors, so the transient peak during a growth is old + new). ``memory_bytes()`` is the sum
 of ``nbytes`` of these tensors; ``bytes_for(max_voxels, ...)`` is the same sum at full
-capacity, so a per-stream byte budget converts to ``max_voxels`` by bisection or by dividing
-by ``bytes_for(1, ...)`` (the size is linear in ``max_voxels``).
+capacity, so a per-stream byte budget converts to ``max_voxels`` by dividing by
+``bytes_for(1, ...)`` (the size is linear in ``max_voxels``).
 
-Insertion semantics (vectorised over all (layer, head, voxel) rows, looping only over "rounds")
------------------------------------------------------------------------------------------------
+Insertion semantics (one pass per call, vectorised over all (layer, head, voxel) rows)
+-------------------------------------------------------------------------------------
 Rows of different layers and heads never interact, so one call handles the tokens of every layer
-(the pool tensors are viewed flat as ``[L*H*V, ...]``). Tokens are grouped by (layer, head, voxel
-row) and kept in arrival order. Each round, for every row:
+(the pool tensors are viewed flat as ``[L*H*V, ...]``). A row's tokens are its new tokens in
+arrival order followed by the tokens it carried over from the previous call (in carry order).
+For every row touched by either:
 
-1. If the row has at least one pivot, each pending token finds its most similar pivot
-   (cosine between the token key and the pivot key, pivots as of the start of the round).
-   ``cos >= merge_cos`` -> the token is merged into that pivot with weight
-   ``a = exp(cos)``: ``K <- (W K + sum a_i k_i) / (W + sum a_i)``, V likewise,
-   ``W += sum a_i``, ``S += sum s_i``, ``C += n``. Otherwise the token goes to the buffer only if
-   its score is above ``score_gate`` x the row's mean pivot score per merged token
-   (``sum S / sum C`` after this round's merges); else it is dropped (counted in stats).
-2. If the row has no pivot, every pending token goes to the buffer.
-3. Buffer candidates are taken by score (highest first, ties in arrival order) until the buffer
-   is full; the rest stay pending for the next round.
+1. If the row has at least one pivot, each token finds its most similar pivot (cosine between the
+   token key and the normalised pivot key, pivots as of the start of the call; first maximum on
+   ties). ``cos >= merge_cos`` -> merged into that pivot with weight ``a = exp(cos)``:
+   ``K <- (W K + sum a_i k_i) / (W + sum a_i)``, V likewise, ``W += sum a_i``, ``S += sum s_i``,
+   ``C += n``. A token that does not merge becomes a buffer candidate only if its score is above
+   ``score_gate`` x the row's mean score per merged token (``sum S / sum C`` after this call's
+   merges); else it is dropped (counted as gated).
+2. If the row has no pivot, every token is a candidate.
+3. The row's buffered tokens and its candidates are ranked by score (descending; ties: buffered
+   first, then candidates in token order). The first ``buffer_size`` are the buffer (a buffered
+   token can be pushed out by better new ones), the next ``carry_slots`` are carried over to the
+   next call, the rest are dropped (counted as ``overflow_dropped_tokens``).
 4. A full buffer collapses into one pivot: seed = the highest-score token (first on ties),
    ``a_i = exp(cos(k_i, k_seed))``, ``K = sum a_i k_i / sum a_i``, V likewise, ``W = sum a_i``,
    ``S = sum s_i``, ``C = buffer_size``. If the row already holds ``max_pivots`` pivots, its
    lowest-W pivot (first on ties) is first merged into its most similar sibling (cosine of
    pivot keys): the victim's weight is discounted to ``W_v' = W_v exp(cos - 1)``, then
    ``K = (W_v' K_v + W_n K_n) / (W_v' + W_n)``, V likewise, ``W = W_v' + W_n``, S and C add.
-   The new pivot takes the freed slot.
+   The new pivot takes the freed slot (else the first free slot).
 
-A call runs at most ``max_rounds`` rounds (default 4). Tokens still pending after the last round
-(the lowest-scored non-merging tokens of rows that received more than about
-``max_rounds x buffer_size`` of them in the call) are dropped and counted as
-``overflow_dropped_tokens``. So the cost of a call is bounded by ``max_rounds`` vectorised passes
-over its tokens whatever their distribution over voxels: with random weights every point lands
-in a few voxels and an unbounded loop ran ``tokens per row / buffer_size`` rounds (hundreds),
-per layer. In torch ops (the CPU path and the reference) each round needs a constant number of
-host synchronisations (data-dependent sizes: mask indexing and ``unique``), independent of the
-number of layers, rows and tokens; on CUDA one kernel (``kernels/pool_kernels.insert_rows``) runs
-every round of every row and keeps its counters on the device, so after the rows are resolved an
-insert reads nothing back. Merging math is fp32; K/V are stored in the pool dtype.
+So a call costs one vectorised pass over its tokens whatever their distribution over voxels, and
+what a row cannot absorb in one call waits (bounded) for the next. In torch ops (the CPU path)
+an insert needs a constant number of host synchronisations (data-dependent sizes), independent of
+the number of layers, rows and tokens; on CUDA one kernel (``kernels/pool_kernels.insert_rows``)
+runs every touched row and keeps its counters on the device: it reads back only the number of
+touched rows. Merging math is fp32; K/V are stored in the pool dtype.
 
 Retrieval semantics (one batched pass for any number of layers)
 -----------------------------------------------------------------
@@ -93,29 +93,25 @@ selection on the host either.
 Eviction rule (hard cap ``max_voxels``)
 --------------------------------------
 When new voxels arrive and no free row is left at ``max_voxels``, whole voxel rows (all layers,
-all heads) are evicted: **least recently used first** (``row_last_used`` = the last ``step``
-passed to an ``insert`` that put a token in the voxel or a ``retrieve`` that had it as a
-candidate), **ties broken by the lowest total W** (summed over layers, heads and pivots), then
-by the lowest row index. Voxels referenced by the same ``insert`` call are never evicted by it.
-If even that leaves too few rows, the new voxels with the most tokens in the call are admitted
-(ties: lowest voxel key) and the other tokens are dropped (counted in ``stats()``).
+all heads, with their buffers and carried tokens) are evicted: **least recently used first**
+(``row_last_used`` = the last ``step`` passed to an ``insert`` that put a token in the voxel or a
+``retrieve`` that had it as a candidate), **ties broken by the lowest total W** (summed over
+layers, heads and pivots), then by the lowest row index. Voxels referenced by the same ``insert``
+call are never evicted by it. If even that leaves too few rows, the new voxels with the most
+tokens in the call are admitted (ties: lowest voxel key) and the other tokens are dropped
+(counted in ``stats()``).
 
 Relation to the reference implementation (github.com/Rainzor/STAC)
 -----------------------------------------------------------------
-Facts taken from it (``stac/merger.py``, ``merger-cuda/csrc/kernels/merger_kernels.cu``,
-``stac/stac_voxel.py`` and the STAC-mode defaults in its model wrapper): token-to-pivot similarity is the cosine to the
-pivot key (the CUDA kernel; the Python path uses a stored seed key instead), merge weight
-``exp(cos)``; the non-merging token gate ``score > 0.2 x row mean S/C`` (``score_threshold=0.2``,
-``replace_threshold = sim_threshold = 0.8`` in its STAC mode); the victim discount
-``exp(cos - 1)`` in the sibling merge; retrieval of pivots ranked by W with bias ``log(C)`` and
-raw buffer tokens with bias 0; buffer 8, pivots 4, voxel 0.05, radius 2 voxels. Deliberate
-differences: tokens that do not fit a full buffer are handled in the same call (next round, up to
-``max_rounds`` rounds) instead of being carried to the next call; the reference's carried
-overflow is clamped to a fixed capacity and the excess dropped, here the excess after
-``max_rounds`` rounds is dropped in the same call (lowest scores first within a row, counted), so
-no overflow store is held between calls; the pool has a hard voxel cap with the eviction rule
-above (the reference grows without bound); raw buffer tokens share the ``max_tokens`` budget
-after the pivots (in the reference, a fixed-size pivot output leaves them no room).
+The rules above are those of its STAC mode (``voxel_backend="cuda"``: the kernels of
+``merger-cuda/csrc/kernels/merger_kernels.cu``, driven by ``stac/merger.py``): tokens are
+compared with the normalised pivot key (its Python back end compares with a stored seed key
+instead), merge weight ``exp(cos)``, gate ``score > 0.2 x row mean S/C`` after the merges, the
+buffer's top-by-score update over old and new tokens, carry-over of what does not fit, the
+victim discount ``exp(cos - 1)``. Differences, for a server: the carry-over is capped per row
+(the reference's grows without bound), the pool has a hard voxel cap with the eviction rule above
+(the reference grows without bound), and retrieval returns only as many slots as the widest head
+needs (the reference pads a fixed ``max_tokens``; the padding is never attended). See docs/stac.md.
 """
 
 from __future__ import annotations

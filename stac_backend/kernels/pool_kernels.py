@@ -1,25 +1,27 @@
 """The voxel pool's insert as one kernel (OpenAI Triton; CUDA, or Triton's CPU interpreter).
 
 In the stress geometry a step files ~1.6 M evicted tokens (24 layers x 16 heads x 4 frames of
-tokens) in up to 4 rounds. In torch ops an insert is ~250 small kernels, each 10-40 us of host
-time to launch, plus data-dependent sizes read back per round: host-bound (H100, round 4: 29.6 ms
-wall for 11.4 ms of GPU work). ``insert_rows`` runs every round of every touched pool row in one
-launch, one program per row (rows never interact), and reads nothing back:
+tokens). In torch ops an insert is ~100 small kernels, each 10-40 us of host time to launch, plus
+data-dependent sizes read back: host-bound. ``insert_rows`` runs the whole insert of every touched
+pool row (rows with new tokens or with tokens carried over from the previous insert) in one
+launch, one program per row (rows never interact), and reads back only the number of rows:
 
-* merge stage: each pending token's nearest pivot (cosine to the pivots as of the round's start),
-  the merge of the tokens at ``cos >= merge_cos`` with weight ``exp(cos)``, accumulated in token
-  order (deterministic, unlike ``index_add_``'s atomics), the pivot update, and the score gate of
-  the tokens that did not merge against the row's mean after the merges;
-* buffer fill: the best candidates (score, then arrival) take the free buffer slots, found by
-  repeated maxima of one int64 key per token; the rest stay pending for the next round;
+* merge stage: each token's nearest pivot (cosine to the pivots as of the call's start), the
+  merge of the tokens at ``cos >= merge_cos`` with weight ``exp(cos)``, accumulated in token
+  order (new tokens, then carried ones; deterministic, unlike ``index_add_``'s atomics), the
+  pivot update, and the score gate of the tokens that did not merge against the row's mean after
+  the merges;
+* buffer: the row's buffered tokens and its candidates ranked by score (buffered, new, carried
+  on ties), found by repeated maxima of one int64 key per entry: the first ``B`` are the buffer,
+  the next ``C`` are carried over, the rest dropped;
 * collapse: a full buffer becomes one pivot, first merging the row's weakest pivot into its most
   similar sibling when all its slots are used.
 
-The row's pivots and buffer live in registers between stages, rounded to the pool dtype wherever
-the round-by-round torch path stores them. It follows the eager arithmetic in float32 (normalise
+The row's pivots, buffer and carried tokens live in registers between stages, rounded to the pool
+dtype wherever the torch path stores them. It follows the eager arithmetic in float32 (normalise
 by ``max(norm, eps)``, clamp cosines to [-1, 1], first extremum on ties), so with a float32 pool an
-insert gives the same decisions, counters and values to float32 rounding (tests/test_kernels.py
--k pool); the eager path (``VoxelPool._round``) stays the CPU implementation and the reference.
+insert gives the same decisions, counters and values to float32 rounding (tests/gpu/test_kernels.py
+-k pool); the eager path (``VoxelPool.insert`` without the kernel) stays the CPU implementation.
 ``STAC_POOL_KERNELS=0`` turns the kernel off.
 """
 
@@ -365,7 +367,7 @@ if HAVE_TRITON:
 
 # insert_rows' launch: tokens per iteration of the loops that read keys (BT), warps per program
 # (one program per pool row), and tokens per iteration of the loops over scores only (BF). A
-# row's rounds are serial, so an insert takes as long as its busiest row. Rows of a few tokens
+# row's work is serial, so an insert takes as long as its busiest row. Rows of a few tokens
 # run best as small latency-bound programs (H200, vggt-1b: the stress insert of ~23 tokens per
 # row took 3.7 ms with 8 x 1 warp, 5.7 with 16 x 2, 6.1 with 32 x 4); for long rows (few voxels)
 # the launch stays at round 6's merge kernel's 16 x 2, fewer serial iterations per row, not
