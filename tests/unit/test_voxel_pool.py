@@ -596,7 +596,8 @@ def test_layer_tensor_is_validated():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, tests/test_kernels.py runs the pool kernels for real")
 def test_pool_kernels_in_triton_interpreter():
     """The CUDA kernels of the insert (kernels/pool_kernels.py) run here in Triton's CPU interpreter
-    and must match the eager path (tests/test_kernels.py -k pool). Seen failing in the interpreter
+    and must match the eager path (tests/gpu/test_kernels.py -k pool, without its 8-4-0.2 case:
+    every kernel op costs milliseconds in the interpreter). Seen failing in the interpreter
     of Triton 3.6 with numpy 2.5 ("only 0-dimensional arrays can be converted to Python scalars"),
     an interpreter limit: the CPU set-up here has Triton 3.9 and numpy < 2."""
     import os
@@ -607,7 +608,7 @@ def test_pool_kernels_in_triton_interpreter():
     pytest.importorskip("triton")
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "pool",
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "pool and not 8-4-0.2",
                            str(root / "tests" / "gpu" / "test_kernels.py")], cwd=root, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
