@@ -111,10 +111,11 @@ def phase_times(stream: Stream, images: torch.Tensor, chunk: int, steps: int, de
 
 
 # VoxelPool methods timed by --by-method. With the kernels (CUDA) an insert is _resolve_rows and
-# one insert_rows launch; in eager mode _round holds the merge stage (_merge_and_gate with
-# _nearest_pivot and _merge_into_pivots) and _fill_buffers, which holds _collapse.
-METHODS = ("_resolve_rows", "_round", "_merge_and_gate", "_nearest_pivot", "_merge_into_pivots", "_fill_buffers",
-           "_collapse")
+# one insert_rows launch; in eager mode _with_carried (the carried-over tokens join), the merge
+# stage (_merge_and_gate with _nearest_pivot and _merge_into_pivots) and _fill_buffers, which
+# holds _collapse.
+METHODS = ("_resolve_rows", "_with_carried", "_merge_and_gate", "_nearest_pivot", "_merge_into_pivots",
+           "_fill_buffers", "_collapse")
 
 
 def method_times(state: VoxelPool, args: tuple, kwargs: dict, device: str) -> dict:

@@ -26,17 +26,26 @@ class CacheConfig:
     hh: int = 2  # heavy-hitter frame-equivalents kept by decayed attention score
     gamma: float = 0.9  # score decay per step
     retrieval: int = 2  # frame-equivalents of pooled tokens retrieved per step (stac)
-    retrieval_start_frame: int = 16  # no retrieval before this many frames
+    # No retrieval before this many frames. None = the reference rule: retrieve once the step's
+    # first frame index exceeds max(chunk + pinned + window + hh, 16) (frame 20 at the defaults).
+    retrieval_start_frame: Optional[int] = None
     retrieval_every: Optional[int] = None  # steps between retrievals; default max(1, window // chunk)
     retrieval_radius: int = 2  # voxels (Chebyshev) around the window's voxels
-    include_buffer: bool = True  # also retrieve buffered raw tokens (bias 0)
+    include_buffer: bool = False  # also retrieve buffered raw tokens (bias 0) after the pivots
+    # Within a step: retrieve from the pool as it was before this step's evictions, then prune and
+    # file them (the reference order); False prunes and files first, then retrieves.
+    retrieve_before_prune: bool = True
+    # A patch token's position: "centre" samples the point map at the patch centre (bilinear, as
+    # the reference resizes it); "mean" averages the points and confidences over the patch.
+    patch_position: str = "centre"
     voxel_size: float = 0.05
     conf_threshold: float = 2.0  # tokens whose point confidence is not above this are not pooled
     buffer_size: int = 8
     max_pivots: int = 4
     merge_cos: float = 0.8
-    # Vectorised insertion rounds per step (bounds the pool's per-step cost; see voxel_pool.py).
-    insert_rounds: int = 4
+    # Pool tokens per (layer, head, voxel) that did not fit a full buffer and are carried over to
+    # the next insert (the reference carries them all, without bound); beyond it they are dropped.
+    pool_carry_slots: int = 8
     # Hard cap of the voxel pool per stream. The reference grows it without bound; 512 voxels hold
     # 6,144 token slots per (layer, head), about 6 frames of tokens (0.6 GB for vggt-1b in bf16).
     max_voxels: Optional[int] = 512
@@ -59,14 +68,19 @@ class CacheConfig:
         problems = []
         if self.policy not in POLICIES:
             problems.append(f"unknown cache policy {self.policy!r}; choose one of {POLICIES}")
-        for name in ("chunk", "window", "buffer_size", "max_pivots", "insert_rounds"):
+        for name in ("chunk", "window", "buffer_size", "max_pivots"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
-        for name in ("hh", "retrieval", "retrieval_start_frame", "retrieval_radius"):
+        for name in ("hh", "retrieval", "retrieval_radius", "pool_carry_slots"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 problems.append(f"{name} must be a non-negative integer, got {value!r}")
+        if self.retrieval_start_frame is not None and (not isinstance(self.retrieval_start_frame, int)
+                                                        or self.retrieval_start_frame < 0):
+            problems.append(f"retrieval_start_frame must be a non-negative integer or None, got {self.retrieval_start_frame!r}")
+        if self.patch_position not in ("centre", "mean"):
+            problems.append(f"patch_position must be 'centre' or 'mean', got {self.patch_position!r}")
         if self.camera_window is not None and (not isinstance(self.camera_window, int) or self.camera_window < 1):
             problems.append(f"camera_window must be a positive integer or None, got {self.camera_window!r}")
         if self.retrieval_every is not None and (not isinstance(self.retrieval_every, int) or self.retrieval_every < 1):
@@ -96,6 +110,25 @@ class CacheConfig:
     @property
     def refresh_steps(self) -> int:
         return self.retrieval_every or max(1, self.window // self.chunk)
+
+    @property
+    def first_retrieval_frames(self) -> int:
+        """Frames seen after the first step that may retrieve (for steps of ``chunk`` frames)."""
+        if self.retrieval_start_frame is not None:
+            return self.retrieval_start_frame
+        return max(self.chunk + len(self.pinned_frames) + self.window + self.hh, 16) + 1 + self.chunk
+
+    def retrieves_at(self, first_frame: int, num_frames: int, step: int) -> bool:
+        """Whether the step of frames first_frame .. first_frame + num_frames - 1 (the
+        ``step``-th, counted from 1) retrieves from the voxel pool."""
+        if not self.retrieval:
+            return False
+        if self.retrieval_start_frame is None:
+            hot = self.chunk + len(self.pinned_frames) + self.window + self.hh
+            started = first_frame > max(hot, 16)
+        else:
+            started = first_frame + num_frames >= self.retrieval_start_frame
+        return started and step % self.refresh_steps == 0
 
     def replace(self, **changes: Any) -> "CacheConfig":
         return dataclasses.replace(self, **changes)

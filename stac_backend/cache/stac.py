@@ -1,19 +1,26 @@
 """STAC: the temporal heavy-hitter cache plus a long-term spatial cache with retrieval (``stac``).
 
-On top of ``heavy_hitter``:
-- each new patch token gets a 3D position: the point head's world points averaged over its patch,
-  kept only where the averaged confidence exceeds ``conf_threshold`` (special tokens have none);
-- tokens evicted from the hot cache go into the stream's ``VoxelPool`` (merged into voxel-aligned
-  pivots) instead of being dropped; tokens without a position are dropped. Evictions of all layers
-  are queued and filed in one batched ``VoxelPool.insert`` per step (and retrieval serves all
-  layers in one ``retrieve_layers`` pass), so the pool costs a bounded number of vectorised rounds
-  and host synchronisations per step, not per layer;
-- from frame ``retrieval_start_frame`` on, every ``refresh_steps`` steps, the pivots of voxels near
-  the recent window's voxels are retrieved (up to ``retrieval`` frame-equivalents per layer and
-  head) and attended in the following steps with logit bias log(C).
+On top of ``heavy_hitter``, at the end of each step, in the reference's order:
+- each new patch token gets a 3D position: the point head's world points and confidence sampled
+  at the patch centre (bilinear resize to the patch grid; ``patch_position="mean"`` averages the
+  patch instead), kept only where the confidence exceeds ``conf_threshold`` (special tokens have
+  none);
+- on retrieval steps (``CacheConfig.retrieves_at``: by default once the step's first frame index
+  exceeds max(chunk + pinned + window + hh, 16), then every ``refresh_steps`` steps), the pivots
+  of voxels near the recent window's voxels are retrieved from the pool as it was before this
+  step's evictions (up to ``retrieval`` frame-equivalents per layer and head, ranked by W; raw
+  buffered tokens too with ``include_buffer``) and attended in the following steps with logit
+  bias log(C); ``retrieve_before_prune=False`` retrieves after this step's evictions instead;
+- the hot cache is pruned; tokens it evicts go into the stream's ``VoxelPool`` (merged into
+  voxel-aligned pivots) instead of being dropped; tokens without a position are dropped.
+  Evictions of all layers are queued (per head in store order) and filed in one batched
+  ``VoxelPool.insert`` per step.
+
+A head's attention mass is rescaled by its hot keys / queries: retrieved keys are not counted.
 
 Memory is bounded: hot store (pinned + window + hh + chunk frames) + retrieved tokens + the pool's
-``max_voxels`` rows. Given ``memory_budget_bytes``, the pool gets what the rest leaves over.
+``max_voxels`` rows (with their carried-over tokens). Given ``memory_budget_bytes``, the pool gets
+what the rest leaves over. docs/stac.md relates every rule to the reference code.
 """
 
 from __future__ import annotations
@@ -33,12 +40,23 @@ from .voxel_pool import VoxelPool
 Retrieved = tuple[Tensor, Tensor, Tensor, Tensor]  # k [H,T,D], v [H,T,D], bias [H,T], valid [H,T]
 
 
-def patch_positions(world_points: Tensor, conf: Tensor, patch_size_hw: tuple[int, int], conf_threshold: float) -> Tensor:
-    """Per-patch positions [C, gh*gw, 3] (NaN where confidence is too low or points are not finite)."""
+def patch_positions(world_points: Tensor, conf: Tensor, patch_size_hw: tuple[int, int], conf_threshold: float,
+                    mode: str = "centre") -> Tensor:
+    """Per-patch positions [C, gh*gw, 3] (NaN where confidence is too low or points are not finite).
+
+    "centre": the point map and its confidence resized to the patch grid bilinearly
+    (align_corners=False: each patch's centre, as the reference does); "mean": averaged over the
+    patch."""
     C, H, W, _ = world_points.shape
     ph, pw = patch_size_hw
-    pts = F.avg_pool2d(world_points.permute(0, 3, 1, 2).float(), (ph, pw))  # [C, 3, gh, gw]
-    cf = F.avg_pool2d(conf.float().unsqueeze(1), (ph, pw))[:, 0]  # [C, gh, gw]
+    pts, cf = world_points.permute(0, 3, 1, 2).float(), conf.float().unsqueeze(1)
+    if mode == "centre":
+        grid = (H // ph, W // pw)
+        pts = F.interpolate(pts, size=grid, mode="bilinear", align_corners=False)  # [C, 3, gh, gw]
+        cf = F.interpolate(cf, size=grid, mode="bilinear", align_corners=False)[:, 0]  # [C, gh, gw]
+    else:
+        pts = F.avg_pool2d(pts, (ph, pw))
+        cf = F.avg_pool2d(cf, (ph, pw))[:, 0]
     pts = pts.permute(0, 2, 3, 1).reshape(C, -1, 3)
     ok = (cf.reshape(C, -1) > conf_threshold) & torch.isfinite(pts).all(dim=-1)
     return torch.where(ok[..., None], pts, torch.full_like(pts, float("nan")))
@@ -82,7 +100,8 @@ class StacCache(HeavyHitterCache):
         c, g = self.config, self.geometry
         cap = c.max_voxels
         if c.memory_budget_bytes is not None:
-            per_voxel = VoxelPool.bytes_for(1, g.num_layers, g.num_heads, g.head_dim, g.dtype, c.buffer_size, c.max_pivots)
+            per_voxel = VoxelPool.bytes_for(1, g.num_layers, g.num_heads, g.head_dim, g.dtype, c.buffer_size, c.max_pivots,
+                                            c.pool_carry_slots)
             left = c.memory_budget_bytes - self.budget_reserved_bytes(tokens_per_frame) - self.retrieved_bytes_bound(tokens_per_frame)
             fits = left // per_voxel
             if fits < 1:
@@ -98,7 +117,7 @@ class StacCache(HeavyHitterCache):
     def bytes_bound(self, tokens_per_frame: int) -> int:
         c, g = self.config, self.geometry
         pool = VoxelPool.bytes_for(self.pool_voxels(tokens_per_frame), g.num_layers, g.num_heads, g.head_dim, g.dtype,
-                                   c.buffer_size, c.max_pivots)
+                                   c.buffer_size, c.max_pivots, c.pool_carry_slots)
         return self.hot_bytes_bound(tokens_per_frame) + self.retrieved_bytes_bound(tokens_per_frame) + pool
 
     def check_budget(self, info: StepInfo) -> None:
@@ -107,7 +126,7 @@ class StacCache(HeavyHitterCache):
             self.pool = VoxelPool(
                 g.num_layers, g.num_heads, g.head_dim, voxel_size=c.voxel_size, buffer_size=c.buffer_size,
                 max_pivots=c.max_pivots, merge_cos=c.merge_cos, max_voxels=self.pool_voxels(info.tokens_per_frame),
-                initial_voxels=min(256, self.pool_voxels(info.tokens_per_frame)), max_rounds=c.insert_rounds,
+                initial_voxels=min(256, self.pool_voxels(info.tokens_per_frame)), carry_slots=c.pool_carry_slots,
                 dtype=g.dtype, device=g.device,
             )
 
@@ -120,18 +139,23 @@ class StacCache(HeavyHitterCache):
         if info.world_points is None or info.world_points_conf is None:
             raise ValueError("the stac policy needs the point head's world points at the end of each step")
         self._attach_positions(info)
-        super().end_step(info)  # prunes; evicted tokens arrive in on_evict (queued)
-        self._file_queued()
+        c = self.config
         self.steps += 1
         latest = info.frame_offset + info.num_frames - 1
-        if self.config.retrieval and latest + 1 >= self.config.retrieval_start_frame and self.steps % self.config.refresh_steps == 0:
+        retrieve = c.retrieves_at(info.frame_offset, info.num_frames, self.steps)
+        if retrieve and c.retrieve_before_prune:  # the pool as it was before this step's evictions
+            self._retrieve(info, latest)
+        super().end_step(info)  # prunes; evicted tokens arrive in on_evict (queued)
+        self._file_queued()
+        if retrieve and not c.retrieve_before_prune:
             self._retrieve(info, latest)
 
     def _attach_positions(self, info: StepInfo) -> None:
         C, P, psi = info.num_frames, info.tokens_per_frame, info.patch_start_idx
         H, W = info.world_points.shape[2:4]
         gh, gw = info.grid_hw
-        patches = patch_positions(info.world_points[0], info.world_points_conf[0], (H // gh, W // gw), self.config.conf_threshold)
+        patches = patch_positions(info.world_points[0], info.world_points_conf[0], (H // gh, W // gw),
+                                  self.config.conf_threshold, self.config.patch_position)
         pos = torch.full((C, P, 3), float("nan"), device=patches.device)
         pos[:, psi:] = patches
         pos = pos.reshape(1, C * P, 3)
@@ -148,6 +172,9 @@ class StacCache(HeavyHitterCache):
         if self._queued_step != self.steps:
             self._file_queued()
             self._queued_step = self.steps
+        # Filed in store (time) order per head, as the reference pools them (arrival order decides ties).
+        H = store.k.shape[0]
+        tokens = tokens.view(H, -1).sort(dim=1).values.reshape(-1)
         self._queued.append((layer, heads, store.k[heads, tokens], store.v[heads, tokens], store.score[heads, tokens],
                              store.position[heads, tokens]))
 
@@ -178,6 +205,15 @@ class StacCache(HeavyHitterCache):
         found = self.pool.retrieve_layers(layers, coords, budget, self.steps, self.config.retrieval_radius,
                                           self.config.include_buffer, query_valid=valid)
         self.retrieved = dict(zip(layers, found))
+
+    def absorb(self, layer: int, mass: Optional[Tensor], num_queries: int) -> None:
+        """As ``heavy_hitter``, but a head's key mass is rescaled by its hot keys (stored + new) /
+        queries: retrieved keys are not counted, as in the reference."""
+        old, n_extra, new, valid = self._pending.pop(layer)
+        score = mass * ((old + new) / num_queries)
+        store = self.layers[layer]
+        store.score[:, :old].mul_(self.config.gamma).add_(score[:, :old])
+        store.score[:, old:] = score[:, old + n_extra :]
 
     # ------------------------------------------------------------------ memory
     def memory_bytes(self) -> int:
@@ -251,7 +287,7 @@ class StacCache(HeavyHitterCache):
             pool = VoxelPool(
                 g.num_layers, g.num_heads, g.head_dim, voxel_size=c.voxel_size, buffer_size=c.buffer_size,
                 max_pivots=c.max_pivots, merge_cos=c.merge_cos, max_voxels=int(state["pool_max_voxels"]),
-                initial_voxels=1, max_rounds=c.insert_rounds, dtype=g.dtype, device=g.device,
+                initial_voxels=1, carry_slots=c.pool_carry_slots, dtype=g.dtype, device=g.device,
             )
             pool.import_state(pool_state)
             self.pool = pool

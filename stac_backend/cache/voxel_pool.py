@@ -3,12 +3,12 @@
 Tokens evicted from the hot (temporal) cache are not dropped: they are filed by the 3D position
 of their patch into voxels and compressed there into a few merged "pivots" per
 (layer, head, voxel). Before a step, pivots of voxels near the current view are retrieved and
-appended to the hot keys/values with a logit bias ``log(C)``. See stac-reference.md section 2.
+appended to the hot keys/values with a logit bias ``log(C)``. See docs/stac.md.
 
 Public API
 ----------
 ``VoxelPool(num_layers, num_heads, head_dim, *, voxel_size=0.05, buffer_size=8, max_pivots=4,
-merge_cos=0.8, score_gate=0.2, max_voxels=4096, initial_voxels=256, max_rounds=4,
+merge_cos=0.8, score_gate=0.2, max_voxels=4096, initial_voxels=256, carry_slots=8,
 dtype=torch.float32, device="cpu")``
 
 * ``VoxelPool.voxel_coords(points [N,3], conf [N], voxel_size=0.05, conf_threshold=2.0)``
@@ -20,7 +20,7 @@ dtype=torch.float32, device="cpu")``
   ``retrieve_layers(layers, ...)`` -> the same for several layers in one batched pass.
 * ``memory_bytes()`` -> bytes of every tensor the pool holds (exact, including the voxel table).
 * ``VoxelPool.bytes_for(max_voxels, num_layers, num_heads, head_dim, dtype, buffer_size=8,
-  max_pivots=4)`` -> the most ``memory_bytes()`` can ever be; static.
+  max_pivots=4, carry_slots=8)`` -> the most ``memory_bytes()`` can ever be; static.
 * ``contains(coords [N,3])`` -> BoolTensor [N], which voxels are held.
 * ``num_voxels`` / ``capacity`` (properties) and ``stats()`` -> dict of counters.
 
@@ -33,50 +33,50 @@ Per-row data are dense tensors with a voxel axis of the current capacity:
 * pivots: ``piv_k/piv_v [L, H, V, P, D]`` (pool dtype), ``piv_w/piv_s/piv_c [L, H, V, P]``
   (float32; a slot holds a pivot iff ``piv_c > 0``);
 * buffers: ``buf_k/buf_v [L, H, V, B, D]``, ``buf_s [L, H, V, B]`` float32,
-  ``buf_n [L, H, V]`` int32 (slots ``0 .. buf_n-1`` are occupied);
+  ``buf_n [L, H, V]`` int32 (slots ``0 .. buf_n-1`` are occupied, best score first);
+* carried-over tokens: ``car_k/car_v [L, H, V, C, D]``, ``car_s [L, H, V, C]`` float32,
+  ``car_n [L, H, V]`` int32 (``C = carry_slots``; slots ``0 .. car_n-1``, best score first);
 * table: ``row_key [V]`` int64 (-1 = free row), ``row_last_used [V]`` int64.
 
 Capacity starts at ``initial_voxels`` and doubles on demand up to ``max_voxels`` (growth copies
 the tensors, so the transient peak during a growth is old + new). ``memory_bytes()`` is the sum
 of ``nbytes`` of these tensors; ``bytes_for(max_voxels, ...)`` is the same sum at full
-capacity, so a per-stream byte budget converts to ``max_voxels`` by bisection or by dividing
-by ``bytes_for(1, ...)`` (the size is linear in ``max_voxels``).
+capacity, so a per-stream byte budget converts to ``max_voxels`` by dividing by
+``bytes_for(1, ...)`` (the size is linear in ``max_voxels``).
 
-Insertion semantics (vectorised over all (layer, head, voxel) rows, looping only over "rounds")
------------------------------------------------------------------------------------------------
+Insertion semantics (one pass per call, vectorised over all (layer, head, voxel) rows)
+-------------------------------------------------------------------------------------
 Rows of different layers and heads never interact, so one call handles the tokens of every layer
-(the pool tensors are viewed flat as ``[L*H*V, ...]``). Tokens are grouped by (layer, head, voxel
-row) and kept in arrival order. Each round, for every row:
+(the pool tensors are viewed flat as ``[L*H*V, ...]``). A row's tokens are its new tokens in
+arrival order followed by the tokens it carried over from the previous call (in carry order).
+For every row touched by either:
 
-1. If the row has at least one pivot, each pending token finds its most similar pivot
-   (cosine between the token key and the pivot key, pivots as of the start of the round).
-   ``cos >= merge_cos`` -> the token is merged into that pivot with weight
-   ``a = exp(cos)``: ``K <- (W K + sum a_i k_i) / (W + sum a_i)``, V likewise,
-   ``W += sum a_i``, ``S += sum s_i``, ``C += n``. Otherwise the token goes to the buffer only if
-   its score is above ``score_gate`` x the row's mean pivot score per merged token
-   (``sum S / sum C`` after this round's merges); else it is dropped (counted in stats).
-2. If the row has no pivot, every pending token goes to the buffer.
-3. Buffer candidates are taken by score (highest first, ties in arrival order) until the buffer
-   is full; the rest stay pending for the next round.
+1. If the row has at least one pivot, each token finds its most similar pivot (cosine between the
+   token key and the normalised pivot key, pivots as of the start of the call; first maximum on
+   ties). ``cos >= merge_cos`` -> merged into that pivot with weight ``a = exp(cos)``:
+   ``K <- (W K + sum a_i k_i) / (W + sum a_i)``, V likewise, ``W += sum a_i``, ``S += sum s_i``,
+   ``C += n``. A token that does not merge becomes a buffer candidate only if its score is above
+   ``score_gate`` x the row's mean score per merged token (``sum S / sum C`` after this call's
+   merges); else it is dropped (counted as gated).
+2. If the row has no pivot, every token is a candidate.
+3. The row's buffered tokens and its candidates are ranked by score (descending; ties: buffered
+   first, then candidates in token order). The first ``buffer_size`` are the buffer (a buffered
+   token can be pushed out by better new ones), the next ``carry_slots`` are carried over to the
+   next call, the rest are dropped (counted as ``overflow_dropped_tokens``).
 4. A full buffer collapses into one pivot: seed = the highest-score token (first on ties),
    ``a_i = exp(cos(k_i, k_seed))``, ``K = sum a_i k_i / sum a_i``, V likewise, ``W = sum a_i``,
    ``S = sum s_i``, ``C = buffer_size``. If the row already holds ``max_pivots`` pivots, its
    lowest-W pivot (first on ties) is first merged into its most similar sibling (cosine of
    pivot keys): the victim's weight is discounted to ``W_v' = W_v exp(cos - 1)``, then
    ``K = (W_v' K_v + W_n K_n) / (W_v' + W_n)``, V likewise, ``W = W_v' + W_n``, S and C add.
-   The new pivot takes the freed slot.
+   The new pivot takes the freed slot (else the first free slot).
 
-A call runs at most ``max_rounds`` rounds (default 4). Tokens still pending after the last round
-(the lowest-scored non-merging tokens of rows that received more than about
-``max_rounds x buffer_size`` of them in the call) are dropped and counted as
-``overflow_dropped_tokens``. So the cost of a call is bounded by ``max_rounds`` vectorised passes
-over its tokens whatever their distribution over voxels: with random weights every point lands
-in a few voxels and an unbounded loop ran ``tokens per row / buffer_size`` rounds (hundreds),
-per layer. In torch ops (the CPU path and the reference) each round needs a constant number of
-host synchronisations (data-dependent sizes: mask indexing and ``unique``), independent of the
-number of layers, rows and tokens; on CUDA one kernel (``kernels/pool_kernels.insert_rows``) runs
-every round of every row and keeps its counters on the device, so after the rows are resolved an
-insert reads nothing back. Merging math is fp32; K/V are stored in the pool dtype.
+So a call costs one vectorised pass over its tokens whatever their distribution over voxels, and
+what a row cannot absorb in one call waits (bounded) for the next. In torch ops (the CPU path)
+an insert needs a constant number of host synchronisations (data-dependent sizes), independent of
+the number of layers, rows and tokens; on CUDA one kernel (``kernels/pool_kernels.insert_rows``)
+runs every touched row and keeps its counters on the device: it reads back only the number of
+touched rows. Merging math is fp32; K/V are stored in the pool dtype.
 
 Retrieval semantics (one batched pass for any number of layers)
 -----------------------------------------------------------------
@@ -93,29 +93,25 @@ selection on the host either.
 Eviction rule (hard cap ``max_voxels``)
 --------------------------------------
 When new voxels arrive and no free row is left at ``max_voxels``, whole voxel rows (all layers,
-all heads) are evicted: **least recently used first** (``row_last_used`` = the last ``step``
-passed to an ``insert`` that put a token in the voxel or a ``retrieve`` that had it as a
-candidate), **ties broken by the lowest total W** (summed over layers, heads and pivots), then
-by the lowest row index. Voxels referenced by the same ``insert`` call are never evicted by it.
-If even that leaves too few rows, the new voxels with the most tokens in the call are admitted
-(ties: lowest voxel key) and the other tokens are dropped (counted in ``stats()``).
+all heads, with their buffers and carried tokens) are evicted: **least recently used first**
+(``row_last_used`` = the last ``step`` passed to an ``insert`` that put a token in the voxel or a
+``retrieve`` that had it as a candidate), **ties broken by the lowest total W** (summed over
+layers, heads and pivots), then by the lowest row index. Voxels referenced by the same ``insert``
+call are never evicted by it. If even that leaves too few rows, the new voxels with the most
+tokens in the call are admitted (ties: lowest voxel key) and the other tokens are dropped
+(counted in ``stats()``).
 
 Relation to the reference implementation (github.com/Rainzor/STAC)
 -----------------------------------------------------------------
-Facts taken from it (``stac/merger.py``, ``merger-cuda/csrc/kernels/merger_kernels.cu``,
-``stac/stac_voxel.py`` and the STAC-mode defaults in its model wrapper): token-to-pivot similarity is the cosine to the
-pivot key (the CUDA kernel; the Python path uses a stored seed key instead), merge weight
-``exp(cos)``; the non-merging token gate ``score > 0.2 x row mean S/C`` (``score_threshold=0.2``,
-``replace_threshold = sim_threshold = 0.8`` in its STAC mode); the victim discount
-``exp(cos - 1)`` in the sibling merge; retrieval of pivots ranked by W with bias ``log(C)`` and
-raw buffer tokens with bias 0; buffer 8, pivots 4, voxel 0.05, radius 2 voxels. Deliberate
-differences: tokens that do not fit a full buffer are handled in the same call (next round, up to
-``max_rounds`` rounds) instead of being carried to the next call; the reference's carried
-overflow is clamped to a fixed capacity and the excess dropped, here the excess after
-``max_rounds`` rounds is dropped in the same call (lowest scores first within a row, counted), so
-no overflow store is held between calls; the pool has a hard voxel cap with the eviction rule
-above (the reference grows without bound); raw buffer tokens share the ``max_tokens`` budget
-after the pivots (in the reference, a fixed-size pivot output leaves them no room).
+The rules above are those of its STAC mode (``voxel_backend="cuda"``: the kernels of
+``merger-cuda/csrc/kernels/merger_kernels.cu``, driven by ``stac/merger.py``): tokens are
+compared with the normalised pivot key (its Python back end compares with a stored seed key
+instead), merge weight ``exp(cos)``, gate ``score > 0.2 x row mean S/C`` after the merges, the
+buffer's top-by-score update over old and new tokens, carry-over of what does not fit, the
+victim discount ``exp(cos - 1)``. Differences, for a server: the carry-over is capped per row
+(the reference's grows without bound), the pool has a hard voxel cap with the eviction rule above
+(the reference grows without bound), and retrieval returns only as many slots as the widest head
+needs (the reference pads a fixed ``max_tokens``; the padding is never attended). See docs/stac.md.
 """
 
 from __future__ import annotations
@@ -168,10 +164,11 @@ def _field_specs(
     dtype: torch.dtype,
     buffer_size: int,
     max_pivots: int,
+    carry_slots: int = 8,
 ) -> dict[str, _Field]:
     """Every tensor the pool holds; used both to allocate and to compute bytes_for()."""
     LH = (num_layers, num_heads)
-    P, B, D = max_pivots, buffer_size, head_dim
+    P, B, D, C = max_pivots, buffer_size, head_dim, carry_slots
     return {
         "piv_k": _Field(LH, (P, D), dtype),
         "piv_v": _Field(LH, (P, D), dtype),
@@ -182,6 +179,10 @@ def _field_specs(
         "buf_v": _Field(LH, (B, D), dtype),
         "buf_s": _Field(LH, (B,), torch.float32),
         "buf_n": _Field(LH, (), torch.int32),
+        "car_k": _Field(LH, (C, D), dtype),
+        "car_v": _Field(LH, (C, D), dtype),
+        "car_s": _Field(LH, (C,), torch.float32),
+        "car_n": _Field(LH, (), torch.int32),
         "row_key": _Field((), (), torch.int64, fill=-1),
         "row_last_used": _Field((), (), torch.int64, fill=-1),
     }
@@ -213,7 +214,7 @@ class VoxelPool:
         score_gate: float = 0.2,
         max_voxels: int = 4096,
         initial_voxels: int = 256,
-        max_rounds: int = 4,
+        carry_slots: int = 8,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
     ) -> None:
@@ -224,7 +225,7 @@ class VoxelPool:
         # A full row needs a sibling to merge its weakest pivot into.
         self.max_pivots = _check_int("max_pivots", max_pivots, 2)
         self.max_voxels = _check_int("max_voxels", max_voxels, 1)
-        self.max_rounds = _check_int("max_rounds", max_rounds, 1)
+        self.carry_slots = _check_int("carry_slots", carry_slots, 0)
         initial_voxels = _check_int("initial_voxels", initial_voxels, 1)
         if not (isinstance(voxel_size, (int, float)) and math.isfinite(voxel_size) and voxel_size > 0):
             raise ValueError(f"voxel_size must be a finite float > 0, got {voxel_size!r}")
@@ -241,7 +242,7 @@ class VoxelPool:
         self.device = torch.device(device)
 
         self._specs = _field_specs(
-            num_layers, num_heads, head_dim, dtype, buffer_size, max_pivots
+            num_layers, num_heads, head_dim, dtype, buffer_size, max_pivots, carry_slots
         )
         self._cap = 0
         self._tensors: dict[str, Tensor] = {}
@@ -257,12 +258,9 @@ class VoxelPool:
         self._overflow_dropped_tokens = 0
         self._pivots_created = 0
         self._insert_calls = 0
-        self._last_rounds = 0
-        self._max_rounds_seen = 0
-        # Inserts through the kernel count on the device (merged, gated, pivots created,
-        # overflow, rounds of the last insert, most rounds): no synchronisation per insert.
+        # Inserts through the kernel count on the device (merged, gated, pivots created, carried
+        # tokens dropped at the carry cap): no synchronisation per insert.
         self._kernel_counts: Tensor | None = None
-        self._last_insert_on_device = False
 
     # ------------------------------------------------------------------ sizes and memory
     @staticmethod
@@ -274,10 +272,11 @@ class VoxelPool:
         dtype: torch.dtype,
         buffer_size: int = 8,
         max_pivots: int = 4,
+        carry_slots: int = 8,
     ) -> int:
         """Largest ``memory_bytes()`` of a pool with these settings (at full capacity)."""
         _check_int("max_voxels", max_voxels, 0)
-        specs = _field_specs(num_layers, num_heads, head_dim, dtype, buffer_size, max_pivots)
+        specs = _field_specs(num_layers, num_heads, head_dim, dtype, buffer_size, max_pivots, carry_slots)
         total = 0
         for f in specs.values():
             total += math.prod(f.lead) * max_voxels * math.prod(f.tail) * _itemsize(f.dtype)
@@ -301,8 +300,8 @@ class VoxelPool:
         """Counters for monitoring: occupancy, evictions and token fates."""
         t = self._tensors
         pivots = int((t["piv_c"] > 0).sum())
-        dev = self._kernel_counts.tolist() if self._kernel_counts is not None else [0] * (len(INSERT_COUNTERS) + 1)
-        merged, gated, created, overflow, rounds_last, rounds_max = dev
+        dev = self._kernel_counts.tolist() if self._kernel_counts is not None else [0] * len(INSERT_COUNTERS)
+        merged, gated, created, overflow = dev
         created += self._pivots_created
         return {
             "voxels": self.num_voxels,
@@ -310,6 +309,7 @@ class VoxelPool:
             "max_voxels": self.max_voxels,
             "pivots": pivots,
             "buffered_tokens": int(t["buf_n"].sum()),
+            "carried_tokens": int(t["car_n"].sum()),
             "evicted_voxels": self._evicted_voxels,
             "inserted_tokens": self._inserted_tokens,
             "merged_tokens": self._merged_tokens + merged,
@@ -321,8 +321,6 @@ class VoxelPool:
             # merge removed one first; so merges = created - alive - evicted with their voxels.
             "sibling_merges": created - pivots - self._evicted_pivots,
             "insert_calls": self._insert_calls,
-            "insert_rounds_last": rounds_last if self._last_insert_on_device else self._last_rounds,
-            "insert_rounds_max": max(self._max_rounds_seen, rounds_max),
             "memory_bytes": self.memory_bytes(),
         }
 
@@ -403,7 +401,7 @@ class VoxelPool:
         t = self._tensors
         # index_fill_, not ``t[...][rows] = 0``: a scalar written through advanced indexing is
         # copied host -> device first, a synchronisation each.
-        for name in ("piv_w", "piv_s", "piv_c", "buf_s", "buf_n"):
+        for name in ("piv_w", "piv_s", "piv_c", "buf_s", "buf_n", "car_s", "car_n"):
             t[name].index_fill_(2, rows, 0)
         t["row_key"].index_fill_(0, rows, -1)
         t["row_last_used"].index_fill_(0, rows, -1)
@@ -500,7 +498,6 @@ class VoxelPool:
         if M and bool(((head < 0) | (head >= self.num_heads)).any()):
             raise ValueError(f"head values must be in [0, {self.num_heads})")
         keys = self._keys(coords, "coords")
-        self._last_rounds = 0
         if M == 0:
             return
         self._inserted_tokens += M
@@ -520,31 +517,50 @@ class VoxelPool:
         k, v = k.to(self.device), v.to(self.device)
 
         if kernels_apply(k):
-            # every round in one kernel, one program per touched row; counters stay on the device
+            # one program per touched row (new or carried tokens); counters stay on the device
             piv = {name: self._fv(name) for name in ("piv_k", "piv_v", "piv_w", "piv_s", "piv_c")}
             buf = {name: self._fv(name) for name in ("buf_k", "buf_v", "buf_s", "buf_n")}
-            found = insert_rows(k, v, src, g, s, piv, buf, self.merge_cos, self.score_gate, _EPS, self.max_rounds)
+            car = {name: self._fv(name) for name in ("car_k", "car_v", "car_s", "car_n")}
+            found = insert_rows(k, v, src, g, s, piv, buf, car, self.merge_cos, self.score_gate, _EPS)
             self._add_kernel_counts(found)
             return
-        self._last_insert_on_device = False
+        g, k, v, s, src = self._with_carried(g, k, v, s, src)
         pending = torch.arange(g.numel(), device=self.device)
-        while pending.numel() and self._last_rounds < self.max_rounds:
-            pending = self._round(g, k, v, s, src, pending)
-            self._last_rounds += 1
-        # What is still pending after max_rounds rounds are the lowest-scored non-merging tokens
-        # of rows that received more than about max_rounds x buffer_size of them in this call.
-        self._overflow_dropped_tokens += pending.numel()
-        self._max_rounds_seen = max(self._max_rounds_seen, self._last_rounds)
+        cand, n_merged = self._merge_and_gate(g, k, v, s, src, pending)
+        self._gated_tokens += pending.numel() - n_merged - cand.numel()
+        if cand.numel():
+            self._fill_buffers(g, k, v, s, src, cand)
 
     def _add_kernel_counts(self, found: Tensor) -> None:
         """Accumulate ``insert_rows``' counters on the device (read only by ``stats()``)."""
         if self._kernel_counts is None:
-            self._kernel_counts = torch.zeros(len(INSERT_COUNTERS) + 1, dtype=torch.int64, device=self.device)
-        kc = self._kernel_counts
-        kc[:4] += found[:4]
-        kc[4:5].copy_(found[4:5])  # rounds of this insert
-        torch.maximum(kc[5:6], found[4:5], out=kc[5:6])  # most rounds of any insert
-        self._last_insert_on_device = True
+            self._kernel_counts = torch.zeros(len(INSERT_COUNTERS), dtype=torch.int64, device=self.device)
+        self._kernel_counts += found
+
+    def _with_carried(self, g: Tensor, k: Tensor, v: Tensor, s: Tensor, src: Tensor) -> tuple[Tensor, ...]:
+        """The call's tokens followed, in each row, by the tokens that row carried over from the
+        previous insert (in their carry order); the carry slots are emptied."""
+        C, D = self.carry_slots, self.head_dim
+        if C == 0:
+            return g, k, v, s, src
+        cn = self._fv("car_n")
+        rows = (cn > 0).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return g, k, v, s, src
+        slots = torch.arange(C, device=self.device)
+        held = slots < cn[rows].to(torch.int64)[:, None]  # [r, C]
+        flat = (rows[:, None] * C + slots)[held]  # row by row, slot order
+        cg = rows[:, None].expand(-1, C)[held]
+        ck = self._fv("car_k").view(-1, D)[flat].to(k.dtype)
+        cv = self._fv("car_v").view(-1, D)[flat].to(v.dtype)
+        cs = self._fv("car_s").view(-1)[flat]
+        cn.index_fill_(0, rows, 0)
+        n_new = k.shape[0]
+        k, v = torch.cat([k, ck]), torch.cat([v, cv])
+        g, s = torch.cat([g, cg]), torch.cat([s, cs])
+        src = torch.cat([src, n_new + torch.arange(cg.numel(), device=self.device)])
+        order = torch.argsort(g, stable=True)  # new tokens stay before carried ones in a row
+        return g[order], k, v, s[order], src[order]
 
     def _layer_ids(self, layer: int | Tensor, M: int) -> Tensor:
         """The layer of every token as a LongTensor [M] on the pool's device (validated)."""
@@ -559,21 +575,6 @@ class VoxelPool:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < L:
             raise ValueError(f"layer must be an int in [0, {L}), got {layer!r}")
         return torch.full((M,), layer, dtype=torch.int64, device=self.device)
-
-    def _round(self, g: Tensor, k: Tensor, v: Tensor, s: Tensor, src: Tensor, pending: Tensor) -> Tensor:
-        """One vectorised round over all (layer, head, voxel) rows; returns the tokens still pending.
-
-        Tokens are positions in the (row, arrival)-sorted order: ``g``, ``s`` are indexed by
-        position, the keys and values by ``src[position]``.
-
-        Host synchronisations: a handful of data-dependent sizes (mask indexing, unique), a
-        constant number per round, whatever the number of layers, rows or tokens.
-        """
-        cand, n_merged = self._merge_and_gate(g, k, v, s, src, pending)
-        self._gated_tokens += pending.numel() - n_merged - cand.numel()
-        if cand.numel() == 0:
-            return cand
-        return self._fill_buffers(g, k, v, s, src, cand)
 
     def _merge_and_gate(self, g: Tensor, k: Tensor, v: Tensor, s: Tensor, src: Tensor,
                         pending: Tensor) -> tuple[Tensor, int]:
@@ -644,37 +645,45 @@ class VoxelPool:
         self._merged_tokens += tok.numel()
         return tok.numel()
 
-    def _fill_buffers(self, g: Tensor, k: Tensor, v: Tensor, s: Tensor, src: Tensor, cand: Tensor) -> Tensor:
-        """Buffer candidates by score until their row's buffer is full; collapse full buffers.
-
-        Returns the candidates that did not fit (ascending positions)."""
-        B, D = self.buffer_size, self.head_dim
-        # Highest score first inside each row; ties keep (row, arrival) order.
-        cand = cand[torch.argsort(-s[cand], stable=True)]
-        cand = cand[torch.argsort(g[cand], stable=True)]
-        gc = g[cand]
-        first = torch.ones_like(gc, dtype=torch.bool)
-        first[1:] = gc[1:] != gc[:-1]
-        pos = torch.arange(gc.numel(), device=self.device)
-        # rank inside the row = position - where the row's run starts (gc is sorted, so a binary
-        # search finds the start; torch.cummax over the run starts was ~2 ms per call on the H100)
-        rank = pos - torch.searchsorted(gc, gc)
-
-        bn = self._fv("buf_n")
-        n_before = bn[gc].to(torch.int64)
-        accept = rank < (B - n_before)
-        acc = accept.nonzero().squeeze(1)  # one synchronisation for the three selections
-        a_tok, a_g = cand[acc], gc[acc]
-        a_slot = a_g * B + (n_before + rank)[acc]
-        self._fv("buf_k").view(-1, D)[a_slot] = k[src[a_tok]].to(self.dtype)
-        self._fv("buf_v").view(-1, D)[a_slot] = v[src[a_tok]].to(self.dtype)
-        self._fv("buf_s").view(-1)[a_slot] = s[a_tok]
-        bn.index_add_(0, a_g, torch.ones_like(a_g, dtype=bn.dtype))
-
-        full = gc[first & (bn[gc] == B)]  # one entry per row whose buffer just filled
+    def _fill_buffers(self, g: Tensor, k: Tensor, v: Tensor, s: Tensor, src: Tensor, cand: Tensor) -> None:
+        """Per row with candidates: its buffered tokens and its candidates (ascending positions),
+        ranked by score (buffered first, then candidates in order, on ties). The first
+        ``buffer_size`` are the buffer (slot = rank, so slot 0 holds the best), the next
+        ``carry_slots`` are carried over to the next insert, the rest are dropped (counted); a
+        full buffer collapses into a pivot."""
+        B, C, D = self.buffer_size, self.carry_slots, self.head_dim
+        rows = torch.unique(g[cand])
+        bn, cn = self._fv("buf_n"), self._fv("car_n")
+        slots = torch.arange(B, device=self.device)
+        held = slots < bn[rows].to(torch.int64)[:, None]  # [r, B]
+        old = (rows[:, None] * B + slots)[held]
+        e_row = torch.cat([rows[:, None].expand(-1, B)[held], g[cand]])
+        e_s = torch.cat([self._fv("buf_s").view(-1)[old], s[cand]])
+        e_k = torch.cat([self._fv("buf_k").view(-1, D)[old], k[src[cand]].to(self.dtype)])
+        e_v = torch.cat([self._fv("buf_v").view(-1, D)[old], v[src[cand]].to(self.dtype)])
+        order = torch.argsort(-e_s, stable=True)
+        order = order[torch.argsort(e_row[order], stable=True)]
+        er = e_row[order]
+        rank = torch.arange(er.numel(), device=self.device) - torch.searchsorted(er, er)
+        total = torch.searchsorted(er, rows, right=True) - torch.searchsorted(er, rows)
+        for name in ("buf_k", "buf_v", "buf_s", "car_k", "car_v", "car_s"):
+            self._fv(name).index_fill_(0, rows, 0)
+        to_buf, to_car = rank < B, (rank >= B) & (rank < B + C)
+        at = er[to_buf] * B + rank[to_buf]
+        self._fv("buf_k").view(-1, D)[at] = e_k[order[to_buf]]
+        self._fv("buf_v").view(-1, D)[at] = e_v[order[to_buf]]
+        self._fv("buf_s").view(-1)[at] = e_s[order[to_buf]]
+        if C:
+            at = er[to_car] * C + rank[to_car] - B
+            self._fv("car_k").view(-1, D)[at] = e_k[order[to_car]]
+            self._fv("car_v").view(-1, D)[at] = e_v[order[to_car]]
+            self._fv("car_s").view(-1)[at] = e_s[order[to_car]]
+        bn[rows] = total.clamp_max(B).to(bn.dtype)
+        cn[rows] = (total - B).clamp(0, C).to(cn.dtype)
+        self._overflow_dropped_tokens += int((total - B - C).clamp_min(0).sum())
+        full = rows[total >= B]
         if full.numel():
             self._collapse(full)
-        return torch.sort(cand[~accept]).values
 
     def _collapse(self, rows: Tensor) -> None:
         """Turn the full buffers of ``rows`` (flat layer/head/row indices) into one pivot each."""
@@ -916,7 +925,6 @@ class VoxelPool:
     _COUNTER_NAMES = (
         "_evicted_voxels", "_evicted_pivots", "_inserted_tokens", "_merged_tokens", "_gated_tokens",
         "_capacity_dropped_tokens", "_overflow_dropped_tokens", "_pivots_created", "_insert_calls",
-        "_last_rounds", "_max_rounds_seen", "_last_insert_on_device",
     )
 
     @classmethod
@@ -929,10 +937,11 @@ class VoxelPool:
         dtype: torch.dtype,
         buffer_size: int = 8,
         max_pivots: int = 4,
+        carry_slots: int = 8,
     ) -> dict[str, "PoolTensorSpec"]:
         """Name -> shape, dtype and fill of every tensor a pool of ``voxels`` rows holds (the data of
         ``export_state``; a fresh row holds the fill). Their bytes add up to ``bytes_for(voxels, ...)``."""
-        specs = _field_specs(num_layers, num_heads, head_dim, dtype, buffer_size, max_pivots)
+        specs = _field_specs(num_layers, num_heads, head_dim, dtype, buffer_size, max_pivots, carry_slots)
         return {name: PoolTensorSpec(f.lead + (voxels,) + f.tail, f.dtype, f.fill, len(f.lead))
                 for name, f in specs.items()}
 
@@ -962,7 +971,7 @@ class VoxelPool:
         if not 1 <= voxels <= self.max_voxels:
             raise ValueError(f"voxel pool state holds {voxels} rows; this pool allows 1 to {self.max_voxels}")
         specs = self.state_specs(voxels, self.num_layers, self.num_heads, self.head_dim, self.dtype,
-                                 self.buffer_size, self.max_pivots)
+                                 self.buffer_size, self.max_pivots, self.carry_slots)
         for name, spec in specs.items():
             t = state[name]
             if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
@@ -975,7 +984,7 @@ class VoxelPool:
         if len(values) != len(self._COUNTER_NAMES):
             raise ValueError(f"voxel pool state: counters has {len(values)} entries, expected {len(self._COUNTER_NAMES)}")
         for name, value in zip(self._COUNTER_NAMES, values):
-            setattr(self, name, bool(value) if name == "_last_insert_on_device" else int(value))
+            setattr(self, name, int(value))
         device_counters = state.get("device_counters")
         self._kernel_counts = None if device_counters is None else device_counters.to(self.device).clone()
 

@@ -42,7 +42,8 @@ from ..model.config import ModelConfig
 
 EXPORTED_POLICIES = ("full", "heavy_hitter", "stac")
 OUTPUTS = ("depth", "depth_conf", "world_points", "world_points_conf", "pose_enc", "extrinsics", "intrinsics")
-POOL_FIELDS = tuple(VoxelPool.state_specs(1, 1, 1, 1, torch.float32, 1, 2))  # piv_k, piv_v, ..., row_last_used
+# piv_k, piv_v, ..., row_last_used; the exported pool carries no tokens over (carry_slots 0)
+POOL_FIELDS = tuple(n for n in VoxelPool.state_specs(1, 1, 1, 1, torch.float32, 1, 2) if not n.startswith("car_"))
 LAYOUT_METADATA_KEY = "stac.layout"
 
 _DTYPES = {"float32": torch.float32, "int32": torch.int32, "int64": torch.int64, "bool": torch.bool}
@@ -169,7 +170,9 @@ class StepLayout:
                 StateTensor("ret_valid", (L, H, T), torch.bool, False, ax),
             ]
             V = self.voxels
-            for name, f in VoxelPool.state_specs(V, L, H, D, f32, c.buffer_size, c.max_pivots).items():
+            for name, f in VoxelPool.state_specs(V, L, H, D, f32, c.buffer_size, c.max_pivots, carry_slots=0).items():
+                if name not in POOL_FIELDS:
+                    continue
                 dims = tuple("voxels" if axis == f.voxel_axis else None for axis in range(len(f.shape)))
                 out.append(StateTensor("pool_" + name, f.shape, f.dtype, f.fill, dims))
             out.append(StateTensor("steps", (1,), i64, 0, (None,)))

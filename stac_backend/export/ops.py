@@ -102,9 +102,12 @@ def _pool(tensors: dict[str, Tensor], num_layers: int, num_heads: int, head_dim:
     P = tensors["piv_c"].shape[-1]
     B = tensors["buf_s"].shape[-1]
     pool = VoxelPool(num_layers, num_heads, head_dim, voxel_size=voxel_size, buffer_size=B, max_pivots=P,
-                     merge_cos=merge_cos, score_gate=score_gate, max_voxels=V, initial_voxels=1,
+                     merge_cos=merge_cos, score_gate=score_gate, max_voxels=V, initial_voxels=V, carry_slots=0,
                      dtype=tensors["piv_k"].dtype, device=tensors["piv_k"].device)
-    pool.import_state({name: tensors[name] for name in POOL_FIELDS})
+    specs = VoxelPool.state_specs(V, num_layers, num_heads, head_dim, tensors["piv_k"].dtype, B, P, carry_slots=0)
+    pool.import_state({name: tensors[name] if name in POOL_FIELDS
+                       else torch.full(spec.shape, spec.fill, dtype=spec.dtype, device=tensors["piv_k"].device)
+                       for name, spec in specs.items()})
     return pool
 
 
@@ -140,7 +143,8 @@ def score_decay_impl(hot_score: Tensor, hot_len: Tensor, mass: Tensor, ret_valid
             cache.layers[layer] = LayerTokens(placeholder[:, :, None], placeholder[:, :, None], None, None, placeholder, None)
             if bool(extra.any()):  # the engine attended retrieved keys: valid mask over (old, retrieved, new)
                 compact = torch.cat([m[:, :n], m[:, Ns : Ns + T], m[:, Ns + T :]], dim=1)
-                valid = torch.cat([torch.ones(H, n, dtype=torch.bool, device=m.device), extra,
+                # (scores are rescaled by hot keys / queries: retrieved keys not counted)
+                valid = torch.cat([torch.ones(H, n, dtype=torch.bool, device=m.device), torch.zeros_like(extra),
                                    torch.ones(H, M, dtype=torch.bool, device=m.device)], dim=1)
                 cache._pending[layer] = (n, T, M, valid)
             else:  # no retrieved keys: the engine's key set is (old, new) with no mask

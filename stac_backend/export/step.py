@@ -148,7 +148,7 @@ class _HotAttention:
         steps = s["steps"] + 1
         ret_k, ret_v, ret_bias, ret_valid, last_used = torch.ops.stac.retrieve(
             *pool, hot_frame, hot_pos, hot_len, s["ret_k"], s["ret_v"], s["ret_bias"], s["ret_valid"], steps, latest,
-            int(c.window), int(c.retrieval), int(c.retrieval_start_frame), int(c.refresh_steps), int(c.retrieval_radius),
+            int(c.window), int(c.retrieval), int(c.first_retrieval_frames), int(c.refresh_steps), int(c.retrieval_radius),
             int(c.include_buffer), float(c.voxel_size))
         pool[-1] = last_used
         names = ("piv_k", "piv_v", "piv_w", "piv_s", "piv_c", "buf_k", "buf_v", "buf_s", "buf_n", "row_key", "row_last_used")

@@ -140,10 +140,7 @@ if HAVE_TRITON:
     ):
         row = tl.program_id(0).to(tl.int64)  # (b * L + l) * H + h
         n = tl.load(HOT_LEN + row // H).to(tl.int32)
-        live = n + M
-        for start in range(0, T, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            live += tl.sum(tl.load(RET_VALID + row * T + offs, mask=offs < T, other=0).to(tl.int32), 0)
+        live = n + M  # hot keys: retrieved keys are not counted (StacCache.absorb)
         # absorb(): score = mass * (live keys / queries), old scores decayed by gamma
         factor = live.to(tl.float32) / M.to(tl.float32)
         width = NS + T + M

@@ -1,25 +1,27 @@
 """The voxel pool's insert as one kernel (OpenAI Triton; CUDA, or Triton's CPU interpreter).
 
 In the stress geometry a step files ~1.6 M evicted tokens (24 layers x 16 heads x 4 frames of
-tokens) in up to 4 rounds. In torch ops an insert is ~250 small kernels, each 10-40 us of host
-time to launch, plus data-dependent sizes read back per round: host-bound (H100, round 4: 29.6 ms
-wall for 11.4 ms of GPU work). ``insert_rows`` runs every round of every touched pool row in one
-launch, one program per row (rows never interact), and reads nothing back:
+tokens). In torch ops an insert is ~100 small kernels, each 10-40 us of host time to launch, plus
+data-dependent sizes read back: host-bound. ``insert_rows`` runs the whole insert of every touched
+pool row (rows with new tokens or with tokens carried over from the previous insert) in one
+launch, one program per row (rows never interact), and reads back only the number of rows:
 
-* merge stage: each pending token's nearest pivot (cosine to the pivots as of the round's start),
-  the merge of the tokens at ``cos >= merge_cos`` with weight ``exp(cos)``, accumulated in token
-  order (deterministic, unlike ``index_add_``'s atomics), the pivot update, and the score gate of
-  the tokens that did not merge against the row's mean after the merges;
-* buffer fill: the best candidates (score, then arrival) take the free buffer slots, found by
-  repeated maxima of one int64 key per token; the rest stay pending for the next round;
+* merge stage: each token's nearest pivot (cosine to the pivots as of the call's start), the
+  merge of the tokens at ``cos >= merge_cos`` with weight ``exp(cos)``, accumulated in token
+  order (new tokens, then carried ones; deterministic, unlike ``index_add_``'s atomics), the
+  pivot update, and the score gate of the tokens that did not merge against the row's mean after
+  the merges;
+* buffer: the row's buffered tokens and its candidates ranked by score (buffered, new, carried
+  on ties), found by repeated maxima of one int64 key per entry: the first ``B`` are the buffer,
+  the next ``C`` are carried over, the rest dropped;
 * collapse: a full buffer becomes one pivot, first merging the row's weakest pivot into its most
   similar sibling when all its slots are used.
 
-The row's pivots and buffer live in registers between stages, rounded to the pool dtype wherever
-the round-by-round torch path stores them. It follows the eager arithmetic in float32 (normalise
+The row's pivots, buffer and carried tokens live in registers between stages, rounded to the pool
+dtype wherever the torch path stores them. It follows the eager arithmetic in float32 (normalise
 by ``max(norm, eps)``, clamp cosines to [-1, 1], first extremum on ties), so with a float32 pool an
-insert gives the same decisions, counters and values to float32 rounding (tests/test_kernels.py
--k pool); the eager path (``VoxelPool._round``) stays the CPU implementation and the reference.
+insert gives the same decisions, counters and values to float32 rounding (tests/gpu/test_kernels.py
+-k pool); the eager path (``VoxelPool.insert`` without the kernel) stays the CPU implementation.
 ``STAC_POOL_KERNELS=0`` turns the kernel off.
 """
 
@@ -94,14 +96,13 @@ if HAVE_TRITON:
         tl.store(PC + ix, pc, mask=pm)
 
     @triton.jit
-    def _token_block(K, SRC, POS, S, b, end, stride_k, D: tl.constexpr, BLOCK_D: tl.constexpr, BT: tl.constexpr):
-        """Tokens b .. b+BT of a row's run (positions below ``end`` live): their index, liveness,
+    def _token_block(K, SRC, S, b, end, stride_k, D: tl.constexpr, BLOCK_D: tl.constexpr, BT: tl.constexpr):
+        """Positions b .. b+BT of a row's run (those below ``end`` live): the positions, liveness,
         key row, score and float32 key [BT, BLOCK_D]."""
         t = b + tl.arange(0, BT)
         live = t < end
-        pos = tl.load(POS + t, mask=live, other=0)
-        src = tl.load(SRC + pos, mask=live, other=0)
-        s = tl.load(S + pos, mask=live, other=0.0)
+        src = tl.load(SRC + t, mask=live, other=0)
+        s = tl.load(S + t, mask=live, other=0.0)
         d = tl.arange(0, BLOCK_D)
         k = tl.load(K + src[:, None] * stride_k + d[None, :], mask=live[:, None] & (d[None, :] < D), other=0.0)
         return t, live, src, s, k.to(tl.float32)
@@ -173,156 +174,200 @@ if HAVE_TRITON:
         return pk, pv, pw, ps, pc
 
     @triton.jit
-    def _insert_rows(K, V, SRC, G, S, BOUNDS, PEND, CAND, PK, PV, PW, PS, PC, BK, BV, BS, BN, COUNTS,
-                     stride_k, stride_v, merge_cos, score_gate, eps, MAX_ROUNDS,
+    def _merge_sums(k, v, s, best, slot, merge, p, acc_k, acc_v, asum, ssum, csum):
+        """Add the tokens that merge (weight exp(cos)) to their nearest pivot's sums."""
+        hit = (slot[:, None] == p[None, :]) & merge[:, None]  # [BT, BLOCK_P]
+        wgt = tl.where(hit, tl.exp(best)[:, None], 0.0)
+        acc_k += tl.sum(wgt[:, :, None] * k[:, None, :], axis=0)
+        acc_v += tl.sum(wgt[:, :, None] * v[:, None, :], axis=0)
+        asum += tl.sum(wgt, axis=0)
+        ssum += tl.sum(tl.where(hit, s[:, None], 0.0), axis=0)
+        csum += tl.sum(hit.to(tl.float32), axis=0)
+        return acc_k, acc_v, asum, ssum, csum
+
+    @triton.jit
+    def _insert_rows(K, V, SRC, S, ROWS, LO, HI, CAND, PK, PV, PW, PS, PC, BK, BV, BS, BN,
+                     CK, CV, CS, CN, COUNTS, stride_k, stride_v, merge_cos, score_gate, eps,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr,
-                     B: tl.constexpr, BLOCK_B: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
-                     GATE: tl.constexpr):
-        # One program per segment = the tokens of one pool row (contiguous: sorted by row), all
-        # rounds of the insert. The row's pivots and buffer stay in registers (rounded to the
-        # pool dtype wherever the round-by-round path stores them); the row's pending tokens
-        # (PEND) and buffer candidates (CAND) are position lists compacted in its own range.
-        # Loops that need keys take BT tokens at a time, those over scores only BF.
-        seg = tl.program_id(0)
-        start = tl.load(BOUNDS + seg)
-        end = tl.load(BOUNDS + seg + 1)
-        row = tl.load(G + start)
+                     B: tl.constexpr, BLOCK_B: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BT: tl.constexpr, BF: tl.constexpr, GATE: tl.constexpr):
+        # One program per touched pool row: its new tokens are positions LO .. HI (sorted by row,
+        # arrival order), its carried tokens the row's carry slots. The row's pivots, buffer and
+        # carry stay in registers (rounded to the pool dtype wherever the torch path stores them);
+        # the new tokens that become buffer candidates are compacted into CAND[LO ...].
+        prog = tl.program_id(0)
+        row = tl.load(ROWS + prog)
+        start = tl.load(LO + prog)
+        end = tl.load(HI + prog)
+        n_tok = end - start
         d = tl.arange(0, BLOCK_D)
         p = tl.arange(0, BLOCK_P)
         bb = tl.arange(0, BLOCK_B)
+        cc = tl.arange(0, BLOCK_C)
         dm = d < D
         bm2 = (bb < B)[:, None] & dm[None, :]
+        cm2 = (cc < C)[:, None] & dm[None, :]
         pk, pv, pw, ps, pc = _load_row_pivots(PK, PV, PW, PS, PC, row, D, BLOCK_D, P, BLOCK_P)
         buf_ix = row * B + bb
         bk = tl.load(BK + buf_ix[:, None] * D + d[None, :], mask=bm2, other=0.0).to(tl.float32)
         bv = tl.load(BV + buf_ix[:, None] * D + d[None, :], mask=bm2, other=0.0).to(tl.float32)
         bs = tl.load(BS + buf_ix, mask=bb < B, other=0.0)
         bn = tl.load(BN + row)
+        car_ix = row * C + cc
+        cn = tl.load(CN + row)
+        c_live = (cc < C) & (cc < cn)
+        ck = tl.load(CK + car_ix[:, None] * D + d[None, :], mask=cm2 & c_live[:, None], other=0.0).to(tl.float32)
+        cv = tl.load(CV + car_ix[:, None] * D + d[None, :], mask=cm2 & c_live[:, None], other=0.0).to(tl.float32)
+        cs = tl.load(CS + car_ix, mask=c_live, other=0.0)
 
-        count = (end - start).to(tl.int32)  # pending tokens: PEND[start : start + count], ascending positions
-        n_merged = count * 0
-        n_gated = count * 0
-        n_collapsed = count * 0
-        rounds = count * 0
-        for _r in range(MAX_ROUNDS):
-            if count > 0:
-                rounds += 1
-                # ---- merge stage: nearest pivot as of the round's start, merges in token order
-                used = pc > 0
-                pn = pk / tl.maximum(tl.sqrt(tl.sum(pk * pk, axis=1)), eps)[:, None]
-                acc_k = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
-                acc_v = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
-                asum = tl.zeros([BLOCK_P], tl.float32)
-                ssum = tl.zeros([BLOCK_P], tl.float32)
-                csum = tl.zeros([BLOCK_P], tl.float32)
-                for b in range(start, start + count, BT):
-                    t, live, src, s, k = _token_block(K, SRC, PEND, S, b, start + count, stride_k, D, BLOCK_D, BT)
-                    best, slot = _nearest_of_block(k, pn, used, eps, BLOCK_P)
-                    merge = live & (best >= merge_cos)
-                    hit = (slot[:, None] == p[None, :]) & merge[:, None]  # [BT, BLOCK_P]
-                    wgt = tl.where(hit, tl.exp(best)[:, None], 0.0)
-                    m2 = merge[:, None] & dm[None, :]
-                    v = tl.load(V + src[:, None] * stride_v + d[None, :], mask=m2, other=0.0).to(tl.float32)
-                    acc_k += tl.sum(wgt[:, :, None] * k[:, None, :], axis=0)
-                    acc_v += tl.sum(wgt[:, :, None] * v[:, None, :], axis=0)
-                    asum += tl.sum(wgt, axis=0)
-                    ssum += tl.sum(tl.where(hit, s[:, None], 0.0), axis=0)
-                    csum += tl.sum(hit.to(tl.float32), axis=0)
-                # K <- (W K + sum a k) / (W + sum a), V likewise; W, S, C add
-                upd = csum > 0
-                w_new = pw + asum
-                denom = tl.where(upd, w_new, 1.0)[:, None]
-                pk_m = tl.where(upd[:, None], (pw[:, None] * pk + acc_k) / denom, pk)
-                pv_m = tl.where(upd[:, None], (pw[:, None] * pv + acc_v) / denom, pv)
-                pk_m = pk_m.to(PK.dtype.element_ty).to(tl.float32)
-                pv_m = pv_m.to(PV.dtype.element_ty).to(tl.float32)
-                pw_m = tl.where(upd, w_new, pw)
-                ps_m = ps + ssum
-                pc_m = pc + csum
+        # ---- merge stage: nearest pivot as of the call's start; merges in token order (new, carried)
+        used = pc > 0
+        pn = pk / tl.maximum(tl.sqrt(tl.sum(pk * pk, axis=1)), eps)[:, None]
+        acc_k = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+        acc_v = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+        asum = tl.zeros([BLOCK_P], tl.float32)
+        ssum = tl.zeros([BLOCK_P], tl.float32)
+        csum = tl.zeros([BLOCK_P], tl.float32)
+        for b in range(start, end, BT):
+            t, live, src, s, k = _token_block(K, SRC, S, b, end, stride_k, D, BLOCK_D, BT)
+            best, slot = _nearest_of_block(k, pn, used, eps, BLOCK_P)
+            merge = live & (best >= merge_cos)
+            v = tl.load(V + src[:, None] * stride_v + d[None, :], mask=merge[:, None] & dm[None, :], other=0.0)
+            acc_k, acc_v, asum, ssum, csum = _merge_sums(k, v.to(tl.float32), s, best, slot, merge, p,
+                                                         acc_k, acc_v, asum, ssum, csum)
+        c_best, c_slot = _nearest_of_block(ck, pn, used, eps, BLOCK_P)
+        c_merge = c_live & (c_best >= merge_cos)
+        acc_k, acc_v, asum, ssum, csum = _merge_sums(ck, cv, cs, c_best, c_slot, c_merge, p,
+                                                     acc_k, acc_v, asum, ssum, csum)
+        # K <- (W K + sum a k) / (W + sum a), V likewise; W, S, C add
+        upd = csum > 0
+        w_new = pw + asum
+        denom = tl.where(upd, w_new, 1.0)[:, None]
+        pk_m = tl.where(upd[:, None], (pw[:, None] * pk + acc_k) / denom, pk)
+        pv_m = tl.where(upd[:, None], (pw[:, None] * pv + acc_v) / denom, pv)
+        pk_m = pk_m.to(PK.dtype.element_ty).to(tl.float32)
+        pv_m = pv_m.to(PV.dtype.element_ty).to(tl.float32)
+        pw_m = tl.where(upd, w_new, pw)
+        ps_m = ps + ssum
+        pc_m = pc + csum
 
-                # ---- outcomes: merged, gated (a non-merging token of a row with a pivot whose
-                # score is not above score_gate x the row's mean per merged token after the
-                # merges), or buffer candidate -> CAND (ascending). The merge decision is
-                # recomputed against the round-start pivots still in registers.
-                row_mean = tl.sum(ps_m, axis=0) / tl.maximum(tl.sum(pc_m, axis=0), eps)
-                # (a [BT] vector: Triton's interpreter mis-types vector & scalar-bool)
-                has_pivot = (tl.zeros([BT], tl.int32) + tl.sum(used.to(tl.int32), axis=0)) > 0
-                n_cand = count * 0
-                for b in range(start, start + count, BT):
-                    t, live, src, s, k = _token_block(K, SRC, PEND, S, b, start + count, stride_k, D, BLOCK_D, BT)
-                    best, slot = _nearest_of_block(k, pn, used, eps, BLOCK_P)
-                    merge = live & (best >= merge_cos)
-                    cand = live & ~merge
-                    if GATE:
-                        gated = cand & has_pivot & ~(s > score_gate * row_mean)
-                        n_gated += tl.sum(gated.to(tl.int32), axis=0)
-                        cand = cand & ~gated
-                    n_merged += tl.sum(merge.to(tl.int32), axis=0)
-                    pos = tl.load(PEND + t, mask=live, other=0)
-                    at = start + n_cand + tl.cumsum(cand.to(tl.int32), axis=0) - 1
-                    tl.store(CAND + at, pos, mask=cand)
-                    n_cand += tl.sum(cand.to(tl.int32), axis=0)
-                pk, pv, pw, ps, pc = pk_m, pv_m, pw_m, ps_m, pc_m
-                tl.debug_barrier()  # CAND is read back by other threads of this program
+        # ---- outcomes: merged, gated (a non-merging token of a row with a pivot whose score is not
+        # above score_gate x the row's mean per merged token after the merges), or candidate
+        row_mean = tl.sum(ps_m, axis=0) / tl.maximum(tl.sum(pc_m, axis=0), eps)
+        # (vectors: Triton's interpreter mis-types vector & scalar-bool)
+        has_pivot = (tl.zeros([BT], tl.int32) + tl.sum(used.to(tl.int32), axis=0)) > 0
+        c_has_pivot = (tl.zeros([BLOCK_C], tl.int32) + tl.sum(used.to(tl.int32), axis=0)) > 0
+        n_merged = tl.sum(c_merge.to(tl.int32), axis=0)
+        n_gated = n_merged * 0
+        n_new = n_merged * 0  # new-token candidates, CAND[start : start + n_new]
+        for b in range(start, end, BT):
+            t, live, src, s, k = _token_block(K, SRC, S, b, end, stride_k, D, BLOCK_D, BT)
+            best, slot = _nearest_of_block(k, pn, used, eps, BLOCK_P)
+            merge = live & (best >= merge_cos)
+            cand = live & ~merge
+            if GATE:
+                gated = cand & has_pivot & ~(s > score_gate * row_mean)
+                n_gated += tl.sum(gated.to(tl.int32), axis=0)
+                cand = cand & ~gated
+            n_merged += tl.sum(merge.to(tl.int32), axis=0)
+            at = start + n_new + tl.cumsum(cand.to(tl.int32), axis=0) - 1
+            tl.store(CAND + at, t, mask=cand)
+            n_new += tl.sum(cand.to(tl.int32), axis=0)
+        c_cand = c_live & ~c_merge
+        if GATE:
+            c_gated = c_cand & c_has_pivot & ~(cs > score_gate * row_mean)
+            n_gated += tl.sum(c_gated.to(tl.int32), axis=0)
+            c_cand = c_cand & ~c_gated
+        n_car = tl.sum(c_cand.to(tl.int32), axis=0)
+        pk, pv, pw, ps, pc = pk_m, pv_m, pw_m, ps_m, pc_m
+        tl.debug_barrier()  # CAND is read back by other threads of this program
 
-                # ---- buffer fill: the best (score, then position) candidates take the free slots
-                take = tl.minimum(B - bn, n_cand)
-                last = tl.full([], 9223372036854775807, tl.int64)
-                for j in range(B):
-                    if j < take:
-                        top = tl.full([], -1, tl.int64)
-                        for b in range(start, start + n_cand, BF):
-                            t = b + tl.arange(0, BF)
-                            live = t < start + n_cand
-                            pos = tl.load(CAND + t, mask=live, other=0)
-                            key = _order_key(tl.load(S + pos, mask=live, other=0.0), pos)
-                            top = tl.maximum(top, tl.max(tl.where(live & (key < last), key, -1), axis=0))
-                        last = top
-                        pos = 2147483647 - (top % 2147483648)
-                        src = tl.load(SRC + pos)
-                        at = bb == bn + j
-                        kt = tl.load(K + src * stride_k + d, mask=dm, other=0.0).to(PK.dtype.element_ty)
-                        vt = tl.load(V + src * stride_v + d, mask=dm, other=0.0).to(PV.dtype.element_ty)
-                        bk = tl.where(at[:, None], kt.to(tl.float32)[None, :], bk)
-                        bv = tl.where(at[:, None], vt.to(tl.float32)[None, :], bv)
-                        bs = tl.where(at, tl.load(S + pos), bs)
-                bn += take
-                # ---- the candidates that did not fit stay pending (ascending) for the next round
-                left = count * 0
-                if take < n_cand:
-                    for b in range(start, start + n_cand, BF):
+        # ---- buffer: the row's buffered tokens and its candidates ranked by score (buffered,
+        # new, carried on ties): the first B are the buffer, the next C are carried over, the
+        # rest dropped. Entry order: buffered slot j -> j, new candidate i -> B + i, carried
+        # slot c -> B + n_tok + c; found by repeated maxima of one int64 key per entry.
+        total = bn + n_new + n_car
+        n_dropped = n_merged * 0
+        n_collapsed = n_merged * 0
+        cn_out = cn * 0
+        if n_new + n_car > 0:
+            c_seq = B + n_tok + cc
+            b_key = tl.where(bb < bn, _order_key(bs, bb), -1)
+            c_key = tl.where(c_cand, _order_key(cs, c_seq), -1)
+            nbk = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
+            nbv = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
+            nbs = tl.zeros([BLOCK_B], tl.float32)
+            nck = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
+            ncv = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
+            ncs = tl.zeros([BLOCK_C], tl.float32)
+            last = tl.full([], 9223372036854775807, tl.int64)
+            for j in range(B + C):
+                if j < total:
+                    top = tl.maximum(tl.max(tl.where(b_key < last, b_key, -1), axis=0),
+                                     tl.max(tl.where(c_key < last, c_key, -1), axis=0))
+                    for b in range(start, start + n_new, BF):
                         t = b + tl.arange(0, BF)
-                        live = t < start + n_cand
+                        live = t < start + n_new
                         pos = tl.load(CAND + t, mask=live, other=0)
-                        stay = live & (_order_key(tl.load(S + pos, mask=live, other=0.0), pos) < last)
-                        at = start + left + tl.cumsum(stay.to(tl.int32), axis=0) - 1
-                        tl.store(PEND + at, pos, mask=stay)
-                        left += tl.sum(stay.to(tl.int32), axis=0)
-                count = left
-                tl.debug_barrier()  # PEND is read back by other threads of this program
-                # ---- a full buffer becomes a pivot
-                if bn == B:
-                    pk, pv, pw, ps, pc = _collapse_buffer(bk, bv, bs, pk, pv, pw, ps, pc, eps, B, BLOCK_B, P, BLOCK_P)
-                    pk = pk.to(PK.dtype.element_ty).to(tl.float32)
-                    pv = pv.to(PV.dtype.element_ty).to(tl.float32)
-                    bn = bn * 0
-                    n_collapsed += 1
+                        key = _order_key(tl.load(S + pos, mask=live, other=0.0), B + t - start)
+                        top = tl.maximum(top, tl.max(tl.where(live & (key < last), key, -1), axis=0))
+                    last = top
+                    seq = 2147483647 - (top % 2147483648)
+                    from_buf = seq < B
+                    from_new = (seq >= B) & (seq < B + n_tok)
+                    i = tl.where(from_new, seq - B, 0)
+                    pos = tl.load(CAND + start + i, mask=from_new, other=0)
+                    src = tl.load(SRC + pos, mask=from_new, other=0)
+                    new_d = dm & ((tl.zeros([BLOCK_D], tl.int32) + from_new.to(tl.int32)) > 0)
+                    kn = tl.load(K + src * stride_k + d, mask=new_d, other=0.0).to(PK.dtype.element_ty)
+                    vn = tl.load(V + src * stride_v + d, mask=new_d, other=0.0).to(PV.dtype.element_ty)
+                    sn = tl.load(S + pos, mask=from_new, other=0.0)
+                    is_b = bb == seq
+                    is_c = c_seq == seq
+                    kt = tl.where(from_buf, tl.sum(tl.where(is_b[:, None], bk, 0.0), axis=0),
+                                  tl.where(from_new, kn.to(tl.float32), tl.sum(tl.where(is_c[:, None], ck, 0.0), axis=0)))
+                    vt = tl.where(from_buf, tl.sum(tl.where(is_b[:, None], bv, 0.0), axis=0),
+                                  tl.where(from_new, vn.to(tl.float32), tl.sum(tl.where(is_c[:, None], cv, 0.0), axis=0)))
+                    st = tl.where(from_buf, tl.sum(tl.where(is_b, bs, 0.0), axis=0),
+                                  tl.where(from_new, sn, tl.sum(tl.where(is_c, cs, 0.0), axis=0)))
+                    at_b = bb == j
+                    at_c = cc == j - B
+                    nbk = tl.where(at_b[:, None], kt[None, :], nbk)
+                    nbv = tl.where(at_b[:, None], vt[None, :], nbv)
+                    nbs = tl.where(at_b, st, nbs)
+                    nck = tl.where(at_c[:, None], kt[None, :], nck)
+                    ncv = tl.where(at_c[:, None], vt[None, :], ncv)
+                    ncs = tl.where(at_c, st, ncs)
+            bk, bv, bs, ck, cv, cs = nbk, nbv, nbs, nck, ncv, ncs
+            bn = tl.minimum(total, B)
+            cn_out = tl.minimum(tl.maximum(total - B, 0), C)
+            n_dropped = tl.maximum(total - B - C, 0)
+            # ---- a full buffer becomes a pivot
+            if bn == B:
+                pk, pv, pw, ps, pc = _collapse_buffer(bk, bv, bs, pk, pv, pw, ps, pc, eps, B, BLOCK_B, P, BLOCK_P)
+                pk = pk.to(PK.dtype.element_ty).to(tl.float32)
+                pv = pv.to(PV.dtype.element_ty).to(tl.float32)
+                bn = bn * 0
+                n_collapsed += 1
+            tl.store(BK + buf_ix[:, None] * D + d[None, :], bk.to(BK.dtype.element_ty), mask=bm2)
+            tl.store(BV + buf_ix[:, None] * D + d[None, :], bv.to(BV.dtype.element_ty), mask=bm2)
+            tl.store(BS + buf_ix, bs, mask=bb < B)
+            tl.store(CK + car_ix[:, None] * D + d[None, :], ck.to(CK.dtype.element_ty), mask=cm2)
+            tl.store(CV + car_ix[:, None] * D + d[None, :], cv.to(CV.dtype.element_ty), mask=cm2)
+            tl.store(CS + car_ix, cs, mask=cc < C)
 
         _store_row_pivots(PK, PV, PW, PS, PC, row, pk, pv, pw, ps, pc, D, BLOCK_D, P, BLOCK_P)
-        tl.store(BK + buf_ix[:, None] * D + d[None, :], bk.to(BK.dtype.element_ty), mask=bm2)
-        tl.store(BV + buf_ix[:, None] * D + d[None, :], bv.to(BV.dtype.element_ty), mask=bm2)
-        tl.store(BS + buf_ix, bs, mask=bb < B)
         tl.store(BN + row, bn)
-        # merged, gated, pivots created, left over after MAX_ROUNDS (overflow), rounds run
-        c = tl.arange(0, 8)
-        out = tl.where(c == 0, n_merged, tl.where(c == 1, n_gated, tl.where(c == 2, n_collapsed,
-                       tl.where(c == 3, count, rounds))))
-        tl.store(COUNTS + seg * 5 + c, out.to(tl.int64), mask=c < 5)
+        tl.store(CN + row, cn_out)
+        # merged, gated, pivots created, dropped at the carry cap
+        c4 = tl.arange(0, 4)
+        out = tl.where(c4 == 0, n_merged, tl.where(c4 == 1, n_gated, tl.where(c4 == 2, n_collapsed, n_dropped)))
+        tl.store(COUNTS + prog * 4 + c4, out.to(tl.int64))
 
 
 # insert_rows' launch: tokens per iteration of the loops that read keys (BT), warps per program
 # (one program per pool row), and tokens per iteration of the loops over scores only (BF). A
-# row's rounds are serial, so an insert takes as long as its busiest row. Rows of a few tokens
+# row's work is serial, so an insert takes as long as its busiest row. Rows of a few tokens
 # run best as small latency-bound programs (H200, vggt-1b: the stress insert of ~23 tokens per
 # row took 3.7 ms with 8 x 1 warp, 5.7 with 16 x 2, 6.1 with 32 x 4); for long rows (few voxels)
 # the launch stays at round 6's merge kernel's 16 x 2, fewer serial iterations per row, not
@@ -339,45 +384,49 @@ def _launch_config(tokens: int, rows: int) -> tuple[int, int]:
     return (8, 1) if tokens <= _SMALL_ROWS * rows else (16, 2)
 
 
-INSERT_COUNTERS = ("merged", "gated", "pivots_created", "overflow_dropped", "rounds")
+INSERT_COUNTERS = ("merged", "gated", "pivots_created", "overflow_dropped")
 
 
 def insert_rows(k: Tensor, v: Tensor, src: Tensor, g: Tensor, s: Tensor, piv: dict[str, Tensor],
-                buf: dict[str, Tensor], merge_cos: float, score_gate: float, eps: float, max_rounds: int) -> Tensor:
-    """A whole insert's rounds, in place on the pool, one program per touched pool row.
+                buf: dict[str, Tensor], car: dict[str, Tensor], merge_cos: float, score_gate: float,
+                eps: float) -> Tensor:
+    """A whole insert, in place on the pool, one program per touched pool row (new or carried tokens).
 
-    Position ``i`` (0 .. n-1) is a token in (row, arrival) order: ``g`` [n] its flat pool row
+    Position ``i`` (0 .. n-1) is a new token in (row, arrival) order: ``g`` [n] its flat pool row
     (non-decreasing), ``s`` [n] its float32 score, ``src`` [n] the row of ``k``/``v`` [M, D]
     holding its key and value. ``piv`` holds the flat pivot tensors ``piv_k``/``piv_v``
     [R, P, D] and ``piv_w``/``piv_s``/``piv_c`` [R, P]; ``buf`` the buffers ``buf_k``/``buf_v``
-    [R, B, D], ``buf_s`` [R, B] and ``buf_n`` [R] (all contiguous). Returns int64 [5] on the
-    device (no host synchronisation): tokens merged, gated, pivots created, tokens left pending
-    after ``max_rounds`` rounds, and the most rounds any row ran (``INSERT_COUNTERS``).
+    [R, B, D], ``buf_s`` [R, B] and ``buf_n`` [R]; ``car`` the carried tokens ``car_k``/``car_v``
+    [R, C, D], ``car_s`` [R, C] and ``car_n`` [R] (all contiguous). Returns int64 [4] on the
+    device: tokens merged, gated, pivots created, tokens dropped at the carry cap
+    (``INSERT_COUNTERS``). One host synchronisation: the number of rows touched.
     """
     n = g.numel()
-    if n == 0:
-        return torch.zeros(len(INSERT_COUNTERS), dtype=torch.int64, device=g.device)
-    if n >= 2**31:
-        raise ValueError(f"insert_rows takes fewer than 2**31 tokens per call, got {n}")
     pk = piv["piv_k"]
     R, P, D = pk.shape
     B = buf["buf_k"].shape[1]
-    if k.stride(1) != 1 or v.stride(1) != 1 or not all(t.is_contiguous() for t in (*piv.values(), *buf.values())):
+    C = car["car_k"].shape[1]
+    if n >= 2**31:
+        raise ValueError(f"insert_rows takes fewer than 2**31 tokens per call, got {n}")
+    tensors = (*piv.values(), *buf.values(), *car.values())
+    if k.stride(1) != 1 or v.stride(1) != 1 or not all(t.is_contiguous() for t in tensors):
         raise ValueError("insert_rows needs unit-stride key/value rows and contiguous pool tensors")
-    first = torch.ones(n, dtype=torch.bool, device=g.device)
-    first[1:] = g[1:] != g[:-1]
-    starts = first.nonzero().squeeze(1)  # one synchronisation: the number of rows touched
-    bounds = torch.cat([starts, starts.new_full((1,), n)])
-    pend = torch.arange(n, device=g.device)
-    cand = torch.empty_like(pend)
-    counts = torch.empty(starts.numel(), len(INSERT_COUNTERS), dtype=torch.int64, device=g.device)
-    block, warps = _launch_config(n, starts.numel())
-    _insert_rows[(starts.numel(),)](
-        k, v, src, g, s, bounds, pend, cand, pk, piv["piv_v"], piv["piv_w"], piv["piv_s"], piv["piv_c"],
-        buf["buf_k"], buf["buf_v"], buf["buf_s"], buf["buf_n"], counts,
-        k.stride(0), v.stride(0), float(merge_cos), float(score_gate), eps, int(max_rounds),
+    touched = car["car_n"] > 0
+    touched.index_fill_(0, g, True)
+    rows = touched.nonzero().squeeze(1)  # one synchronisation: the rows touched
+    if rows.numel() == 0:
+        return torch.zeros(len(INSERT_COUNTERS), dtype=torch.int64, device=g.device)
+    lo = torch.searchsorted(g, rows)
+    hi = torch.searchsorted(g, rows, right=True)
+    cand = torch.empty(max(n, 1), dtype=torch.int64, device=g.device)
+    counts = torch.empty(rows.numel(), len(INSERT_COUNTERS), dtype=torch.int64, device=g.device)
+    block, warps = _launch_config(n, rows.numel())
+    _insert_rows[(rows.numel(),)](
+        k, v, src, s, rows, lo, hi, cand, pk, piv["piv_v"], piv["piv_w"], piv["piv_s"], piv["piv_c"],
+        buf["buf_k"], buf["buf_v"], buf["buf_s"], buf["buf_n"],
+        car["car_k"], car["car_v"], car["car_s"], car["car_n"], counts,
+        k.stride(0), v.stride(0), float(merge_cos), float(score_gate), eps,
         D=D, BLOCK_D=triton.next_power_of_2(D), P=P, BLOCK_P=triton.next_power_of_2(P),
-        B=B, BLOCK_B=triton.next_power_of_2(B), BT=block, BF=_SCORE_BLOCK, GATE=score_gate > 0,
-        num_warps=warps)
-    sums = counts[:, :4].sum(dim=0)
-    return torch.cat([sums, counts[:, 4].amax().reshape(1)])
+        B=B, BLOCK_B=triton.next_power_of_2(B), C=C, BLOCK_C=triton.next_power_of_2(max(C, 1)),
+        BT=block, BF=_SCORE_BLOCK, GATE=score_gate > 0, num_warps=warps)
+    return counts.sum(dim=0)

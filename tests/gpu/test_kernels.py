@@ -101,13 +101,15 @@ def test_fused_qk_norm_rope_matches_eager_ops(dtype):
 # ---------------------------------------------------------------------------------------------
 
 
-def _fill_pool(dtype=torch.float32, steps=4, buffer_size=4, max_pivots=3, score_gate=0.2, M=800, voxels=2,
+def _fill_pool(dtype=torch.float32, steps=4, buffer_size=4, max_pivots=3, score_gate=0.2, M=None, voxels=2,
                ties=False):
     """Insert clustered keys into a few voxels over several steps: rows fill their buffers, collapse,
     run out of pivot slots (sibling merges), merge and gate - every stage of an insert. ``voxels``
     per axis (8 voxels by default; 1: every token of a (layer, head) lands in one row)."""
     from stac_backend.cache.voxel_pool import VoxelPool
 
+    if M is None:  # (fewer tokens in the CPU interpreter, where every kernel op costs milliseconds)
+        M = 300 if INTERPRET else 800
     g = torch.Generator(device=DEVICE).manual_seed(1)
     pool = VoxelPool(2, 2, 16, buffer_size=buffer_size, max_pivots=max_pivots, score_gate=score_gate,
                      max_voxels=32, initial_voxels=4, dtype=dtype, device=DEVICE)
@@ -158,26 +160,27 @@ def _assert_same_pool(fused, eager, atol=1e-4):
 
 @pytest.mark.parametrize("buffer_size,max_pivots,score_gate", [(4, 3, 0.2), (8, 4, 0.2), (4, 2, 0.0)])
 def test_pool_insert_with_kernels_equals_eager_insert(monkeypatch, launch, buffer_size, max_pivots, score_gate):
-    """Float32 pool: several multi-round inserts through the kernel (insert_rows: every round of
-    every row in one launch) make the same decisions as the torch ops and the same values to
-    float32 rounding."""
+    """Float32 pool: several inserts through the kernel (insert_rows: every touched row, new and
+    carried tokens, in one launch) make the same decisions as the torch ops and the same values
+    to float32 rounding."""
     launch(None)
     fused, eager = _kernel_and_eager(monkeypatch, buffer_size=buffer_size, max_pivots=max_pivots, score_gate=score_gate)
     stats = eager.stats()
     # the case reaches every stage (so a kernel that skipped one could not pass)
-    assert stats["merged_tokens"] > 100 and stats["sibling_merges"] > 100 and stats["pivots_created"] > 100
-    assert (stats["gated_tokens"] > 100) == (score_gate > 0)
+    assert stats["merged_tokens"] > 10 and stats["pivots_created"] > 10 and stats["carried_tokens"] > 0
+    assert (stats["sibling_merges"] > 0) == (max_pivots < 4)
+    assert (stats["gated_tokens"] > 10) == (score_gate > 0)
     _assert_same_pool(fused, eager)
 
 
 @pytest.mark.parametrize("config", [None, (8, 1), (16, 2)] if DEVICE == "cuda" else [None])
 def test_pool_insert_kernel_long_rows_and_score_ties(monkeypatch, launch, config):
     """One voxel: ~200 tokens per (layer, head) row per insert, so the score loops cross their
-    128-token blocks, rows overflow their rounds, and tied scores must keep arrival order."""
+    128-token blocks, rows overflow their buffer and carry, and tied scores keep arrival order."""
     launch(config)
-    fused, eager = _kernel_and_eager(monkeypatch, steps=3, M=800, voxels=1, ties=True)
+    fused, eager = _kernel_and_eager(monkeypatch, steps=3, M=300 if INTERPRET else 800, voxels=1, ties=True)
     stats = eager.stats()
-    assert stats["overflow_dropped_tokens"] > 0 and stats["insert_rounds_max"] == 4
+    assert stats["overflow_dropped_tokens"] > 0 and stats["carried_tokens"] > 0
     _assert_same_pool(fused, eager)
 
 
@@ -186,6 +189,6 @@ def test_pool_insert_kernels_bfloat16_pool(monkeypatch, launch):
     differ where a rounded pivot tips a merge decision, as they may between GPUs)."""
     launch(None)
     fused, eager = _kernel_and_eager(monkeypatch, dtype=torch.bfloat16, steps=1)
-    assert fused.stats() == eager.stats() and eager.stats()["sibling_merges"] > 0
+    assert fused.stats() == eager.stats() and eager.stats()["pivots_created"] > 0
     for name, t in eager._tensors.items():
         torch.testing.assert_close(fused._tensors[name].float(), t.float(), rtol=2e-2, atol=5e-2, msg=name)

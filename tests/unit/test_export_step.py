@@ -17,7 +17,9 @@ from conftest import make_tiny_model
 
 H, W = 56, 84
 COMPARED = [n for n in OUTPUT_NAMES if n != "intrinsics"]  # intrinsics derive from pose_enc (compared)
-STAC = CacheConfig(policy="stac", retrieval_start_frame=8, voxel_size=0.01, conf_threshold=0.0, max_voxels=64)
+# (the exported step retrieves after pruning and carries no pool tokens over)
+STAC = CacheConfig(policy="stac", retrieval_start_frame=8, voxel_size=0.01, conf_threshold=0.0, max_voxels=64,
+                   retrieve_before_prune=False, pool_carry_slots=0)
 
 
 @pytest.fixture(scope="module")

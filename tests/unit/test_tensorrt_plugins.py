@@ -26,7 +26,8 @@ from stac_backend.export.onnx_export import export_step
 from conftest import make_tiny_model
 
 H, W = 56, 84
-STAC = CacheConfig(policy="stac", retrieval_start_frame=8, voxel_size=0.01, conf_threshold=0.0, max_voxels=64)
+STAC = CacheConfig(policy="stac", retrieval_start_frame=8, voxel_size=0.01, conf_threshold=0.0, max_voxels=64,
+                   retrieve_before_prune=False, pool_carry_slots=0)  # the exported step's order, no carry-over
 needs_tensorrt = pytest.mark.skipif(
     importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
     reason="tensorrt is not installed (not installable here; see docs/export.md) or no CUDA GPU",
