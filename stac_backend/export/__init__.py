@@ -8,6 +8,6 @@ that execute the exported graph (ONNX Runtime here; TensorRT where it is install
 - ``ort_runtime.OnnxRuntimeStream``: a stream that runs the exported graph with ONNX Runtime.
 """
 
-from .layout import StepLayout
+from ..graph.layout import StepLayout
 
 __all__ = ["StepLayout"]
