@@ -86,6 +86,30 @@ def check_graph_inputs(proto, layout: StepLayout) -> None:
                                + "; ".join(problems))
 
 
+def check_stac_nodes(proto, plugins: str = "python") -> None:
+    """Refuse ``stac`` nodes with attributes their plugin does not take. TensorRT's ONNX parser
+    hands a plugin only the fields its creator declares and silently drops any other attribute,
+    so an unknown one (a typo, a graph from a newer exporter) would otherwise be ignored."""
+    from ..graph.op_specs import SPECS
+
+    allowed_extra = {"plugin_namespace", "plugin_version"} | ({"aot"} if plugins == "aot" else set())
+    problems = []
+    for node in proto.graph.node:
+        if node.domain != PLUGIN_NAMESPACE:
+            continue
+        if node.op_type not in SPECS:
+            problems.append(f"node {node.name!r}: no stac plugin named {node.op_type!r} (known: {sorted(SPECS)})")
+            continue
+        known = {name for name, _, _ in SPECS[node.op_type][3]}
+        unknown = sorted({a.name for a in node.attribute} - known - allowed_extra)
+        if unknown:
+            hint = " ('aot' is read only with plugins='aot', datacenter tensorrt)" if "aot" in unknown else ""
+            problems.append(f"{node.op_type} node {node.name!r}: unknown attribute(s) {unknown}; "
+                            f"{node.op_type} takes {sorted(known)}{hint}")
+    if problems:
+        raise EngineBuildError("the graph has stac nodes TensorRT cannot build: " + "; ".join(problems))
+
+
 class _Logger:
     """A TensorRT logger that keeps the errors (for the exception) and forwards the rest to logging."""
 
@@ -183,6 +207,7 @@ def build_engine(
     source = onnx.load(str(onnx_path), load_external_data=False)
     layout = layout or read_layout(source)
     check_graph_inputs(source, layout)
+    check_stac_nodes(source, plugins)
     stac_nodes = [n for n in source.graph.node if n.domain == PLUGIN_NAMESPACE]
     parsed_path = onnx_path
     if plugins == "aot":
@@ -254,6 +279,19 @@ def mark_aot_nodes(onnx_path: Union[str, Path], ops=AOT_OPS) -> Path:
     out = onnx_path.with_name(onnx_path.stem + ".aot.onnx")
     onnx.save(model, str(out))
     return out
+
+
+def plugin_ops(onnx_path: Union[str, Path]) -> dict[str, list[str]]:
+    """Which stac ops of a graph are marked for AOT kernels (``aot=1``) and which stay Python plugins."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    aot, python = set(), set()
+    for node in model.graph.node:
+        if node.domain == PLUGIN_NAMESPACE:
+            flag = next((a.i for a in node.attribute if a.name == "aot"), 0)
+            (aot if flag else python).add(node.op_type)
+    return {"aot_ops": sorted(aot), "python_ops": sorted(python)}
 
 
 def plan_meta_path(plan_path: Union[str, Path]) -> Path:

@@ -262,14 +262,18 @@ _registered: dict[int, list] = {}  # id(trt module) -> creators (kept alive: the
 def _classes(trt: ModuleType):
     """The plugin and creator classes for one TensorRT module (their bases come from it)."""
 
-    def fields_to_collection(op_type: str, values: dict) -> Any:
+    def fields_to_collection(op_type: str, values: dict, keep: list) -> Any:
+        """Plugin fields of the attributes; ``keep`` receives the arrays, which must outlive the
+        collection (a PluginField points into its array without holding it)."""
         out = []
         for name, kind, _ in SPECS[op_type][3]:
             if kind == "FLOAT":
-                out.append(trt.PluginField(name, np.array([values[name]], np.float32), trt.PluginFieldType.FLOAT32))
+                data, kind_ = np.array([values[name]], np.float32), trt.PluginFieldType.FLOAT32
             else:
                 data = np.array(values[name] if kind == "INTS" else [values[name]], np.int32)
-                out.append(trt.PluginField(name, data, trt.PluginFieldType.INT32))
+                kind_ = trt.PluginFieldType.INT32
+            keep.append(data)
+            out.append(trt.PluginField(name, data, kind_))
         return trt.PluginFieldCollection(out)
 
     class StacPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
@@ -334,7 +338,8 @@ def _classes(trt: ModuleType):
 
         # ---------------------------------------------------------------- runtime
         def get_fields_to_serialize(self):
-            return fields_to_collection(self.op_type, self.attrs)
+            self._serialized = []  # kept on the plugin: TensorRT reads the fields after this returns
+            return fields_to_collection(self.op_type, self.attrs, self._serialized)
 
         def on_shape_change(self, inputs, outputs):
             pass
@@ -355,8 +360,9 @@ def _classes(trt: ModuleType):
             self.name, self.plugin_namespace, self.plugin_version = op_type, PLUGIN_NAMESPACE, PLUGIN_VERSION
             types = {"INT": trt.PluginFieldType.INT32, "INTS": trt.PluginFieldType.INT32,
                      "FLOAT": trt.PluginFieldType.FLOAT32}
+            self._empty = np.array([], np.int32)  # outlives the declared fields that point into it
             self.field_names = trt.PluginFieldCollection(
-                [trt.PluginField(name, np.array([]), types[kind]) for name, kind, _ in SPECS[op_type][3]])
+                [trt.PluginField(name, self._empty, types[kind]) for name, kind, _ in SPECS[op_type][3]])
 
         def create_plugin(self, name, field_collection, phase):
             try:
