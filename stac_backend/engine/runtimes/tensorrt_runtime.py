@@ -35,6 +35,28 @@ def read_plan_meta(plan_path: Union[str, Path]) -> tuple[StepLayout, dict]:
     return StepLayout.from_json(json.dumps(meta["layout"])), meta
 
 
+def check_plan(plan_path: Union[str, Path]) -> tuple[StepLayout, dict]:
+    """The plan's layout and build record, after checking that the engine's recorded I/O is the
+    layout's (names in order, dtypes, ranks); raises ValueError naming the difference. Needs no GPU."""
+    from ...graph.layout import dtype_name
+
+    layout, meta = read_plan_meta(plan_path)
+    io = meta.get("io", [])
+    expected = {"images": ("float32", 5), "frame_offset": ("int64", 1)}
+    for s in layout.state():
+        expected["in_" + s.name] = expected["out_" + s.name] = (dtype_name(s.dtype), 1 + len(s.shape))
+    inputs = [t["name"] for t in io if t["mode"] == "input"]
+    outputs = [t["name"] for t in io if t["mode"] == "output"]
+    if inputs != input_names(layout) or outputs != output_names(layout):
+        raise ValueError(f"{plan_path}: engine I/O {inputs} -> {outputs} is not its layout's")
+    for t in io:
+        want = expected.get(t["name"])
+        if want is not None and (t["dtype"], len(t["shape"])) != want:
+            raise ValueError(f"{plan_path}: engine tensor {t['name']} is {t['dtype']} of rank {len(t['shape'])}, "
+                             f"the layout says {want[0]} of rank {want[1]}")
+    return layout, meta
+
+
 def _torch_dtype(trt, trt_dtype) -> torch.dtype:
     return {
         trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16, trt.int32: torch.int32,
@@ -114,6 +136,6 @@ def from_parameters(params: dict[str, str], model_dir: Optional[str] = None, dev
         path = Path(model_dir) / path
     if not path.is_file() or not plan_meta_path(path).is_file():
         raise ValueError(f"TRT_PLAN {path} or its {plan_meta_path(path).name} not found")
-    layout, _ = read_plan_meta(path)
+    layout, _ = check_plan(path)
     check_cache_config(params, layout, path.name)
     return ExportedRuntime(TensorRTStep(path, device=device), "tensorrt")
