@@ -202,3 +202,19 @@ def test_stock_tensorrt_variant_matches_the_engine(graphs, engines):
     assert configured == {t["name"] for t in meta["io"] if t["mode"] == "input"}
     assert max(meta["profile"]["images"][2][0], 0) == MAX_BATCH
     assert json.loads(json.dumps(meta["layout"]))["cache"]["policy"] == "full"
+
+
+def test_tensorrt_runtime_parameters_are_checked_before_the_engine_loads(engines, tmp_path):
+    """make_runtime("tensorrt", ...) as the Triton model calls it: a missing plan or a CACHE_CONFIG
+    other than the engine's is refused with a clear message before any GPU is needed."""
+    from stac_backend.engine.runtime import make_runtime
+
+    shutil.copy2(engines["stac"], tmp_path / "step.plan")
+    shutil.copy2(str(engines["stac"]) + ".layout.json", tmp_path / "step.plan.layout.json")
+    with pytest.raises(ValueError, match="needs the TRT_PLAN parameter"):
+        make_runtime("tensorrt", params={}, model_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="not found"):
+        make_runtime("tensorrt", params={"TRT_PLAN": "absent.plan"}, model_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="differs from the cache configuration"):
+        make_runtime("tensorrt", params={"TRT_PLAN": "step.plan", "CACHE_CONFIG": '{"policy": "full"}'},
+                     model_dir=str(tmp_path))
