@@ -24,7 +24,7 @@ import torch
 
 from ..cache import CacheConfig
 from ..model.vggt import VGGT
-from ..graph.layout import LAYOUT_METADATA_KEY, OUTPUTS, StepLayout
+from ..graph.layout import LAYOUT_METADATA_KEY, StepLayout
 from ..graph.io import input_names, output_names, read_layout  # noqa: F401 - part of this module's API
 from ..graph.onnx_ops import translation_table
 from .onnx_rewrites import slices_for_split_sequences

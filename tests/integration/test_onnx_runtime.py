@@ -13,13 +13,9 @@ weights: ``full`` and ``stac``. Checked here:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,7 +32,6 @@ from stac_backend.cache import CacheConfig  # noqa: E402
 from stac_backend.engine import Stream  # noqa: E402
 from stac_backend.engine.runtimes.onnx_runtime import OnnxRuntimeStream, OnnxStep, push_many  # noqa: E402
 from stac_backend.graph.io import read_layout  # noqa: E402
-from stac_backend.graph.layout import StepLayout  # noqa: E402
 from stac_backend.graph.op_specs import SPECS  # noqa: E402
 from stac_backend.model import OUTPUT_NAMES  # noqa: E402
 
