@@ -247,7 +247,7 @@ def build_engine(
     meta = {
         "layout": json.loads(layout.to_json()), "max_batch": max_batch, "opt_batch": opt_batch, "fp16": fp16,
         "tensorrt": f"{trt.__name__} {trt.__version__}", "onnx": onnx_path.name, "plugins": plugins,
-        "profile": {name: [list(s) for s in shapes[name]] for name in names},
+        "profile": {name: [list(s) for s in profile.get_shape(name)] for name in names},  # as TensorRT holds it
         "io": network_io(network, trt),
         "plugin_layers": {op: sum(e["op"] == op for e in layers) for op in python_ops},
         "plugin_attributes": {op: next(e["attributes"] for e in layers if e["op"] == op) for op in python_ops},

@@ -133,6 +133,38 @@ def test_creators_registered_and_plugins_survive_serialisation():
         str({"F": trt.float32, "I32": trt.int32, "I64": trt.int64}[code]) for _, code in SPECS["StacTopKKeep"][2]]
 
 
+@needs_tensorrt
+def test_format_support_is_linear_and_the_schema_dtype_at_every_position():
+    import numpy as np
+
+    from stac_backend.graph.tensorrt import load
+    from stac_backend.graph.trt_plugins import register
+
+    trt = load()
+    register(trt)
+    gamma = np.array([0.9], np.float32)
+    creator = trt.get_plugin_registry().get_creator("StacScoreDecay", "1", "stac")
+    plugin = creator.create_plugin("decay", trt.PluginFieldCollection(
+        [trt.PluginField("gamma", gamma, trt.PluginFieldType.FLOAT32)]), trt.TensorRTPhase.BUILD)
+    codes = [code for _, code in SPECS["StacScoreDecay"][1] + SPECS["StacScoreDecay"][2]]  # F, I64, F, B | F
+    types = {"F": trt.float32, "I64": trt.int64, "B": trt.bool}
+
+    def descs(dtype_at, fmt=trt.TensorFormat.LINEAR):
+        out = []
+        for pos, code in enumerate(codes):
+            d, t = trt.DynamicPluginTensorDesc(), trt.PluginTensorDesc()
+            t.type, t.format = dtype_at.get(pos, types[code]), fmt
+            d.desc = t
+            out.append(d)
+        return out
+
+    for pos in range(len(codes)):
+        assert plugin.supports_format_combination(pos, descs({}), 4)
+        wrong = trt.int32 if codes[pos] != "I32" else trt.float32
+        assert not plugin.supports_format_combination(pos, descs({pos: wrong}), 4)
+    assert not plugin.supports_format_combination(0, descs({}, trt.TensorFormat.CHW32), 4)
+
+
 def _one_node_graph(path, layers_of_hot_len: int):
     import onnx
     from onnx import TensorProto, helper
