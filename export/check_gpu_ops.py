@@ -1,6 +1,6 @@
-"""What the TensorRT JIT plugins execute, checked on a CUDA GPU without TensorRT.
+"""What the TensorRT Python plugins execute, checked on a CUDA GPU without TensorRT.
 
-The plugins (stac_backend/export/trt_plugins.py) hand TensorRT's CUDA buffers to the shared
+The plugins (stac_backend/graph/trt_plugins.py) hand TensorRT's CUDA buffers to the shared
 ``ops.*_impl`` functions (StacAttention: the engine's fused attention dispatch). This script runs
 the functional step - the same ops, on CUDA tensors - for a 20-frame stream of the tiny model and
 compares it with the torch engine on the same GPU, for full and stac; and checks the plugins'
@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
@@ -28,9 +27,9 @@ def main() -> int:
     from stac_backend.cache import CacheConfig
     from stac_backend.cache.attention import attention_with_key_mass
     from stac_backend.engine import Stream
-    from stac_backend.export.layout import StepLayout
+    from stac_backend.graph.layout import StepLayout
     from stac_backend.export.step import FunctionalStep
-    from stac_backend.export.trt_plugins import _attention
+    from stac_backend.graph.trt_plugins import _attention
 
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     dev = torch.device("cuda")

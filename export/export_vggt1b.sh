@@ -18,7 +18,7 @@ done
 extra=()
 [ "$policy" = full ] && extra=(--max-frames "${STAC_MAX_FRAMES:-16}")
 mkdir -p "$out"
-python -m stac_backend.export --preset vggt-1b "${weights[@]}" --policy "$policy" "${extra[@]}" \
+python -m stac_backend.export onnx --preset vggt-1b "${weights[@]}" --policy "$policy" "${extra[@]}" \
     --height 392 --width 518 --out "$out/${policy}_step.onnx" | tee "$out/${policy}_export.json"
 python export/run_exported.py "$out/${policy}_step.onnx" "${weights[@]}" --frames 2 --chunk 2 --threads "$(nproc)" --low-memory \
     | tee "$out/${policy}_check.json"

@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> int:
@@ -37,8 +35,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     from stac_backend.engine import Stream
-    from stac_backend.export.onnx_export import read_layout
-    from stac_backend.export.ort_runtime import OnnxRuntimeStream, OnnxStep
+    from stac_backend.engine.runtimes.onnx_runtime import OnnxRuntimeStream, OnnxStep
+    from stac_backend.graph.io import read_layout
     from stac_backend.model import build_model
 
     layout = read_layout(args.graph)

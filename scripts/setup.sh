@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
-EXTRAS="${EXTRAS:-dev,engine,serving,export,video,viewer}"
+EXTRAS="${EXTRAS:-dev,engine,serving,export,video,viewer,tensorrt}"
 
 if [ ! -x .venv/bin/python ]; then
     echo "[setup] creating .venv with $($PYTHON --version)"
@@ -21,5 +21,7 @@ if [ ! -f "$stamp" ]; then
     python -m pip install -q --upgrade pip
     python -m pip install -q "$TORCH_SPEC"
     python -m pip install -q -e ".[$EXTRAS]"
+    # TensorRT-RTX's parser opens libtensorrt_rtx.so by its unversioned name; the shim links it (once)
+    python -c "from stac_backend.graph.tensorrt import available, load; available() and load()" || true
     touch "$stamp"
 fi

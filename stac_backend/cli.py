@@ -399,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_fleet(sub)
     register_perf(sub)
+    from .export.command import add_parser as add_export, run as run_export  # stac export onnx|tensorrt|repository
+
+    add_export(sub).set_defaults(func=run_export)
     _show_defaults(parser)
     return parser
 

@@ -90,8 +90,8 @@ class Runtime(ABC):
 
 _FACTORIES: dict[str, Callable[..., Runtime] | str] = {
     "torch": "stac_backend.engine.torch_runtime:TorchRuntime",
-    "onnxruntime": "stac_backend.export.ort_runtime:OnnxRuntimeEngine.from_parameters",
-    "tensorrt": "stac_backend.export.trt_runtime:TensorRTEngine.from_parameters",
+    "onnxruntime": "stac_backend.engine.runtimes.onnx_runtime:from_parameters",
+    "tensorrt": "stac_backend.engine.runtimes.tensorrt_runtime:from_parameters",
 }
 
 

@@ -1,13 +1,17 @@
-"""Export of one streaming step to ONNX (STAC cache ops as ``stac`` custom nodes) and the runtimes
-that execute the exported graph (ONNX Runtime here; TensorRT where it is installed).
+"""Graph export and engine building (the ``stac export`` command, ``command.py``).
 
-- ``layout.StepLayout``: the explicit fixed-budget state of a stream, per policy.
-- ``ops``: the ``stac::`` custom ops (torch) and their shared eager implementations.
-- ``step.FunctionalStep``: the step as a pure function of that state (what is exported).
-- ``onnx_export.export_step``: torch -> ONNX (opset 18, dynamic chunk size, external data).
-- ``ort_runtime.OnnxRuntimeStream``: a stream that runs the exported graph with ONNX Runtime.
+- ``onnx_export.export_step``: one streaming step -> ONNX (opset 18, dynamic batch and chunk,
+  external data), the STAC cache operations as ``stac`` nodes; ``step.FunctionalStep`` is the
+  module that is traced, ``onnx_rewrites`` keeps the graph parsable by TensorRT.
+- ``trt_build.build_engine``: a TensorRT engine of an exported graph (``tensorrt`` or
+  ``tensorrt_rtx``), with the stac plugins; ``trt_aot`` / ``trt_aot_plugins``: compiled kernels for
+  datacenter TensorRT's ``tensorrt.plugin``; ``trt_repository``: the deployment build.
+- ``triton_variant``: model configs for Triton's own onnxruntime / tensorrt backends.
+
+What export shares with the runtimes (state layout, custom ops, plugins) is in ``stac_backend.graph``;
+the runtimes that execute an exported graph are in ``stac_backend.engine.runtimes``.
 """
 
-from .layout import StepLayout
+from ..graph.layout import StepLayout
 
 __all__ = ["StepLayout"]

@@ -24,22 +24,16 @@ import torch
 
 from ..cache import CacheConfig
 from ..model.vggt import VGGT
-from .layout import LAYOUT_METADATA_KEY, OUTPUTS, StepLayout
-from .onnx_ops import translation_table
+from ..graph.layout import LAYOUT_METADATA_KEY, StepLayout
+from ..graph.io import input_names, output_names, read_layout  # noqa: F401 - part of this module's API
+from ..graph.onnx_ops import translation_table
+from .onnx_rewrites import slices_for_split_sequences
 from .step import FunctionalStep, traceable
 
 log = logging.getLogger("stac.export")
 OPSET = 18
 # Small, distinct sizes for the dynamic budget axes of the example state (the graph is generic in them).
 _EXAMPLE_BUDGET = {"kv_tokens": 7, "hot_tokens": 11, "ret_tokens": 5, "voxels": 6, "cam_frames": 3}
-
-
-def input_names(layout: StepLayout) -> list[str]:
-    return ["images", "frame_offset"] + ["in_" + n for n in layout.state_names()]
-
-
-def output_names(layout: StepLayout) -> list[str]:
-    return list(OUTPUTS) + ["out_" + n for n in layout.state_names()]
 
 
 def _example(layout: StepLayout, batch: int, chunk: int):
@@ -104,6 +98,7 @@ def export_step(
             custom_translation_table=translation_table(), optimize=optimize, verbose=False,
         )
     proto = program.model_proto
+    slices_for_split_sequences(proto.graph)  # TensorRT takes no ONNX sequences
     _annotate(proto, layout)
     for stale in (path, path.with_name(path.name + ".data")):
         stale.unlink(missing_ok=True)
@@ -123,13 +118,3 @@ def _annotate(proto: onnx.ModelProto, layout: StepLayout) -> None:
     proto.producer_name = "stac_backend.export"
     proto.doc_string = (f"One streaming step of a VGGT-family model with the {layout.policy!r} cache policy; "
                         "state in via in_*, out via out_*; stac-domain nodes are TensorRT plugins (namespace stac).")
-
-
-def read_layout(model: Union[str, Path, onnx.ModelProto]) -> StepLayout:
-    """The StepLayout recorded in an exported graph (loads no weights)."""
-    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
-    for entry in proto.metadata_props:
-        if entry.key == LAYOUT_METADATA_KEY:
-            return StepLayout.from_json(entry.value)
-    raise ValueError(f"{model if not isinstance(model, onnx.ModelProto) else 'model'} has no {LAYOUT_METADATA_KEY} "
-                     "metadata: not a stac step graph")

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from ..model.pose import pose_encoding_to_extri_intri
 from ..model.vggt import VGGT
-from . import ops  # noqa: F401 - registers torch.ops.stac.*
-from .layout import StepLayout
+from ..graph import ops  # noqa: F401 - registers torch.ops.stac.*
+from ..graph.layout import StepLayout
 
 
 def compact(x: Tensor, keep: Tensor, capacity: int, dim: int, fill: float = 0.0) -> Tensor:
@@ -244,7 +244,7 @@ class FunctionalStep(nn.Module):
 
 
 def layout_outputs() -> tuple[str, ...]:
-    from .layout import OUTPUTS
+    from ..graph.layout import OUTPUTS
 
     return OUTPUTS
 

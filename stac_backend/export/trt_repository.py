@@ -1,23 +1,20 @@
-"""Build the TensorRT engine for a rendered model repository (docker-compose ``prepare`` step).
+"""Build the TensorRT engine of a rendered model repository (what the deployment hook runs).
 
-NOT EXERCISED HERE (no TensorRT on the project's machines). Inside the NGC-based image:
-
-    python3 -m stac_backend.export.trt_repository /models [--height 392 --width 518 --max-batch 4] [--plugins aot|jit]
+    stac export repository /models [--height 392 --width 518 --max-batch 4] [--plugins python|aot]
 
 1. reads ``<repo>/stac/config.pbtxt`` parameters (PRESET, CHECKPOINT, CACHE_CONFIG, ...);
 2. exports the step graph of that model and cache to ``<repo>/stac/tensorrt/step.onnx`` (+ .data);
-3. builds ``<repo>/stac/tensorrt/step.plan`` (stac plugins: ``trt_plugins``);
+3. builds ``<repo>/stac/tensorrt/step.plan`` with the stac plugins (``tensorrt`` or ``tensorrt_rtx``);
 4. switches the model to it: parameters RUNTIME=tensorrt, TRT_PLAN=tensorrt/step.plan.
-Exit status non-zero on any failure (the deployment then stops before Triton starts).
+Any failure raises (the command exits non-zero and the deployment stops before Triton starts).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 from pathlib import Path
+from typing import Optional
 
 _PARAM = re.compile(r'^parameters: \{ key: "(?P<key>[A-Z_]+)" value: \{ string_value: (?P<value>".*") \} \}$', re.M)
 
@@ -34,19 +31,9 @@ def set_parameters(config_text: str, values: dict[str, str]) -> str:
     return config_text
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("repository", type=Path)
-    parser.add_argument("--model", default="stac")
-    parser.add_argument("--height", type=int, default=392)
-    parser.add_argument("--width", type=int, default=518)
-    parser.add_argument("--max-frames", type=int, default=None, help="full policy: frames a stream may hold")
-    parser.add_argument("--max-batch", type=int, default=4)
-    parser.add_argument("--fp16", action="store_true")
-    parser.add_argument("--plugins", choices=["aot", "jit"], default="aot",
-                        help="aot: compiled kernels for StacAttention/StacScoreDecay (the rest JIT); jit: all JIT")
-    args = parser.parse_args(argv)
-
+def build_repository_engine(repository: Path, *, model: str = "stac", height: int = 392, width: int = 518,
+                            max_frames: Optional[int] = None, max_batch: int = 4, fp16: bool = False,
+                            plugins: str = "python") -> Path:
     import torch
 
     from ..cache import CacheConfig
@@ -54,22 +41,19 @@ def main(argv=None) -> int:
     from .onnx_export import export_step
     from .trt_build import build_engine
 
-    model_dir = args.repository / args.model
+    model_dir = Path(repository) / model
     config_path = model_dir / "config.pbtxt"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: render the repository first")
     params = read_parameters(config_path.read_text())
     checkpoint = params.get("CHECKPOINT", "")
     if checkpoint and not Path(checkpoint).is_absolute():
         checkpoint = str(model_dir / checkpoint)
-    model = build_model(params.get("PRESET") or None, checkpoint=checkpoint or None, dtype=torch.float32)
+    network = build_model(params.get("PRESET") or None, checkpoint=checkpoint or None, dtype=torch.float32)
     cache = CacheConfig.from_dict(json.loads(params.get("CACHE_CONFIG", "") or "{}"))
     out = model_dir / "tensorrt"
-    onnx_path = export_step(model, cache, out / "step.onnx", height=args.height, width=args.width, max_frames=args.max_frames)
-    del model
-    build_engine(onnx_path, out / "step.plan", max_batch=args.max_batch, fp16=args.fp16, plugins=args.plugins)
+    onnx_path = export_step(network, cache, out / "step.onnx", height=height, width=width, max_frames=max_frames)
+    del network
+    plan = build_engine(onnx_path, out / "step.plan", max_batch=max_batch, fp16=fp16, plugins=plugins)
     config_path.write_text(set_parameters(config_path.read_text(), {"RUNTIME": "tensorrt", "TRT_PLAN": "tensorrt/step.plan"}))
-    print(f"[tensorrt] {out / 'step.plan'} built; {config_path} now uses RUNTIME=tensorrt", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return plan

@@ -130,14 +130,14 @@ def build_sessions(model_config: dict[str, Any], instance_kind: str, device_id: 
     p = read_parameters(model_config)
     runtime = (p.get("RUNTIME", "") or "torch").strip().lower()
     if runtime == "onnxruntime":  # the exported step graph (ONNX_MODEL) on ONNX Runtime, CPU
-        from ..export.ort_runtime import OnnxRuntimeEngine
+        from ..engine.runtime import make_runtime
 
-        engine = OnnxRuntimeEngine.from_parameters(p, model_dir)
+        engine = make_runtime("onnxruntime", params=p, model_dir=model_dir)
         return StreamSessions(engine, _limits(p, model_config))
     if runtime == "tensorrt":  # a TensorRT engine of the graph (TRT_PLAN), stac plugins in this process; GPU
-        from ..export.trt_runtime import TensorRTEngine
+        from ..engine.runtime import make_runtime
 
-        engine = TensorRTEngine.from_parameters(p, model_dir, device=f"cuda:{device_id}")
+        engine = make_runtime("tensorrt", params=p, model_dir=model_dir, device=f"cuda:{device_id}")
         return StreamSessions(engine, _limits(p, model_config))
     if runtime != "torch":
         raise ValueError(f"RUNTIME must be 'torch', 'onnxruntime' or 'tensorrt', got {runtime!r}")

@@ -124,12 +124,13 @@ def test_prepare_service(compose):
     assert "STAC_BUILD_TENSORRT" in svc["environment"]
     assert (ROOT / "deploy" / "prepare.py").is_file()
     hook = ROOT / "deploy" / "hooks" / "build_tensorrt_engines.sh"
-    assert hook.is_file() and "#6" in hook.read_text() and "build_repository_engines.sh" in hook.read_text()
+    assert hook.is_file() and "stac_backend.export repository" in hook.read_text()
     assert "not implemented" not in hook.read_text()
 
 
 def _fake_python(tmp_path: Path, has_tensorrt: bool) -> Path:
-    """A python3 stand-in: `-c "import tensorrt"` succeeds or not; anything else prints its arguments."""
+    """A python3 stand-in: `-c "...load()"` (is a TensorRT package importable?) succeeds or not;
+    anything else prints its arguments."""
     fake = tmp_path / "python3"
     fake.write_text("#!/usr/bin/env bash\n"
                     f'if [[ "$1" == -c ]]; then exit {0 if has_tensorrt else 1}; fi\n'
@@ -139,22 +140,22 @@ def _fake_python(tmp_path: Path, has_tensorrt: bool) -> Path:
 
 
 def test_tensorrt_hook_runs_the_engine_build(tmp_path):
-    """The hook checks for tensorrt, then runs plugins/tensorrt/build_repository_engines.sh, which runs
-    the repository build module with the STAC_TRT_* options (TensorRT itself is not installable here)."""
+    """The hook checks that a TensorRT package is importable, then runs `stac export repository` with
+    the STAC_TRT_* options (the build itself is tested in tests/unit/test_tensorrt_build.py)."""
     hook = ROOT / "deploy" / "hooks" / "build_tensorrt_engines.sh"
     env = {"PATH": os.environ["PATH"], "STAC_PYTHON": str(_fake_python(tmp_path, True)), "STAC_TRT_MAX_BATCH": "2",
            "STAC_TRT_MAX_FRAMES": "16", "STAC_TRT_PLUGINS": "jit", "STAC_TRT_FP16": "1"}
     done = subprocess.run(["bash", str(hook), "/models"], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     args = done.stdout.split("ARGS ", 1)[1].split()
-    assert args[:3] == ["-m", "stac_backend.export.trt_repository", "/models"]
-    options = " ".join(args[3:])
-    for expected in ("--height 392", "--width 518", "--max-batch 2", "--plugins jit", "--max-frames 16", "--fp16"):
+    assert args[:4] == ["-m", "stac_backend.export", "repository", "/models"]
+    options = " ".join(args[4:])
+    for expected in ("--height 392", "--width 518", "--max-batch 2", "--plugins python", "--max-frames 16", "--fp16"):
         assert expected in options, options
     (tmp_path / "without").mkdir()
     env["STAC_PYTHON"] = str(_fake_python(tmp_path / "without", False))
     done = subprocess.run(["bash", str(hook), "/models"], env=env, capture_output=True, text=True, timeout=30)
-    assert done.returncode == 3 and "tensorrt Python module is not importable" in done.stderr
+    assert done.returncode == 3 and "no TensorRT Python package is importable" in done.stderr
 
 
 def test_nginx_service_and_proxy_config(compose):
@@ -296,8 +297,8 @@ def test_prepare_refuses_a_mismatched_or_missing_checkpoint(tmp_path, monkeypatc
     assert not (repo / "stac" / "config.pbtxt").exists()
     with pytest.raises(FileNotFoundError, match="not found"):
         prepare.main(["--repository", str(repo), "--checkpoint-dir", str(source), "--checkpoint-file", "absent.safetensors"])
-    monkeypatch.setenv("STAC_BUILD_TENSORRT", "1")  # asked for without an importable tensorrt: fail loudly
-    monkeypatch.setenv("STAC_PYTHON", sys.executable)  # this venv: no tensorrt (not installable here)
+    monkeypatch.setenv("STAC_BUILD_TENSORRT", "1")  # asked for without an importable TensorRT: fail loudly
+    monkeypatch.setenv("STAC_PYTHON", str(_fake_python(tmp_path, False)))
     with pytest.raises(subprocess.CalledProcessError):
         prepare.main(["--repository", str(repo), "--checkpoint-dir", str(source), "--checkpoint-file", "tiny.safetensors",
                       "--preset", ""])

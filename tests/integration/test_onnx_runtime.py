@@ -1,7 +1,7 @@
 """The exported step graph (tiny model, 56x84) on ONNX Runtime with the stac custom ops.
 
 Two graphs are exported once per run, in parallel child processes through the command line
-(``python -m stac_backend.export``), and cached in pytest's cache keyed by the sources and the
+(``stac export onnx``, ``tests/exported_graphs.py``), and cached in pytest's cache keyed by the sources and the
 weights: ``full`` and ``stac``. Checked here:
 - the graph: opset, ``stac``-domain nodes named like the TensorRT plugins, with their attributes
   and plugin_namespace/plugin_version; dynamic batch, chunk and budget axes;
@@ -13,13 +13,9 @@ weights: ``full`` and ``stac``. Checked here:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,49 +30,18 @@ import onnx  # noqa: E402
 
 from stac_backend.cache import CacheConfig  # noqa: E402
 from stac_backend.engine import Stream  # noqa: E402
-from stac_backend.export.layout import StepLayout  # noqa: E402
-from stac_backend.export.onnx_export import read_layout  # noqa: E402
-from stac_backend.export.onnx_ops import SPECS  # noqa: E402
-from stac_backend.export.ort_runtime import OnnxRuntimeStream, OnnxStep, push_many  # noqa: E402
-from stac_backend.model import OUTPUT_NAMES, save_checkpoint  # noqa: E402
+from stac_backend.engine.runtimes.onnx_runtime import OnnxRuntimeStream, OnnxStep, push_many  # noqa: E402
+from stac_backend.graph.io import read_layout  # noqa: E402
+from stac_backend.graph.op_specs import SPECS  # noqa: E402
+from stac_backend.model import OUTPUT_NAMES  # noqa: E402
 
 from conftest import make_tiny_model  # noqa: E402
+from exported_graphs import GRAPHS, H, W, export_graphs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-H, W = 56, 84
 TOL = 1e-4
 COMPARED = [n for n in OUTPUT_NAMES if n != "intrinsics"]  # intrinsics derive from pose_enc (compared)
-POLICIES = {
-    "full": ({"policy": "full"}, 20),
-    # small voxels and no confidence bar: a random model's points fill several voxels; retrieval from frame 8
-    "stac": ({"policy": "stac", "retrieval_start_frame": 8, "voxel_size": 0.01, "conf_threshold": 0.0,
-              "max_voxels": 64, "retrieve_before_prune": False, "pool_carry_slots": 0}, None),  # the exported order
-}
-
-
-def _fingerprint(checkpoint: Path, extra: str) -> str:
-    h = hashlib.sha256(extra.encode())
-    exporter = ("__main__.py", "layout.py", "onnx_export.py", "onnx_ops.py", "ops.py", "step.py")
-    for folder in ("export", "model", "cache"):
-        for path in sorted((ROOT / "stac_backend" / folder).glob("*.py")):
-            if folder == "export" and path.name not in exporter:
-                continue  # the runtimes do not change the exported file
-            h.update(path.name.encode())
-            h.update(path.read_bytes())
-    h.update(checkpoint.read_bytes())
-    for mod in ("torch", "onnx", "onnxscript"):
-        h.update(__import__(mod).__version__.encode())
-    return h.hexdigest()[:16]
-
-
-def _export_command(checkpoint: Path, policy: str, out: Path) -> list[str]:
-    cache, max_frames = POLICIES[policy]
-    cmd = [sys.executable, "-m", "stac_backend.export", "--checkpoint", str(checkpoint), "--policy", policy,
-           "--cache-config", json.dumps({k: v for k, v in cache.items() if k != "policy"}), "--height", str(H),
-           "--width", str(W), "--no-optimize", "--out", str(out)]
-    if max_frames:
-        cmd += ["--max-frames", str(max_frames)]
-    return cmd
+POLICIES = {name: GRAPHS[name][:2] for name in ("full", "stac")}
 
 
 @pytest.fixture(scope="module")
@@ -87,28 +52,7 @@ def model():
 @pytest.fixture(scope="module")
 def graphs(model, tmp_path_factory, request) -> dict[str, Path]:
     """Exported graphs per policy (in parallel, cached across runs by content)."""
-    work = tmp_path_factory.mktemp("onnx")
-    checkpoint = work / "tiny.safetensors"
-    save_checkpoint(model, checkpoint)
-    cache = getattr(request.config, "cache", None)  # absent with -p no:cacheprovider
-    cache_dir = Path(cache.mkdir("stac-onnx-export")) if cache is not None else work
-    paths, jobs = {}, {}
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    for policy in POLICIES:
-        key = _fingerprint(checkpoint, f"{policy}{POLICIES[policy]}{H}x{W}")
-        cached = cache_dir / f"{policy}-{key}.onnx"
-        paths[policy] = cached
-        if not cached.exists():
-            out = work / f"{policy}.onnx"
-            jobs[policy] = (subprocess.Popen(_export_command(checkpoint, policy, out), env=env, cwd=ROOT,
-                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out)
-    for policy, (proc, out) in jobs.items():
-        log, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"export of {policy} failed:\n{log[-4000:]}"
-        summary = json.loads(log[log.rindex("\n{\n") + 1 :])
-        assert summary["stac_nodes"]["StacAttention"] == model.config.depth
-        shutil.copy2(out, paths[policy])
-    return paths
+    return export_graphs(POLICIES, model, tmp_path_factory.mktemp("onnx"), request)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +99,7 @@ def test_graph_has_stac_plugin_nodes_and_dynamic_axes(graphs, model):
     assert read_layout(graphs["stac"]).cache == CacheConfig.from_dict(POLICIES["stac"][0])
     full = onnx.load(str(graphs["full"]))
     assert {n.op_type for n in full.graph.node if n.domain == "stac"} == {"StacAttention"}
-    onnx.checker.check_model(proto)  # the stac schemas are registered by stac_backend.export.onnx_ops
+    onnx.checker.check_model(proto)  # the stac schemas are registered by stac_backend.graph.onnx_ops
 
 
 # ---------------------------------------------------------------------- equivalence
@@ -209,43 +153,28 @@ def test_streams_batched_in_one_call_equal_solo_runs(graphs, frames20):
     assert np.abs(torch.cat([o["pose_enc"] for o in got_a]).numpy() - solo[0]["pose_enc"][4:].numpy()).max() <= 1e-5
 
 
-class _TorchFacingStep:
-    """An ONNX Runtime step behind the TensorRT step's interface (torch tensors in and out), so the
-    TensorRT stream adapter's bookkeeping runs on CPU without TensorRT."""
-
-    def __init__(self, step: OnnxStep):
-        self._step, self.layout, self.state_names = step, step.layout, step.state_names
-        self.device, self.max_batch = torch.device("cpu"), 2
-
-    def run(self, images, offsets, state):
-        outs, new = self._step.run(images.numpy(), offsets.numpy(), {k: v.numpy() for k, v in state.items()})
-        return ({k: torch.from_numpy(v) for k, v in outs.items()}, {k: torch.from_numpy(v) for k, v in new.items()})
-
-
-def test_tensorrt_stream_adapter_matches_onnx_runtime_streams(graphs, frames20):
-    from stac_backend.export import trt_runtime
-
+def test_batches_are_split_at_the_executors_max_batch(graphs, frames20):
+    """The one stream adapter (TensorRT uses it too): three streams, max_batch 2 -> two calls, each
+    stream's outputs and frame numbering equal its solo run."""
     step = OnnxStep(graphs["stac"], threads=1)
-    views = [frames20[:8], frames20[4:12], frames20[8:16]]  # three streams; max_batch 2 splits the call
+    views = [frames20[:8], frames20[4:12], frames20[8:16]]
     want = [stream_outputs(OnnxRuntimeStream(step), v, [4, 4]) for v in views]
-    streams = [trt_runtime.TensorRTStream.__new__(trt_runtime.TensorRTStream) for _ in views]
-    for s in streams:
-        trt_runtime.ExportedStream.__init__(s, _TorchFacingStep(step), torch.device("cpu"))
+    step.max_batch = 2
+    streams = [OnnxRuntimeStream(step) for _ in views]
     got = [[], [], []]
     for c in range(2):
-        outs = trt_runtime.push_many(streams, [s.validate(v[4 * c : 4 * c + 4]) for s, v in zip(streams, views)])
+        outs = push_many(streams, [s.validate(v[4 * c : 4 * c + 4]) for s, v in zip(streams, views)])
         for g, out in zip(got, outs):
             g.append(out)
     for g, w in zip(got, want):
         assert torch.equal(torch.cat([o["frame_index"] for o in g]), torch.arange(8))
-        assert np.abs(torch.cat([o["depth"] for o in g]).numpy() - w["depth"].numpy()).max() <= 1e-5
-    assert all(s.frames_seen == 8 and s.memory_bytes() == s.memory_bound() for s in streams)
+        assert (torch.cat([o["depth"] for o in g]) - w["depth"]).abs().max() <= 1e-5
 
 
 def test_bad_input_is_refused_without_touching_the_stream(graphs, frames20):
     stream = OnnxRuntimeStream(OnnxStep(graphs["full"], threads=1))
     stream.push(frames20[:4])
-    before = {k: v.copy() for k, v in stream.state.items()}
+    before = {k: v.clone() for k, v in stream.state.items()}
     with pytest.raises(ValueError, match="56x84"):
         stream.push(torch.rand(2, 3, 42, 84))
     with pytest.raises(ValueError, match="at most 4 frames"):
@@ -257,7 +186,7 @@ def test_bad_input_is_refused_without_touching_the_stream(graphs, frames20):
     assert stream.frames_seen == 20
     stream.reset()
     assert stream.memory_bytes() == 0 and stream.push(frames20[:4])["frame_index"].tolist() == [0, 1, 2, 3]
-    assert all(np.array_equal(before[k], v, equal_nan=True) for k, v in stream.state.items())
+    assert all(torch.equal(before[k], v) or torch.allclose(before[k], v, equal_nan=True) for k, v in stream.state.items())
 
 
 # ---------------------------------------------------------------------- Triton (Python backend, RUNTIME=onnxruntime)
@@ -266,7 +195,7 @@ def test_triton_serves_the_graph_with_onnxruntime(graphs, model, tmp_path):
         pytest.skip("serving extras not installed")
     from stac_backend.client import StacClient
     from stac_backend.serving.repository import ServeSettings, write_repository
-    from stac_backend.tools.tritonserver import TritonServer
+    from stac_backend.serving.tritonserver import TritonServer
 
     layout = read_layout(graphs["stac"])
     settings = ServeSettings(preset="", device="cpu", instance_kind="KIND_CPU", cache_config=layout.cache.to_dict(),

@@ -8,9 +8,9 @@ import torch
 
 from stac_backend.cache import CacheConfig
 from stac_backend.engine import Stream
-from stac_backend.export.layout import StepLayout
-from stac_backend.export.ops import PLUGIN_NAMES
 from stac_backend.export.step import FunctionalStep, compact
+from stac_backend.graph.layout import StepLayout
+from stac_backend.graph.ops import PLUGIN_NAMES
 from stac_backend.model import OUTPUT_NAMES
 
 from conftest import make_tiny_model

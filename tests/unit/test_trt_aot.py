@@ -102,7 +102,7 @@ _INTERPRETER_CHECK = r"""
 import os
 import torch
 from stac_backend.export import trt_aot
-from stac_backend.export.ops import attention_impl, score_decay_impl
+from stac_backend.graph.ops import attention_impl, score_decay_impl
 dev = os.environ.get("STAC_CHECK_DEVICE", "cpu")
 g = torch.Generator().manual_seed(0)
 worst = 0.0
@@ -161,8 +161,8 @@ def test_kernels_match_the_reference_ops_on_cuda():
 
 
 def test_aot_impls_against_a_tensorrt_stand_in(monkeypatch):
-    """register() defines aot_impl for exactly trt_aot.AOT_OPS, with the JIT impls kept, and what
-    they return is (name, PTX, launch params from the plan, int32 extra args)."""
+    """The datacenter-only AOT definitions cover exactly trt_aot.AOT_OPS, and what their aot_impl
+    returns is (name, PTX, launch params from the plan, int32 extra args)."""
     import torch
     import torch._dynamo  # noqa: F401 - before the stand-in (it probes for tensorrt)
 
@@ -194,24 +194,24 @@ def test_aot_impls_against_a_tensorrt_stand_in(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
     monkeypatch.setenv("STAC_TRT_AOT_ARCH", "90")
-    from stac_backend.export import trt_plugins
+    from stac_backend.export import trt_aot_plugins
 
-    monkeypatch.setattr(trt_plugins, "_registered", False)
-    trt_plugins.register()
-    assert sorted(op for op, pid in trt_plugins.PLUGIN_IDS.items() if "aot" in registered[pid]) == sorted(trt_aot.AOT_OPS)
-    assert all("impl" in registered[pid] for pid in trt_plugins.PLUGIN_IDS.values())  # JIT fallback kept
+    trt_aot_plugins._define(trt, trtp)
+    ids = {op: f"stac::{op}" for op in trt_aot.AOT_OPS}
+    assert sorted(registered) == sorted(ids.values())
+    assert all({"desc", "aot"} <= set(registered[pid]) for pid in ids.values())
 
     B, H, M, N, D = 2, 4, 37, 91, 64
     f32 = torch.float32
     args = [Desc((B, H, M, D), f32), Desc((B, H, N, D), f32), Desc((B, H, N, D), f32), Desc((B, H, N), f32),
             Desc((B, H, N), torch.bool)]
-    name, ptx, params, extra = registered[trt_plugins.PLUGIN_IDS["StacAttention"]]["aot"](*args, 1, outputs=())
+    name, ptx, params, extra = registered[ids["StacAttention"]]["aot"](*args, 1, outputs=())
     assert name == b"attention_mass_kernel" and b".entry attention_mass_kernel(" in ptx and b"sm_90a" in ptx
     assert (params.grid_x, params.grid_y, params.grid_z) == (B * H, 1, 1) and params.block_x == 128
     assert extra == (("i32", H), ("i32", M), ("i32", N))
-    name, _, params, _ = registered[trt_plugins.PLUGIN_IDS["StacAttention"]]["aot"](*args, 0, outputs=())
+    name, _, params, _ = registered[ids["StacAttention"]]["aot"](*args, 0, outputs=())
     assert name == b"attention_out_kernel" and (params.grid_x, params.grid_y) == (1, B * H)
-    decay = registered[trt_plugins.PLUGIN_IDS["StacScoreDecay"]]["aot"]
+    decay = registered[ids["StacScoreDecay"]]["aot"]
     name, _, params, extra = decay(Desc((B, 3, H, 11), f32), Desc((B, 3), torch.int64), Desc((B, 3, H, 23), f32),
                                    Desc((B, 3, H, 5), torch.bool), 0.9, outputs=())
     assert name == b"score_decay_kernel" and params.grid_x == B * 3 * H and extra[-1] == ("i32", 23 - 11 - 5)
@@ -222,7 +222,7 @@ def test_mark_aot_nodes(tmp_path):
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
-    from stac_backend.export import onnx_ops  # noqa: F401 - registers the stac schemas
+    from stac_backend.graph import onnx_ops  # noqa: F401 - registers the stac schemas
     from stac_backend.export.trt_build import mark_aot_nodes, plugin_ops
 
     plugin = {"plugin_namespace": "stac", "plugin_version": "1"}
@@ -234,8 +234,8 @@ def test_mark_aot_nodes(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("stac", 1)]), path)
     marked = mark_aot_nodes(path)
     assert marked.name == "step.aot.onnx"
-    assert plugin_ops(marked) == {"aot_ops": ["StacAttention"], "jit_ops": ["StacRetrieve"]}
-    assert plugin_ops(path) == {"aot_ops": [], "jit_ops": ["StacAttention", "StacRetrieve"]}
+    assert plugin_ops(marked) == {"aot_ops": ["StacAttention"], "python_ops": ["StacRetrieve"]}
+    assert plugin_ops(path) == {"aot_ops": [], "python_ops": ["StacAttention", "StacRetrieve"]}
     ctx = onnx.checker.C.CheckerContext()
     ctx.ir_version, ctx.opset_imports = onnx.IR_VERSION, {"": 18, "stac": 1}
     onnx.checker.check_node(onnx.load(marked).graph.node[0], ctx)  # the stac schema knows the aot attribute

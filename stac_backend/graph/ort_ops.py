@@ -24,7 +24,8 @@ import onnx
 import torch
 
 from . import ops
-from .onnx_ops import DOMAIN, SPECS
+from .onnx_ops import DOMAIN
+from .op_specs import SPECS
 
 ORT_DOMAIN = "ai.onnx.contrib"
 _lock = threading.Lock()
@@ -40,8 +41,7 @@ def _np_types():
 def _attr_types():
     from onnxruntime_extensions import PyCustomOpDef as D
 
-    A = onnx.defs.OpSchema.AttrType
-    return {A.INT: D.dt_int64, A.FLOAT: D.dt_float, A.INTS: D.dt_string, A.STRING: D.dt_string}
+    return {"INT": D.dt_int64, "FLOAT": D.dt_float, "INTS": D.dt_string}
 
 
 def _t(a: np.ndarray) -> torch.Tensor:
