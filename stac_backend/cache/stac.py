@@ -91,6 +91,10 @@ class StacCache(HeavyHitterCache):
 
     # ------------------------------------------------------------------ sizes
     def retrieved_bytes_bound(self, tokens_per_frame: int) -> int:
+        """Most bytes the retrieved tokens hold: ``retrieval`` x ``tokens_per_frame`` slots per layer
+        and head, as the reference's. Only pivots are retrieved and only patch tokens have a
+        position, but pivots come from many frames: a pool with enough pivots near the recent
+        window fills every slot, special tokens' share included."""
         g = self.geometry
         per_token = 2 * g.head_dim * g.element_size + 4 + 1  # k, v, bias float32, valid bool
         return g.num_layers * g.num_heads * self.config.retrieval * tokens_per_frame * per_token
@@ -275,10 +279,11 @@ class StacCache(HeavyHitterCache):
         pool_state = {name[5:]: t for name, t in state.items() if name.startswith("pool_") and name != "pool_max_voxels"}
         super().import_state({n: t for n, t in state.items() if n not in own and not n.startswith("pool_")})
         dev = self.geometry.device
-        for i, n in enumerate(state["ret_len"].tolist()):
-            if n:
-                self.retrieved[i] = tuple(state[name][i, :, :n].to(dev).clone()
-                                          for name in ("ret_k", "ret_v", "ret_bias", "ret_valid"))
+        # Every layer of the last retrieval, an empty one (T = 0) included: the exported state and
+        # the stats read the same after the import.
+        names = ("ret_k", "ret_v", "ret_bias", "ret_valid")
+        self.retrieved = {i: tuple(state[name][i, :, :n].to(dev).clone() for name in names)
+                          for i, n in enumerate(state["ret_len"].tolist())}
         for name in self._COUNTERS:
             setattr(self, name, int(state[name]))
         self._queued_step = self.steps
