@@ -74,23 +74,29 @@ def test_bound_is_the_peak_a_long_stream_reaches(policy):
     assert cache.stats()["evicted_tokens"] > 0
 
 
-def test_stac_bound_parts_are_each_reached():
-    """Retrieval at its budget and the pool at its voxel cap both happen (the hot store's peak,
-    during attention, is in the test above: the whole bound is reached).
+@pytest.mark.parametrize("changes", [{}, {"max_voxels": 3}, {"max_voxels": 1, "include_buffer": True}])
+def test_stac_bound_parts_are_each_reached(changes):
+    """Retrieval at its budget and the pool at its voxel cap both happen, and the whole bound is
+    the stream's peak (the hot store peaks during attention).
 
     Retrieval returns pivots only, yet its budget counts every token of a frame (special ones
     too, as the reference's ``retrieval x tokens per frame`` slots): the pivots come from many
-    frames' patches, so a pool that holds enough pivots near the recent window fills it."""
-    cache = make_cache(config("stac"), GEOMETRY)
-    retrieved, pool = [], []
+    frames' patches, so a pool that holds enough pivots near the recent window fills it. A pool
+    too small for the budget (3 voxels x 2 pivots < 7 slots; 1 x (2 pivots + 1 buffered)) bounds
+    the retrieval by what it can hold."""
+    cache = make_cache(config("stac", **changes), GEOMETRY)
+    retrieved, pool, peaks = [], [], []
     for step in range(30):
-        run_steps(cache, step, 1, chunk=2)
+        run_steps(cache, step, 1, chunk=2, peaks=peaks)
         retrieved.append(sum(t.numel() * t.element_size() for r in cache.retrieved.values() for t in r))
         pool.append(cache.pool.memory_bytes())
     c = cache.config
     assert max(pool) == VoxelPool.bytes_for(c.max_voxels, L, H, D, torch.float32, c.buffer_size, c.max_pivots,
                                             c.pool_carry_slots)
-    assert max(retrieved) == cache.retrieved_bytes_bound(P)
+    assert max(retrieved) == cache.retrieved_bytes_bound(P, c.max_voxels)
+    if changes:
+        assert max(retrieved) < cache.retrieved_bytes_bound(P)  # the pool, not the slots, bounds it
+    assert max(peaks) == cache.bytes_bound(P)
     assert cache.stats()["pool_evicted_voxels"] > 0
 
 
