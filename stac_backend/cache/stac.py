@@ -18,8 +18,9 @@ On top of ``heavy_hitter``, at the end of each step, in the reference's order:
 
 A head's attention mass is rescaled by its hot keys / queries: retrieved keys are not counted.
 
-Memory is bounded: hot store (pinned + window + hh + chunk frames) + retrieved tokens + the pool's
-``max_voxels`` rows (with their carried-over tokens). Given ``memory_budget_bytes``, the pool gets
+Memory is bounded: hot store (pinned + window + hh + chunk frames) + retrieved tokens (``retrieval``
+frames' worth per layer and head, or what the pool can hold if less) + the pool's ``max_voxels``
+rows (with their carried-over tokens); each part is reached. Given ``memory_budget_bytes``, the pool gets
 what the rest leaves over. docs/stac.md relates every rule to the reference code.
 """
 
@@ -90,10 +91,20 @@ class StacCache(HeavyHitterCache):
         self._queued = []
 
     # ------------------------------------------------------------------ sizes
-    def retrieved_bytes_bound(self, tokens_per_frame: int) -> int:
-        g = self.geometry
+    def retrieved_bytes_bound(self, tokens_per_frame: int, pool_voxels: Optional[int] = None) -> int:
+        """Most bytes the retrieved tokens hold: ``retrieval`` x ``tokens_per_frame`` slots per layer
+        and head, as the reference's, or fewer where a pool of ``pool_voxels`` rows cannot hold
+        that many retrievable tokens (``max_pivots`` per row; with ``include_buffer`` also the
+        buffer, which holds at most ``buffer_size - 1`` between inserts: a full one collapses
+        into a pivot). Only pivots are retrieved and only patch tokens have a position, but
+        pivots come from many frames: a pool with enough of them near the recent window fills
+        every slot, the special tokens' share included."""
+        c, g = self.config, self.geometry
+        tokens = c.retrieval * tokens_per_frame
+        if pool_voxels is not None:
+            tokens = min(tokens, pool_voxels * (c.max_pivots + (c.buffer_size - 1 if c.include_buffer else 0)))
         per_token = 2 * g.head_dim * g.element_size + 4 + 1  # k, v, bias float32, valid bool
-        return g.num_layers * g.num_heads * self.config.retrieval * tokens_per_frame * per_token
+        return g.num_layers * g.num_heads * tokens * per_token
 
     def pool_voxels(self, tokens_per_frame: int) -> int:
         """The pool's voxel cap: the configured max_voxels, lowered to fit a memory budget."""
@@ -102,6 +113,7 @@ class StacCache(HeavyHitterCache):
         if c.memory_budget_bytes is not None:
             per_voxel = VoxelPool.bytes_for(1, g.num_layers, g.num_heads, g.head_dim, g.dtype, c.buffer_size, c.max_pivots,
                                             c.pool_carry_slots)
+            # The retrieval's share at its full slot count: the pool's size is what is being found.
             left = c.memory_budget_bytes - self.budget_reserved_bytes(tokens_per_frame) - self.retrieved_bytes_bound(tokens_per_frame)
             fits = left // per_voxel
             if fits < 1:
@@ -116,9 +128,11 @@ class StacCache(HeavyHitterCache):
 
     def bytes_bound(self, tokens_per_frame: int) -> int:
         c, g = self.config, self.geometry
-        pool = VoxelPool.bytes_for(self.pool_voxels(tokens_per_frame), g.num_layers, g.num_heads, g.head_dim, g.dtype,
-                                   c.buffer_size, c.max_pivots, c.pool_carry_slots)
-        return self.hot_bytes_bound(tokens_per_frame) + self.retrieved_bytes_bound(tokens_per_frame) + pool
+        voxels = self.pool_voxels(tokens_per_frame)
+        pool = VoxelPool.bytes_for(voxels, g.num_layers, g.num_heads, g.head_dim, g.dtype, c.buffer_size, c.max_pivots,
+                                   c.pool_carry_slots)
+        retrieved = self.retrieved_bytes_bound(tokens_per_frame, voxels)
+        return self.hot_bytes_bound(tokens_per_frame) + retrieved + pool
 
     def check_budget(self, info: StepInfo) -> None:
         if self.pool is None:
@@ -275,10 +289,11 @@ class StacCache(HeavyHitterCache):
         pool_state = {name[5:]: t for name, t in state.items() if name.startswith("pool_") and name != "pool_max_voxels"}
         super().import_state({n: t for n, t in state.items() if n not in own and not n.startswith("pool_")})
         dev = self.geometry.device
-        for i, n in enumerate(state["ret_len"].tolist()):
-            if n:
-                self.retrieved[i] = tuple(state[name][i, :, :n].to(dev).clone()
-                                          for name in ("ret_k", "ret_v", "ret_bias", "ret_valid"))
+        # Every layer of the last retrieval, an empty one (T = 0) included: the exported state and
+        # the stats read the same after the import.
+        names = ("ret_k", "ret_v", "ret_bias", "ret_valid")
+        self.retrieved = {i: tuple(state[name][i, :, :n].to(dev).clone() for name in names)
+                          for i, n in enumerate(state["ret_len"].tolist())}
         for name in self._COUNTERS:
             setattr(self, name, int(state[name]))
         self._queued_step = self.steps

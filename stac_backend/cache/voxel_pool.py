@@ -948,13 +948,13 @@ class VoxelPool:
     def export_state(self) -> dict[str, Tensor]:
         """The pool as plain tensors (copies): every ``state_specs`` tensor at the current capacity,
         plus its statistics, ``counters`` (int64, host) and ``device_counters`` (int64, the pool's
-        device). The settings (voxel size, caps, ...) are not state: a pool imports only into one
-        built with the same ones."""
+        device, one per ``INSERT_COUNTERS``). The settings (voxel size, caps, ...) are not state:
+        a pool imports only into one built with the same ones."""
         state = {name: t.clone() for name, t in self._tensors.items()}
         state["counters"] = torch.tensor([int(getattr(self, n)) for n in self._COUNTER_NAMES], dtype=torch.int64)
         device_counters = self._kernel_counts
         if device_counters is None:
-            device_counters = torch.zeros(len(INSERT_COUNTERS) + 1, dtype=torch.int64, device=self.device)
+            device_counters = torch.zeros(len(INSERT_COUNTERS), dtype=torch.int64, device=self.device)
         state["device_counters"] = device_counters.clone()
         return state
 
@@ -986,6 +986,9 @@ class VoxelPool:
         for name, value in zip(self._COUNTER_NAMES, values):
             setattr(self, name, int(value))
         device_counters = state.get("device_counters")
+        if device_counters is not None and tuple(device_counters.shape) != (len(INSERT_COUNTERS),):
+            raise ValueError(f"voxel pool state: device_counters has shape {tuple(device_counters.shape)}, "
+                             f"expected ({len(INSERT_COUNTERS)},) (one per {', '.join(INSERT_COUNTERS)})")
         self._kernel_counts = None if device_counters is None else device_counters.to(self.device).clone()
 
 
