@@ -7,7 +7,7 @@ geometry)`` the camera trunk's cache, bounded by ``config.camera_window``.
 
 from __future__ import annotations
 
-from .base import CacheGeometry, CachePolicy, StepInfo
+from .base import CacheGeometry, CachePolicy, StepInfo, geometry_of
 from .camera import CameraCache, camera_bytes_bound, camera_bytes_per_frame
 from .config import POLICIES, CacheConfig
 from .full import FullCache
@@ -36,6 +36,7 @@ __all__ = [
     "camera_bytes_per_frame",
     "CacheConfig",
     "CacheGeometry",
+    "geometry_of",
     "CachePolicy",
     "StepInfo",
     "POLICIES",

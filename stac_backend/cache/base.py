@@ -49,6 +49,17 @@ class CacheGeometry:
         return torch.empty((), dtype=self.dtype).element_size()
 
 
+def geometry_of(config, dtype: torch.dtype = torch.float32, device: str = "cpu") -> CacheGeometry:
+    """The numbers of a model the caches need, from its configuration (a ``model.ModelConfig``, read
+    by attribute so that this layer needs no import of the model): its global-attention layers and,
+    for the camera cache, the camera trunk's (iteration, block) entries and their key width
+    (2 * embed_dim)."""
+    c = config
+    entries = c.camera_iterations * c.camera_trunk_depth if c.enable_camera else 0
+    return CacheGeometry(c.depth, c.num_heads, c.head_dim, dtype, str(device), camera_entries=entries,
+                         camera_width=2 * c.embed_dim if c.enable_camera else 0)
+
+
 @dataclass
 class StepInfo:
     """What a policy may use at the end of a step."""

@@ -18,21 +18,12 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..cache import CacheConfig, CacheGeometry, CachePolicy, CameraCache, FullCache, camera_bytes_per_frame, make_cache
+from ..cache import CacheConfig, CacheGeometry, CachePolicy, CameraCache, FullCache, camera_bytes_per_frame, geometry_of, make_cache
 from ..model.config import ModelConfig
 from ..model.vggt import VGGT
 from .batch import run_batched_step
 from .frames import FrameInput, to_frame_tensor
 from .runtime import RuntimeStream
-
-
-def geometry_of(config: ModelConfig, dtype: torch.dtype = torch.float32, device: str = "cpu") -> CacheGeometry:
-    """The numbers of a model the caches need: its global-attention layers and, for the camera
-    cache, the camera trunk's (iteration, block) entries and their key width (2 * embed_dim)."""
-    c = config
-    entries = c.camera_iterations * c.camera_trunk_depth if c.enable_camera else 0
-    return CacheGeometry(c.depth, c.num_heads, c.head_dim, dtype, str(device), camera_entries=entries,
-                         camera_width=2 * c.embed_dim if c.enable_camera else 0)
 
 
 def cache_geometry(model: VGGT) -> CacheGeometry:

@@ -35,9 +35,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..cache import CacheConfig, CacheGeometry, StacCache
+from ..cache import CacheConfig, CacheGeometry, StacCache, geometry_of
 from ..cache.voxel_pool import VoxelPool
-from ..engine.stream import geometry_of
 from ..model.config import ModelConfig
 
 EXPORTED_POLICIES = ("full", "heavy_hitter", "stac")
