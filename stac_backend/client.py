@@ -20,6 +20,11 @@ only: the client reads the model's config on first use and then sends each camer
 over one bidirectional gRPC stream (opened at the stream's first chunk, closed after its END),
 one chunk at a time as before. Its ``x-stream-id`` header then travels with the gRPC stream.
 
+Ownership: the client draws a secret STREAM_KEY (128 random bits) at each stream's START and sends
+it with every chunk of that stream; the server binds the stream to it, so nobody else can feed or
+restart the stream. Pick stream ids at random (``new_stream_id()``): ids need not be secret, but a guessable
+id lets another client end its Triton sequence.
+
 Retries: only errors that mean the request never reached the model (the server was unreachable)
 are retried, at most ``retries`` times with exponential backoff. A chunk the model may already have
 consumed is never re-sent, since that would feed the same frames into the stream twice.
@@ -28,6 +33,7 @@ consumed is never re-sent, since that would feed the same frames into the stream
 from __future__ import annotations
 
 import queue
+import secrets
 import time
 from typing import Iterable, Iterator, Optional
 
@@ -48,6 +54,16 @@ OUTPUT_KEYS = {
     "CACHE_BYTES": "cache_bytes",
 }
 RETRYABLE = ("StatusCode.UNAVAILABLE",)
+
+
+def new_stream_id() -> int:
+    """A random positive 63-bit sequence id."""
+    return secrets.randbits(63) or 1
+
+
+def new_stream_key() -> np.ndarray:
+    """A secret STREAM_KEY input value: [1, 2] int64 (128 random bits)."""
+    return np.frombuffer(secrets.token_bytes(16), dtype=np.int64).reshape(1, 2).copy()
 
 
 class StreamError(RuntimeError):
@@ -77,6 +93,7 @@ class StacClient:
         self.timeout_s = timeout_s
         self.client = grpcclient.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates)
         self._decoupled: Optional[bool] = None  # read from the model's config on first use
+        self._keys: dict[int, np.ndarray] = {}  # stream id -> the key drawn at its START
         self._stream_id: Optional[int] = None  # the camera stream the open gRPC stream carries
         self._responses: "queue.Queue" = queue.Queue()
 
@@ -97,6 +114,14 @@ class StacClient:
         if unknown or not wanted:
             raise ValueError(f"unknown or no outputs {sorted(unknown)}; choose from {sorted(OUTPUT_KEYS.values())}")
         requested = [self._grpc.InferRequestedOutput(name) for name in wanted]
+        if start and int(stream_id) not in self._keys:
+            self._keys[int(stream_id)] = new_stream_key()
+        key = self._keys.get(int(stream_id))
+        if key is not None:
+            inputs.append(self._grpc.InferInput("STREAM_KEY", [1, 2], "INT64"))
+            inputs[-1].set_data_from_numpy(key)
+        if end:
+            self._keys.pop(int(stream_id), None)
         if self.decoupled():
             result = self._stream_call(int(stream_id), inputs, requested, start, end)
             return {key: result.as_numpy(name)[0] for name, key in wanted.items()}

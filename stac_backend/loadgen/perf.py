@@ -532,7 +532,7 @@ def _cmd_sweep(args) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="stac-perf-server-"))
         server = start_local_server(workdir, cache_config={"policy": "stac", "chunk": args.chunk},
                                     max_streams=max(16, 2 * config.concurrency[1]), threads=args.server_threads,
-                                    decoupled=args.local_decoupled)
+                                    decoupled=args.local_decoupled, stream_keys=False)  # perf_analyzer cannot send keys
         config.url, config.metrics_url = server.grpc_url, server.metrics_url
     try:
         summary = run_sweep(config, args.out)

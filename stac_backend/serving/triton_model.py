@@ -36,9 +36,11 @@ numpy 2.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import queue
+import secrets
 import threading
 from pathlib import Path
 from typing import Any, Optional
@@ -51,8 +53,8 @@ try:  # only importable inside Triton's Python-backend stub
 except ImportError:  # pragma: no cover - unit tests import this module without Triton
     pb_utils = None
 
-from .repository import is_decoupled
-from .sessions import FrameRequest, RequestError, StepResult
+from .sessions import INVALID_ARG, FrameRequest, RequestError, StepResult
+from .settings import is_decoupled, read_parameters, settings_from_config
 
 log = logging.getLogger("stac.triton")
 
@@ -87,10 +89,6 @@ METRICS = {
 }
 
 
-def read_parameters(model_config: dict[str, Any]) -> dict[str, str]:
-    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
-
-
 def dense_output_dtype(model_config: dict[str, Any]) -> torch.dtype:
     """The wire dtype of the dense outputs: the OUTPUT_DTYPE parameter (float32 default, or float16).
 
@@ -113,64 +111,40 @@ def dense_output_dtype(model_config: dict[str, Any]) -> torch.dtype:
 
 
 def build_sessions(model_config: dict[str, Any], instance_kind: str, device_id: int, model_dir: Optional[str]):
-    """Model + StreamSessions from the model config (no Triton imports: unit-testable).
+    """Runtime + StreamSessions from the model config (no Triton imports: unit-testable).
 
-    model_dir: the model's folder in the repository (Triton's args["model_repository"]); a
-    relative CHECKPOINT is resolved against it.
+    model_dir: the model's folder in the repository (Triton's args["model_repository"]); relative
+    CHECKPOINT / ONNX_MODEL / TRT_PLAN paths are resolved against it.
     """
-    import torch
-
-    from ..cache import CacheConfig
-    from ..engine.torch_runtime import TorchRuntime
-    from ..model import build_model
+    from ..engine.runtime import make_runtime
     from .sessions import StreamSessions
 
-    p = read_parameters(model_config)
-    runtime = (p.get("RUNTIME", "") or "torch").strip().lower()
-    if runtime == "onnxruntime":  # the exported step graph (ONNX_MODEL) on ONNX Runtime, CPU
-        from ..export.ort_runtime import OnnxRuntimeEngine
+    settings = settings_from_config(model_config, instance_kind)
+    limits = settings.limits()
+    if settings.runtime in ("onnxruntime", "tensorrt"):  # the exported step graph; options are theirs to read
+        options = {"device": f"cuda:{device_id}"} if settings.runtime == "tensorrt" else {}
+        return StreamSessions(make_runtime(settings.runtime, params=read_parameters(model_config),
+                                           model_dir=model_dir, **options), limits)
+    if settings.runtime != "torch":
+        raise ValueError(f"RUNTIME must be 'torch', 'onnxruntime' or 'tensorrt', got {settings.runtime!r}")
+    from ..cache import CacheConfig
+    from ..model import build_model
 
-        engine = OnnxRuntimeEngine.from_parameters(p, model_dir)
-        return StreamSessions(engine, _limits(p, model_config))
-    if runtime == "tensorrt":  # a TensorRT engine of the graph (TRT_PLAN), stac plugins in this process; GPU
-        from ..export.trt_runtime import TensorRTEngine
-
-        engine = TensorRTEngine.from_parameters(p, model_dir, device=f"cuda:{device_id}")
-        return StreamSessions(engine, _limits(p, model_config))
-    if runtime != "torch":
-        raise ValueError(f"RUNTIME must be 'torch', 'onnxruntime' or 'tensorrt', got {runtime!r}")
-    device = p.get("DEVICE", "auto") or "auto"
+    device = settings.device or "auto"
     if device == "auto":
-        device = f"cuda:{device_id}" if instance_kind.upper() == "GPU" and torch.cuda.is_available() else "cpu"
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[p.get("DTYPE", "float32") or "float32"]
-    checkpoint = p.get("CHECKPOINT", "")
-    if checkpoint:
-        path = Path(checkpoint)
-        if not path.is_absolute() and model_dir:
-            path = Path(model_dir) / path
-        checkpoint = str(path)
-    preset = p.get("PRESET", "") or None
+        device = f"cuda:{device_id}" if settings.instance_kind == "KIND_GPU" and torch.cuda.is_available() else "cpu"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[settings.dtype or "float32"]
+    checkpoint = settings.checkpoint
+    if checkpoint and not Path(checkpoint).is_absolute() and model_dir:
+        checkpoint = str(Path(model_dir) / checkpoint)
+    preset = settings.preset or None
     if not checkpoint and preset is None:
         preset = "tiny"
     if not checkpoint:
         log.warning("no CHECKPOINT parameter: serving random weights for preset %s", preset)
     model = build_model(preset, checkpoint=checkpoint or None, device=device, dtype=dtype)
-    cache = CacheConfig.from_dict(json.loads(p.get("CACHE_CONFIG", "") or "{}"))
-    return StreamSessions(TorchRuntime(model, cache), _limits(p, model_config))
-
-
-def _limits(p: dict[str, str], model_config: dict[str, Any]):
-    from .sessions import ServingLimits
-
-    seq = model_config.get("sequence_batching", {})
-    triton_idle_s = int(seq.get("max_sequence_idle_microseconds", 1_000_000) or 1_000_000) / 1e6
-    return ServingLimits(
-        max_streams=int(p.get("MAX_STREAMS", "16") or 16),
-        max_cache_bytes=int(p["MAX_CACHE_BYTES"]) if p.get("MAX_CACHE_BYTES") else None,
-        # Never shorter than Triton's own idle timeout: a stream Triton still considers live keeps its state.
-        idle_ttl_s=max(float(p.get("IDLE_TTL_S", "0") or 0), triton_idle_s),
-        max_image_pixels=int(p.get("MAX_IMAGE_PIXELS", str(518 * 518)) or 518 * 518),
-    )
+    runtime = make_runtime("torch", model=model, cache_config=CacheConfig.from_dict(settings.cache_config))
+    return StreamSessions(runtime, limits)
 
 
 class ResponseSender:
@@ -235,9 +209,13 @@ class TritonPythonModel:
         self.dense_dtype = dense_output_dtype(self.model_config)  # checked before the (slow) model load
         self.outputs_on_gpu = output_device(self.model_config, args.get("model_instance_kind", "CPU")) == "gpu"
         repository = args.get("model_repository")
+        _log_to_triton()
         self.sessions = build_sessions(
             self.model_config, args.get("model_instance_kind", "CPU"), int(args.get("model_instance_device_id", 0) or 0), repository
         )
+        self._release_key = secrets.token_bytes(16)  # marks this instance's own END requests (see _housekeeping)
+        self._stop = threading.Event()
+        self._housekeeper = threading.Thread(target=self._housekeeping, name="stac-housekeeping", daemon=True)
         self._metrics = {}
         self._families = []  # a MetricFamily must outlive its Metrics
         if pb_utils is not None and hasattr(pb_utils, "MetricFamily"):
@@ -248,6 +226,8 @@ class TritonPythonModel:
                 self._metrics[key] = (family.Metric(labels=labels), kind)
         self._counted = {key: 0 for key in METRICS}
         self._sender = ResponseSender() if is_decoupled(self.model_config) else None  # None: unary
+        self._wake = threading.Event()
+        self._housekeeper.start()
 
     def execute(self, requests):
         parsed = [self._parse(r) for r in requests]
@@ -262,6 +242,7 @@ class TritonPythonModel:
         decoupled = self._sender is not None
         prepared = [self._prepare(result, request, non_blocking=decoupled) for result, request in zip(results, requests)]
         self._publish_metrics()
+        self._wake.set()  # release the Triton sequences of streams this batch ended
         if not decoupled:
             return [_make_response(ready) for ready in prepared]
         ready_event = _event_after(results)
@@ -275,6 +256,8 @@ class TritonPythonModel:
         return None
 
     def finalize(self) -> None:
+        self._stop.set()
+        self._wake.set()
         if self._sender is not None:
             self._sender.close()
         self.sessions.close_all()
@@ -292,17 +275,61 @@ class TritonPythonModel:
             # The sequence batcher hands every request its correlation id; reading it from the
             # request (not the UINT64 CORRID tensor) needs no unsigned-64 DLPack support.
             corr_id = request.correlation_id()
+            key_tensor = pb_utils.get_input_tensor_by_name(request, "STREAM_KEY")
+            key = None
+            if key_tensor is not None:
+                key = _to_torch(key_tensor).reshape(-1).to(torch.int64).contiguous().numpy().tobytes()
+                if end and hmac.compare_digest(key, self._release_key):
+                    return None  # this instance's own END for a sequence it ended: nothing to do
             tensor = pb_utils.get_input_tensor_by_name(request, "FRAMES")
             if tensor is None:
-                return RequestError("missing input FRAMES (uint8 [1, frames, 3, H, W])")
-            frames = _to_torch(tensor)
+                raise RequestError("missing input FRAMES (uint8 [1, frames, 3, H, W])")
+            frames = _to_torch(tensor)  # a view of Triton's buffer: shapes are checked before any copy
             if frames.dim() != 5 or frames.shape[0] != 1:
-                return RequestError(
+                raise RequestError(
                     f"FRAMES must be [1, frames, 3, H, W] (one chunk per request), got shape {list(frames.shape)}"
                 )
-            return FrameRequest(corr_id=corr_id, start=start, end=end, frames=frames[0])
+            is_cancelled = getattr(request, "is_cancelled", None) or (lambda: False)
+            return FrameRequest(corr_id=corr_id, start=start, end=end, frames=frames[0], key=key,
+                                cancelled=is_cancelled)
         except Exception as exc:  # noqa: BLE001 - any malformed request is that client's error
-            return RequestError(f"malformed request: {exc}")
+            error = exc if isinstance(exc, RequestError) else RequestError(f"malformed request: {exc}", INVALID_ARG)
+            log.warning("stream %s: request refused (%s): %s", _corr_id(request), error.code, error)
+            return error
+
+    def _housekeeping(self) -> None:
+        """Between batches: free streams silent past the TTL, and end in Triton the sequences of streams
+        the model ended on its own (an END request to this model, marked with the instance's release
+        key), so that their sequence slots are free at once rather than after Triton's idle timeout."""
+        interval = max(0.05, min(1.0, self.sessions.limits.idle_ttl_s / 4))
+        while not self._stop.is_set():
+            self._wake.wait(interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.sessions.expire_idle()
+                for corr_id in self.sessions.take_releases():
+                    self._end_sequence(corr_id)
+            except Exception:  # noqa: BLE001 - housekeeping must outlive any single failure
+                log.exception("housekeeping failed")
+
+    def _end_sequence(self, corr_id) -> None:
+        frames_dims = next((i.get("dims") for i in self.model_config.get("input", []) if i["name"] == "FRAMES"), [])
+        height, width = (max(1, int(d)) for d in (frames_dims or [-1, 3, -1, -1])[-2:])
+        empty = torch.zeros((1, 0, 3, height, width), dtype=torch.uint8)
+        key = torch.frombuffer(bytearray(self._release_key), dtype=torch.int64).reshape(1, 2)
+        request = pb_utils.InferenceRequest(
+            model_name=self.model_config.get("name", "stac"),
+            inputs=[_from_torch("FRAMES", empty), _from_torch("STREAM_KEY", key)],
+            requested_output_names=[], correlation_id=corr_id,
+            flags=pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END,
+        )
+        if self._sender is not None:  # a decoupled model answers with a stream of responses
+            for _ in request.exec(decoupled=True):
+                pass
+        else:
+            request.exec()
 
     def _prepare(self, result, request, non_blocking: bool = False):
         """What the response will carry: None (a null request), a RequestError, or a dict of output
@@ -323,6 +350,8 @@ class TritonPythonModel:
             ready = outputs_on_host(result.outputs, names, self.dense_dtype, non_blocking=non_blocking)
         if "CACHE_BYTES" in wanted:
             ready["CACHE_BYTES"] = torch.tensor([result.cache_bytes], dtype=torch.int64)
+        if "STREAM_KEY" in wanted and result.stream_key is not None:
+            ready["STREAM_KEY"] = torch.frombuffer(bytearray(result.stream_key), dtype=torch.int64)
         return ready
 
     def _publish_metrics(self) -> None:
@@ -355,7 +384,8 @@ def _make_response(ready):
     if ready is None:  # a null request (direct strategy, idle slot): nothing to compute, nothing touched
         return pb_utils.InferenceResponse(output_tensors=[])
     if isinstance(ready, RequestError):
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(ready)))
+        code = getattr(pb_utils.TritonError, ready.code, pb_utils.TritonError.INTERNAL)
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(ready), code))
     return pb_utils.InferenceResponse(output_tensors=[_from_torch(name, value.unsqueeze(0)) for name, value in ready.items()])
 
 
@@ -441,6 +471,38 @@ def _to_torch(tensor) -> torch.Tensor:
 def _from_torch(name: str, value: torch.Tensor):
     """A host output tensor handed to Triton without a numpy round trip."""
     return pb_utils.Tensor.from_dlpack(name, to_dlpack(value))
+
+
+def _corr_id(request):
+    try:
+        return request.correlation_id()
+    except Exception:  # noqa: BLE001 - only for a log line
+        return "?"
+
+
+class _TritonLogHandler(logging.Handler):
+    """Forwards this package's log records to Triton's log (pb_utils.Logger)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+            if record.levelno >= logging.ERROR:
+                pb_utils.Logger.log_error(message)
+            elif record.levelno >= logging.WARNING:
+                pb_utils.Logger.log_warn(message)
+            else:
+                pb_utils.Logger.log_info(message)
+        except Exception:  # noqa: BLE001 - logging must never fail a request
+            pass
+
+
+def _log_to_triton() -> None:
+    root = logging.getLogger("stac")
+    if pb_utils is None or not hasattr(pb_utils, "Logger") or any(isinstance(h, _TritonLogHandler) for h in root.handlers):
+        return
+    root.addHandler(_TritonLogHandler())
+    root.setLevel(logging.INFO)
+    root.propagate = False
 
 
 def _first_flag(tensor) -> bool:

@@ -69,7 +69,7 @@ def test_perf_analyzer_smoke_sweep_has_zero_errors(tmp_path, decoupled):
     from stac_backend.loadgen.fleet import start_local_server
 
     server = start_local_server(tmp_path / "server", max_streams=16, threads=1, cache_config={"policy": "stac", "chunk": 4},
-                                decoupled=decoupled)
+                                decoupled=decoupled, stream_keys=False)
     try:
         config = SweepConfig(url=server.grpc_url, metrics_url=server.metrics_url, streams=2, steps=4, chunk=4, height=56,
                              width=84, concurrency=(1, 2, 1), sequence_id_range=(1000, 1064), measurement_mode="count_windows",

@@ -29,7 +29,7 @@ def test_checked_in_repository_is_the_rendered_production_settings():
 def test_float32_outputs_by_default():
     text = render_config(ServeSettings())
     types = output_types(text)
-    assert set(types) == set(OUTPUTS) | {"CACHE_BYTES"}
+    assert set(types) == set(OUTPUTS) | {"CACHE_BYTES", "STREAM_KEY"}
     assert "TYPE_FP16" not in text and "OUTPUT_DTYPE" not in text  # the default renders exactly as before
     assert {types[n] for n in DENSE_OUTPUTS} == {"TYPE_FP32"}
 
