@@ -8,8 +8,8 @@ or a ``RequestError`` whose message and code the client sees. The rules:
   its START sent, or else one the server draws and returns in the START's answer. Every later
   request of the stream must send it, and so must a START for a live id (which restarts it). Keys are compared in constant time; a wrong key is answered like an
   unknown stream, so ids cannot be probed.
-- A stream silent for ``idle_ttl_s`` (measured from its last answer, never while one of its requests
-  is being served) is freed.
+- A stream silent for ``idle_ttl_s`` (measured from its last answer; never while one of its requests
+  is in the batch, and the Triton model expires only while nothing waits in Triton's queue) is freed.
 - Admission: at most ``max_streams`` live streams, and the sum of their memory bounds (bounded
   policies) may not exceed ``max_cache_bytes``. A START beyond either is refused at once
   (UNAVAILABLE: retry later), never an out-of-memory crash.
@@ -109,10 +109,15 @@ class StreamSessions:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ public
-    def handle(self, requests: list[FrameRequest]) -> list[Union[StepResult, RequestError]]:
-        """Serve one batch of requests; returns a result or an error per request, in order."""
+    def handle(self, requests: list[FrameRequest], expire: bool = True) -> list[Union[StepResult, RequestError]]:
+        """Serve one batch of requests; returns a result or an error per request, in order.
+
+        expire: free silent streams first (not those with a request in this batch). A server passes
+        False while requests may be waiting in its queue (a full batch): their streams are not silent.
+        """
         with self._lock:
-            self._expire(busy={r.corr_id for r in requests})
+            if expire:
+                self._expire(busy={r.corr_id for r in requests})
             results: list[Union[StepResult, RequestError, None]] = [None] * len(requests)
             pending: list[tuple[int, Optional[_Session], object]] = []
             for i, request in enumerate(requests):
@@ -182,7 +187,7 @@ class StreamSessions:
         stale = [cid for cid, s in self.sessions.items()
                  if cid not in busy and now - s.last_used > self.limits.idle_ttl_s]
         for cid in stale:
-            log.warning("stream %s expired: no request for %.0f s (idle TTL %g s)",
+            log.warning("stream %s expired: no request for %.1f s (idle TTL %g s)",
                         cid, now - self.sessions[cid].last_used, self.limits.idle_ttl_s)
             self._close(cid, release=True)
             self.counters.expired += 1

@@ -42,6 +42,7 @@ import logging
 import queue
 import secrets
 import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -57,6 +58,7 @@ from .sessions import INVALID_ARG, FrameRequest, RequestError, StepResult
 from .settings import is_decoupled, read_parameters, settings_from_config
 
 log = logging.getLogger("stac.triton")
+IDLE_GRACE_S = 0.5  # no batch for this long: nothing waits in Triton's queue
 
 # Output tensor name -> (engine output key, wire dtype)
 OUTPUTS = {
@@ -227,14 +229,26 @@ class TritonPythonModel:
         self._counted = {key: 0 for key in METRICS}
         self._sender = ResponseSender() if is_decoupled(self.model_config) else None  # None: unary
         self._wake = threading.Event()
+        self._max_batch = max(1, int(self.model_config.get("max_batch_size", 1) or 1))
+        self._executing, self._last_batch = False, time.monotonic()
         self._housekeeper.start()
 
     def execute(self, requests):
+        self._executing = True
+        try:
+            return self._execute(requests)
+        finally:
+            self._executing = False
+            self._last_batch = time.monotonic()
+
+    def _execute(self, requests):
         parsed = [self._parse(r) for r in requests]
         ok = [i for i, p in enumerate(parsed) if isinstance(p, FrameRequest)]  # null requests are None
         results: list[Any] = list(parsed)
         if ok:
-            for i, result in zip(ok, self.sessions.handle([parsed[i] for i in ok])):
+            # A full batch means more requests may wait in Triton's queue: their streams are not silent.
+            expire = len(requests) < self._max_batch
+            for i, result in zip(ok, self.sessions.handle([parsed[i] for i in ok], expire=expire)):
                 results[i] = result
         # The outputs' copies (to the host, or to their own GPU buffers) are queued here, in execute
         # order. Unary: they are waited for before returning. Decoupled: only the sender thread waits,
@@ -308,7 +322,10 @@ class TritonPythonModel:
             if self._stop.is_set():
                 return
             try:
-                self.sessions.expire_idle()
+                # Only while Triton calls no batch (then its queue is empty): a request waiting there
+                # means its stream is not silent, however long the wait.
+                if not self._executing and time.monotonic() - self._last_batch > IDLE_GRACE_S:
+                    self.sessions.expire_idle()
                 for corr_id in self.sessions.take_releases():
                     self._end_sequence(corr_id)
             except Exception:  # noqa: BLE001 - housekeeping must outlive any single failure
