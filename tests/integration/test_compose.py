@@ -84,6 +84,10 @@ def test_triton_service(compose, name):
     assert flags["--model-control-mode"] == "none"
     assert (flags["--http-port"], flags["--grpc-port"], flags["--metrics-port"]) == ("8000", "8001", "8002")
     assert flags["--allow-metrics"] == "true"
+    for flag in ("--grpc-restricted-protocol", "--http-restricted-api"):  # admin groups need the admin key
+        groups, _, key = flags[flag].partition(":")
+        assert set(groups.split(",")) == {"shared-memory", "model-repository", "logging", "trace", "statistics"}
+        assert key.startswith("stac-admin-key=${STAC_ADMIN_KEY:?"), "no default key: compose refuses to start without one"
     assert "./model_repository:/models:ro" in svc["volumes"]
     shm = svc["shm_size"].lower()
     assert shm.endswith("gb") and int(shm[:-2]) >= 1
@@ -288,7 +292,8 @@ def test_triton_accepts_the_compose_flags(compose, tmp_path):
     from stac_backend.tools.tritonserver import TritonServer
 
     own = ("--model-repository", "--model-control-mode", "--http-port", "--grpc-port", "--metrics-port", "--log-verbose",
-           "--exit-on-error", "--strict-readiness", "--exit-timeout-secs")  # the launcher sets these itself
+           "--exit-on-error", "--strict-readiness", "--exit-timeout-secs",
+           "--grpc-restricted-protocol", "--http-restricted-api")  # the launcher sets these itself
     command = compose["services"]["triton"]["command"]
     extra = [c for c in command[1:] if not c.startswith(own)]
     assert "--disable-auto-complete-config" in extra and any(c.startswith("--backend-config=python") for c in extra)
