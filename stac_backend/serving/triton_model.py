@@ -1,37 +1,21 @@
 """The Triton Python-backend model: a thin translation between Triton requests and StreamSessions.
 
-``model_repository/stac/1/model.py`` re-exports ``TritonPythonModel`` from here. Configuration
-comes from the model config's ``parameters`` (see ``repository.py`` for the keys).
+``model_repository/stac/1/model.py`` re-exports ``TritonPythonModel`` from here; its settings come
+from the model config (``settings.py``). Frames arrive as FRAMES uint8 [1, C, 3, H, W] (one chunk of
+one stream; the leading 1 is Triton's batch dimension) and become [0, 1] floats on the model's
+device. Dense outputs travel as float32, or float16 with OUTPUT_DTYPE=float16; with OUTPUT_DEVICE=gpu
+they are handed to Triton as CUDA tensors (CUDA IPC) instead of host copies.
 
-Wire format (why uint8): frames travel as FRAMES uint8 [1, C, 3, H, W] - the camera's own 8-bit
-pixels, 4x smaller than float32 on the network and in Triton's shared memory, and unable to carry
-NaNs; conversion to [0, 1] floats happens on the model's device. The leading 1 is Triton's batch
-dimension: one request carries one chunk of one stream.
+Decoupled (``ServeSettings.decoupled``): ``execute()`` returns once a batch's step and the copies of
+its outputs are queued on the GPU; a sender thread waits for them (one CUDA event) and sends the
+responses in execute order while the next batch computes. Clients must then use gRPC streaming.
 
-Dense outputs (DEPTH, DEPTH_CONF, WORLD_POINTS, WORLD_POINTS_CONF: ~4.9 MB per 518x392 frame in
-float32) travel as float16 when the OUTPUT_DTYPE parameter says so - half the bytes over PCIe, in
-Triton's shared memory and on the network. Poses, intrinsics and FRAME_INDEX keep their types.
-With OUTPUT_DEVICE=gpu (GPU instances) the float outputs are handed over as CUDA tensors: the
-Python backend passes them to Triton by CUDA IPC and Triton copies them into the response, which
-skips this process's device-to-host copy and the copy into the backend's shared memory.
+Besides batches, a housekeeping thread expires silent streams and ends in Triton the sequences of
+streams the model ended on its own (``sessions.py``), so that their slots are free at once.
 
-With the decoupled transaction policy (``ServeSettings.decoupled``, ``stac serve --decoupled``)
-``execute()`` returns as soon as the batch's step and the copies of its outputs to the host are
-queued on the GPU, without waiting for them: a sender thread of this model waits for that batch's
-copies (one CUDA event), then builds and sends the responses (the copies into the backend's shared
-memory, and Triton's own copies into the gRPC responses), while Triton hands the model its next
-batch and the next step's kernels queue behind the current one - the GPU does not idle between
-batches while requests travel. Responses leave in the order their requests were executed, so a
-stream's results stay in order. Clients must
-then use gRPC streaming (``stream_infer``; ``StacClient`` and ``stac fleet`` do so by themselves,
-perf_analyzer needs ``--streaming``): Triton refuses unary calls to a decoupled model.
-
-Tensors cross the backend boundary only through DLPack (``to_dlpack`` / ``Tensor.from_dlpack``),
-never through ``as_numpy()`` / ``Tensor(name, ndarray)``: those numpy paths of the Python backend
-bundled with nvidia-pytriton 0.7.0 silently corrupt data when the stub's environment has numpy 2
-(measured, see serving/tritonserver.py), while DLPack works with numpy 1 and 2 alike and skips a
-host copy. So the model serves correctly from environments such as NGC/PyTorch images that ship
-numpy 2.
+Tensors cross the backend boundary only through DLPack, never through ``as_numpy()`` /
+``Tensor(name, ndarray)``: those numpy paths of the Python backend bundled with nvidia-pytriton
+0.7.0 corrupt data when the stub's environment has numpy 2, while DLPack works with numpy 1 and 2.
 """
 
 from __future__ import annotations

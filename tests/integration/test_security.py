@@ -82,6 +82,10 @@ def metric(server, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{name}(?:\{{[^}}]*\}})? ([0-9.e+]+)$", text, flags=re.M))
 
 
+def shm_bytes(server) -> int:
+    return sum(p.stat().st_size for p in Path("/dev/shm").glob(server.shm_prefix + "*"))
+
+
 def server_log(server) -> str:
     return Path(server.log_file).read_text(errors="replace")
 
@@ -141,9 +145,13 @@ def test_admin_protocols_need_the_admin_key(server, grpc):
 
 def test_sizes_the_deployment_cannot_serve_are_refused_before_the_model(server, grpc):
     failed_before = metric(server, "stac_failed_requests_total")
-    error = refused(lambda: infer(grpc, new_stream_id(), frames(1, h=H + 14), start=True, key=new_stream_key()))
-    assert error.status() == "StatusCode.INVALID_ARGUMENT" and "unexpected shape" in error.message()
-    assert metric(server, "stac_failed_requests_total") == failed_before  # Triton refused it: the model never saw it
+    shm_before = shm_bytes(server)
+    big = frames(4, h=518, w=518)  # 3.2 MB each, of a size this deployment does not serve
+    for _ in range(10):
+        error = refused(lambda: infer(grpc, new_stream_id(), big, start=True, key=new_stream_key()))
+        assert error.status() == "StatusCode.INVALID_ARGUMENT" and "unexpected shape" in error.message()
+    assert metric(server, "stac_failed_requests_total") == failed_before  # Triton refused them: the model never saw them
+    assert shm_bytes(server) == shm_before  # nothing copied into the backend's shared memory, nothing kept
     error = refused(lambda: infer(grpc, new_stream_id(), frames(BLOCKER_FRAMES + 1), start=True, key=new_stream_key()))
     assert error.status() == "StatusCode.INVALID_ARGUMENT" and "at most 64 frames" in error.message()
 

@@ -123,7 +123,7 @@ def test_unsupported_python_version_is_reported():
 
 
 def test_missing_shared_libpython_says_what_to_install(tmp_path, monkeypatch):
-    from stac_backend.serving import tritonserver as launcher
+    from stac_backend.tools import triton_install as launcher
 
     monkeypatch.setattr(launcher.sysconfig, "get_config_var", lambda name: str(tmp_path))
     monkeypatch.setattr(launcher.sys, "base_prefix", str(tmp_path))
