@@ -109,7 +109,7 @@ def render_nginx_config(c: NginxConfig) -> str:
             client_max_body_size {c.stream_max_body};
 {proxy}
         }}
-        location ~ ^/inference\.GRPCInferenceService/({"|".join(PASSED_READ_RPCS)})$ {{
+        location ~ ^/inference\\.GRPCInferenceService/({"|".join(PASSED_READ_RPCS)})$ {{
             client_max_body_size 64k;
 {proxy}
         }}
