@@ -692,7 +692,8 @@ def scrape_metrics(url: str, timeout: float = 10.0, by_label: bool = False) -> d
 def start_local_server(workdir: Path, *, device: str = "cpu", checkpoint: Optional[Path] = None,
                        threads: Optional[int] = None, max_streams: int = 64, log_callback=None,
                        http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0,
-                       extra_args: Sequence[str] = (), die_with_parent: bool = True, wait: bool = True, **settings):
+                       extra_args: Sequence[str] = (), die_with_parent: bool = True, wait: bool = True,
+                       restricted_protocols: Optional[Sequence[str]] = None, **settings):
     """``serving.repository.local_server`` with the load generator's defaults: the tiny preset on CPU
     (``device="cuda"``: a KIND_GPU instance), 64 streams; ``settings`` are ``ServeSettings`` fields
     (``cache_config``, ``idle_ttl_s``, ``decoupled``, ...). Returns the started server."""
@@ -700,10 +701,11 @@ def start_local_server(workdir: Path, *, device: str = "cpu", checkpoint: Option
     from ..serving.settings import ServeSettings
 
     settings.setdefault("preset", "" if checkpoint else "tiny")
+    options = {} if restricted_protocols is None else {"restricted_protocols": restricted_protocols}
     return local_server(ServeSettings.on_device(device, max_streams=max_streams, **settings), workdir, checkpoint,
                         threads=threads, start=wait, http_port=http_port, grpc_port=grpc_port,
                         metrics_port=metrics_port, log_callback=log_callback, extra_args=list(extra_args),
-                        die_with_parent=die_with_parent)
+                        die_with_parent=die_with_parent, **options)
 
 
 def process_tree_rss(pid: int) -> int:
