@@ -160,7 +160,7 @@ def settings_from_config(model_config: dict[str, Any], instance_kind: str = "CPU
     stream_keys = text("STREAM_KEYS", "1").lower() not in ("0", "false", "no")
     s = dataclasses.replace(
         default,
-        preset=p.get("PRESET", default.preset) if "PRESET" in p else default.preset,
+        preset=p.get("PRESET", ""),  # empty: the checkpoint's own config (tiny without a checkpoint)
         checkpoint=text("CHECKPOINT", ""),
         dtype=text("DTYPE", default.dtype),
         device=text("DEVICE", default.device),
