@@ -43,6 +43,7 @@ from .settings import is_decoupled, read_parameters, settings_from_config
 
 log = logging.getLogger("stac.triton")
 IDLE_GRACE_S = 0.5  # no batch for this long: nothing waits in Triton's queue
+RELEASE = object()  # what _parse makes of the model's own END requests (answered empty)
 
 # Output tensor name -> (engine output key, wire dtype)
 OUTPUTS = {
@@ -231,7 +232,8 @@ class TritonPythonModel:
         results: list[Any] = list(parsed)
         if ok:
             # A full batch means more requests may wait in Triton's queue: their streams are not silent.
-            expire = len(requests) < self._max_batch
+            # (Null requests of the direct strategy fill idle slots: they are not traffic.)
+            expire = sum(p is not None for p in parsed) < self._max_batch
             for i, result in zip(ok, self.sessions.handle([parsed[i] for i in ok], expire=expire)):
                 results[i] = result
         # The outputs' copies (to the host, or to their own GPU buffers) are queued here, in execute
@@ -278,7 +280,7 @@ class TritonPythonModel:
             if key_tensor is not None:
                 key = _to_torch(key_tensor).reshape(-1).to(torch.int64).contiguous().numpy().tobytes()
                 if end and hmac.compare_digest(key, self._release_key):
-                    return None  # this instance's own END for a sequence it ended: nothing to do
+                    return RELEASE  # this instance's own END for a sequence it ended: nothing to do
             tensor = pb_utils.get_input_tensor_by_name(request, "FRAMES")
             if tensor is None:
                 raise RequestError("missing input FRAMES (uint8 [1, frames, 3, H, W])")
@@ -338,8 +340,8 @@ class TritonPythonModel:
 
         non_blocking: host outputs are only queued for copying (see ``outputs_on_host``); the
         caller waits for the device before reading them."""
-        if result is None or isinstance(result, RequestError):
-            return result
+        if result is None or result is RELEASE or isinstance(result, RequestError):
+            return None if result is RELEASE else result
         assert isinstance(result, StepResult)
         # Only what the client asked for leaves the GPU and crosses the wire (Triton lists every output
         # when a client names none).
