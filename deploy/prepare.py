@@ -12,7 +12,8 @@
    (KIND_GPU, bf16, vggt-1b, STAC cache) with overrides from the environment:
    ``STAC_MAX_STREAMS``, ``STAC_MAX_CACHE_BYTES``, ``STAC_CACHE_CONFIG`` (JSON),
    ``STAC_INSTANCE_COUNT``, ``STAC_IDLE_TTL_S``, ``STAC_MAX_IMAGE_PIXELS``, ``STAC_DTYPE``,
-   ``STAC_PRESET``, ``STAC_OUTPUT_DTYPE`` (float32 | float16: the dense outputs' wire dtype).
+   ``STAC_PRESET``, ``STAC_OUTPUT_DTYPE`` (float32 | float16: the dense outputs' wire dtype),
+   ``STAC_FRAME_SIZE`` (HxW: other sizes are refused by Triton), ``STAC_STREAM_KEYS`` (0: no keys).
 4. Runs the TensorRT hook (issue #6) when ``STAC_BUILD_TENSORRT=1``: ``deploy/hooks/build_tensorrt_engines.sh``.
 5. Writes ``<repository>/stac/PREPARED.json`` (checkpoint size and sha256, settings, time).
 
@@ -72,7 +73,11 @@ def settings_from_env(env=os.environ, preset=None):
         s.instance_count = int(env["STAC_INSTANCE_COUNT"])
     if env.get("STAC_IDLE_TTL_S"):
         s.idle_ttl_s = float(env["STAC_IDLE_TTL_S"])
-        s.triton_idle_us = int(s.idle_ttl_s * 1e6)
+    if env.get("STAC_FRAME_SIZE"):
+        height, width = (int(v) for v in env["STAC_FRAME_SIZE"].lower().split("x"))
+        s.frame_size = (height, width)
+    if env.get("STAC_STREAM_KEYS"):
+        s.stream_keys = env["STAC_STREAM_KEYS"].strip().lower() not in ("0", "false", "no")
     if env.get("STAC_MAX_IMAGE_PIXELS"):
         s.max_image_pixels = int(env["STAC_MAX_IMAGE_PIXELS"])
     if env.get("STAC_INSTANCE_KIND"):

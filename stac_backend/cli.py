@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .serving.settings import DEFAULT_IDLE_TTL_S, DEFAULT_MAX_STREAMS  # torch-free
+
 DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -45,9 +47,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_serving_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="stac", help="cache policy: full, window, sink_window, heavy_hitter, stac")
-    p.add_argument("--max-streams", type=int, default=16, help="live streams per model instance")
+    p.add_argument("--max-streams", type=int, default=DEFAULT_MAX_STREAMS, help="live streams per model instance")
     p.add_argument("--max-cache-bytes", type=int, default=None, help="cap on the sum of live streams' memory bounds")
-    p.add_argument("--idle-ttl", type=float, default=120.0, help="seconds before an idle stream is freed")
+    p.add_argument("--idle-ttl", type=float, default=DEFAULT_IDLE_TTL_S,
+                   help="seconds of client silence before a stream is freed")
     p.add_argument("--host", default="127.0.0.1", help="address the server binds to")
     p.add_argument("--output-dtype", choices=("float32", "float16"), default="float32",
                    help="wire dtype of the dense outputs (depth, points and their confidences); float16 halves "
@@ -195,11 +198,11 @@ def _local_stepper(model, args):
 
 
 def _remote_stepper(args):
-    from .client import StacClient
+    from .client import StacClient, new_stream_id
 
     client = StacClient(args.server, model=args.model_name)
     spec = client.frame_spec()  # also: an unreachable server fails here, in one line
-    stream_id = args.stream_id or (int(time.time() * 1000) % (2**31 - 1)) + 1
+    stream_id = args.stream_id or new_stream_id()  # random: another client cannot guess it
 
     def step(chunk, first, last):
         return client.send_chunk(stream_id, chunk, start=first, end=last)
@@ -208,20 +211,17 @@ def _remote_stepper(args):
 
 
 def serve_settings_from_args(args: argparse.Namespace):
-    from .serving.repository import ServeSettings
+    from .serving.settings import ServeSettings
 
     resolve_model_args(args)
-    device = args.device
-    return ServeSettings(
+    return ServeSettings.on_device(
+        args.device,
         preset=args.preset or "",
         dtype=args.dtype,
-        device="auto" if device.startswith("cuda") else "cpu",
-        instance_kind="KIND_GPU" if device.startswith("cuda") else "KIND_CPU",
         cache_config={"policy": args.policy},
         max_streams=args.max_streams,
         max_cache_bytes=args.max_cache_bytes,
         idle_ttl_s=args.idle_ttl,
-        triton_idle_us=int(args.idle_ttl * 1e6),
         output_dtype=args.output_dtype,
         output_device=args.output_device,
         decoupled=args.decoupled,
@@ -229,43 +229,52 @@ def serve_settings_from_args(args: argparse.Namespace):
     )
 
 
-def start_local_server(args: argparse.Namespace, workdir: Path, ports=(0, 0, 0)):
+def _start_server(args: argparse.Namespace, workdir: Path, ports=(0, 0, 0)):
     from .serving.repository import local_server
 
-    server = local_server(
+    return local_server(
         serve_settings_from_args(args), workdir, args.checkpoint,
         http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2], host=args.host,
         log_callback=None if args.quiet else (lambda line: print(line, file=sys.stderr)), die_with_parent=True,
     )
-    return server.start_and_wait()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve until Ctrl-C / SIGTERM (exit 0) or until tritonserver dies (exit 1, so that a supervisor
+    restarts it); either way the server's shared memory is removed."""
     import signal
 
     workdir = Path(args.workdir)
-    server = start_local_server(args, workdir, (args.http_port, args.grpc_port, args.metrics_port))
+    server = _start_server(args, workdir, (args.http_port, args.grpc_port, args.metrics_port))
     print(f"stac model ready in {server.startup_seconds:.1f} s: {json.dumps(server.urls)} (Ctrl-C stops)", flush=True)
+    if not args.quiet:
+        print(f"admin key for the restricted protocols (shared memory, repository, logging, trace, statistics): "
+              f"header {json.dumps(server.admin_headers('http'))}", file=sys.stderr)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     try:
         while server.is_running() and not stop:
             time.sleep(0.5)
     except KeyboardInterrupt:
-        pass
+        stop.append(1)
     finally:
-        server.stop()
+        died = not stop and not server.is_running()
+        code = server.stop()
+    if died:
+        print(f"stac: error: tritonserver exited with code {code}; last lines:\n" + "\n".join(server.log_tail(20)),
+              file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Local Triton with the small model; a generated scene streamed through it over gRPC."""
     workdir = Path(args.out) / "server"
-    server = start_local_server(args, workdir)
+    server = _start_server(args, workdir)
     try:
         print(f"server ready in {server.startup_seconds:.1f} s at {server.grpc_url}", file=sys.stderr)
         args.server, args.size, args.source = server.grpc_url, None, f"synthetic:{args.frames}"
-        args.mode, args.max_frames, args.no_frames, args.stream_id = None, None, False, 1
+        args.mode, args.max_frames, args.no_frames, args.stream_id = None, None, False, None
         return cmd_stream(args)
     finally:
         server.stop()

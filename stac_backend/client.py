@@ -33,6 +33,11 @@ also travels as the ``x-stream-id`` header for a stream-affine proxy.
   ends the stream by re-sending the last frame with END and drops that one result (the stream's
   state is freed at END, so the repeat changes nothing that is kept).
 
+Ownership: the client draws a secret STREAM_KEY (128 random bits) at each stream's START and sends
+it with every chunk of that stream; the server binds the stream to it, so nobody else can feed or
+restart the stream. Pick stream ids at random (``new_stream_id()``): ids need not be secret, but a guessable
+id lets another client end its Triton sequence.
+
 Retries: only errors that mean the request never reached the model (the server was unreachable) are
 retried, at most ``retries`` times with exponential backoff. A chunk the model may already have
 consumed is never re-sent, since that would feed the same frames into the stream twice.
@@ -42,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import secrets
 import threading
 import time
 from concurrent.futures import Future
@@ -50,12 +56,22 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from .protocol import (
-    DEFAULT_CHUNK, MODEL_NAME, OUTPUT_KEYS, STREAM_ID_HEADER, FrameSpec, frame_spec, frames_input, is_decoupled,
+    DEFAULT_CHUNK, MODEL_NAME, OUTPUT_KEYS, STREAM_ID_HEADER, STREAM_KEY_INPUT, FrameSpec, frame_spec, frames_input, is_decoupled,
     to_uint8_frames,
 )
 
 RETRYABLE = ("StatusCode.UNAVAILABLE",)
 as_uint8_frames = to_uint8_frames  # the name earlier callers import
+
+
+def new_stream_id() -> int:
+    """A random positive 63-bit sequence id."""
+    return secrets.randbits(63) or 1
+
+
+def new_stream_key() -> np.ndarray:
+    """A secret STREAM_KEY input value: [1, 2] int64 (128 random bits)."""
+    return np.frombuffer(secrets.token_bytes(16), dtype=np.int64).reshape(1, 2).copy()
 
 
 class StreamError(RuntimeError):
@@ -100,6 +116,7 @@ class StacClient:
         self._root_certificates = root_certificates
         self.client = self._grpc.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates)
         self._config: Optional[dict] = None  # the model's config, read on first use
+        self._keys: dict[int, np.ndarray] = {}  # stream id -> the key drawn at its START
         self._stream_id: Optional[int] = None  # the camera stream the open gRPC stream carries
         self._responses: "queue.Queue" = queue.Queue()
 
@@ -143,6 +160,14 @@ class StacClient:
         inputs = [frames_input(self._grpc, frames)]
         wanted = self._wanted(outputs)
         requested = [self._grpc.InferRequestedOutput(name) for name in wanted]
+        if start and int(stream_id) not in self._keys:
+            self._keys[int(stream_id)] = new_stream_key()
+        key = self._keys.get(int(stream_id))
+        if key is not None:
+            inputs.append(self._grpc.InferInput(STREAM_KEY_INPUT, [1, 2], "INT64"))
+            inputs[-1].set_data_from_numpy(key)
+        if end:
+            self._keys.pop(int(stream_id), None)
         if self.decoupled():
             result = self._stream_call(int(stream_id), inputs, requested, start, end)
             return {key: result.as_numpy(name)[0] for name, key in wanted.items()}
@@ -262,6 +287,7 @@ class LiveStream:
         self._last_frame: Optional[np.ndarray] = None
         self._failed: Optional[str] = None
         self._ended = False
+        self._key = new_stream_key()  # drawn before the START, so chunks can follow before its answer
         self._client.start_stream(callback=self._on_response, headers={STREAM_ID_HEADER: str(stream_id)})
 
     def submit(self, frames, end: bool = False, _listed: bool = True) -> Future:
@@ -286,8 +312,10 @@ class LiveStream:
         if listed:
             self._order.put(future)
         try:
+            key = self._grpc.InferInput(STREAM_KEY_INPUT, [1, 2], "INT64")
+            key.set_data_from_numpy(self._key)
             self._client.async_stream_infer(
-                self.model, [frames_input(self._grpc, data)], outputs=self._requested, request_id=request_id,
+                self.model, [frames_input(self._grpc, data), key], outputs=self._requested, request_id=request_id,
                 sequence_id=self.stream_id, sequence_start=self._sent == 0, sequence_end=end)
         except self._grpc.InferenceServerException as exc:
             self._fail(explain(exc, self.url, self.stream_id))

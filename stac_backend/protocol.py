@@ -46,6 +46,9 @@ DENSE_OUTPUTS = ("DEPTH", "DEPTH_CONF", "WORLD_POINTS", "WORLD_POINTS_CONF")
 
 # Model-config parameters that describe the frames the model expects (written by the repository
 # renderer, read by clients through get_model_config).
+# The secret a stream is bound to (docs/security.md): [1, 2] int64 (128 random bits) the client draws
+# at START and sends with every chunk; a START without one gets one drawn by the server in its answer.
+STREAM_KEY_INPUT = "STREAM_KEY"
 IMAGE_SIZE_PARAMETER = "IMAGE_SIZE"
 PREPROCESS_PARAMETER = "PREPROCESS"
 COLOR_ORDER_PARAMETER = "COLOR_ORDER"

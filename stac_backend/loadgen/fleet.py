@@ -199,6 +199,8 @@ class StreamRecord:
     finished_s: Optional[float] = None
     completed: bool = False
     outputs: list[dict[str, Any]] = field(default_factory=list)  # keep_outputs: per chunk
+    # The stream's secret, sent with every chunk (the server binds the stream to it at START).
+    key: np.ndarray = field(default_factory=lambda: np.frombuffer(os.urandom(16), dtype=np.int64).reshape(1, 2).copy())
 
     def summary(self) -> dict[str, Any]:
         wall = (self.finished_s - self.started_s) if self.started_s is not None and self.finished_s is not None else 0.0
@@ -393,8 +395,9 @@ async def _run_stream(client, grpc, config: FleetConfig, record: StreamRecord, f
         else:
             capture = time.perf_counter()
         data = frames[None, i : i + c]
-        inputs = [grpc.InferInput("FRAMES", list(data.shape), "UINT8")]
+        inputs = [grpc.InferInput("FRAMES", list(data.shape), "UINT8"), grpc.InferInput("STREAM_KEY", [1, 2], "INT64")]
         inputs[0].set_data_from_numpy(data)
+        inputs[1].set_data_from_numpy(record.key)
         sent = time.perf_counter()
         try:
             result = await client.infer(
@@ -466,8 +469,10 @@ async def _pipelined_requests(pipe: _Pipeline, grpc, config: FleetConfig, record
                 capture = time.perf_counter()
             try:
                 data = frames[None, i : i + c]
-                inputs = [grpc.InferInput("FRAMES", list(data.shape), "UINT8")]
+                inputs = [grpc.InferInput("FRAMES", list(data.shape), "UINT8"),
+                          grpc.InferInput("STREAM_KEY", [1, 2], "INT64")]
                 inputs[0].set_data_from_numpy(data)
+                inputs[1].set_data_from_numpy(record.key)
             except Exception as exc:  # raised into gRPC it would only cancel the call, without a word
                 pipe.failure = f"frame {i}: error: cannot build the request: {exc}"
                 return
@@ -684,44 +689,23 @@ def scrape_metrics(url: str, timeout: float = 10.0, by_label: bool = False) -> d
     return values
 
 
-def start_local_server(workdir: Path, *, preset: str = "tiny", checkpoint: Optional[Path] = None,
-                       device: str = "cpu", dtype: str = "float32", output_dtype: str = "float32",
-                       output_device: str = "cpu", decoupled: bool = False,
-                       cache_config: Optional[dict] = None, max_streams: int = 64, idle_ttl_s: float = 120.0,
-                       max_batch_size: int = 16, max_queue_delay_us: int = 2000, strategy: str = "oldest",
-                       threads: Optional[int] = None, instance_count: int = 1,
-                       http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0, log_callback=None,
-                       extra_args: Sequence[str] = (), die_with_parent: bool = True, wait: bool = True):
-    """A tritonserver with the stac model (tiny preset on CPU unless told otherwise; ``device="cuda"``
-    makes a KIND_GPU instance on the first GPU).
+def start_local_server(workdir: Path, *, device: str = "cpu", checkpoint: Optional[Path] = None,
+                       threads: Optional[int] = None, max_streams: int = 64, log_callback=None,
+                       http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0,
+                       extra_args: Sequence[str] = (), die_with_parent: bool = True, wait: bool = True,
+                       restricted_protocols: Optional[Sequence[str]] = None, **settings):
+    """``serving.repository.local_server`` with the load generator's defaults: the tiny preset on CPU
+    (``device="cuda"``: a KIND_GPU instance), 64 streams; ``settings`` are ``ServeSettings`` fields
+    (``cache_config``, ``idle_ttl_s``, ``decoupled``, ...). Returns the started server."""
+    from ..serving.repository import local_server
+    from ..serving.settings import ServeSettings
 
-    ``output_dtype``: wire dtype of the dense outputs (``ServeSettings.output_dtype``: float32 or float16).
-    ``output_device``: ``"gpu"`` hands the float outputs to Triton as CUDA tensors (``ServeSettings.output_device``).
-    ``decoupled``: responses sent by the model's sender thread (``ServeSettings.decoupled``); clients must stream.
-    ``threads`` sets OMP_NUM_THREADS for the server's stub (torch's intra-op threads).
-    ``instance_count``: model instances (each its own stub process, model copy and ``max_streams``);
-    Triton's sequence batcher spreads the streams over them.
-    Returns the started :class:`TritonServer` (ready when ``wait``); the caller stops it.
-    """
-    from ..serving.repository import ServeSettings, local_server
-
-    settings = ServeSettings(
-        preset="" if checkpoint else preset, dtype=dtype, device="auto" if device.startswith("cuda") else "cpu",
-        instance_kind="KIND_GPU" if device.startswith("cuda") else "KIND_CPU", instance_count=instance_count,
-        cache_config=cache_config or {"policy": "stac"}, max_streams=max_streams, idle_ttl_s=idle_ttl_s,
-        triton_idle_us=int(idle_ttl_s * 1e6), max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
-        max_candidate_sequences=max(64, max_streams), strategy=strategy, output_dtype=output_dtype,
-        output_device=output_device, decoupled=decoupled,
-    )
-    env = {"OMP_NUM_THREADS": str(threads)} if threads else None
-    server = local_server(settings, workdir, checkpoint, http_port=http_port, grpc_port=grpc_port,
-                          metrics_port=metrics_port, log_callback=log_callback, env=env, extra_args=list(extra_args),
-                          exit_timeout_s=5, die_with_parent=die_with_parent)
-    if wait:
-        server.start_and_wait()
-    else:
-        server.start()
-    return server
+    settings.setdefault("preset", "" if checkpoint else "tiny")
+    options = {} if restricted_protocols is None else {"restricted_protocols": restricted_protocols}
+    return local_server(ServeSettings.on_device(device, max_streams=max_streams, **settings), workdir, checkpoint,
+                        threads=threads, start=wait, http_port=http_port, grpc_port=grpc_port,
+                        metrics_port=metrics_port, log_callback=log_callback, extra_args=list(extra_args),
+                        die_with_parent=die_with_parent, **options)
 
 
 def process_tree_rss(pid: int) -> int:

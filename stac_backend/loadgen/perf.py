@@ -187,6 +187,11 @@ def _extract(z: zipfile.ZipFile, name: str, target: Path, executable: bool = Fal
     os.replace(tmp, target)
 
 
+#: perf_analyzer reads the statistics protocol over gRPC and cannot send headers there (its -H is
+#: HTTP only): servers it measures keep that group open, the other admin groups stay restricted.
+PERF_RESTRICTED = ("shared-memory", "model-repository", "logging", "trace")
+
+
 def find_perf_analyzer() -> Optional[PerfAnalyzer]:
     """``$PERF_ANALYZER``, then ``<venv>/tools/perf_analyzer``, then ``perf_analyzer`` on PATH."""
     explicit = os.environ.get(ENV_BINARY)
@@ -560,7 +565,8 @@ def _cmd_sweep(args) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="stac-perf-server-"))
         server = start_local_server(workdir, cache_config={"policy": "stac", "chunk": args.chunk},
                                     max_streams=max(16, 2 * config.concurrency[1]), threads=args.server_threads,
-                                    decoupled=args.local_decoupled)
+                                    decoupled=args.local_decoupled, stream_keys=False,  # perf_analyzer cannot send keys
+                                    restricted_protocols=PERF_RESTRICTED)
         config.url, config.metrics_url = server.grpc_url, server.metrics_url
     try:
         summary = run_sweep(config, args.out)

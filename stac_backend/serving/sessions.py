@@ -1,25 +1,35 @@
-"""Per-stream sessions for a server: lifecycle, admission control, idle expiry and batched steps.
+"""Per-stream sessions for a server: lifecycle, ownership, admission control, idle expiry and batched steps.
 
 This is the logic of the Triton model without Triton: requests come in as ``FrameRequest``s (a
-correlation id, START/END flags and a chunk of frames) and each gets either outputs or a
-``RequestError`` whose message the client sees. The rules:
+correlation id, START/END flags, a chunk of frames and the stream's key) and each gets either outputs
+or a ``RequestError`` whose message and code the client sees. The rules:
 
-- A stream exists from a START to its END. A START for a live id resets that stream (Triton
-  treats a repeated START as the start of a new sequence). A request without START for an unknown
-  id is refused - it never started, it ended, or it expired.
-- Streams idle longer than ``idle_ttl_s`` are freed (Triton drops idle sequences silently, so the
-  model must expire its own state; the TTL is set no shorter than Triton's idle timeout).
+- A stream exists from a START to its END and is bound to a secret key (``stream_keys``): the one
+  its START sent, or else one the server draws and returns in the START's answer. Every later
+  request of the stream must send it, and so must a START for a live id (which restarts it). Keys are compared in constant time; a wrong key is answered like an
+  unknown stream, so ids cannot be probed.
+- A stream silent for ``idle_ttl_s`` (measured from its last answer; never while one of its requests
+  is in the batch, and the Triton model expires only while nothing waits in Triton's queue) is freed.
 - Admission: at most ``max_streams`` live streams, and the sum of their memory bounds (bounded
   policies) plus what one step adds (the runtime's ``step_memory_bytes``, once) may not exceed
-  ``max_cache_bytes``. A START beyond either is refused with a clear
-  error, never an out-of-memory crash.
-- Bad input (dtype, rank, sizes, frame count, oversized frames) is refused per request; other
-  requests of the same batch are unaffected, and so is the stream the bad request named.
+  ``max_cache_bytes``. A START beyond either is refused at once
+  (UNAVAILABLE: retry later), never an out-of-memory crash.
+- Bad input is refused per request (INVALID_ARG); other requests of the same batch are unaffected,
+  and so is the stream the bad request named. A request its client cancelled before its step leaves
+  the stream as it was; one cancelled during its step closes the stream (its frames are in the cache
+  and must not be inserted twice by a retry).
+- Whenever the model ends a stream on its own (expiry, a refused START, a failed or cancelled step,
+  a request for an unknown id), the id is queued in ``to_release`` so that the Triton model can end
+  that sequence in Triton too and its slot is free at once.
+- Every refusal, expiry and failure is logged once, with the stream id and the cause.
 - Requests of different streams in one batch run as one batched forward per chunk shape.
 """
 
 from __future__ import annotations
 
+import hmac
+import logging
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,10 +39,21 @@ import numpy as np
 from torch import Tensor
 
 from ..engine.runtime import Runtime, RuntimeStream
+from .settings import ServingLimits  # noqa: F401 - part of this module's interface
+
+log = logging.getLogger("stac.serving")
+
+# Error codes, named as pb_utils.TritonError names them (gRPC / HTTP status in docs/serving.md).
+INVALID_ARG, UNAVAILABLE, NOT_FOUND, ALREADY_EXISTS, CANCELLED, INTERNAL = (
+    "INVALID_ARG", "UNAVAILABLE", "NOT_FOUND", "ALREADY_EXISTS", "CANCELLED", "INTERNAL")
 
 
 class RequestError(Exception):
     """An error returned to one client request (the server and other streams carry on)."""
+
+    def __init__(self, message: str, code: str = INVALID_ARG):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -41,14 +62,8 @@ class FrameRequest:
     start: bool
     end: bool
     frames: Optional[Union[np.ndarray, Tensor]]  # [C, 3, H, W] uint8 (or float in [0, 1])
-
-
-@dataclass
-class ServingLimits:
-    max_streams: int = 16
-    max_cache_bytes: Optional[int] = None  # sum of per-stream memory bounds
-    idle_ttl_s: float = 120.0
-    max_image_pixels: int = 518 * 518  # per frame; larger requests are refused as oversized
+    key: Optional[bytes] = None  # the stream's key as the client sent it (None: not sent)
+    cancelled: Callable[[], bool] = lambda: False  # whether the client gave up on this request
 
 
 @dataclass
@@ -66,6 +81,7 @@ class SessionCounters:
 class _Session:
     stream: RuntimeStream
     last_used: float
+    key: bytes = b""
     bound: Optional[int] = None
     step_bytes: int = 0  # what one step adds at this stream's frame size (Runtime.step_memory_bytes)
 
@@ -74,6 +90,7 @@ class _Session:
 class StepResult:
     outputs: dict[str, Tensor] = field(default_factory=dict)
     cache_bytes: int = 0
+    stream_key: Optional[bytes] = None  # the stream's key (servers with stream keys)
 
 
 class StreamSessions:
@@ -91,13 +108,19 @@ class StreamSessions:
         self.clock = clock
         self.sessions: dict[Union[int, str], _Session] = {}
         self.counters = SessionCounters()
+        self.to_release: list[Union[int, str]] = []  # ids whose Triton sequence should end (see module doc)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ public
-    def handle(self, requests: list[FrameRequest]) -> list[Union[StepResult, RequestError]]:
-        """Serve one batch of requests; returns a result or an error per request, in order."""
+    def handle(self, requests: list[FrameRequest], expire: bool = True) -> list[Union[StepResult, RequestError]]:
+        """Serve one batch of requests; returns a result or an error per request, in order.
+
+        expire: free silent streams first (not those with a request in this batch). A server passes
+        False while requests may be waiting in its queue (a full batch): their streams are not silent.
+        """
         with self._lock:
-            self.expire_idle()
+            if expire:
+                self._expire(busy={r.corr_id for r in requests})
             results: list[Union[StepResult, RequestError, None]] = [None] * len(requests)
             # Steps run in waves: requests of different streams share a step, and a stream's next
             # request is admitted only after its earlier one ran (so a repeated START or a request
@@ -113,8 +136,7 @@ class StreamSessions:
                     try:
                         session, frames = self._admit(request)
                     except RequestError as err:
-                        results[i] = err
-                        self.counters.failed_requests += 1
+                        self._refuse(results, i, request, err)
                         continue
                     wave.append((i, session, frames))
                 self._run_wave(wave, requests, results)
@@ -122,12 +144,14 @@ class StreamSessions:
             return results  # type: ignore[return-value]
 
     def expire_idle(self) -> int:
-        now = self.clock()
-        stale = [cid for cid, s in self.sessions.items() if now - s.last_used > self.limits.idle_ttl_s]
-        for cid in stale:
-            self._close(cid)
-            self.counters.expired += 1
-        return len(stale)
+        """Free the streams silent for longer than the TTL (for a timer between batches)."""
+        with self._lock:
+            return self._expire(busy=set())
+
+    def take_releases(self) -> list[Union[int, str]]:
+        with self._lock:
+            ids, self.to_release = self.to_release, []
+            return ids
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -154,6 +178,25 @@ class StreamSessions:
                 self._close(cid)
 
     # ------------------------------------------------------------------ internals
+    def _expire(self, busy: set) -> int:
+        now = self.clock()
+        stale = [cid for cid, s in self.sessions.items()
+                 if cid not in busy and now - s.last_used > self.limits.idle_ttl_s]
+        for cid in stale:
+            log.warning("stream %s expired: no request for %.1f s (idle TTL %g s)",
+                        cid, now - self.sessions[cid].last_used, self.limits.idle_ttl_s)
+            self._close(cid, release=True)
+            self.counters.expired += 1
+        return len(stale)
+
+    def _refuse(self, results: list, i: int, request: FrameRequest, err: RequestError) -> None:
+        results[i] = err
+        self.counters.failed_requests += 1
+        log.warning("stream %s: request refused (%s): %s", request.corr_id, err.code, err)
+
+    def _key_matches(self, session: _Session, key: Optional[bytes]) -> bool:
+        return not self.limits.stream_keys or (key is not None and hmac.compare_digest(session.key, key))
+
     def _admit(self, request: FrameRequest) -> tuple[_Session, Tensor]:
         cid = request.corr_id
         if cid is None or cid == 0 or cid == "":
@@ -162,22 +205,41 @@ class StreamSessions:
             raise RequestError("request has no FRAMES input")
         session = self.sessions.get(cid)
         if request.start:
-            if session is not None:  # repeated START: the old sequence ends here
+            if session is not None:  # repeated START: only its owner may restart a live stream
+                if not self._key_matches(session, request.key):
+                    raise RequestError(f"stream {cid} is live: a START for it must carry its STREAM_KEY "
+                                       "(to start another stream, pick a new random id)", ALREADY_EXISTS)
                 self._close(cid)
                 self.counters.ended += 1
                 session = None
-        elif session is None:
+        elif session is None or not self._key_matches(session, request.key):
+            if session is None and not request.end:
+                self.to_release.append(cid)  # Triton still holds a sequence the model no longer knows
             raise RequestError(
-                f"unknown stream {cid}: the first request of a stream must carry sequence_start=True "
-                "(the stream may also have ended or expired after being idle)"
-            )
+                f"unknown stream {cid} or wrong STREAM_KEY: the first request of a stream must carry "
+                "sequence_start=True, the others its key (the stream may also have ended or expired after "
+                "being idle)", NOT_FOUND)
+        if request.cancelled():
+            if session is None and not request.end:
+                self.to_release.append(cid)
+            raise RequestError("request cancelled by its client before its step; the stream is unchanged", CANCELLED)
         fresh = session is None
         if fresh:
             stream = self.runtime.open_stream()
-            session = _Session(stream, self.clock())
-        frames = self._validate(session.stream, request.frames)
+            # The client's own key (drawn at its START, so it can pipeline before the answer), else one of ours.
+            key = request.key if request.key else secrets.token_bytes(16)
+            session = _Session(stream, self.clock(), key=key)
+        try:
+            frames = self._validate(session.stream, request.frames)
+            if fresh:
+                self._check_admission(session, frames)
+        except RequestError:
+            if fresh:
+                session.stream.reset()
+                if not request.end:
+                    self.to_release.append(cid)  # a refused START holds no Triton slot
+            raise
         if fresh:
-            self._check_admission(cid, session, frames)
             self.sessions[cid] = session
             self.counters.started += 1
         session.last_used = self.clock()
@@ -195,16 +257,17 @@ class StreamSessions:
         except (ValueError, RuntimeError) as exc:
             raise RequestError(f"bad FRAMES: {exc}") from None
 
-    def _check_admission(self, cid, session: _Session, frames: Tensor) -> None:
+    def _check_admission(self, session: _Session, frames: Tensor) -> None:
         if len(self.sessions) >= self.limits.max_streams:
             self.counters.rejected_starts += 1
-            raise RequestError(f"server is at its limit of {self.limits.max_streams} streams; retry later")
+            raise RequestError(f"server is at its limit of {self.limits.max_streams} streams; retry later", UNAVAILABLE)
         bound = session.stream.memory_bound(tuple(frames.shape[-2:]))
         session.bound = bound
         if self.limits.max_cache_bytes is not None:
             if bound is None:
                 self.counters.rejected_starts += 1
-                raise RequestError("this server's cache policy has no memory bound, and the server caps cache memory")
+                raise RequestError("this server's cache policy has no memory bound, and the server caps cache memory",
+                                   UNAVAILABLE)
             # A step's activations are reserved once (steps run one at a time), at the largest frame size's need.
             session.step_bytes = self.runtime.step_memory_bytes(tuple(frames.shape[-2:])) or 0
             step = max([s.step_bytes for s in self.sessions.values()] + [session.step_bytes])
@@ -213,10 +276,19 @@ class StreamSessions:
                 self.counters.rejected_starts += 1
                 raise RequestError(
                     f"not enough cache memory for another stream: {reserved} of {self.limits.max_cache_bytes} bytes "
-                    f"reserved ({step} of them for one step's activations), a stream needs up to {bound}; retry later"
+                    f"reserved ({step} of them for one step's activations), a stream needs up to {bound}; retry later",
+                    UNAVAILABLE
                 )
 
     def _run_wave(self, wave, requests, results) -> None:
+        # A request cancelled while it waited for this wave is answered without a step.
+        for item in [item for item in wave if requests[item[0]].cancelled()]:
+            wave.remove(item)
+            i, session, _ = item
+            if session.stream.frames_seen == 0:  # a START that never ran: nothing to keep
+                self._close(requests[i].corr_id, release=True)
+            self._refuse(results, i, requests[i], RequestError(
+                "request cancelled by its client before its step; the stream is unchanged", CANCELLED))
         if not wave:
             return
         sessions = [s for _, s, _ in wave]
@@ -229,28 +301,35 @@ class StreamSessions:
             outs = []
             for session, (_, _, frames) in zip(sessions, wave):
                 if session.stream.broken is not None:
-                    outs.append(RequestError(f"step failed: {session.stream.broken}"))
+                    outs.append(RequestError(f"step failed: {session.stream.broken}", INTERNAL))
                     continue
                 try:
                     outs.append(push([session.stream], [frames])[0])
                 except Exception as exc:  # noqa: BLE001 - reported to that client only
-                    outs.append(RequestError(f"step failed: {type(exc).__name__}: {exc}"))
+                    outs.append(RequestError(f"step failed: {type(exc).__name__}: {exc}", INTERNAL))
+        now = self.clock()
         for (i, session, frames), out in zip(wave, outs):
-            cid = requests[i].corr_id
+            request = requests[i]
+            cid = request.corr_id
+            if not isinstance(out, RequestError) and request.cancelled():
+                out = RequestError("request cancelled by its client during its step: the stream is closed "
+                                   "(its frames are in the cache); start a new stream", CANCELLED)
             if isinstance(out, RequestError):
-                results[i] = out
-                self.counters.failed_requests += 1
-                self._close(cid)  # its caches may be half-updated
+                self._refuse(results, i, request, out)
+                self._close(cid, release=not request.end)  # its caches may be half-updated
                 continue
+            session.last_used = now  # silence is measured from the answer
             self.counters.frames += frames.shape[0]
-            results[i] = StepResult(outputs=out, cache_bytes=session.stream.memory_bytes())
-            if requests[i].end:
+            results[i] = StepResult(outputs=out, cache_bytes=session.stream.memory_bytes(),
+                                    stream_key=session.key if self.limits.stream_keys else None)
+            if request.end:
                 self._close(cid)
                 self.counters.ended += 1
 
-    def _close(self, cid) -> None:
+    def _close(self, cid, release: bool = False) -> None:
         session = self.sessions.pop(cid, None)
         if session is not None:
             self.counters.evicted_tokens_ended += session.stream.evicted_tokens()
             session.stream.reset()
-
+        if release:
+            self.to_release.append(cid)

@@ -1,44 +1,30 @@
 """The Triton Python-backend model: a thin translation between Triton requests and StreamSessions.
 
-``model_repository/stac/1/model.py`` re-exports ``TritonPythonModel`` from here. Configuration
-comes from the model config's ``parameters`` (see ``repository.py`` for the keys).
+``model_repository/stac/1/model.py`` re-exports ``TritonPythonModel`` from here; its settings come
+from the model config (``settings.py``). Frames arrive as FRAMES uint8 [1, C, 3, H, W] (one chunk of
+one stream; the leading 1 is Triton's batch dimension) and become [0, 1] floats on the model's
+device. Dense outputs travel as float32, or float16 with OUTPUT_DTYPE=float16; with OUTPUT_DEVICE=gpu
+they are handed to Triton as CUDA tensors (CUDA IPC) instead of host copies.
 
-Wire format (why uint8): frames travel as FRAMES uint8 [1, C, 3, H, W] - the camera's own 8-bit
-pixels, 4x smaller than float32 on the network and in Triton's shared memory, and unable to carry
-NaNs; conversion to [0, 1] floats happens on the model's device. The leading 1 is Triton's batch
-dimension: one request carries one chunk of one stream.
+Decoupled (``ServeSettings.decoupled``): ``execute()`` returns once a batch's step and the copies of
+its outputs are queued on the GPU; a sender thread waits for them (one CUDA event) and sends the
+responses in execute order while the next batch computes. Clients must then use gRPC streaming.
 
-Dense outputs (DEPTH, DEPTH_CONF, WORLD_POINTS, WORLD_POINTS_CONF: ~4.9 MB per 518x392 frame in
-float32) travel as float16 when the OUTPUT_DTYPE parameter says so - half the bytes over PCIe, in
-Triton's shared memory and on the network. Poses, intrinsics and FRAME_INDEX keep their types.
-With OUTPUT_DEVICE=gpu (GPU instances) the float outputs are handed over as CUDA tensors: the
-Python backend passes them to Triton by CUDA IPC and Triton copies them into the response, which
-skips this process's device-to-host copy and the copy into the backend's shared memory.
+Besides batches, a housekeeping thread expires silent streams and ends in Triton the sequences of
+streams the model ended on its own (``sessions.py``), so that their slots are free at once.
 
-With the decoupled transaction policy (``ServeSettings.decoupled``, ``stac serve --decoupled``)
-``execute()`` returns as soon as the batch's step and the copies of its outputs to the host are
-queued on the GPU, without waiting for them: a sender thread of this model waits for that batch's
-copies (one CUDA event), then builds and sends the responses (the copies into the backend's shared
-memory, and Triton's own copies into the gRPC responses), while Triton hands the model its next
-batch and the next step's kernels queue behind the current one - the GPU does not idle between
-batches while requests travel. Responses leave in the order their requests were executed, so a
-stream's results stay in order. Clients must
-then use gRPC streaming (``stream_infer``; ``StacClient`` and ``stac fleet`` do so by themselves,
-perf_analyzer needs ``--streaming``): Triton refuses unary calls to a decoupled model.
-
-Tensors cross the backend boundary only through DLPack (``to_dlpack`` / ``Tensor.from_dlpack``),
-never through ``as_numpy()`` / ``Tensor(name, ndarray)``: those numpy paths of the Python backend
-bundled with nvidia-pytriton 0.7.0 silently corrupt data when the stub's environment has numpy 2
-(measured, see serving/tritonserver.py), while DLPack works with numpy 1 and 2 alike and skips a
-host copy. So the model serves correctly from environments such as NGC/PyTorch images that ship
-numpy 2.
+Tensors cross the backend boundary only through DLPack, never through ``as_numpy()`` /
+``Tensor(name, ndarray)``: those numpy paths of the Python backend bundled with nvidia-pytriton
+0.7.0 corrupt data when the stub's environment has numpy 2, while DLPack works with numpy 1 and 2.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import queue
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -53,10 +39,12 @@ except ImportError:  # pragma: no cover - unit tests import this module without 
     pb_utils = None
 
 from .metrics import StacMetrics
-from .repository import is_decoupled
-from .sessions import FrameRequest, RequestError, StepResult
+from .sessions import INVALID_ARG, FrameRequest, RequestError, StepResult
+from .settings import is_decoupled, read_parameters, settings_from_config
 
 log = logging.getLogger("stac.triton")
+IDLE_GRACE_S = 0.5  # no batch for this long: nothing waits in Triton's queue
+RELEASE = object()  # what _parse makes of the model's own END requests (answered empty)
 
 # Output tensor name -> (engine output key, wire dtype)
 OUTPUTS = {
@@ -75,14 +63,11 @@ OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 TRITON_TYPES = {torch.float32: "TYPE_FP32", torch.float16: "TYPE_FP16"}
 FP16_MAX = torch.finfo(torch.float16).max  # 65504
 
-def read_parameters(model_config: dict[str, Any]) -> dict[str, str]:
-    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
-
-
 def warmup_sizes(model_config: dict[str, Any], instance_kind: str) -> list[tuple[int, int]]:
     """Frame sizes (height, width) the runtime is warmed up at in initialize(), from the WARMUP
     parameter: "on" (392x518), "off", or "HEIGHTxWIDTH[,HEIGHTxWIDTH...]"; unset: on for GPU instances."""
-    value = (read_parameters(model_config).get("WARMUP", "") or ("on" if instance_kind.upper() == "GPU" else "off")).strip().lower()
+    value = (settings_from_config(model_config, instance_kind).warmup
+             or ("on" if instance_kind.upper() in ("GPU", "KIND_GPU") else "off")).strip().lower()
     if value in ("off", "false", "no", "0"):
         return []
     if value in ("on", "true", "yes", "1"):
@@ -115,64 +100,40 @@ def dense_output_dtype(model_config: dict[str, Any]) -> torch.dtype:
 
 
 def build_sessions(model_config: dict[str, Any], instance_kind: str, device_id: int, model_dir: Optional[str]):
-    """Model + StreamSessions from the model config (no Triton imports: unit-testable).
+    """Runtime + StreamSessions from the model config (no Triton imports: unit-testable).
 
-    model_dir: the model's folder in the repository (Triton's args["model_repository"]); a
-    relative CHECKPOINT is resolved against it.
+    model_dir: the model's folder in the repository (Triton's args["model_repository"]); relative
+    CHECKPOINT / ONNX_MODEL / TRT_PLAN paths are resolved against it.
     """
-    import torch
-
-    from ..cache import CacheConfig
-    from ..engine.torch_runtime import TorchRuntime
-    from ..model import build_model
+    from ..engine.runtime import make_runtime
     from .sessions import StreamSessions
 
-    p = read_parameters(model_config)
-    runtime = (p.get("RUNTIME", "") or "torch").strip().lower()
-    if runtime == "onnxruntime":  # the exported step graph (ONNX_MODEL) on ONNX Runtime, CPU
-        from ..engine.runtime import make_runtime
+    settings = settings_from_config(model_config, instance_kind)
+    limits = settings.limits()
+    if settings.runtime in ("onnxruntime", "tensorrt"):  # the exported step graph; options are theirs to read
+        options = {"device": f"cuda:{device_id}"} if settings.runtime == "tensorrt" else {}
+        return StreamSessions(make_runtime(settings.runtime, params=read_parameters(model_config),
+                                           model_dir=model_dir, **options), limits)
+    if settings.runtime != "torch":
+        raise ValueError(f"RUNTIME must be 'torch', 'onnxruntime' or 'tensorrt', got {settings.runtime!r}")
+    from ..cache import CacheConfig
+    from ..model import build_model
 
-        engine = make_runtime("onnxruntime", params=p, model_dir=model_dir)
-        return StreamSessions(engine, _limits(p, model_config))
-    if runtime == "tensorrt":  # a TensorRT engine of the graph (TRT_PLAN), stac plugins in this process; GPU
-        from ..engine.runtime import make_runtime
-
-        engine = make_runtime("tensorrt", params=p, model_dir=model_dir, device=f"cuda:{device_id}")
-        return StreamSessions(engine, _limits(p, model_config))
-    if runtime != "torch":
-        raise ValueError(f"RUNTIME must be 'torch', 'onnxruntime' or 'tensorrt', got {runtime!r}")
-    device = p.get("DEVICE", "auto") or "auto"
+    device = settings.device or "auto"
     if device == "auto":
-        device = f"cuda:{device_id}" if instance_kind.upper() == "GPU" and torch.cuda.is_available() else "cpu"
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[p.get("DTYPE", "float32") or "float32"]
-    checkpoint = p.get("CHECKPOINT", "")
-    if checkpoint:
-        path = Path(checkpoint)
-        if not path.is_absolute() and model_dir:
-            path = Path(model_dir) / path
-        checkpoint = str(path)
-    preset = p.get("PRESET", "") or None
+        device = f"cuda:{device_id}" if settings.instance_kind == "KIND_GPU" and torch.cuda.is_available() else "cpu"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[settings.dtype or "float32"]
+    checkpoint = settings.checkpoint
+    if checkpoint and not Path(checkpoint).is_absolute() and model_dir:
+        checkpoint = str(Path(model_dir) / checkpoint)
+    preset = settings.preset or None
     if not checkpoint and preset is None:
         preset = "tiny"
     if not checkpoint:
         log.warning("no CHECKPOINT parameter: serving random weights for preset %s", preset)
     model = build_model(preset, checkpoint=checkpoint or None, device=device, dtype=dtype)
-    cache = CacheConfig.from_dict(json.loads(p.get("CACHE_CONFIG", "") or "{}"))
-    return StreamSessions(TorchRuntime(model, cache), _limits(p, model_config))
-
-
-def _limits(p: dict[str, str], model_config: dict[str, Any]):
-    from .sessions import ServingLimits
-
-    seq = model_config.get("sequence_batching", {})
-    triton_idle_s = int(seq.get("max_sequence_idle_microseconds", 1_000_000) or 1_000_000) / 1e6
-    return ServingLimits(
-        max_streams=int(p.get("MAX_STREAMS", "16") or 16),
-        max_cache_bytes=int(p["MAX_CACHE_BYTES"]) if p.get("MAX_CACHE_BYTES") else None,
-        # Never shorter than Triton's own idle timeout: a stream Triton still considers live keeps its state.
-        idle_ttl_s=max(float(p.get("IDLE_TTL_S", "0") or 0), triton_idle_s),
-        max_image_pixels=int(p.get("MAX_IMAGE_PIXELS", str(518 * 518)) or 518 * 518),
-    )
+    runtime = make_runtime("torch", model=model, cache_config=CacheConfig.from_dict(settings.cache_config))
+    return StreamSessions(runtime, limits)
 
 
 class ResponseSender:
@@ -237,6 +198,7 @@ class TritonPythonModel:
         self.dense_dtype = dense_output_dtype(self.model_config)  # checked before the (slow) model load
         self.outputs_on_gpu = output_device(self.model_config, args.get("model_instance_kind", "CPU")) == "gpu"
         repository = args.get("model_repository")
+        _log_to_triton()
         self.sessions = build_sessions(
             self.model_config, args.get("model_instance_kind", "CPU"), int(args.get("model_instance_device_id", 0) or 0), repository
         )
@@ -244,15 +206,33 @@ class TritonPythonModel:
             batch = (1, int(self.model_config.get("max_batch_size", 1) or 1))
             log.info("warm-up at %dx%d: %s", *image_hw, self.sessions.runtime.warmup(image_hw, batch))
         self._metrics = StacMetrics(pb_utils, self.model_config.get("name", "stac"), args.get("model_version", "1"))
+        self._release_key = secrets.token_bytes(16)  # marks this instance's own END requests (see _housekeeping)
+        self._stop = threading.Event()
+        self._housekeeper = threading.Thread(target=self._housekeeping, name="stac-housekeeping", daemon=True)
         self._sender = ResponseSender() if is_decoupled(self.model_config) else None  # None: unary
+        self._wake = threading.Event()
+        self._max_batch = max(1, int(self.model_config.get("max_batch_size", 1) or 1))
+        self._executing, self._last_batch = False, time.monotonic()
+        self._housekeeper.start()
 
     def execute(self, requests):
+        self._executing = True
+        try:
+            return self._execute(requests)
+        finally:
+            self._executing = False
+            self._last_batch = time.monotonic()
+
+    def _execute(self, requests):
         started = time.perf_counter()
         parsed = [self._parse(r) for r in requests]
         ok = [i for i, p in enumerate(parsed) if isinstance(p, FrameRequest)]  # null requests are None
         results: list[Any] = list(parsed)
         if ok:
-            for i, result in zip(ok, self.sessions.handle([parsed[i] for i in ok])):
+            # A full batch means more requests may wait in Triton's queue: their streams are not silent.
+            # (Null requests of the direct strategy fill idle slots: they are not traffic.)
+            expire = sum(p is not None for p in parsed) < self._max_batch
+            for i, result in zip(ok, self.sessions.handle([parsed[i] for i in ok], expire=expire)):
                 results[i] = result
         # The outputs' copies (to the host, or to their own GPU buffers) are queued here, in execute
         # order. Unary: they are waited for before returning. Decoupled: only the sender thread waits,
@@ -260,6 +240,7 @@ class TritonPythonModel:
         decoupled = self._sender is not None
         prepared = [self._prepare(result, request, non_blocking=decoupled) for result, request in zip(results, requests)]
         self._metrics.observe_execute(self.sessions.stats(), time.perf_counter() - started, len(requests))
+        self._wake.set()  # release the Triton sequences of streams this batch ended
         if not decoupled:
             return [_make_response(ready) for ready in prepared]
         ready_event = _event_after(results)
@@ -273,6 +254,8 @@ class TritonPythonModel:
         return None
 
     def finalize(self) -> None:
+        self._stop.set()
+        self._wake.set()
         if self._sender is not None:
             self._sender.close()
         self.sessions.close_all()
@@ -289,17 +272,64 @@ class TritonPythonModel:
             # The sequence batcher hands every request its correlation id; reading it from the
             # request (not the UINT64 CORRID tensor) needs no unsigned-64 DLPack support.
             corr_id = request.correlation_id()
+            key_tensor = pb_utils.get_input_tensor_by_name(request, "STREAM_KEY")
+            key = None
+            if key_tensor is not None:
+                key = _to_torch(key_tensor).reshape(-1).to(torch.int64).contiguous().numpy().tobytes()
+                if end and hmac.compare_digest(key, self._release_key):
+                    return RELEASE  # this instance's own END for a sequence it ended: nothing to do
             tensor = pb_utils.get_input_tensor_by_name(request, "FRAMES")
             if tensor is None:
-                return RequestError("missing input FRAMES (uint8 [1, frames, 3, H, W])")
-            frames = _to_torch(tensor)
+                raise RequestError("missing input FRAMES (uint8 [1, frames, 3, H, W])")
+            frames = _to_torch(tensor)  # a view of Triton's buffer: shapes are checked before any copy
             if frames.dim() != 5 or frames.shape[0] != 1:
-                return RequestError(
+                raise RequestError(
                     f"FRAMES must be [1, frames, 3, H, W] (one chunk per request), got shape {list(frames.shape)}"
                 )
-            return FrameRequest(corr_id=corr_id, start=start, end=end, frames=frames[0])
+            is_cancelled = getattr(request, "is_cancelled", None) or (lambda: False)
+            return FrameRequest(corr_id=corr_id, start=start, end=end, frames=frames[0], key=key,
+                                cancelled=is_cancelled)
         except Exception as exc:  # noqa: BLE001 - any malformed request is that client's error
-            return RequestError(f"malformed request: {exc}")
+            error = exc if isinstance(exc, RequestError) else RequestError(f"malformed request: {exc}", INVALID_ARG)
+            log.warning("stream %s: request refused (%s): %s", _corr_id(request), error.code, error)
+            return error
+
+    def _housekeeping(self) -> None:
+        """Between batches: free streams silent past the TTL, and end in Triton the sequences of streams
+        the model ended on its own (an END request to this model, marked with the instance's release
+        key), so that their sequence slots are free at once rather than after Triton's idle timeout."""
+        interval = max(0.05, min(1.0, self.sessions.limits.idle_ttl_s / 4))
+        while not self._stop.is_set():
+            self._wake.wait(interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                # Only while Triton calls no batch (then its queue is empty): a request waiting there
+                # means its stream is not silent, however long the wait.
+                if not self._executing and time.monotonic() - self._last_batch > IDLE_GRACE_S:
+                    self.sessions.expire_idle()
+                for corr_id in self.sessions.take_releases():
+                    self._end_sequence(corr_id)
+            except Exception:  # noqa: BLE001 - housekeeping must outlive any single failure
+                log.exception("housekeeping failed")
+
+    def _end_sequence(self, corr_id) -> None:
+        frames_dims = next((i.get("dims") for i in self.model_config.get("input", []) if i["name"] == "FRAMES"), [])
+        height, width = (max(1, int(d)) for d in (frames_dims or [-1, 3, -1, -1])[-2:])
+        empty = torch.zeros((1, 0, 3, height, width), dtype=torch.uint8)
+        key = torch.frombuffer(bytearray(self._release_key), dtype=torch.int64).reshape(1, 2)
+        request = pb_utils.InferenceRequest(
+            model_name=self.model_config.get("name", "stac"),
+            inputs=[_from_torch("FRAMES", empty), _from_torch("STREAM_KEY", key)],
+            requested_output_names=[], correlation_id=corr_id,
+            flags=pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END,
+        )
+        if self._sender is not None:  # a decoupled model answers with a stream of responses
+            for _ in request.exec(decoupled=True):
+                pass
+        else:
+            request.exec()
 
     def _prepare(self, result, request, non_blocking: bool = False):
         """What the response will carry: None (a null request), a RequestError, or a dict of output
@@ -307,8 +337,8 @@ class TritonPythonModel:
 
         non_blocking: host outputs are only queued for copying (see ``outputs_on_host``); the
         caller waits for the device before reading them."""
-        if result is None or isinstance(result, RequestError):
-            return result
+        if result is None or result is RELEASE or isinstance(result, RequestError):
+            return None if result is RELEASE else result
         assert isinstance(result, StepResult)
         # Only what the client asked for leaves the GPU and crosses the wire (Triton lists every output
         # when a client names none).
@@ -320,6 +350,8 @@ class TritonPythonModel:
             ready = outputs_on_host(result.outputs, names, self.dense_dtype, non_blocking=non_blocking)
         if "CACHE_BYTES" in wanted:
             ready["CACHE_BYTES"] = torch.tensor([result.cache_bytes], dtype=torch.int64)
+        if "STREAM_KEY" in wanted and result.stream_key is not None:
+            ready["STREAM_KEY"] = torch.frombuffer(bytearray(result.stream_key), dtype=torch.int64)
         return ready
 
 
@@ -340,7 +372,8 @@ def _make_response(ready):
     if ready is None:  # a null request (direct strategy, idle slot): nothing to compute, nothing touched
         return pb_utils.InferenceResponse(output_tensors=[])
     if isinstance(ready, RequestError):
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(ready)))
+        code = getattr(pb_utils.TritonError, ready.code, pb_utils.TritonError.INTERNAL)
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(ready), code))
     return pb_utils.InferenceResponse(output_tensors=[_from_torch(name, value.unsqueeze(0)) for name, value in ready.items()])
 
 
@@ -426,6 +459,38 @@ def _to_torch(tensor) -> torch.Tensor:
 def _from_torch(name: str, value: torch.Tensor):
     """A host output tensor handed to Triton without a numpy round trip."""
     return pb_utils.Tensor.from_dlpack(name, to_dlpack(value))
+
+
+def _corr_id(request):
+    try:
+        return request.correlation_id()
+    except Exception:  # noqa: BLE001 - only for a log line
+        return "?"
+
+
+class _TritonLogHandler(logging.Handler):
+    """Forwards this package's log records to Triton's log (pb_utils.Logger)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+            if record.levelno >= logging.ERROR:
+                pb_utils.Logger.log_error(message)
+            elif record.levelno >= logging.WARNING:
+                pb_utils.Logger.log_warn(message)
+            else:
+                pb_utils.Logger.log_info(message)
+        except Exception:  # noqa: BLE001 - logging must never fail a request
+            pass
+
+
+def _log_to_triton() -> None:
+    root = logging.getLogger("stac")
+    if pb_utils is None or not hasattr(pb_utils, "Logger") or any(isinstance(h, _TritonLogHandler) for h in root.handlers):
+        return
+    root.addHandler(_TritonLogHandler())
+    root.setLevel(logging.INFO)
+    root.propagate = False
 
 
 def _first_flag(tensor) -> bool:

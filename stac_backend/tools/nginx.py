@@ -34,6 +34,10 @@ __all__ = [
 
 
 
+#: Read-only RPCs the proxy passes besides inference: health, metadata and the model's config
+#: (clients read it to learn whether the model is decoupled).
+PASSED_READ_RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig")
+
 ACCESS_LOG_FORMAT = (
     "$msec\\t$http_x_stream_id\\t$upstream_addr\\t$status\\t$upstream_trailer_grpc_status\\t$request_time\\t$request_length"
 )
@@ -96,10 +100,12 @@ def render_nginx_config(c: NginxConfig) -> str:
             # already sent is never replayed: gRPC inference is not idempotent).
             grpc_next_upstream error timeout;
             grpc_next_upstream_tries 2;"""
-    location = f"""        # A chunk of frames is one unary gRPC request; refuse anything larger than max_body.
+    location = f"""        # Only inference and health / metadata RPCs reach the replicas; every other gRPC method (shared
+        # memory, model repository, logging, trace, statistics) is refused here with PERMISSION_DENIED.
         client_max_body_size {c.max_body};
         client_body_buffer_size {c.body_buffer};
-        location / {{
+        # A chunk of frames is one unary gRPC request; refuse anything larger than max_body.
+        location = /inference.GRPCInferenceService/ModelInfer {{
 {proxy}
         }}
         # A streaming call (decoupled models, pipelined clients) is one body for a camera's whole
@@ -107,6 +113,16 @@ def render_nginx_config(c: NginxConfig) -> str:
         location = /inference.GRPCInferenceService/ModelStreamInfer {{
             client_max_body_size {c.stream_max_body};
 {proxy}
+        }}
+        location ~ ^/inference\\.GRPCInferenceService/({"|".join(PASSED_READ_RPCS)})$ {{
+            client_max_body_size 64k;
+{proxy}
+        }}
+        location / {{
+            default_type application/grpc;
+            add_header grpc-status 7 always;
+            add_header grpc-message "this method is not served through the proxy" always;
+            return 200;
         }}"""
     blocks = []
     http2_on = "\n        http2 on;" if c.http2_directive else ""
@@ -330,3 +346,30 @@ class NginxProxy:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def render_production_configs(folder: Path) -> list[Path]:
+    """(Re-)write deploy/nginx/nginx.conf and nginx-tls.conf under ``folder``."""
+    folder = Path(folder)
+    written = []
+    for name, config in (("nginx.conf", PRODUCTION_NGINX), ("nginx-tls.conf", PRODUCTION_NGINX_TLS)):
+        (folder / name).write_text(render_nginx_config(config))
+        written.append(folder / name)
+    return written
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m stac_backend.tools.nginx",
+                                     description="Re-render the production NGINX configs from NginxConfig.")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "deploy" / "nginx",
+                        help="folder of nginx.conf and nginx-tls.conf (default: deploy/nginx of this checkout)")
+    args = parser.parse_args(argv)
+    for path in render_production_configs(args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

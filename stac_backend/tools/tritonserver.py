@@ -23,6 +23,7 @@ import collections
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -49,7 +50,15 @@ from .triton_install import (
     stub_python_dir,
 )
 
-__all__ = ["TritonServer", "TritonServerError", "pick_free_ports"]
+__all__ = ["ADMIN_KEY_HEADER", "RESTRICTED_PROTOCOLS", "TritonServer", "TritonServerError", "pick_free_ports"]
+
+#: Protocol groups a client may use only with the server's admin key: with them a client could write
+#: into the host's shared memory, change logging, trace requests or read per-model statistics.
+#: Health, metadata, model configuration and inference stay open.
+RESTRICTED_PROTOCOLS = ("shared-memory", "model-repository", "logging", "trace", "statistics")
+#: The admin key's header (HTTP); gRPC clients send it as ``triton-grpc-protocol-<header>``.
+ADMIN_KEY_HEADER = "stac-admin-key"
+_SHM = Path("/dev/shm")
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +195,11 @@ class TritonServer:
             if the *thread* that called :meth:`start` dies (e.g. pytest killed by a CI
             timeout). Leave False when starting from a short-lived worker thread.
         startup_timeout: used by ``with TritonServer(...)`` for :meth:`wait_ready`.
+        restricted_protocols: Triton protocol groups that need the admin key
+            (``--grpc-restricted-protocol`` / ``--http-restricted-api``; default
+            :data:`RESTRICTED_PROTOCOLS`; empty: none restricted).
+        admin_key: the key (default: a fresh random one per server); ``admin_headers(...)``
+            gives the headers a client sends with it.
 
     ``with TritonServer(...) as s`` starts the server, waits until ready (retrying with new
     ports if auto-picked ports were taken meanwhile), and always stops it on exit. The
@@ -215,6 +229,8 @@ class TritonServer:
         die_with_parent: bool = False,
         startup_timeout: float = 180.0,
         install: Optional[TritonInstall] = None,
+        restricted_protocols: Sequence[str] = RESTRICTED_PROTOCOLS,
+        admin_key: Optional[str] = None,
     ):
         if isinstance(model_repository, (str, os.PathLike)):
             model_repository = [model_repository]
@@ -234,7 +250,14 @@ class TritonServer:
             config.setdefault("python", {})["shm-default-byte-size"] = int(shm_default_byte_size)
         if shm_growth_byte_size is not None:
             config.setdefault("python", {})["shm-growth-byte-size"] = int(shm_growth_byte_size)
+        # The Python backend's shared-memory regions get a name of this server's own, so that they can
+        # be removed from /dev/shm when the server dies without doing so itself.
+        self.shm_prefix = f"stac-triton-{os.getpid()}-{secrets.token_hex(4)}-"
+        config.setdefault("python", {}).setdefault("shm-region-prefix-name", self.shm_prefix)
+        self.shm_prefix = str(config["python"]["shm-region-prefix-name"])
         self.backend_config = config
+        self.restricted_protocols = list(restricted_protocols)
+        self.admin_key = admin_key or secrets.token_urlsafe(24)
         self.extra_args = list(extra_args)
         self.extra_env = dict(env or {})
         self.log_file = Path(log_file) if log_file is not None else None
@@ -300,6 +323,22 @@ class TritonServer:
     def urls(self) -> dict[str, str]:
         return {"http": self.http_url, "grpc": self.grpc_url, "metrics": self.metrics_url}
 
+    def admin_headers(self, protocol: str = "grpc") -> dict[str, str]:
+        """Headers that open the restricted protocol groups (``protocol``: "grpc" or "http")."""
+        name = ADMIN_KEY_HEADER if protocol == "http" else f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"
+        return {name: self.admin_key}
+
+    def remove_shared_memory(self) -> list[str]:
+        """Remove the Python backend's regions of this server left in /dev/shm (after it stopped)."""
+        removed = []
+        for path in _SHM.glob(self.shm_prefix + "*") if _SHM.is_dir() else []:
+            try:
+                path.unlink()
+                removed.append(path.name)
+            except OSError:
+                pass
+        return removed
+
     def log_tail(self, n: int = 40) -> list[str]:
         """The last ``n`` lines the server printed."""
         with self._tail_lock:
@@ -332,6 +371,10 @@ class TritonServer:
         for backend, values in self.backend_config.items():
             for key, value in values.items():
                 cmd.append(f"--backend-config={backend},{key}={value}")
+        if self.restricted_protocols:
+            groups = ",".join(self.restricted_protocols)
+            cmd.append(f"--grpc-restricted-protocol={groups}:{ADMIN_KEY_HEADER}={self.admin_key}")
+            cmd.append(f"--http-restricted-api={groups}:{ADMIN_KEY_HEADER}={self.admin_key}")
         cmd += self.extra_args
         return cmd
 
@@ -540,6 +583,9 @@ class TritonServer:
             time.sleep(0.05)
         if _kill_process_group(pgid, signal.SIGKILL):
             log.warning("killed processes left in tritonserver's process group %d", pgid)
+        removed = self.remove_shared_memory()
+        if removed:
+            log.warning("removed shared memory left by tritonserver: %s", ", ".join(removed))
         self._drain_output()
         if self._finalizer is not None:
             self._finalizer.detach()

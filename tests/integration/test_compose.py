@@ -92,6 +92,10 @@ def test_triton_service(compose, name):
     exit_timeout = int(flags["--exit-timeout-secs"])
     grace = svc["stop_grace_period"]
     assert grace.endswith("s") and int(grace[:-1]) > exit_timeout
+    for flag in ("--grpc-restricted-protocol", "--http-restricted-api"):  # admin groups need the admin key
+        groups, _, key = flags[flag].partition(":")
+        assert set(groups.split(",")) == {"shared-memory", "model-repository", "logging", "trace", "statistics"}
+        assert key.startswith("stac-admin-key=${STAC_ADMIN_KEY:?"), "no default key: compose refuses to start without one"
     shm = svc["shm_size"].lower()
     assert shm.endswith("gb") and int(shm[:-2]) >= 1
     gpu = _gpu(svc)
@@ -312,7 +316,8 @@ def test_triton_accepts_the_compose_flags(compose, tmp_path):
     from stac_backend.tools.tritonserver import TritonServer
 
     own = ("--model-repository", "--model-control-mode", "--http-port", "--grpc-port", "--metrics-port", "--log-verbose",
-           "--exit-on-error", "--strict-readiness", "--exit-timeout-secs")  # the launcher sets these itself
+           "--exit-on-error", "--strict-readiness", "--exit-timeout-secs",
+           "--grpc-restricted-protocol", "--http-restricted-api")  # the launcher sets these itself
     command = compose["services"]["triton"]["command"]
     extra = [c for c in command[1:] if not c.startswith(own)]
     assert "--disable-auto-complete-config" in extra and any(c.startswith("--backend-config=python") for c in extra)

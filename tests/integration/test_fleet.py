@@ -79,8 +79,8 @@ def test_nginx_renderer_refuses_nonsense():
     with pytest.raises(ValueError):
         render_nginx_config(NginxConfig(upstreams=["a:1"], plaintext=False))
     text = render_nginx_config(NginxConfig(upstreams=["a:1", "b:2"], tls_listen="8443"))
-    # two listeners (h2c and TLS), each with a unary and a streaming location
-    assert text.count("grpc_pass grpc://triton_grpc;") == 4 and "hash $stac_route_key consistent;" in text
+    # two listeners (h2c and TLS), each with a unary, a streaming and a health/metadata location
+    assert text.count("grpc_pass grpc://triton_grpc;") == 6 and "hash $stac_route_key consistent;" in text
     assert "map $http_x_stream_id $stac_route_key {" in text  # the header, or the connection without one
     assert text.count("location = /inference.GRPCInferenceService/ModelStreamInfer {") == 2
 
@@ -151,7 +151,8 @@ def test_stream_unknown_to_the_server_restarts_with_start(server):
     def end_it(record, _out):
         if record.frames_done == 4 and record.restarts == 0:
             c = StacClient(server.grpc_url)
-            c.send_chunk(sid, frames[sid][:4], start=True, end=True)  # a START+END with the same id frees it
+            c._keys[sid] = record.key  # the stream's owner (an operator) may restart it: START+END frees it
+            c.send_chunk(sid, frames[sid][:4], start=True, end=True)
             c.close()
 
     result = run_fleet(FleetConfig(url=server.grpc_url, streams=1, stream_ids=[sid], frames=12, chunk=4, height=28,

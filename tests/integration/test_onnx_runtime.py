@@ -253,7 +253,7 @@ def test_build_sessions_runtime_parameter(graphs, model, frames20, tmp_path):
     sessions = build_sessions(config(CACHE_CONFIG=json.dumps(layout.cache.to_dict())), "CPU", 0, str(tmp_path))
     frames = (frames20[:8].numpy() * 255).astype(np.uint8)
     first, = sessions.handle([FrameRequest(corr_id=1, start=True, end=False, frames=frames[:4])])
-    second, bad = sessions.handle([FrameRequest(corr_id=1, start=False, end=True, frames=frames[4:8]),
+    second, bad = sessions.handle([FrameRequest(corr_id=1, start=False, end=True, frames=frames[4:8], key=first.stream_key),
                                    FrameRequest(corr_id=2, start=True, end=True, frames=frames[:5])])
     assert isinstance(first, StepResult) and isinstance(second, StepResult)
     assert isinstance(bad, RequestError) and "at most 4 frames" in str(bad)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from stac_backend.loadgen.fleet import make_frames
-from stac_backend.loadgen.perf import SweepConfig, find_perf_analyzer, make_input_data, parse_csv, run_sweep
+from stac_backend.loadgen.perf import PERF_RESTRICTED, SweepConfig, find_perf_analyzer, make_input_data, parse_csv, run_sweep
 
 CSV = """Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,Server Compute Input,Server Compute Infer,Server Compute Output,Client Recv,p50 latency,p90 latency,p95 latency,p99 latency
 1,11.3257,15,199,2126,57,82301,1152,7,73114,123188,128338,132551
@@ -69,7 +69,8 @@ def test_perf_analyzer_smoke_sweep_has_zero_errors(tmp_path, decoupled):
     from stac_backend.loadgen.fleet import start_local_server
 
     server = start_local_server(tmp_path / "server", max_streams=16, threads=1, cache_config={"policy": "stac", "chunk": 4},
-                                decoupled=decoupled)
+                                decoupled=decoupled, stream_keys=False,
+                                restricted_protocols=PERF_RESTRICTED)
     try:
         config = SweepConfig(url=server.grpc_url, metrics_url=server.metrics_url, streams=2, steps=4, chunk=4, height=56,
                              width=84, concurrency=(1, 2, 1), sequence_id_range=(1000, 1064), measurement_mode="count_windows",

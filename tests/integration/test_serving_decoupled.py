@@ -118,6 +118,23 @@ def test_bad_input_is_refused_and_other_stream_carries_on(server, model):
     assert_equal_to_engine([first, second], expected, "stream 900")
 
 
+def test_refused_start_is_ended_in_triton_by_the_decoupled_model(server):
+    """The model ends a refused START's sequence with an END request to itself (a decoupled call)."""
+    import time
+    from pathlib import Path
+
+    client = StacClient(server.grpc_url)
+    try:
+        with pytest.raises(StreamError, match="at least one frame"):
+            client.send_chunk(910, np.zeros((0, 3, H, W), np.uint8), start=True)
+        time.sleep(1.0)
+        assert client.send_chunk(910, video(910, 4), start=True, end=True)["frame_index"].tolist() == [0, 1, 2, 3]
+    finally:
+        client.close()
+    log = Path(server.log_file).read_text(errors="replace")
+    assert "housekeeping failed" not in log and "stream 910: request refused (INVALID_ARG)" in log
+
+
 def test_unary_call_gets_a_clear_error(server):
     data = video(950, 4)[None]
     inputs = [grpcclient.InferInput("FRAMES", list(data.shape), "UINT8")]

@@ -29,7 +29,7 @@ def test_checked_in_repository_is_the_rendered_production_settings():
 def test_float32_outputs_by_default():
     text = render_config(ServeSettings())
     types = output_types(text)
-    assert set(types) == set(OUTPUTS) | {"CACHE_BYTES"}
+    assert set(types) == set(OUTPUTS) | {"CACHE_BYTES", "STREAM_KEY"}
     assert "TYPE_FP16" not in text and "OUTPUT_DTYPE" not in text  # the default renders exactly as before
     assert {types[n] for n in DENSE_OUTPUTS} == {"TYPE_FP32"}
 
@@ -57,3 +57,26 @@ def test_the_model_reads_the_rendered_config(output_dtype):
     proto = text_format.Parse(render_config(settings), model_config_pb2.ModelConfig())
     config = json_format.MessageToDict(proto, preserving_proto_field_name=True)
     assert dense_output_dtype(config) is {"float32": torch.float32, "float16": torch.float16}[output_dtype]
+
+
+def test_settings_round_trip_through_the_rendered_config():
+    """settings.py is the one schema: what render_config writes, settings_from_config reads back."""
+    if importlib.util.find_spec("tritonclient") is None:
+        pytest.skip("tritonclient not installed (serving extra)")
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from stac_backend.serving.settings import TRITON_IDLE_MARGIN_S, settings_from_config
+
+    s = ServeSettings(preset="", max_streams=5, max_cache_bytes=123, idle_ttl_s=7.5, max_image_pixels=1000,
+                      frame_size=(56, 84), stream_keys=False, output_dtype="float16", decoupled=True,
+                      cache_config={"policy": "window", "window": 8})
+    proto = text_format.Parse(render_config(s), model_config_pb2.ModelConfig())
+    config = json_format.MessageToDict(proto, preserving_proto_field_name=True)
+    back = settings_from_config(config, "CPU")
+    for name in ("preset", "max_streams", "max_cache_bytes", "idle_ttl_s", "max_image_pixels", "frame_size",
+                 "stream_keys", "output_dtype", "decoupled", "cache_config", "instance_kind"):
+        assert getattr(back, name) == getattr(s, name), name
+    idle_us = int(config["sequence_batching"]["max_sequence_idle_microseconds"])
+    assert idle_us == int((7.5 + TRITON_IDLE_MARGIN_S) * 1e6)  # a backstop well above the model's TTL
+    assert config["sequence_batching"]["oldest"]["max_candidate_sequences"] == 64
