@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from stac_backend.client import new_stream_id, new_stream_key
 from stac_backend.loadgen.fleet import environment, process_tree_rss, scrape_metrics
+from stac_backend.results import write_result
 from stac_backend.serving.repository import local_server
 from stac_backend.serving.settings import ServeSettings
 
@@ -178,14 +177,7 @@ def main() -> int:
     settle = 10.0  # seconds after each phase starts that are left out of its percentiles
     baseline = [ms for t, ms in latencies if settle <= t < args.baseline_s]
     overload = [ms for t, ms in latencies if t >= args.baseline_s + settle]
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {
-        "benchmark": "overload",
-        "device": "cpu",
-        "command": "python benchmarks/overload.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "commit": commit,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "environment": environment(),
         "load": {
             "admitted_streams": args.admitted, "offered_cameras": cameras_n, "factor": args.factor,
@@ -216,8 +208,7 @@ def main() -> int:
         },
         "samples": samples,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_result(args.out, result, "overload", "cpu")
     summary = {k: result[k] for k in ("admitted_latency_ms_baseline", "admitted_latency_ms_overload", "refused_starts", "refusal_latency_ms",
                                       "streams_admitted", "streams_completed", "dropped_mid_sequence_count", "memory")}
     print(json.dumps(summary, indent=1))

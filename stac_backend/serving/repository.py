@@ -140,6 +140,7 @@ PRODUCTION = ServeSettings(
     max_streams=8,
     idle_ttl_s=120.0,
     max_batch_size=8,
+    image_size=518,
 )
 
 
