@@ -14,7 +14,7 @@
    ``STAC_INSTANCE_COUNT``, ``STAC_IDLE_TTL_S``, ``STAC_MAX_IMAGE_PIXELS``, ``STAC_DTYPE``,
    ``STAC_PRESET``, ``STAC_OUTPUT_DTYPE`` (float32 | float16: the dense outputs' wire dtype),
    ``STAC_FRAME_SIZE`` (HxW: other sizes are refused by Triton), ``STAC_STREAM_KEYS`` (0: no keys).
-4. Runs the TensorRT hook (issue #6) when ``STAC_BUILD_TENSORRT=1``: ``deploy/hooks/build_tensorrt_engines.sh``.
+4. Runs the TensorRT hook when ``STAC_BUILD_TENSORRT=1``: ``deploy/hooks/build_tensorrt_engines.sh``.
 5. Writes ``<repository>/stac/PREPARED.json`` (checkpoint size and sha256, settings, time).
 
 Exit code 0 only if all of that worked, so Triton (``depends_on: service_completed_successfully``)
@@ -174,7 +174,7 @@ def place_checkpoint(repository: Path, checkpoint_dir: Path | None, name: str) -
 
 def run_tensorrt_hook(repository: Path, env=os.environ) -> str:
     if env.get("STAC_BUILD_TENSORRT", "0") not in ("1", "true", "yes"):
-        log("TensorRT engines: skipped (STAC_BUILD_TENSORRT is not set; issue #6)")
+        log("TensorRT engines: skipped (STAC_BUILD_TENSORRT is not set)")
         return "skipped"
     log(f"TensorRT engines: running {HOOK}")
     subprocess.run(["bash", str(HOOK), str(repository)], check=True)

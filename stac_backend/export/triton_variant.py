@@ -20,7 +20,7 @@ compute, e.g. 2 x 1.53 GiB for vggt-1b at 518x392 holding 8 frames. That is why 
 small budgets; bounded policies with the STAC cache (whose state also includes a voxel pool) and
 custom nodes run behind the Python backend instead (RUNTIME=onnxruntime / tensorrt).
 
-Policies with stac nodes cannot run here: Triton's onnxruntime and tensorrt backends are C++ and
+Policies with stac nodes cannot run in these two models: Triton's onnxruntime and tensorrt backends are C++ and
 would need the stac ops as a compiled custom-op / plugin library (docs/export.md).
 """
 

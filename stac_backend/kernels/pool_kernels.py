@@ -370,7 +370,7 @@ if HAVE_TRITON:
 # row's work is serial, so an insert takes as long as its busiest row. Rows of a few tokens
 # run best as small latency-bound programs (H200, vggt-1b: the stress insert of ~23 tokens per
 # row took 3.7 ms with 8 x 1 warp, 5.7 with 16 x 2, 6.1 with 32 x 4); for long rows (few voxels)
-# the launch stays at round 6's merge kernel's 16 x 2, fewer serial iterations per row, not
+# the launch stays at 16 x 2 (the earlier merge kernel's), fewer serial iterations per row, not
 # measured against others. Picked from the mean tokens per row; None = automatic, set to tune.
 _SEGMENT_BLOCK: int | None = None
 _INSERT_WARPS: int | None = None

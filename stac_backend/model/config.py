@@ -157,7 +157,7 @@ PRESETS: dict[str, ModelConfig] = {
         dpt_intermediate_layer_idx=(0, 1, 2, 3),
         enable_track=False,
     ),
-    # The trained embedded default (issue #8): small enough to ship (fp16 weights ~12 MB) and to
+    # The trained embedded default: small enough to ship (fp16 weights ~12 MB) and to
     # stream on a CPU, large enough to learn synthetic indoor scenes.
     "small": ModelConfig(
         img_size=112,

@@ -1,4 +1,4 @@
-"""Train a small VGGT-family model on synthetic streaming scenes (issue #8).
+"""Train a small VGGT-family model on synthetic streaming scenes.
 
     python -m stac_backend.training.train --preset small --device cuda --minutes 8 --out runs/small
     python -m stac_backend.training.train ... --resume runs/small/last.pt      # continue a run
