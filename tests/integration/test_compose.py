@@ -22,6 +22,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
+from stac_backend.loadgen.perf import PERF_RESTRICTED  # noqa: E402
 from stac_backend.model import save_checkpoint  # noqa: E402
 from stac_backend.tools.nginx import (  # noqa: E402
     PRODUCTION_NGINX,
@@ -73,7 +74,8 @@ def test_services_and_profiles(compose):
         assert "profiles" not in services[name], name
     assert services["triton-1"]["profiles"] == ["cluster"]
     assert services["nginx"]["profiles"] == ["cluster"]
-    assert services["perf_analyzer"]["profiles"] == ["perf"]
+    for name in ("perf_analyzer", "prepare-perf", "triton-perf"):
+        assert services[name]["profiles"] == ["perf"], name
 
 
 @pytest.mark.parametrize("name", ["triton", "triton-1"])
@@ -214,6 +216,39 @@ def test_prometheus_and_perf_analyzer(compose):
     assert 'pip install "/opt/stac[engine]"' in dockerfile
     ignore = (ROOT / "deploy" / "triton" / "Dockerfile.dockerignore").read_text()
     assert "!stac_backend/" in ignore and "!pyproject.toml" in ignore
+
+
+def test_perf_profile_measures_a_benchmark_replica_of_its_own(compose):
+    """perf_analyzer can send neither STREAM_KEY nor the admin key over gRPC: the perf profile measures
+    triton-perf (stream keys off, statistics open, as `stac perf sweep --local`), never production's
+    replicas, which keep every default."""
+    s = compose["services"]
+    # the same preparation except the stream keys, into a repository of its own
+    production_env, perf_env = dict(s["prepare"]["environment"]), dict(s["prepare-perf"]["environment"])
+    assert _default(production_env.pop("STAC_STREAM_KEYS")) == "1" and perf_env.pop("STAC_STREAM_KEYS") == "0"
+    assert perf_env == production_env
+    assert s["prepare-perf"]["command"] == s["prepare"]["command"]
+    assert s["prepare-perf"]["volumes"][0].split("#")[0].strip() == "stac-models-perf:/models"
+    assert s["triton-perf"]["volumes"] == ["stac-models-perf:/models:ro"] and "stac-models-perf" in compose["volumes"]
+    assert s["triton-perf"]["depends_on"] == {"prepare-perf": {"condition": "service_completed_successfully"}}
+    # the production command but for the restricted groups: statistics open, the rest keyed
+    restricted = ("--grpc-restricted-protocol", "--http-restricted-api")
+    production, perf = s["triton"]["command"], s["triton-perf"]["command"]
+    assert [c for c in perf if not c.startswith(restricted)] == [c for c in production if not c.startswith(restricted)]
+    flags = dict(c.split("=", 1) for c in perf if c.startswith(restricted))
+    assert set(flags) == set(restricted)
+    for value in flags.values():
+        groups, _, key = value.partition(":")
+        assert set(groups.split(",")) == set(PERF_RESTRICTED) and "statistics" not in groups
+        assert key.startswith("stac-admin-key=${STAC_ADMIN_KEY:?")
+    # private: no published port, not behind NGINX; perf_analyzer measures it and nothing else
+    assert "ports" not in s["triton-perf"]
+    assert "triton-perf" not in (ROOT / "deploy" / "nginx" / "nginx.conf").read_text()
+    command = s["perf_analyzer"]["command"]
+    assert command[command.index("-u") + 1] == "triton-perf:8001"
+    assert "--metrics-url=triton-perf:8002/metrics" in command
+    assert s["perf_analyzer"]["depends_on"] == {"triton-perf": {"condition": "service_healthy"}}
+    assert "benchmark only" in (ROOT / "docs" / "deployment.md").read_text().lower()
 
 
 def _loopback_copy(text: str, workdir: Path) -> str:

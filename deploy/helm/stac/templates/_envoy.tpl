@@ -1,4 +1,18 @@
-{{/* Envoy's configuration: gRPC listener, ring hash on x-stream-id over the headless Triton service. */}}
+{{/* The gRPC methods the proxy passes to Triton: inference, and the read-only health / metadata /
+model-config RPCs clients need (stac_backend/tools/nginx.py passes the same). */}}
+{{- define "stac.passedRpcs" -}}
+- ModelInfer
+- ModelStreamInfer
+- ServerLive
+- ServerReady
+- ModelReady
+- ServerMetadata
+- ModelMetadata
+- ModelConfig
+{{- end -}}
+
+{{/* Envoy's configuration: gRPC listener, an allowlist of gRPC methods, ring hash on x-stream-id
+over the headless Triton service. */}}
 {{- define "stac.envoyConfig" -}}
 admin:
   address:
@@ -22,7 +36,10 @@ static_resources:
                     - name: triton
                       domains: ["*"]
                       routes:
-                        - match: {prefix: /}
+                        # Only inference and the read-only health / metadata RPCs reach Triton
+                        # (the NGINX configs pass the same list) ...
+                        {{- range (include "stac.passedRpcs" . | fromYamlArray) }}
+                        - match: {path: /inference.GRPCInferenceService/{{ . }}}
                           route:
                             cluster: triton
                             timeout: 0s
@@ -30,6 +47,19 @@ static_resources:
                               - header: {header_name: x-stream-id}
                                 terminal: true
                               - connection_properties: {source_ip: true}
+                        {{- end }}
+                        # ... every other path (shared memory, model repository, logging, trace,
+                        # statistics, anything unknown) is answered here with PERMISSION_DENIED,
+                        # admin key or not: administration happens on the replicas' pod addresses.
+                        - match: {prefix: /}
+                          direct_response: {status: 403}
+                          response_headers_to_add:
+                            - header: {key: content-type, value: application/grpc}
+                              append_action: OVERWRITE_IF_EXISTS_OR_ADD
+                            - header: {key: grpc-status, value: "7"}
+                              append_action: OVERWRITE_IF_EXISTS_OR_ADD
+                            - header: {key: grpc-message, value: "this method is not served through the proxy"}
+                              append_action: OVERWRITE_IF_EXISTS_OR_ADD
                 http_filters:
                   - name: envoy.filters.http.router
                     typed_config:
