@@ -6,6 +6,7 @@
                                        (in-process, or through a server with --server HOST:PORT)
     stac synth --out DIR               write a synthetic scene with ground truth
     stac info                          presets, parameter counts, cache bytes per frame
+    stac eval DATASET --out DIR        score every cache policy on a dataset with ground truth
 """
 
 from __future__ import annotations
@@ -280,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_fleet(sub)
     register_perf(sub)
+    from .evaluation.cli import add_parser as add_eval_parser  # stac eval: quality on datasets with ground truth
+
+    add_eval_parser(sub)
     return parser
 
 
