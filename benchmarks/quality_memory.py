@@ -108,7 +108,16 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="where the model runs (metrics run on the CPU)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--replot", action="store_true", help="only redraw the table and plot of an existing --out JSON")
     args = p.parse_args()
+    if args.replot:
+        report = json.loads(args.out.read_text())
+        report["summary"] = summarize(report)
+        report["table_markdown"] = table(report)
+        args.out.write_text(json.dumps(report, indent=1, default=float))
+        print(report["table_markdown"])
+        plot(report, args.out.with_suffix(".png"))
+        return 0
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     model = build_model(checkpoint=args.checkpoint, device=args.device)
