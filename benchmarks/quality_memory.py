@@ -108,10 +108,18 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="where the model runs (metrics run on the CPU)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--skip-full", action="store_true", help="do not run the full-cache reference (e.g. a run split by policy)")
     p.add_argument("--replot", action="store_true", help="only redraw the table and plot of an existing --out JSON")
+    p.add_argument("--merge", type=Path, nargs="*", default=[],
+                   help="with --replot: add the runs of these JSON files (same scenes, other policies) to --out")
     args = p.parse_args()
     if args.replot:
         report = json.loads(args.out.read_text())
+        for other in args.merge:
+            extra = {seq["seed"]: seq["runs"] for seq in json.loads(other.read_text())["sequences"]}
+            for seq in report["sequences"]:
+                seq["runs"] += extra.get(seq["seed"], [])
+            report.setdefault("merged_from", []).append(other.name)
         report["summary"] = summarize(report)
         report["table_markdown"] = table(report)
         args.out.write_text(json.dumps(report, indent=1, default=float))
@@ -142,7 +150,7 @@ def main() -> int:
         seq = revisit_loop(args.lap_frames, args.laps, args.height, args.width, seed=seed)
         gt = {"depth": seq.depth, "valid": seq.valid, "world_points": seq.world_points, "extrinsics": seq.extrinsics}
         runs = []
-        plan = [("full", None, CacheConfig(policy="full", chunk=args.chunk))]
+        plan = [] if args.skip_full else [("full", None, CacheConfig(policy="full", chunk=args.chunk))]
         for policy in policies:
             for fraction in fractions:
                 config = config_for_budget(policy, int(fraction * full_bytes), model, tokens, args.chunk, frames,

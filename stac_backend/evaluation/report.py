@@ -43,7 +43,9 @@ def provenance(device: str) -> dict:
         device_name = torch.cuda.get_device_name(0)
     else:
         device_name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": commit + ("-dirty" if dirty else ""),
+    script = Path(sys.argv[0]).resolve()
+    program = f"python {script.relative_to(root)}" if script.suffix == ".py" and script.is_relative_to(root) else script.name
+    return {"command": " ".join([program, *sys.argv[1:]]), "commit": commit + ("-dirty" if dirty else ""),
             "device": device_name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__}
 
