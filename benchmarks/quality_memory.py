@@ -94,6 +94,7 @@ def main() -> int:
     p.add_argument("--lap-frames", type=int, default=300, help="frames per lap (the stream has laps x this)")
     p.add_argument("--laps", type=int, default=2)
     p.add_argument("--sequences", type=int, default=2, help="held-out scenes (seeds 1,000,000 on)")
+    p.add_argument("--first-scene", type=int, default=0, help="start at this held-out scene (to split a run)")
     p.add_argument("--height", type=int, default=84)
     p.add_argument("--width", type=int, default=112)
     p.add_argument("--chunk", type=int, default=4)
@@ -111,14 +112,15 @@ def main() -> int:
     p.add_argument("--skip-full", action="store_true", help="do not run the full-cache reference (e.g. a run split by policy)")
     p.add_argument("--replot", action="store_true", help="only redraw the table and plot of an existing --out JSON")
     p.add_argument("--merge", type=Path, nargs="*", default=[],
-                   help="with --replot: add the runs of these JSON files (same scenes, other policies) to --out")
+                   help="with --replot: add the runs of these JSON files (other policies or scenes, same settings) to --out")
     args = p.parse_args()
     if args.replot:
         report = json.loads(args.out.read_text())
         for other in args.merge:
             extra = {seq["seed"]: seq["runs"] for seq in json.loads(other.read_text())["sequences"]}
             for seq in report["sequences"]:
-                seq["runs"] += extra.get(seq["seed"], [])
+                seq["runs"] += extra.pop(seq["seed"], [])
+            report["sequences"] += [{"seed": seed, "runs": runs} for seed, runs in extra.items()]
             report.setdefault("merged_from", []).append(other.name)
         report["summary"] = summarize(report)
         report["table_markdown"] = table(report)
@@ -145,7 +147,7 @@ def main() -> int:
               "chunk": args.chunk, "tokens_per_frame": tokens, "full_cache_bytes_at_length": full_bytes,
               "budget_fractions": fractions, "stac_overrides": stac_overrides, "metric_settings": settings.to_dict(),
               "revisit_segments": segments, "sequences": []}
-    for s in range(args.sequences):
+    for s in range(args.first_scene, args.first_scene + args.sequences):
         seed = HELD_OUT_SEED + s
         seq = revisit_loop(args.lap_frames, args.laps, args.height, args.width, seed=seed)
         gt = {"depth": seq.depth, "valid": seq.valid, "world_points": seq.world_points, "extrinsics": seq.extrinsics}
