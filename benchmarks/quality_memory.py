@@ -241,7 +241,9 @@ def plot(report: dict, path: Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return
     rows = [r for r in report["summary"]["rows"] if r["fits"]]
     full = next((r for r in rows if r["policy"] == "full"), None)
@@ -255,6 +257,9 @@ def plot(report: dict, path: Path) -> None:
         if full is not None:
             ax.axhline(full["metrics"][segment][key], color="k", ls="--", lw=1, label="full (100%)")
         ax.set_xscale("log")
+        ticks = [100 * f for f in report["budget_fractions"]]
+        ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set(xlabel="cache bound, % of full at the stream's length",
                title=f"{title}, {'second lap (revisits)' if segment != 'all' else 'whole stream'}")
         ax.title.set_fontsize(9)

@@ -73,6 +73,7 @@ def plot_summary(summary: dict, path: Path, title: str) -> Optional[Path]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return None
     names = list(summary)
     metrics = [summary[n]["metrics"].get("all", {}) for n in names]
