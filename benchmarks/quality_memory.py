@@ -2,7 +2,7 @@
 at several budgets (fractions of the full cache's memory at the stream's length), on held-out
 synthetic loops driven twice around the room, with the second lap (the revisits) scored apart.
 
-    python benchmarks/quality_memory.py --out docs/benchmarks/quality_memory_small_cpu.json   # defaults: 2 x 300 frames
+    python benchmarks/quality_memory.py --out docs/benchmarks/quality_memory_MODEL_DEVICE.json   # defaults: 2 x 300 frames
     python benchmarks/quality_memory.py --lap-frames 40 --budgets 0.15,0.25,0.5 --sequences 1 \
         --stac-overrides '{"conf_threshold":1.0}' --point-frame-stride 4 --icp-iterations 10 --max-points 5000 \
         --icp-max-points 2000 --icp-max-target-points 20000 --out docs/benchmarks/quality_memory_small_cpu.json   # CPU
