@@ -7,6 +7,8 @@
     stac synth --out DIR               write a synthetic scene with ground truth
     stac view DIR                      show a finished output folder (point cloud, cameras, depth)
     stac info                          presets, parameter counts, cache bytes per frame, tools found
+    stac eval DATASET --out DIR        score every cache policy on a dataset with ground truth
+    stac export onnx|tensorrt|repository   export the step graph and build TensorRT engines
 
 Every failure a user can cause (a port in use, an unreachable server, a missing package, a bad
 source) ends in one line on stderr with a hint, and exit status 2.
@@ -408,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_fleet(sub)
     register_perf(sub)
+    from .evaluation.cli import add_parser as add_eval_parser  # stac eval: quality on datasets with ground truth
+
+    add_eval_parser(sub)
     from .export.command import add_parser as add_export, run as run_export  # stac export onnx|tensorrt|repository
 
     add_export(sub).set_defaults(func=run_export)

@@ -1,0 +1,279 @@
+"""Quality against per-stream memory budget: for each bounded cache policy, reconstruction quality
+at several budgets (fractions of the full cache's memory at the stream's length), on held-out
+synthetic loops driven twice around the room, with the second lap (the revisits) scored apart.
+
+    python benchmarks/quality_memory.py --out docs/benchmarks/quality_memory_MODEL_DEVICE.json   # defaults: 2 x 300 frames
+    python benchmarks/quality_memory.py --lap-frames 40 --budgets 0.15,0.25,0.5 --sequences 1 \
+        --stac-overrides '{"conf_threshold":1.0}' --point-frame-stride 4 --icp-iterations 10 --max-points 5000 \
+        --icp-max-points 2000 --icp-max-target-points 20000 --out docs/benchmarks/quality_memory_small_cpu.json   # CPU
+
+How each policy spends a budget (the largest setting whose ``bytes_bound`` fits it; the camera
+trunk's cache of 64 frames is counted in every bound):
+- ``window`` / ``sink_window``: the most recent frames they can hold (at least one chunk);
+- ``heavy_hitter``: the reference window of 4 frames and as many heavy-hitter frames as fit;
+- ``stac``: the reference hot cache (window 4, hh 2, retrieval 2) with ``memory_budget_bytes`` =
+  the budget, so its voxel pool gets the rest (``max_voxels`` unset); where that does not fit, hh
+  then retrieval shrink (the first fitting of (4,2,2), (4,1,2), (4,0,2), (4,0,1)).
+A budget too small for a policy's smallest setting is reported as not fitting. The full cache is
+run once as the reference. Scenes are held out (seeds from 1,000,000); no setting is tuned on them.
+
+Metrics (``stac_backend.evaluation.scoring``): accuracy / completeness / NC after Sim(3) + ICP,
+depth Abs Rel after median scaling, ATE; the revisit lap is scored under the whole stream's
+alignment, so drift away from the first lap's map counts against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stac_backend.assets import EMBEDDED_CHECKPOINT  # noqa: E402
+from stac_backend.cache import CacheConfig, make_cache  # noqa: E402
+from stac_backend.engine import full_cache_bytes_per_frame  # noqa: E402
+from stac_backend.engine.stream import cache_geometry  # noqa: E402
+from stac_backend.evaluation.report import provenance  # noqa: E402
+from stac_backend.evaluation.runner import stream_sequence  # noqa: E402
+from stac_backend.evaluation.scoring import MetricSettings, score_prediction  # noqa: E402
+from stac_backend.evaluation.synthetic import lap_segments, revisit_loop  # noqa: E402
+from stac_backend.model import build_model  # noqa: E402
+
+HELD_OUT_SEED = 1_000_000
+BOUNDED = ("window", "sink_window", "heavy_hitter", "stac")
+STAC_HOT_SETTINGS = ((4, 2, 2), (4, 1, 2), (4, 0, 2), (4, 0, 1))  # (window, hh, retrieval), preferred first
+SHOWN = (("comp_mean", "comp (m)"), ("acc_mean", "acc (m)"), ("ate_rmse", "ATE (m)"), ("abs_rel", "Abs Rel"))
+
+
+def bound_of(config: CacheConfig, model, tokens_per_frame: int) -> int | None:
+    """The policy's byte bound for this config, or None when the config cannot fit its own budget."""
+    try:
+        return make_cache(config, cache_geometry(model)).bytes_bound(tokens_per_frame)
+    except ValueError:
+        return None
+
+
+def config_for_budget(policy: str, budget: int, model, tokens_per_frame: int, chunk: int, frames: int,
+                      stac_overrides: dict) -> CacheConfig | None:
+    """The largest setting of ``policy`` whose bound fits ``budget`` bytes (None if none fits)."""
+    def fits(config: CacheConfig) -> bool:
+        bound = bound_of(config, model, tokens_per_frame)
+        return bound is not None and bound <= budget
+
+    def largest(make, low: int, high: int) -> CacheConfig | None:
+        """Largest n in [low, high] with make(n) fitting (bounds grow with n)."""
+        if not fits(make(low)):
+            return None
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if fits(make(mid)) else (low, mid - 1)
+        return make(low)
+
+    if policy in ("window", "sink_window"):
+        return largest(lambda n: CacheConfig(policy=policy, chunk=chunk, window=n), chunk, frames)
+    if policy == "heavy_hitter":
+        window = max(chunk, 4)
+        return largest(lambda n: CacheConfig(policy=policy, chunk=chunk, window=window, hh=n), 0, frames)
+    if policy == "stac":
+        for window, hh, retrieval in STAC_HOT_SETTINGS:
+            config = CacheConfig(policy="stac", chunk=chunk, window=max(window, chunk), hh=hh, retrieval=retrieval,
+                                 max_voxels=None, memory_budget_bytes=budget, **stac_overrides)
+            if fits(config):
+                return config
+        return None
+    raise ValueError(f"not a bounded policy: {policy}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=EMBEDDED_CHECKPOINT)
+    p.add_argument("--lap-frames", type=int, default=300, help="frames per lap (the stream has laps x this)")
+    p.add_argument("--laps", type=int, default=2)
+    p.add_argument("--sequences", type=int, default=2, help="held-out scenes (seeds 1,000,000 on)")
+    p.add_argument("--first-scene", type=int, default=0, help="start at this held-out scene (to split a run)")
+    p.add_argument("--height", type=int, default=84)
+    p.add_argument("--width", type=int, default=112)
+    p.add_argument("--chunk", type=int, default=4)
+    p.add_argument("--budgets", default="0.02,0.05,0.1,0.25,0.5", help="fractions of the full cache at the stream's length")
+    p.add_argument("--policies", default=",".join(BOUNDED))
+    p.add_argument("--stac-overrides", default="{}", help="CacheConfig fields for stac, e.g. a confidence bar")
+    p.add_argument("--point-frame-stride", type=int, default=1, help="point metrics on every N-th frame")
+    p.add_argument("--icp-iterations", type=int, default=30)
+    p.add_argument("--max-points", type=int, default=20_000)
+    p.add_argument("--icp-max-points", type=int, default=10_000)
+    p.add_argument("--icp-max-target-points", type=int, default=100_000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="where the model runs (metrics run on the CPU)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--skip-full", action="store_true", help="do not run the full-cache reference (e.g. a run split by policy)")
+    p.add_argument("--replot", action="store_true", help="only redraw the table and plot of an existing --out JSON")
+    p.add_argument("--merge", type=Path, nargs="*", default=[],
+                   help="with --replot: add the runs of these JSON files (other policies or scenes, same settings) to --out")
+    args = p.parse_args()
+    if args.replot:
+        report = json.loads(args.out.read_text())
+        for other in args.merge:
+            extra = {seq["seed"]: seq["runs"] for seq in json.loads(other.read_text())["sequences"]}
+            for seq in report["sequences"]:
+                seq["runs"] += extra.pop(seq["seed"], [])
+            report["sequences"] += [{"seed": seed, "runs": runs} for seed, runs in extra.items()]
+            report.setdefault("merged_from", []).append(other.name)
+        report["summary"] = summarize(report)
+        report["table_markdown"] = table(report)
+        args.out.write_text(json.dumps(report, indent=1, default=float))
+        print(report["table_markdown"])
+        plot(report, args.out.with_suffix(".png"))
+        return 0
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    model = build_model(checkpoint=args.checkpoint, device=args.device)
+    stac_overrides = json.loads(args.stac_overrides)
+    fractions = [float(f) for f in args.budgets.split(",")]
+    policies = [n.strip() for n in args.policies.split(",") if n.strip()]
+    frames = args.lap_frames * args.laps
+    tokens = model.config.tokens_per_frame(args.height, args.width)
+    dtype = next(model.parameters()).dtype
+    full_bytes = full_cache_bytes_per_frame(model.config, args.height, args.width, dtype) * frames
+    settings = MetricSettings(icp_iterations=args.icp_iterations, max_points=args.max_points,
+                              icp_max_points=args.icp_max_points, icp_max_target_points=args.icp_max_target_points,
+                              point_frame_stride=args.point_frame_stride)
+    segments = lap_segments(args.lap_frames, args.laps)
+    report = {"benchmark": "quality_memory", "provenance": provenance(args.device), "checkpoint": args.checkpoint.name,
+              "frames": frames, "laps": args.laps, "lap_frames": args.lap_frames, "image_hw": [args.height, args.width],
+              "chunk": args.chunk, "tokens_per_frame": tokens, "full_cache_bytes_at_length": full_bytes,
+              "budget_fractions": fractions, "stac_overrides": stac_overrides, "metric_settings": settings.to_dict(),
+              "revisit_segments": segments, "sequences": []}
+    for s in range(args.first_scene, args.first_scene + args.sequences):
+        seed = HELD_OUT_SEED + s
+        seq = revisit_loop(args.lap_frames, args.laps, args.height, args.width, seed=seed)
+        gt = {"depth": seq.depth, "valid": seq.valid, "world_points": seq.world_points, "extrinsics": seq.extrinsics}
+        runs = []
+        plan = [] if args.skip_full else [("full", None, CacheConfig(policy="full", chunk=args.chunk))]
+        for policy in policies:
+            for fraction in fractions:
+                config = config_for_budget(policy, int(fraction * full_bytes), model, tokens, args.chunk, frames,
+                                           stac_overrides)
+                plan.append((policy, fraction, config))
+        for policy, fraction, config in plan:
+            row = {"policy": policy, "budget_fraction": fraction,
+                   "budget_bytes": None if fraction is None else int(fraction * full_bytes)}
+            if config is None:
+                runs.append(row | {"fits": False})
+                print(f"seed {seed} {policy} @ {fraction:.0%}: smallest setting does not fit", file=sys.stderr)
+                continue
+            pred, info = stream_sequence(model, seq.images, config)
+            metrics = score_prediction(pred, gt, settings, segments)
+            relevant = {"full": (), "window": ("window",), "sink_window": ("window",), "heavy_hitter": ("window", "hh"),
+                        "stac": ("window", "hh", "retrieval")}[policy]
+            settings_used = {k: getattr(config, k) for k in relevant}
+            if policy == "stac":
+                settings_used["pool_voxels"] = make_cache(config, cache_geometry(model)).pool_voxels(tokens)
+            runs.append(row | {"fits": True, "settings": settings_used, **info, "metrics": metrics})
+            m = metrics["all"]
+            label = "full" if fraction is None else f"{policy} @ {fraction:.0%}"
+            print(f"seed {seed} {label}: comp {m['comp_mean']:.3f} acc {m['acc_mean']:.3f} ate {m['ate_rmse']:.3f} "
+                  f"(lap 2 comp {metrics['lap_2']['comp_mean']:.3f}) bound "
+                  f"{(info['cache_bytes_bound'] or info['peak_cache_bytes']) / 2**20:.2f} MiB peak "
+                  f"{info['peak_cache_bytes'] / 2**20:.2f} MiB, {info['frames_per_second']:.1f} frames/s", file=sys.stderr)
+            report["sequences"] = [x for x in report["sequences"] if x["seed"] != seed] + [{"seed": seed, "runs": runs}]
+            write(report, args.out, started)
+    write(report, args.out, started)
+    print(report["table_markdown"])
+    plot(report, args.out.with_suffix(".png"))
+    return 0
+
+
+def summarize(report: dict) -> dict:
+    """Mean over sequences per (policy, budget) and segment."""
+    groups: dict[tuple, list] = {}
+    for seq in report["sequences"]:
+        for run in seq["runs"]:
+            groups.setdefault((run["policy"], run["budget_fraction"]), []).append(run)
+    summary = []
+    for (policy, fraction), runs in groups.items():
+        entry = {"policy": policy, "budget_fraction": fraction, "fits": all(r["fits"] for r in runs)}
+        if entry["fits"]:
+            entry["settings"] = runs[0]["settings"]
+            entry["bound_bytes"] = max(r["cache_bytes_bound"] or r["peak_cache_bytes"] for r in runs)
+            entry["peak_bytes"] = max(r["peak_cache_bytes"] for r in runs)
+            entry["metrics"] = {seg: {k: sum(r["metrics"][seg][k] for r in runs) / len(runs) for k in runs[0]["metrics"][seg]}
+                                for seg in runs[0]["metrics"]}
+        summary.append(entry)
+    return {"rows": summary}
+
+
+def table(report: dict) -> str:
+    full = report["full_cache_bytes_at_length"]
+    head = ["policy", "budget", "settings (window / hh / retrieval / pool voxels)", "bound MiB (% of full)", "peak MiB"]
+    head += [f"{title}" for _, title in SHOWN] + [f"lap 2 {title}" for key, title in SHOWN if key != "abs_rel"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for row in report["summary"]["rows"]:
+        budget = "-" if row["budget_fraction"] is None else f"{row['budget_fraction']:.0%}"
+        if not row["fits"]:
+            lines.append(f"| {row['policy']} | {budget} | does not fit |" + " - |" * (len(head) - 3))
+            continue
+        s = row["settings"]
+        described = " / ".join(str(s[k]) for k in ("window", "hh", "retrieval", "pool_voxels") if k in s) or "every frame"
+        cells = [row["policy"], budget, described, f"{row['bound_bytes'] / 2**20:.2f} ({100 * row['bound_bytes'] / full:.1f}%)",
+                 f"{row['peak_bytes'] / 2**20:.2f}"]
+        cells += [f"{row['metrics']['all'][k]:.3f}" for k, _ in SHOWN]
+        cells += [f"{row['metrics']['lap_2'][k]:.3f}" for k, _ in SHOWN if k != "abs_rel"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write(report: dict, out: Path, started: float) -> None:
+    report["summary"] = summarize(report)
+    report["table_markdown"] = table(report)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=float))
+
+
+def plot(report: dict, path: Path) -> None:
+    """One figure: each metric (whole stream and revisit lap) against the budget, one line per policy."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return
+    rows = [r for r in report["summary"]["rows"] if r["fits"]]
+    full = next((r for r in rows if r["policy"] == "full"), None)
+    panels = [("all", k, t) for k, t in SHOWN] + [("lap_2", k, t) for k, t in SHOWN if k != "abs_rel"]
+    fig, axes = plt.subplots(2, 4, figsize=(15, 6.5))
+    for ax, (segment, key, title) in zip(axes.flat, panels):
+        for policy in dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full"):
+            points = sorted((100 * r["bound_bytes"] / report["full_cache_bytes_at_length"], r["metrics"][segment][key])
+                            for r in rows if r["policy"] == policy)
+            ax.plot(*zip(*points), marker="o", label=policy)
+        if full is not None:
+            ax.axhline(full["metrics"][segment][key], color="k", ls="--", lw=1, label="full (100%)")
+        ax.set_xscale("log")
+        ticks = [100 * f for f in report["budget_fractions"]]
+        ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set(xlabel="cache bound, % of full at the stream's length",
+               title=f"{title}, {'second lap (revisits)' if segment != 'all' else 'whole stream'}")
+        ax.title.set_fontsize(9)
+    axes.flat[-1].axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    axes.flat[-1].legend(handles, labels, loc="center")
+    fig.suptitle(f"quality vs memory: {report['laps']} laps x {report['lap_frames']} frames at "
+                 f"{report['image_hw'][1]}x{report['image_hw'][0]}, {len(report['sequences'])} held-out scene(s), "
+                 f"{report['checkpoint']} (lower is better)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""The quality-against-memory benchmark spends each budget on the largest setting that fits it."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from stac_backend.engine import full_cache_bytes_per_frame
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quality_memory.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("quality_memory", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("policy", ["window", "sink_window", "heavy_hitter", "stac"])
+def test_every_policy_fits_its_budget_and_grows_with_it(bench, tiny_model, policy):
+    frames, tokens = 400, tiny_model.config.tokens_per_frame(56, 84)
+    full = full_cache_bytes_per_frame(tiny_model.config, 56, 84) * frames
+    bounds = []
+    for fraction in (0.1, 0.25, 0.5):
+        config = bench.config_for_budget(policy, int(fraction * full), tiny_model, tokens, 4, frames, {})
+        assert config is not None and config.policy == policy
+        bound = bench.bound_of(config, tiny_model, tokens)
+        assert bound <= fraction * full
+        bounds.append(bound)
+        if policy == "stac":
+            assert config.memory_budget_bytes == int(fraction * full) and config.max_voxels is None
+    assert bounds == sorted(bounds) and bounds[-1] > 0.45 * full  # a larger budget is used, not left idle
+
+
+def test_a_budget_below_the_smallest_setting_does_not_fit(bench, tiny_model):
+    tokens = tiny_model.config.tokens_per_frame(56, 84)
+    per_frame = full_cache_bytes_per_frame(tiny_model.config, 56, 84)
+    for policy in ("window", "stac"):
+        assert bench.config_for_budget(policy, 2 * per_frame, tiny_model, tokens, 4, 100, {}) is None
+    assert bench.lap_segments(10, 3) == {"lap_2": (10, 20), "lap_3": (20, 30)}
