@@ -113,6 +113,9 @@ def render(report: dict, source: Path, training: Path, previous: Path | None = N
     return "\n".join(lines)
 
 
+KEPT_FROM = "## Quality against memory budget"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", type=Path, default=ROOT / "docs/benchmarks/quality_cpu.json")
@@ -122,7 +125,12 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "docs/quality.md")
     args = p.parse_args()
     source = args.source.resolve()
-    args.out.write_text(render(json.loads(source.read_text()), source, args.training.resolve(), args.previous.resolve()))
+    text = render(json.loads(source.read_text()), source, args.training.resolve(), args.previous.resolve())
+    # Sections written by other benchmarks (quality against memory budget) follow the generated part: keep them.
+    kept = args.out.read_text().split(KEPT_FROM, 1) if args.out.is_file() else []
+    if len(kept) == 2:
+        text = text.rstrip("\n") + "\n\n" + KEPT_FROM + kept[1]
+    args.out.write_text(text)
     print(f"wrote {args.out}")
     return 0
 

@@ -5,7 +5,7 @@ synthetic loops driven twice around the room, with the second lap (the revisits)
     python benchmarks/quality_memory.py --out docs/benchmarks/quality_memory_MODEL_DEVICE.json   # defaults: 2 x 300 frames
     python benchmarks/quality_memory.py --lap-frames 40 --budgets 0.15,0.25,0.5 --sequences 1 \
         --stac-overrides '{"conf_threshold":1.0}' --point-frame-stride 4 --icp-iterations 10 --max-points 5000 \
-        --icp-max-points 2000 --icp-max-target-points 20000 --out docs/benchmarks/quality_memory_small_cpu.json   # CPU
+        --icp-max-points 2000 --icp-max-target-points 20000 --out docs/benchmarks/quality_memory_cpu.json   # CPU
 
 How each policy spends a budget (the largest setting whose ``bytes_bound`` fits it; the camera
 trunk's cache of 64 frames is counted in every bound):
@@ -32,17 +32,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stac_backend.assets import EMBEDDED_CHECKPOINT  # noqa: E402
-from stac_backend.cache import CacheConfig, make_cache  # noqa: E402
-from stac_backend.engine import full_cache_bytes_per_frame  # noqa: E402
-from stac_backend.engine.stream import cache_geometry  # noqa: E402
-from stac_backend.evaluation.report import provenance  # noqa: E402
-from stac_backend.evaluation.runner import stream_sequence  # noqa: E402
-from stac_backend.evaluation.scoring import MetricSettings, score_prediction  # noqa: E402
-from stac_backend.evaluation.synthetic import lap_segments, revisit_loop  # noqa: E402
-from stac_backend.model import build_model  # noqa: E402
+from stac_backend.assets import EMBEDDED_CHECKPOINT
+from stac_backend.cache import CacheConfig, make_cache
+from stac_backend.engine import full_cache_bytes_per_frame
+from stac_backend.engine.stream import cache_geometry
+from stac_backend.evaluation.report import provenance
+from stac_backend.evaluation.runner import stream_sequence
+from stac_backend.evaluation.scoring import MetricSettings, score_prediction
+from stac_backend.evaluation.synthetic import lap_segments, revisit_loop
+from stac_backend.model import build_model
+from stac_backend.results import run_record
 
 HELD_OUT_SEED = 1_000_000
 BOUNDED = ("window", "sink_window", "heavy_hitter", "stac")
@@ -143,7 +142,7 @@ def main() -> int:
                               icp_max_points=args.icp_max_points, icp_max_target_points=args.icp_max_target_points,
                               point_frame_stride=args.point_frame_stride)
     segments = lap_segments(args.lap_frames, args.laps)
-    report = {"benchmark": "quality_memory", "provenance": provenance(args.device), "checkpoint": args.checkpoint.name,
+    report = {"run": run_record("quality_memory", args.device), "provenance": provenance(args.device), "checkpoint": args.checkpoint.name,
               "frames": frames, "laps": args.laps, "lap_frames": args.lap_frames, "image_hw": [args.height, args.width],
               "chunk": args.chunk, "tokens_per_frame": tokens, "full_cache_bytes_at_length": full_bytes,
               "budget_fractions": fractions, "stac_overrides": stac_overrides, "metric_settings": settings.to_dict(),

@@ -195,7 +195,7 @@ def test_triton_serves_the_graph_with_onnxruntime(graphs, model, tmp_path):
         pytest.skip("serving extras not installed")
     from stac_backend.client import StacClient
     from stac_backend.serving.repository import ServeSettings, write_repository
-    from stac_backend.serving.tritonserver import TritonServer
+    from stac_backend.tools.tritonserver import TritonServer
 
     layout = read_layout(graphs["stac"])
     settings = ServeSettings(preset="", device="cpu", instance_kind="KIND_CPU", cache_config=layout.cache.to_dict(),
