@@ -1,5 +1,9 @@
 """STAC's long-term spatial token cache: a bounded, vectorised voxel pool (one per stream).
 
+One module of ~1000 lines on purpose: insert, carry-over, merge, eviction, retrieval and the state
+export share one set of tensors and their invariants (row keys, counts, LRU stamps); the GPU kernels
+of the insert live in kernels/pool_kernels.py.
+
 Tokens evicted from the hot (temporal) cache are not dropped: they are filed by the 3D position
 of their patch into voxels and compressed there into a few merged "pivots" per
 (layer, head, voxel). Before a step, pivots of voxels near the current view are retrieved and

@@ -1,5 +1,9 @@
 """Fleet load for the ``stac`` model: many concurrent camera streams over gRPC, and the replicas behind them.
 
+One module of ~900 lines on purpose: the paced and pipelined senders, restarts, progress line and
+results all read and write the same per-stream record, and splitting them would spread that record's
+rules over several files.
+
 Client side (``stac fleet``)::
 
     stac fleet --server localhost:8001 --streams 8 --frames 64 --fps 15 --out docs/benchmarks/fleet_cpu.json

@@ -1,5 +1,8 @@
 """perf_analyzer for the ``stac`` model: install it, feed it real frames, sweep concurrency.
 
+Over 500 lines because the three share one tool's conventions (where it is installed, its input-data
+format, its CSV): each part alone is short, and together they are the one place that knows them.
+
     stac perf install                                  # perf_analyzer into <venv>/tools/perf_analyzer
     stac perf input-data --streams 4 --steps 8 --size 56x84 --out out/perf/input.json
     stac perf sweep --local --concurrency 1:4 --out docs/benchmarks/perf_cpu   # .csv + .json (+ .png)
