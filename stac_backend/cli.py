@@ -25,27 +25,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .model_args import add_model_args, load_model_from_args, resolve_model_args
 from .serving.settings import DEFAULT_IDLE_TTL_S, DEFAULT_MAX_STREAMS  # torch-free
-
-DTYPES = ("bfloat16", "float16", "float32")
-
-
-def _default_device() -> str:
-    try:
-        import torch
-    except ImportError:  # a client-only install: the server side is not there anyway
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default=None,
-                   help="model preset (tiny, small, vggt-1b); default: the checkpoint's own config, and with no "
-                        "checkpoint the embedded trained small model")
-    p.add_argument("--checkpoint", type=Path, default=None, help="weights (.pt/.pth/.safetensors)")
-    p.add_argument("--device", default=_default_device(), help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations")
-
 
 def _add_serving_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="stac", help="cache policy: full, window, sink_window, heavy_hitter, stac")
@@ -64,28 +45,6 @@ def _add_serving_args(p: argparse.ArgumentParser) -> None:
                    help="send responses from a thread of the model while the next batch computes (Triton's "
                         "decoupled transaction policy); clients must use gRPC streaming (StacClient and "
                         "'stac fleet' do; perf_analyzer needs --streaming)")
-
-
-def resolve_model_args(args: argparse.Namespace) -> None:
-    """No --checkpoint and no --preset: the embedded trained model. A preset alone: random weights."""
-    from .assets import EMBEDDED_CHECKPOINT
-
-    if args.checkpoint is None and args.preset is None:
-        if EMBEDDED_CHECKPOINT.is_file():
-            args.checkpoint = EMBEDDED_CHECKPOINT
-        else:
-            args.preset = "tiny"
-    if args.checkpoint is None:
-        print(f"note: no --checkpoint given, using random weights for preset {args.preset!r}", file=sys.stderr)
-
-
-def load_model_from_args(args: argparse.Namespace):
-    import torch
-
-    from .model import build_model
-
-    resolve_model_args(args)
-    return build_model(args.preset, checkpoint=args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
 
 
 def model_image_size(args: argparse.Namespace) -> int:
@@ -347,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which confidence filters points.ply")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--model-name", default="stac")
-    _add_model_args(p)
+    add_model_args(p)
     _add_serving_args(p)
     p.set_defaults(func=cmd_demo)
 
@@ -357,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--quiet", action="store_true")
-    _add_model_args(p)
+    add_model_args(p)
     _add_serving_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -381,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", default=None, help="HOST:PORT of a Triton gRPC endpoint (default: in-process)")
     p.add_argument("--model-name", default="stac")
     p.add_argument("--stream-id", type=int, default=None, help="sequence id (default: time-based)")
-    _add_model_args(p)
+    add_model_args(p)
     _add_view_args(p)
     p.set_defaults(func=cmd_stream)
 

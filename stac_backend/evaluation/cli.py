@@ -24,7 +24,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from ..cli import _add_model_args
+    from ..model_args import add_model_args
     from .datasets import FORMATS
 
     p = subparsers.add_parser("eval", help="score every cache policy on a dataset with ground truth (TUM, 7-Scenes, "
@@ -51,7 +51,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--icp-iterations", type=int, default=30)
     p.add_argument("--max-points", type=int, default=20_000, help="query points of accuracy / completeness")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_eval)
     return p
 
@@ -59,7 +59,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from ..cli import load_model_from_args
+    from ..model_args import load_model_from_args
     from .datasets import LoadOptions, load_sequences
     from .report import provenance, write_report
     from .runner import evaluate, policy_configs
