@@ -363,7 +363,7 @@ def record() -> dict:
 def recording():
     if not RECORDING.exists():
         pytest.fail(f"{RECORDING} missing: run python {Path(__file__).name} to record it")
-    return torch.load(RECORDING, weights_only=False)
+    return torch.load(RECORDING, weights_only=True)
 
 
 def test_recording_reaches_every_rule(recording):
