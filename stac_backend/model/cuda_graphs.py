@@ -9,7 +9,7 @@ they do the same work every step. Each is captured once per input shape as a CUD
 replayed (one launch instead of dozens to hundreds). Global blocks and the camera head read
 key/value caches whose size changes every step; they stay eager.
 
-Off by default: on the H100 where it was measured (docs/performance.md, round 8) the step was not
+Off by default: on the H100 where it was measured (docs/performance.md, `cuda_graphs_ab_h100`) the step was not
 launch-bound and graphs changed nothing beyond run-to-run noise, while each graph holds static
 buffers. ``STAC_CUDA_GRAPHS=1`` (or ``build_model(..., cuda_graphs=True)``) turns it on. The module
 tree and its state dict are unchanged: only the instances' ``forward`` is replaced by a

@@ -16,6 +16,7 @@ An executor has ``layout`` (``graph.StepLayout``), ``device``, ``max_batch`` (No
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
 import torch
@@ -163,6 +164,16 @@ class ExportedRuntime(Runtime):
 
     def step(self, streams, images):
         return push_many(streams, images)
+
+
+def model_file(params: dict[str, str], key: str, model_dir: Optional[str], hint: str) -> Path:
+    """The file a model-config parameter names (required; a relative path is resolved against the
+    model's folder in the repository)."""
+    value = params.get(key, "")
+    if not value:
+        raise ValueError(f"{hint} needs the {key} parameter")
+    path = Path(value)
+    return Path(model_dir) / path if not path.is_absolute() and model_dir else path
 
 
 def check_cache_config(params: dict[str, str], layout: StepLayout, source: str) -> None:

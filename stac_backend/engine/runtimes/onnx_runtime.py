@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ...graph.io import input_names, output_names, read_layout
 from ...graph.layout import OUTPUTS, StepLayout
-from .exported import ExportedRuntime, ExportedStream, check_cache_config, push_many  # noqa: F401 - push_many re-exported
+from .exported import ExportedRuntime, ExportedStream, check_cache_config, model_file, push_many  # noqa: F401 - push_many re-exported
 
 
 class OnnxStep:
@@ -67,12 +67,7 @@ class OnnxRuntimeStream(ExportedStream):
 def from_parameters(params: dict[str, str], model_dir: Optional[str] = None, **_) -> ExportedRuntime:
     """From Triton model-config parameters: ONNX_MODEL (path, relative to the model folder),
     ORT_THREADS (intra-op threads, 0 = default); CACHE_CONFIG, when given, must equal the graph's."""
-    onnx_model = params.get("ONNX_MODEL", "")
-    if not onnx_model:
-        raise ValueError("RUNTIME=onnxruntime needs the ONNX_MODEL parameter (an exported step graph: stac export onnx)")
-    path = Path(onnx_model)
-    if not path.is_absolute() and model_dir:
-        path = Path(model_dir) / path
+    path = model_file(params, "ONNX_MODEL", model_dir, "RUNTIME=onnxruntime (an exported step graph: stac export onnx)")
     if not path.is_file():
         raise ValueError(f"ONNX_MODEL {path} not found")
     step = OnnxStep(path, threads=int(params.get("ORT_THREADS", "0") or 0))

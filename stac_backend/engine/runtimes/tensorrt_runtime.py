@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ...graph.io import input_names, output_names
 from ...graph.layout import OUTPUTS, StepLayout
-from .exported import ExportedRuntime, ExportedStream, check_cache_config, push_many  # noqa: F401 - push_many re-exported
+from .exported import ExportedRuntime, ExportedStream, check_cache_config, model_file, push_many  # noqa: F401 - push_many re-exported
 
 
 def plan_meta_path(plan_path: Union[str, Path]) -> Path:
@@ -128,12 +128,7 @@ def from_parameters(params: dict[str, str], model_dir: Optional[str] = None, dev
                     **_) -> ExportedRuntime:
     """From Triton model-config parameters: TRT_PLAN (the engine, relative to the model folder; built
     by ``stac export tensorrt`` or ``stac export repository``); CACHE_CONFIG, when given, must equal it."""
-    plan = params.get("TRT_PLAN", "")
-    if not plan:
-        raise ValueError("RUNTIME=tensorrt needs the TRT_PLAN parameter (an engine: stac export tensorrt)")
-    path = Path(plan)
-    if not path.is_absolute() and model_dir:
-        path = Path(model_dir) / path
+    path = model_file(params, "TRT_PLAN", model_dir, "RUNTIME=tensorrt (an engine: stac export tensorrt)")
     if not path.is_file() or not plan_meta_path(path).is_file():
         raise ValueError(f"TRT_PLAN {path} or its {plan_meta_path(path).name} not found")
     layout, _ = check_plan(path)
