@@ -55,11 +55,15 @@ def render_pool(count: int, frames: int, height: int, width: int, device: str, s
     return {k: torch.stack(v) for k, v in parts.items()}
 
 
-def sample_batch(pool, batch: int, frames: int, generator: random.Random):
+def sample_batch(pool, batch: int, frames: int, generator: random.Random, max_stride: int = 2):
+    """``batch`` windows of ``frames`` frames, every 1st..``max_stride``-th frame of a pooled
+    sequence (stride 1 twice as likely as each other): longer strides make windows that span a
+    loop, so the model learns to use frames far back in its cache."""
     n, total = pool["images"].shape[:2]
+    strides = (1,) + tuple(range(1, max_stride + 1))
     rows, cols = [], []
     for _ in range(batch):
-        stride = min(generator.choice((1, 1, 2)), max(1, (total - 1) // max(1, frames - 1)))
+        stride = min(generator.choice(strides), max(1, (total - 1) // max(1, frames - 1)))
         start = generator.randrange(0, total - stride * (frames - 1))
         rows.append(generator.randrange(n))
         cols.append(list(range(start, start + stride * frames, stride)))
@@ -94,13 +98,15 @@ def scene_scale(points, valid):
     return ((dist * valid).flatten(1).sum(1) / count).clamp(min=1e-3)
 
 
-def confidence_l1(pred, conf, target, valid, scale, alpha: float = 0.2):
+def confidence_l1(pred, conf, target, valid, scale, alpha: float = 1.0):
     """Confidence-weighted L1 on errors relative to the scene's scale, minus alpha * log(conf).
 
     The optimum is conf = alpha / relative error, so confidences mean the same thing in a 3 m room
-    and a 30 m hall, and sit in the range VGGT's (scale-normalised) training gives them: metric
-    errors in metres would pin every confidence at its floor of 1 (1 + exp) and make them useless
-    for filtering and for STAC's spatial pool.
+    and a 30 m hall: metric errors in metres would pin every confidence at its floor of 1
+    (1 + exp) and make them useless for filtering and for STAC's spatial pool. alpha sets which
+    error a confidence of 2 (STAC's reference bar) stands for: alpha / 2 of the scene's scale. At
+    alpha 0.2 a small model's errors (above 10% of the scene) pinned every confidence at the floor;
+    at 1.0 pixels within 50% of the scene's scale pass the bar.
     """
     err = (pred - target).abs()
     if err.dim() == conf.dim() + 1:
@@ -127,7 +133,7 @@ def camera_loss(pred, target):
     return (trans + quat_err + 0.5 * fov).mean()
 
 
-def compute_losses(model, batch, chunk: int):
+def compute_losses(model, batch, chunk: int, conf_alpha: float = 1.0):
     pose_t, points_t = rebase_to_first(batch)
     images = batch["images"].float()
     depth_t = batch["depth"].float()
@@ -136,9 +142,9 @@ def compute_losses(model, batch, chunk: int):
     scale = scene_scale(points_t, valid)
     losses = {
         "camera": camera_loss(out["pose_enc"].float(), pose_t),
-        "depth": confidence_l1(out["depth"].float(), out["depth_conf"].float(), depth_t, valid, scale),
+        "depth": confidence_l1(out["depth"].float(), out["depth_conf"].float(), depth_t, valid, scale, conf_alpha),
         "depth_grad": depth_gradient_loss(out["depth"].float(), depth_t, valid),
-        "points": confidence_l1(out["world_points"].float(), out["world_points_conf"].float(), points_t, valid, scale),
+        "points": confidence_l1(out["world_points"].float(), out["world_points_conf"].float(), points_t, valid, scale, conf_alpha),
     }
     losses["total"] = losses["camera"] + losses["depth"] + losses["depth_grad"] + losses["points"]
     return losses
@@ -152,6 +158,8 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=112)
     p.add_argument("--frames", type=int, default=8, help="frames per training window")
     p.add_argument("--chunk", type=int, default=4)
+    p.add_argument("--max-stride", type=int, default=2, help="windows take every 1st..Nth frame of a pooled sequence")
+    p.add_argument("--conf-alpha", type=float, default=1.0, help="confidence regulariser: conf 2 = alpha/2 relative error")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--pool", type=int, default=384, help="pre-rendered training sequences")
     p.add_argument("--pool-frames", type=int, default=48)
@@ -195,9 +203,9 @@ def main(argv=None) -> int:
         lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / args.max_steps))))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = sample_batch(pool, args.batch, args.frames, rng)
+        batch = sample_batch(pool, args.batch, args.frames, rng, args.max_stride)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            losses = compute_losses(model, batch, args.chunk)
+            losses = compute_losses(model, batch, args.chunk, args.conf_alpha)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
