@@ -125,17 +125,23 @@ class HeavyHitterCache(CachePolicy):
         """Evicted tokens (per-head indices into ``store``) are dropped here; ``stac`` pools them."""
 
     # ------------------------------------------------------------------ memory
-    def hot_bytes_bound(self, tokens_per_frame: int) -> int:
+    def hot_bytes_bound(self, tokens_per_frame: int, during_step: bool = True) -> int:
         """Most bytes the hot store holds: during a step, (pinned + window + hh + chunk)
-        frame-equivalents per (layer, head), each token with its score (and position)."""
+        frame-equivalents per (layer, head), each token with its score (and position); between
+        steps (``during_step=False``) the chunk's share is pruned away again."""
         g = self.geometry
-        frames = len(self.config.pinned_frames) + self.config.window + self.config.hh + self.config.chunk
+        frames = len(self.config.pinned_frames) + self.config.window + self.config.hh
+        frames += self.config.chunk if during_step else 0
         per_token = bytes_per_token(g.head_dim, g.element_size, with_score=True, with_position=self.tracks_positions)
         return g.num_layers * g.num_heads * frames * tokens_per_frame * per_token
 
     def bytes_bound(self, tokens_per_frame: int) -> int:
         """Most bytes this policy ever holds for a stream of frames of this size."""
         return self.hot_bytes_bound(tokens_per_frame)
+
+    def resting_bytes_bound(self, tokens_per_frame: int) -> int:
+        """Most bytes this policy holds between steps."""
+        return self.hot_bytes_bound(tokens_per_frame, during_step=False)
 
     def budget_reserved_bytes(self, tokens_per_frame: int) -> int:
         """What a memory budget must leave for the fixed part: the hot store and the camera cache."""
