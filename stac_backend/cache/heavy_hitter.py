@@ -77,7 +77,8 @@ class HeavyHitterCache(CachePolicy):
         else:
             store.append(k, v, frame, index, placeholder, position)
         self._pending[layer] = (old, n_extra, M, valid)
-        return KeySet(keys, values, bias, valid, need_mass=True)
+        # absorb() reads the mass of the stored and the new keys, not of the extra ones
+        return KeySet(keys, values, bias, valid, need_mass=True, mass_skip=(old, old + n_extra) if n_extra else None)
 
     def absorb(self, layer: int, mass: Optional[Tensor], num_queries: int) -> None:
         old, n_extra, new, valid = self._pending.pop(layer)

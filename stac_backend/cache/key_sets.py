@@ -28,6 +28,9 @@ class KeySet:
     bias: Optional[Tensor] = None  # [H, Nk] float32 additive logit bias (e.g. log C of pivots)
     valid: Optional[Tensor] = None  # [H, Nk] bool; False = padding
     need_mass: bool = False  # whether absorb() wants the per-key probability mass
+    # Keys [start, end) whose mass absorb() does not read (e.g. retrieved keys): their mass is
+    # returned as 0 and, on the fused kernel, blocks of them skip the mass pass.
+    mass_skip: Optional[tuple[int, int]] = None
 
 
 # On CUDA with OpenAI Triton installed, the fused kernel replaces the blockwise reference
@@ -35,13 +38,31 @@ class KeySet:
 USE_FUSED = os.environ.get("STAC_FUSED_ATTENTION", "1") != "0"
 
 
-def _attention_with_mass(q, k, v, bias, valid, need_mass):
+def _attention_with_mass(q, k, v, bias, valid, need_mass, mass_keys=None):
+    """Output and per-key mass; ``mass_keys`` [B, H, N] (bool, or None = all): the keys whose mass
+    is read, the others' mass is 0 on every path."""
     if USE_FUSED and q.is_cuda:
         from ..kernels.attention_mass import fused_attention_with_key_mass, fused_available
 
         if fused_available(q.device):
-            return fused_attention_with_key_mass(q, k, v, bias, valid, need_mass)
-    return attention_with_key_mass(q, k, v, key_bias=bias, key_valid=valid, need_mass=need_mass)
+            return fused_attention_with_key_mass(q, k, v, bias, valid, need_mass, mass_keys=mass_keys)
+    out, mass = attention_with_key_mass(q, k, v, key_bias=bias, key_valid=valid, need_mass=need_mass)
+    if mass is not None and mass_keys is not None:
+        mass = mass.masked_fill(~mass_keys, 0.0)
+    return out, mass
+
+
+def _mass_keys(sets: Sequence[KeySet], B: int, H: int, N: int, device) -> Optional[Tensor]:
+    """[B, H, N] bool: the keys whose mass some stream reads (None where that is every key)."""
+    if not any(s.mass_skip for s in sets) and all(s.k.shape[1] == N for s in sets):
+        return None
+    keys = torch.zeros(B, N, dtype=torch.bool, device=device)
+    for b, s in enumerate(sets):
+        if s.need_mass:
+            keys[b, : s.k.shape[1]] = True
+            if s.mass_skip:
+                keys[b, s.mass_skip[0] : s.mass_skip[1]] = False
+    return keys[:, None, :].expand(B, H, N)
 
 
 def attend_key_sets(q: Tensor, sets: Sequence[KeySet]) -> tuple[Tensor, list[Optional[Tensor]]]:
@@ -55,7 +76,8 @@ def attend_key_sets(q: Tensor, sets: Sequence[KeySet]) -> tuple[Tensor, list[Opt
             return F.scaled_dot_product_attention(q, s.k[None], s.v[None]), [None]
         bias = None if s.bias is None else s.bias[None]
         valid = None if s.valid is None else s.valid[None]
-        out, mass = _attention_with_mass(q, s.k[None], s.v[None], bias, valid, need_mass)
+        mass_keys = _mass_keys(sets, 1, q.shape[1], s.k.shape[1], q.device) if need_mass else None
+        out, mass = _attention_with_mass(q, s.k[None], s.v[None], bias, valid, need_mass, mass_keys)
         return out, [mass[0] if s.need_mass else None]
 
     H, D = q.shape[1], q.shape[3]
@@ -76,5 +98,6 @@ def attend_key_sets(q: Tensor, sets: Sequence[KeySet]) -> tuple[Tensor, list[Opt
     if not need_mass and not has_bias:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=valid[:, :, None, :])
         return out, [None] * len(sets)
-    out, mass = _attention_with_mass(q, keys, values, bias, valid, True)
+    mass_keys = _mass_keys(sets, len(sets), H, longest, q.device)
+    out, mass = _attention_with_mass(q, keys, values, bias, valid, True, mass_keys)
     return out, [mass[b, :, : lengths[b]] if s.need_mass else None for b, s in enumerate(sets)]
