@@ -52,30 +52,27 @@ class HeavyHitterCache(CachePolicy):
         H, M = k.shape[0], k.shape[1]
         store = self.layers.get(layer)
         old = 0 if store is None else store.num_tokens
-        parts_k = [] if store is None else [store.k]
-        parts_v = [] if store is None else [store.v]
         extra = self.extra_keys(layer)
         n_extra = 0 if extra is None else extra[0].shape[1]
-        if n_extra:
-            parts_k.append(extra[0].to(k.dtype))
-            parts_v.append(extra[1].to(v.dtype))
-        parts_k.append(k)
-        parts_v.append(v)
-        keys, values = torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1)
-        bias = valid = None
-        if n_extra:
-            bias = torch.zeros(H, keys.shape[1], device=k.device)
-            bias[:, old : old + n_extra] = extra[2].float()
-            valid = torch.ones(H, keys.shape[1], dtype=torch.bool, device=k.device)
-            valid[:, old : old + n_extra] = extra[3]
         # Store the new tokens now (their scores arrive in absorb).
         frame, index = step_token_ids(H, self._step.frame_offset, self._step.num_frames, self._step.tokens_per_frame, k.device)
         position = torch.full((H, M, 3), float("nan"), device=k.device) if self.tracks_positions else None
         placeholder = torch.empty(H, M, device=k.device)  # filled in absorb()
         if store is None:
-            self.layers[layer] = LayerTokens(k, v, frame, index, placeholder, position)
+            store = self.layers[layer] = LayerTokens(k, v, frame, index, placeholder, position)
         else:
             store.append(k, v, frame, index, placeholder, position)
+        # The key set is (stored, extra, new): views of the store around the extra keys, joined
+        # only where the attention needs one tensor (a single stream), never copied twice.
+        keys, values = store.k, store.v
+        bias = valid = None
+        if n_extra:
+            keys = (store.k[:, :old], extra[0].to(k.dtype), store.k[:, old:])
+            values = (store.v[:, :old], extra[1].to(v.dtype), store.v[:, old:])
+            bias = torch.zeros(H, old + n_extra + M, device=k.device)
+            bias[:, old : old + n_extra] = extra[2].float()
+            valid = torch.ones(H, old + n_extra + M, dtype=torch.bool, device=k.device)
+            valid[:, old : old + n_extra] = extra[3]
         self._pending[layer] = (old, n_extra, M, valid)
         # absorb() reads the mass of the stored and the new keys, not of the extra ones
         return KeySet(keys, values, bias, valid, need_mass=True, mass_skip=(old, old + n_extra) if n_extra else None)
