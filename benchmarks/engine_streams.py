@@ -87,10 +87,12 @@ def run_row(runtime: TorchRuntime, n: int, frames: torch.Tensor, args, device: t
            "micro_batches_per_step": 1 if size is None else math.ceil(n / size)}
     probe = runtime.open_stream()
     bound = probe.memory_bound(hw)
+    resting = probe.resting_memory_bound(hw)  # what admission charges a stream when steps are split
     probe.reset()
     activation = runtime.activation_bytes(hw, per_step)
     free = free_bytes(device)
-    row.update(cache_bound_per_stream=bound, step_memory_bytes=activation, free_bytes_at_start=free)
+    row.update(cache_bound_per_stream=bound, cache_resting_bound_per_stream=resting, step_memory_bytes=activation,
+               free_bytes_at_start=free)
     cache = cache_per_stream or bound
     if free is not None and cache is not None and activation is not None:
         row["predicted_peak_bytes"] = predicted = n * cache + activation

@@ -9,7 +9,10 @@ the new ones, and returns the attention output. Before the forward the engine ca
 the step's predictions at hand (e.g. world points, for spatial policies).
 
 Every policy also answers the same questions of memory and state: ``memory_bytes()`` (held now,
-exactly), ``bytes_bound(tokens_per_frame)`` (the most it can hold; None where unbounded) and
+exactly), ``bytes_bound(tokens_per_frame)`` (the most it can hold; None where unbounded),
+``resting_bytes_bound(tokens_per_frame)`` (the most it holds between steps: a step's new tokens
+stay in the store only until the step's end prunes them, so that share is part of the step's
+memory, paid by the streams being stepped, not by every stream at once) and
 ``export_state()`` / ``import_state(state)`` (its content as plain tensors, to move or restore a
 stream between steps).
 
@@ -117,6 +120,13 @@ class CachePolicy(ABC):
         (exactly: a long enough stream reaches it); None where the policy is unbounded. The camera
         cache states its own bound; a stream's bound is the sum."""
         return None
+
+    def resting_bytes_bound(self, tokens_per_frame: int) -> Optional[int]:
+        """The most bytes ``memory_bytes`` can be between steps (exactly: a long enough stream
+        reaches it); None where unbounded. During a step a bounded store also holds the step's new
+        tokens until ``end_step`` prunes them: ``bytes_bound`` minus this is that share, which a
+        step adds for each stream it runs (admission counts it in the step's measured memory)."""
+        return self.bytes_bound(tokens_per_frame)
 
     @abstractmethod
     def reset(self) -> None:

@@ -46,9 +46,11 @@ class CacheConfig:
     # Pool tokens per (layer, head, voxel) that did not fit a full buffer and are carried over to
     # the next insert (the reference carries them all, without bound); beyond it they are dropped.
     pool_carry_slots: int = 8
-    # Hard cap of the voxel pool per stream. The reference grows it without bound; 512 voxels hold
-    # 6,144 token slots per (layer, head), about 6 frames of tokens (0.6 GB for vggt-1b in bf16).
-    max_voxels: Optional[int] = 512
+    # Hard cap of the voxel pool per stream. The reference grows it without bound; 256 voxels hold
+    # 1,024 pivots and 4,096 raw token slots per (layer, head) (0.52 GB for vggt-1b in bf16). Chosen
+    # so that 48 streams of vggt-1b at 518x392 fit an 80 GB H100 (docs/performance.md, "Memory
+    # bound"); it is also the pool's first allocation, so a default pool never grows inside a step.
+    max_voxels: Optional[int] = 256
     memory_budget_bytes: Optional[int] = None  # cap of all cache memory of a stream
     # Camera-trunk history (one token per frame): frames kept besides the pinned ones. None keeps
     # all (the default of ``full``); bounded policies default to 64 frames.

@@ -52,32 +52,30 @@ class HeavyHitterCache(CachePolicy):
         H, M = k.shape[0], k.shape[1]
         store = self.layers.get(layer)
         old = 0 if store is None else store.num_tokens
-        parts_k = [] if store is None else [store.k]
-        parts_v = [] if store is None else [store.v]
         extra = self.extra_keys(layer)
         n_extra = 0 if extra is None else extra[0].shape[1]
-        if n_extra:
-            parts_k.append(extra[0].to(k.dtype))
-            parts_v.append(extra[1].to(v.dtype))
-        parts_k.append(k)
-        parts_v.append(v)
-        keys, values = torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1)
-        bias = valid = None
-        if n_extra:
-            bias = torch.zeros(H, keys.shape[1], device=k.device)
-            bias[:, old : old + n_extra] = extra[2].float()
-            valid = torch.ones(H, keys.shape[1], dtype=torch.bool, device=k.device)
-            valid[:, old : old + n_extra] = extra[3]
         # Store the new tokens now (their scores arrive in absorb).
         frame, index = step_token_ids(H, self._step.frame_offset, self._step.num_frames, self._step.tokens_per_frame, k.device)
         position = torch.full((H, M, 3), float("nan"), device=k.device) if self.tracks_positions else None
         placeholder = torch.empty(H, M, device=k.device)  # filled in absorb()
         if store is None:
-            self.layers[layer] = LayerTokens(k, v, frame, index, placeholder, position)
+            store = self.layers[layer] = LayerTokens(k, v, frame, index, placeholder, position)
         else:
             store.append(k, v, frame, index, placeholder, position)
+        # The key set is (stored, extra, new): views of the store around the extra keys, joined
+        # only where the attention needs one tensor (a single stream), never copied twice.
+        keys, values = store.k, store.v
+        bias = valid = None
+        if n_extra:
+            keys = (store.k[:, :old], extra[0].to(k.dtype), store.k[:, old:])
+            values = (store.v[:, :old], extra[1].to(v.dtype), store.v[:, old:])
+            bias = torch.zeros(H, old + n_extra + M, device=k.device)
+            bias[:, old : old + n_extra] = extra[2].float()
+            valid = torch.ones(H, old + n_extra + M, dtype=torch.bool, device=k.device)
+            valid[:, old : old + n_extra] = extra[3]
         self._pending[layer] = (old, n_extra, M, valid)
-        return KeySet(keys, values, bias, valid, need_mass=True)
+        # absorb() reads the mass of the stored and the new keys, not of the extra ones
+        return KeySet(keys, values, bias, valid, need_mass=True, mass_skip=(old, old + n_extra) if n_extra else None)
 
     def absorb(self, layer: int, mass: Optional[Tensor], num_queries: int) -> None:
         old, n_extra, new, valid = self._pending.pop(layer)
@@ -125,17 +123,23 @@ class HeavyHitterCache(CachePolicy):
         """Evicted tokens (per-head indices into ``store``) are dropped here; ``stac`` pools them."""
 
     # ------------------------------------------------------------------ memory
-    def hot_bytes_bound(self, tokens_per_frame: int) -> int:
+    def hot_bytes_bound(self, tokens_per_frame: int, during_step: bool = True) -> int:
         """Most bytes the hot store holds: during a step, (pinned + window + hh + chunk)
-        frame-equivalents per (layer, head), each token with its score (and position)."""
+        frame-equivalents per (layer, head), each token with its score (and position); between
+        steps (``during_step=False``) the chunk's share is pruned away again."""
         g = self.geometry
-        frames = len(self.config.pinned_frames) + self.config.window + self.config.hh + self.config.chunk
+        frames = len(self.config.pinned_frames) + self.config.window + self.config.hh
+        frames += self.config.chunk if during_step else 0
         per_token = bytes_per_token(g.head_dim, g.element_size, with_score=True, with_position=self.tracks_positions)
         return g.num_layers * g.num_heads * frames * tokens_per_frame * per_token
 
     def bytes_bound(self, tokens_per_frame: int) -> int:
         """Most bytes this policy ever holds for a stream of frames of this size."""
         return self.hot_bytes_bound(tokens_per_frame)
+
+    def resting_bytes_bound(self, tokens_per_frame: int) -> int:
+        """Most bytes this policy holds between steps."""
+        return self.hot_bytes_bound(tokens_per_frame, during_step=False)
 
     def budget_reserved_bytes(self, tokens_per_frame: int) -> int:
         """What a memory budget must leave for the fixed part: the hot store and the camera cache."""

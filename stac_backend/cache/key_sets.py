@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +23,38 @@ from .attention import attention_with_key_mass
 class KeySet:
     """The keys/values one stream's queries attend to at one layer in this step."""
 
-    k: Tensor  # [H, Nk, D]: retained past tokens (+ retrieved ones) + the step's new tokens
-    v: Tensor  # [H, Nk, D]
+    # [H, Nk, D]: retained past tokens (+ retrieved ones) + the step's new tokens; or a tuple of
+    # such tensors (segments along the key axis, e.g. views of a store and the retrieved tokens),
+    # which a batched call copies straight into its padded key buffer instead of joining first.
+    k: Union[Tensor, tuple[Tensor, ...]]
+    v: Union[Tensor, tuple[Tensor, ...]]
     bias: Optional[Tensor] = None  # [H, Nk] float32 additive logit bias (e.g. log C of pivots)
     valid: Optional[Tensor] = None  # [H, Nk] bool; False = padding
     need_mass: bool = False  # whether absorb() wants the per-key probability mass
+    # Keys [start, end) whose mass absorb() does not read (e.g. retrieved keys): their mass is
+    # returned as 0 and, on the fused kernel, blocks of them skip the mass pass.
+    mass_skip: Optional[tuple[int, int]] = None
+
+    @property
+    def num_keys(self) -> int:
+        return sum(t.shape[1] for t in _segments(self.k))
+
+
+def _segments(x: Union[Tensor, tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+    return (x,) if isinstance(x, Tensor) else tuple(x)
+
+
+def _joined(x: Union[Tensor, tuple[Tensor, ...]]) -> Tensor:
+    parts = _segments(x)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _write_segments(dst: Tensor, x: Union[Tensor, tuple[Tensor, ...]]) -> None:
+    """Copy the segments of ``x`` one after the other into ``dst`` [H, >= Nk, D]."""
+    start = 0
+    for part in _segments(x):
+        dst[:, start : start + part.shape[1]] = part
+        start += part.shape[1]
 
 
 # On CUDA with OpenAI Triton installed, the fused kernel replaces the blockwise reference
@@ -35,13 +62,31 @@ class KeySet:
 USE_FUSED = os.environ.get("STAC_FUSED_ATTENTION", "1") != "0"
 
 
-def _attention_with_mass(q, k, v, bias, valid, need_mass):
+def _attention_with_mass(q, k, v, bias, valid, need_mass, mass_keys=None):
+    """Output and per-key mass; ``mass_keys`` [B, H, N] (bool, or None = all): the keys whose mass
+    is read, the others' mass is 0 on every path."""
     if USE_FUSED and q.is_cuda:
         from ..kernels.attention_mass import fused_attention_with_key_mass, fused_available
 
         if fused_available(q.device):
-            return fused_attention_with_key_mass(q, k, v, bias, valid, need_mass)
-    return attention_with_key_mass(q, k, v, key_bias=bias, key_valid=valid, need_mass=need_mass)
+            return fused_attention_with_key_mass(q, k, v, bias, valid, need_mass, mass_keys=mass_keys)
+    out, mass = attention_with_key_mass(q, k, v, key_bias=bias, key_valid=valid, need_mass=need_mass)
+    if mass is not None and mass_keys is not None:
+        mass = mass.masked_fill(~mass_keys, 0.0)
+    return out, mass
+
+
+def _mass_keys(sets: Sequence[KeySet], B: int, H: int, N: int, device) -> Optional[Tensor]:
+    """[B, H, N] bool: the keys whose mass some stream reads (None where that is every key)."""
+    if not any(s.mass_skip for s in sets) and all(s.num_keys == N for s in sets):
+        return None
+    keys = torch.zeros(B, N, dtype=torch.bool, device=device)
+    for b, s in enumerate(sets):
+        if s.need_mass:
+            keys[b, : s.num_keys] = True
+            if s.mass_skip:
+                keys[b, s.mass_skip[0] : s.mass_skip[1]] = False
+    return keys[:, None, :].expand(B, H, N)
 
 
 def attend_key_sets(q: Tensor, sets: Sequence[KeySet]) -> tuple[Tensor, list[Optional[Tensor]]]:
@@ -51,30 +96,37 @@ def attend_key_sets(q: Tensor, sets: Sequence[KeySet]) -> tuple[Tensor, list[Opt
     need_mass = any(s.need_mass for s in sets)
     if len(sets) == 1:
         s = sets[0]
+        k, v = _joined(s.k)[None], _joined(s.v)[None]
         if not need_mass and s.bias is None and s.valid is None:
-            return F.scaled_dot_product_attention(q, s.k[None], s.v[None]), [None]
+            return F.scaled_dot_product_attention(q, k, v), [None]
         bias = None if s.bias is None else s.bias[None]
         valid = None if s.valid is None else s.valid[None]
-        out, mass = _attention_with_mass(q, s.k[None], s.v[None], bias, valid, need_mass)
+        mass_keys = _mass_keys(sets, 1, q.shape[1], s.num_keys, q.device) if need_mass else None
+        out, mass = _attention_with_mass(q, k, v, bias, valid, need_mass, mass_keys)
         return out, [mass[0] if s.need_mass else None]
 
     H, D = q.shape[1], q.shape[3]
-    lengths = [s.k.shape[1] for s in sets]
+    lengths = [s.num_keys for s in sets]
     longest = max(lengths)
-    keys = q.new_zeros(len(sets), H, longest, D)
-    values = q.new_zeros(len(sets), H, longest, sets[0].v.shape[2])
+    # Only the padding is zeroed (a padded key is masked, but 0 x a garbage value could be NaN).
+    keys = q.new_empty(len(sets), H, longest, D)
+    values = q.new_empty(len(sets), H, longest, _segments(sets[0].v)[0].shape[2])
     valid = torch.zeros(len(sets), H, longest, dtype=torch.bool, device=q.device)
     has_bias = any(s.bias is not None for s in sets)
     bias = torch.zeros(len(sets), H, longest, device=q.device) if has_bias else None
     for b, s in enumerate(sets):
         n = lengths[b]
-        keys[b, :, :n] = s.k
-        values[b, :, :n] = s.v
+        _write_segments(keys[b], s.k)
+        _write_segments(values[b], s.v)
+        if n < longest:
+            keys[b, :, n:] = 0
+            values[b, :, n:] = 0
         valid[b, :, :n] = True if s.valid is None else s.valid
         if s.bias is not None:
             bias[b, :, :n] = s.bias
     if not need_mass and not has_bias:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=valid[:, :, None, :])
         return out, [None] * len(sets)
-    out, mass = _attention_with_mass(q, keys, values, bias, valid, True)
+    mass_keys = _mass_keys(sets, len(sets), H, longest, q.device)
+    out, mass = _attention_with_mass(q, keys, values, bias, valid, True, mass_keys)
     return out, [mass[b, :, : lengths[b]] if s.need_mass else None for b, s in enumerate(sets)]

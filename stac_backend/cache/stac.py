@@ -127,12 +127,26 @@ class StacCache(HeavyHitterCache):
         return int(cap)
 
     def bytes_bound(self, tokens_per_frame: int) -> int:
+        return sum(self.bound_parts(tokens_per_frame).values())
+
+    def resting_bytes_bound(self, tokens_per_frame: int) -> int:
+        parts = self.bound_parts(tokens_per_frame)
+        return sum(parts.values()) - parts["hot_step_chunk"]
+
+    def bound_parts(self, tokens_per_frame: int) -> dict[str, int]:
+        """``bytes_bound`` by part: the hot store between steps (pinned + window + hh frames, keys,
+        values and per-token bookkeeping), the step's chunk while the step holds it, the retrieved
+        tokens and the voxel pool (at ``pool_voxels`` rows)."""
         c, g = self.config, self.geometry
         voxels = self.pool_voxels(tokens_per_frame)
-        pool = VoxelPool.bytes_for(voxels, g.num_layers, g.num_heads, g.head_dim, g.dtype, c.buffer_size, c.max_pivots,
-                                   c.pool_carry_slots)
-        retrieved = self.retrieved_bytes_bound(tokens_per_frame, voxels)
-        return self.hot_bytes_bound(tokens_per_frame) + retrieved + pool
+        resting = self.hot_bytes_bound(tokens_per_frame, during_step=False)
+        return {
+            "hot_resting": resting,
+            "hot_step_chunk": self.hot_bytes_bound(tokens_per_frame) - resting,
+            "retrieved": self.retrieved_bytes_bound(tokens_per_frame, voxels),
+            "pool": VoxelPool.bytes_for(voxels, g.num_layers, g.num_heads, g.head_dim, g.dtype, c.buffer_size,
+                                        c.max_pivots, c.pool_carry_slots),
+        }
 
     def check_budget(self, info: StepInfo) -> None:
         if self.pool is None:

@@ -40,8 +40,14 @@ class WindowCache(CachePolicy):
 
     def bytes_bound(self, tokens_per_frame: int) -> int:
         """During a step: the pinned frames, the window and the step's chunk, whole."""
+        return self._frames_bytes(len(self.pinned) + self.window + self.config.chunk, tokens_per_frame)
+
+    def resting_bytes_bound(self, tokens_per_frame: int) -> int:
+        """Between steps: the pinned frames and the window, whole."""
+        return self._frames_bytes(len(self.pinned) + self.window, tokens_per_frame)
+
+    def _frames_bytes(self, frames: int, tokens_per_frame: int) -> int:
         g = self.geometry
-        frames = len(self.pinned) + self.window + self.config.chunk
         return g.num_layers * g.num_heads * frames * tokens_per_frame * bytes_per_token(g.head_dim, g.element_size, False, False)
 
     def prepare(self, layer: int, k: Tensor, v: Tensor) -> KeySet:

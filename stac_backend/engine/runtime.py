@@ -53,6 +53,12 @@ class RuntimeStream(ABC):
         """The most bytes this stream can ever hold at frames of ``image_hw`` (default: the size it
         has seen); None where its cache is unbounded or the size is not known yet."""
 
+    def resting_memory_bound(self, image_hw: Optional[tuple[int, int]] = None) -> Optional[int]:
+        """The most bytes this stream holds between steps (its share of a step, the step's new
+        tokens before they are pruned, is part of ``Runtime.step_memory_bytes`` where that is
+        known); by default ``memory_bound``."""
+        return self.memory_bound(image_hw)
+
     def evicted_tokens(self) -> int:
         """Tokens its cache has evicted so far (a host-side count: reading it never waits for the GPU)."""
         return 0

@@ -98,6 +98,16 @@ class Stream(RuntimeStream):
             return None
         return _sum_bounds(self.cache.bytes_bound(self.config.tokens_per_frame(*image_hw)), self.camera_cache.bytes_bound())
 
+    def resting_memory_bound(self, image_hw: Optional[tuple[int, int]] = None) -> Optional[int]:
+        """Most bytes this stream's caches hold between steps at frames of ``image_hw``: the
+        memory bound less the step's new tokens, which a step holds only until its end prunes
+        them (see ``CachePolicy.resting_bytes_bound``); None where unbounded or the size is unknown."""
+        image_hw = image_hw or self.image_hw
+        if image_hw is None:
+            return None
+        return _sum_bounds(self.cache.resting_bytes_bound(self.config.tokens_per_frame(*image_hw)),
+                           self.camera_cache.bytes_bound())
+
     def evicted_tokens(self) -> int:
         return int(self.cache.evicted_tokens)
 
@@ -137,6 +147,14 @@ def stream_memory_bound(model: ModelConfig, cache: CacheConfig, image_hw: tuple[
     configurations alone (no weights): the most bytes its caches can hold; None where unbounded."""
     geometry = geometry_of(model, dtype)
     policy = make_cache(cache, geometry).bytes_bound(model.tokens_per_frame(*image_hw))
+    return _sum_bounds(policy, CameraCache(cache, geometry).bytes_bound())
+
+
+def stream_resting_memory_bound(model: ModelConfig, cache: CacheConfig, image_hw: tuple[int, int],
+                                dtype: torch.dtype = torch.float32) -> Optional[int]:
+    """What ``Stream.resting_memory_bound`` says, from the configurations alone (no weights)."""
+    geometry = geometry_of(model, dtype)
+    policy = make_cache(cache, geometry).resting_bytes_bound(model.tokens_per_frame(*image_hw))
     return _sum_bounds(policy, CameraCache(cache, geometry).bytes_bound())
 
 

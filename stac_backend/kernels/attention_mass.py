@@ -10,7 +10,9 @@ Two kernels, never materialising the [M, N] probability matrix:
    exp2(s - lse) down the queries - no atomics, deterministic. On 16-bit inputs the sum runs on the
    tensor cores (probabilities as float16 times a ones matrix) and the exponentials are taken two
    per instruction in float16 (``MASS_METHODS``); float32 inputs keep an exact float32 sum.
-Work: two q.k^T products and one p.v product, 1.5x plain attention's FLOPs.
+Work: two q.k^T products and one p.v product, 1.5x plain attention's FLOPs. The mass pass runs
+only over the keys whose mass the caller reads (``mass_keys``): blocks of keys that all have bias
+-inf there (padding of a batch, a policy's retrieved keys) skip it and get mass 0.
 
 ``bias`` is an additive per-key logit bias (log C for merged pivots); invalid (padding) keys are
 passed as a bias of -inf. Keys whose bias is -inf receive mass 0; a query with no finite key gets
@@ -187,12 +189,15 @@ if HAVE_TRITON:
         q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
         lse_ptrs = LSE + bh * M + offs_m
         m_full = (M // BLOCK_M) * BLOCK_M
-        for start_m in range(0, m_full, BLOCK_M):
-            acc = _key_mass_block(k, bias, acc, q_ptrs + start_m * stride_qm, lse_ptrs + start_m, start_m, M, qk_scale,
-                                  False, BLOCK_M, PRECISION, METHOD)
-        if m_full < M:
-            acc = _key_mass_block(k, bias, acc, q_ptrs + m_full * stride_qm, lse_ptrs + m_full, m_full, M, qk_scale,
-                                  True, BLOCK_M, PRECISION, METHOD)
+        # A block of keys that all have bias -inf (padding, or keys whose mass nobody reads) has
+        # mass 0: its pass over the queries is skipped.
+        if tl.max(bias, 0) > float("-inf"):
+            for start_m in range(0, m_full, BLOCK_M):
+                acc = _key_mass_block(k, bias, acc, q_ptrs + start_m * stride_qm, lse_ptrs + start_m, start_m, M,
+                                      qk_scale, False, BLOCK_M, PRECISION, METHOD)
+            if m_full < M:
+                acc = _key_mass_block(k, bias, acc, q_ptrs + m_full * stride_qm, lse_ptrs + m_full, m_full, M,
+                                      qk_scale, True, BLOCK_M, PRECISION, METHOD)
         if METHOD == 0:
             mass = tl.sum(acc, 1)
         else:
@@ -216,9 +221,13 @@ def fused_attention_with_key_mass(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, valid: Optional[Tensor] = None, need_mass: bool = True,
     block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 3,
     mass_block_m: int = 64, mass_block_n: int = 128, mass_num_warps: int = 4, mass_num_stages: int = 3,
-    mass_method: str = "auto",
+    mass_method: str = "auto", mass_keys: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """q [B,H,M,D], k/v [B,H,N,D], bias [B,H,N] (float), valid [B,H,N] (bool) -> out [B,H,M,D], mass [B,H,N] fp32.
+
+    mass_keys [B,H,N] (bool): the keys whose mass the caller reads; the others get mass 0, and
+    blocks of keys none of which is read skip the mass pass (the mass of a read key is exactly
+    what it is without this mask: it depends on its own score and its query's LSE only).
 
     mass_method: how the key-mass pass sums probabilities (``MASS_METHODS``); "auto" = "exact" for
     float32 inputs and off CUDA (Triton's interpreter), else ``DEFAULT_MASS_METHOD`` (env
@@ -258,14 +267,19 @@ def fused_attention_with_key_mass(
     )
     if not need_mass:
         return out, None
+    mass_bias, has_mass_bias = full_bias, has_bias
+    if mass_keys is not None:
+        mass_bias = _log2_bias(bias, mass_keys if valid is None else mass_keys & valid, B, H, N, q.device)
+        has_mass_bias = True
+        bias_strides = (mass_bias.stride(0), mass_bias.stride(1))
     mass = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
     _key_mass[(triton.cdiv(N, mass_block_n), B * H)](
-        q, k, full_bias, lse, mass,
+        q, k, mass_bias, lse, mass,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         *bias_strides,
         H, M, N, qk_scale,
-        HAS_BIAS=has_bias, D=D, BLOCK_M=mass_block_m, BLOCK_N=mass_block_n, PRECISION=precision,
+        HAS_BIAS=has_mass_bias, D=D, BLOCK_M=mass_block_m, BLOCK_N=mass_block_n, PRECISION=precision,
         METHOD=MASS_METHODS[resolve_mass_method(mass_method, q)],
         num_warps=mass_num_warps, num_stages=mass_num_stages,
     )

@@ -12,7 +12,9 @@ or a ``RequestError`` whose message and code the client sees. The rules:
   is in the batch, and the Triton model expires only while nothing waits in Triton's queue) is freed.
 - Admission: at most ``max_streams`` live streams, and the sum of their memory bounds (bounded
   policies) plus what one step adds (the runtime's ``step_memory_bytes``, once) may not exceed
-  ``max_cache_bytes``. A START beyond either is refused at once
+  ``max_cache_bytes``. Where the runtime measured its (micro-batch) step, a stream is charged its
+  resting bound (between steps): the step's measurement holds what stepped streams add while
+  they run (``engine/admission.py``). A START beyond either is refused at once
   (UNAVAILABLE: retry later), never an out-of-memory crash.
 - Bad input is refused per request (INVALID_ARG); other requests of the same batch are unaffected,
   and so is the stream the bad request named. A request its client cancelled before its step leaves
@@ -38,6 +40,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 from torch import Tensor
 
+from ..engine.admission import admission_reserve_bytes, charged_bound
 from ..engine.runtime import Runtime, RuntimeStream
 from .settings import ServingLimits  # noqa: F401 - part of this module's interface
 
@@ -269,9 +272,13 @@ class StreamSessions:
                 raise RequestError("this server's cache policy has no memory bound, and the server caps cache memory",
                                    UNAVAILABLE)
             # A step's activations are reserved once (steps run one at a time), at the largest frame size's need.
-            session.step_bytes = self.runtime.step_memory_bytes(tuple(frames.shape[-2:])) or 0
+            hw = tuple(frames.shape[-2:])
+            measured = self.runtime.step_memory_bytes(hw)
+            session.step_bytes = measured or 0
+            resting = session.stream.resting_memory_bound(hw) if hasattr(session.stream, "resting_memory_bound") else None
+            bound = session.bound = charged_bound(bound, resting, measured)
             step = max([s.step_bytes for s in self.sessions.values()] + [session.step_bytes])
-            reserved = sum(s.bound or 0 for s in self.sessions.values()) + step
+            reserved = admission_reserve_bytes([s.bound or 0 for s in self.sessions.values()], step)
             if reserved + bound > self.limits.max_cache_bytes:
                 self.counters.rejected_starts += 1
                 raise RequestError(

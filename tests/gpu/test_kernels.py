@@ -44,6 +44,25 @@ def test_fused_matches_reference(dtype, mass_method, shape):
         assert ((mass - exact).abs() <= 2e-3 * exact.abs() + 1e-3).all()
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_mass_keys_zero_the_unread_keys_and_leave_the_rest_exact(with_bias):
+    """Keys whose mass is not read (a range of whole and partial 128-key blocks, and a padded
+    tail) get mass 0; every other key's mass and the output are bit for bit those without the mask."""
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    B, H, M, N, D = 2, 2, 70, 700, 64
+    q, k, v = (torch.randn(B, H, n, D, generator=g, device=DEVICE) for n in (M, N, N))
+    bias = torch.randn(B, H, N, generator=g, device=DEVICE).abs().log1p() if with_bias else None
+    valid = torch.ones(B, H, N, dtype=torch.bool, device=DEVICE)
+    valid[1, :, 600:] = False  # stream 1 is shorter: padding
+    read = valid.clone()
+    read[0, :, 100:420] = False  # e.g. retrieved keys
+    out, mass = fused_attention_with_key_mass(q, k, v, bias, valid)
+    out_m, mass_m = fused_attention_with_key_mass(q, k, v, bias, valid, mass_keys=read)
+    assert torch.equal(out, out_m)
+    assert torch.equal(mass_m[read], mass[read])
+    assert torch.equal(mass_m[~read], torch.zeros_like(mass_m[~read]))
+
+
 def test_fully_masked_rows_give_zero_output():
     q = torch.randn(1, 1, 16, 16, device=DEVICE)
     k = torch.randn(1, 1, 32, 16, device=DEVICE)

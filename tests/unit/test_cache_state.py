@@ -74,6 +74,22 @@ def test_bound_is_the_peak_a_long_stream_reaches(policy):
     assert cache.stats()["evicted_tokens"] > 0
 
 
+@pytest.mark.parametrize("policy", BOUNDED)
+def test_resting_bound_is_the_peak_between_steps(policy):
+    """Between steps a bounded store holds no chunk of new tokens: the resting bound is what a long
+    stream reaches then, and the in-step bound exceeds it by exactly the chunk's share."""
+    cache = make_cache(config(policy), GEOMETRY)
+    resting = []
+    for step in range(30):
+        run_steps(cache, step, 1, chunk=2)
+        resting.append(cache.memory_bytes())
+    assert max(resting) == cache.resting_bytes_bound(P) < cache.bytes_bound(P)
+    if policy == "stac":
+        parts = cache.bound_parts(P)
+        assert sum(parts.values()) == cache.bytes_bound(P)
+        assert cache.bytes_bound(P) - cache.resting_bytes_bound(P) == parts["hot_step_chunk"]
+
+
 @pytest.mark.parametrize("changes", [{}, {"max_voxels": 3}, {"max_voxels": 1, "include_buffer": True}])
 def test_stac_bound_parts_are_each_reached(changes):
     """Retrieval at its budget and the pool at its voxel cap both happen, and the whole bound is

@@ -159,6 +159,28 @@ def test_cache_bytes_admission_is_refused_then_recovers_when_a_stream_ends():
     assert sessions.stats()["reserved_cache_bytes"] == 2000
 
 
+class MeasuredStepRuntime(FakeRuntime):
+    """Streams whose resting bound is 600 of their 1000, and a measured micro-batch step of 500."""
+
+    def open_stream(self) -> FakeStream:
+        stream = super().open_stream()
+        stream.resting_memory_bound = lambda image_hw=None: 600
+        return stream
+
+    def step_memory_bytes(self, image_hw):
+        return 500
+
+
+def test_a_measured_step_charges_each_stream_its_resting_bound_and_the_step_once():
+    sessions = sessions_with(MeasuredStepRuntime(bound=1000), max_cache_bytes=2300)
+    assert isinstance(one(sessions, request(1, start=True)), StepResult)
+    assert isinstance(one(sessions, request(2, start=True)), StepResult)
+    assert isinstance(one(sessions, request(3, start=True)), StepResult)  # 3 x 600 + 500 = 2300
+    refused = one(sessions, request(4, start=True))
+    assert isinstance(refused, RequestError) and "2300 of 2300" in str(refused) and "500 of them" in str(refused)
+    assert sessions.stats()["reserved_cache_bytes"] == 1800
+
+
 def test_unbounded_cache_is_refused_when_cache_bytes_are_capped():
     sessions = sessions_with(FakeRuntime(bound=None), max_cache_bytes=10_000)
     result = one(sessions, request(1, start=True))
