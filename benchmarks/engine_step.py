@@ -53,10 +53,11 @@ BENCHMARKS = Path(__file__).resolve().parent
 if str(BENCHMARKS) not in sys.path:  # the sibling benchmarks this one reuses
     sys.path.insert(0, str(BENCHMARKS))
 
+import engine_streams  # noqa: E402
 import step_flops  # noqa: E402
 
 from stac_backend.cache import CacheConfig  # noqa: E402
-from stac_backend.results import device_key, device_name, write_result  # noqa: E402
+from stac_backend.results import device_key, run_record, write_result  # noqa: E402
 
 # The engines compared. "switches" go to build_model / TorchRuntime / CacheConfig where one takes
 # the name, "env" into the variant's process (and its Triton server), "args" onto its command line.
@@ -74,6 +75,19 @@ GIB = 1 << 30
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def gpu_name(device: str) -> str:
+    """The device's name, asked of a child process: CUDA stays uninitialised in this one, which
+    holds no GPU memory while the variants run."""
+    if not device.startswith("cuda"):
+        return "cpu"
+    code = f"from stac_backend.results import device_name; print(device_name({device!r}))"
+    try:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              check=True).stdout.strip() or device
+    except (OSError, subprocess.SubprocessError):
+        return device
+
+
 def spec_peak_tflops(name: str) -> Optional[float]:
     if "pcie" in name.lower() and device_key(name) == "h100":
         return 756.0
@@ -132,7 +146,6 @@ def run_variant(args) -> int:
     """The ``--phase variant`` process: one engine's rows, latency and roofline into ``--part-out``."""
     import torch
 
-    import engine_streams
     from stac_backend.engine.torch_runtime import TorchRuntime
     from stac_backend.model import build_model
 
@@ -190,8 +203,6 @@ def run_variant(args) -> int:
 def run_latency(runtime, frames, args, device, deadline: float) -> dict:
     """One stream to ``--latency-frames``; every ``--latency-sample-every``-th step (and the step
     holding frame 10, and the last) timed between two device synchronisations."""
-    import engine_streams
-
     chunk = runtime.cache_config.chunk
     steps = max(1, -(-args.latency_frames // chunk))
     stream = runtime.open_stream()
@@ -381,7 +392,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error(f"unknown variants {unknown}; VARIANTS has {list(VARIANTS)}")
     triton_counts = [] if args.triton_streams.strip().lower() == "none" else [int(x) for x in args.triton_streams.split(",")]
     triton_variant = args.triton_variant or names[-1]
-    gpu = device_name(args.device)
+    gpu = gpu_name(args.device)
+    record = {**run_record("engine_step", "cpu"), "device": gpu}
     out = args.out or Path("docs/benchmarks") / f"engine_step_{device_key(gpu)}.json"
     from stac_backend.model import get_preset
 
@@ -391,7 +403,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                    camera_frames=len(cache.pinned_frames) + (cache.camera_window or 0) + args.chunk)
     skipped_triton = "not asked for (--triton-streams none)" if not triton_counts else triton_unavailable()
     report = {
-        "benchmark": "engine_step", "preset": args.preset, "device": gpu, "dtype": args.dtype,
+        "run": record, "benchmark": "engine_step", "preset": args.preset, "device": gpu, "dtype": args.dtype,
         "image_hw": [args.height, args.width], "chunk": args.chunk, "cache_config": cache.to_dict(),
         "variants_defined": {k: VARIANTS[k] for k in names}, "streams": [int(x) for x in args.streams.split(",")],
         "warmup_frames_per_stream": args.warmup_frames, "timed_frames_per_stream": args.timed_frames,
