@@ -348,6 +348,32 @@ def side_by_side(variants: dict, flops: dict, peaks: dict) -> list[dict]:
     return table
 
 
+def targets(report: dict, variant: str) -> dict:
+    """The issue's targets for one H100 against ``variant``'s measurements: each value, its target
+    and the margin (>= 1: met; measured over target where more is better, target over measured
+    where less is better). None where the run did not measure it."""
+    part = report["variants"].get(variant, {})
+    rows = {r["streams"]: r for r in part.get("rows", [])}
+    fps = [rows.get(n, {}).get("aggregate_frames_per_second") for n in (8, 16, 32)]
+    row48 = rows.get(48, {})
+    peak48 = row48.get("peak_reserved_bytes") if row48.get("status") == "ok" else None
+    latency = part.get("latency", {})
+    triton = [r.get("triton_over_engine") for r in report["triton"]["rows"] if r["streams"] in (8, 32)]
+
+    def entry(value, target, more_is_better=True):
+        margin = None if value is None else (value / target if more_is_better else (target / value if value else None))
+        return {"measured": value, "target": target, "margin": margin}
+
+    return {
+        "variant": variant,
+        "min_frames_per_second_8_to_32_streams": entry(min(fps) if all(fps) else None, 90.0),
+        "peak_reserved_gib_48_streams": entry(None if peak48 is None else peak48 / GIB, 78.0, more_is_better=False),
+        "one_stream_median_ms_per_frame_100_to_1000": entry(latency.get("median_ms_per_frame_100_on"), 15.0, more_is_better=False),
+        "one_stream_frame1000_over_frame10": entry(latency.get("last_over_frame10"), 1.2, more_is_better=False),
+        "triton_over_engine_min_8_and_32": entry(min(triton) if triton and all(triton) else None, 0.9),
+    }
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="vggt-1b")
@@ -359,8 +385,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--cache-overrides", default="{}", help="JSON of CacheConfig fields over the stac defaults")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated names of VARIANTS ({', '.join(VARIANTS)})")
     p.add_argument("--streams", default="1,8,16,32,48")
-    p.add_argument("--warmup-frames", type=int, default=32, help="frames per stream stepped before timing (caches filled)")
-    p.add_argument("--timed-frames", type=int, default=12, help="frames per stream timed")
+    p.add_argument("--warmup-frames", type=int, default=24, help="frames per stream stepped before timing (caches filled)")
+    p.add_argument("--timed-frames", type=int, default=8, help="frames per stream timed")
     p.add_argument("--warmup-batch", type=int, default=8, help="streams per step of the runtime's warm-up")
     p.add_argument("--no-skip", action="store_true", help="run rows predicted not to fit")
     p.add_argument("--latency-frames", type=int, default=1000, help="frames of the one-stream latency run")
@@ -370,9 +396,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--triton-streams", default="8,32", help="stream counts served through Triton; 'none' skips it")
     p.add_argument("--triton-variant", default="", help="the variant Triton serves (default: the last)")
     p.add_argument("--triton-frames", type=int, default=40, help="frames per stream of the timed Triton fleet")
-    p.add_argument("--triton-reserve-s", type=float, default=150.0, help="seconds of the budget kept for Triton")
-    p.add_argument("--time-budget-s", type=float, default=510.0, help="the whole run's seconds")
-    p.add_argument("--grace-s", type=float, default=60.0, help="a phase is killed this long after its share")
+    p.add_argument("--triton-reserve-s", type=float, default=180.0, help="seconds of the budget kept for Triton")
+    p.add_argument("--time-budget-s", type=float, default=500.0, help="the whole run's seconds")
+    p.add_argument("--grace-s", type=float, default=30.0, help="a phase is killed this long after its share")
     p.add_argument("--out", type=Path, default=None, help="default: docs/benchmarks/engine_step_<device>.json")
     p.add_argument("--phase", choices=("all", "variant", "triton"), default="all", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="", help=argparse.SUPPRESS)
@@ -430,6 +456,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         report["latency"] = {name: {k: part.get("latency", {}).get(k) for k in
                                     ("status", "frames", "median_ms_per_frame_100_on", "last_over_frame10")}
                              for name, part in variants.items()}
+        report["targets"] = targets(report, names[-1])
         report["seconds"] = round(time.perf_counter() - started, 1)
         write_result(out, report, "engine_step", args.device)
 
@@ -452,7 +479,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             row["triton_over_engine"] = row["frames_per_second"] / engine if engine and row.get("frames_per_second") else None
         report["triton"].update(rows=part.get("rows", []), process_status=part["process_status"])
     write()
-    print(json.dumps({"side_by_side": report["side_by_side"], "latency": report["latency"],
+    print(json.dumps({"side_by_side": report["side_by_side"], "latency": report["latency"], "targets": report["targets"],
                       "triton": report["triton"]["rows"] or report["triton"]["skipped"]}, default=float), file=sys.stderr)
     return 0
 

@@ -157,6 +157,8 @@ def test_tiny_run_writes_variants_side_by_side(tmp_path, monkeypatch):
         roof = data["roofline"][name]["streams_2"]
         assert roof["achieved_tflops"] == pytest.approx(flops["total"] * part["rows"][1]["aggregate_frames_per_second"] / 1e12)
         assert roof["share_of_measured_gemm"] == pytest.approx(roof["achieved_tflops"] / data["peak_tflops"]["measured_gemm"])
+    assert data["targets"]["variant"] == "new"
+    assert data["targets"]["min_frames_per_second_8_to_32_streams"] == {"measured": None, "target": 90.0, "margin": None}
     table = {entry["streams"]: entry for entry in data["side_by_side"]}
     assert sorted(table) == [1, 2]
     assert set(table[2]["frames_per_second"]) == {"baseline", "new"} and table[2]["new_over_baseline"] > 0
@@ -173,3 +175,19 @@ def test_a_spent_budget_cuts_rows_cleanly(tmp_path):
     data = json.loads(part.read_text())
     assert [r["status"].startswith("skipped: the variant's time share") for r in data["rows"]] == [True, True]
     assert data["latency"]["status"].startswith("cut at frame 0") and data["latency"]["samples"] == []
+
+
+def test_targets_and_their_margins():
+    bench = _load("engine_step")
+    gib = bench.GIB
+    rows = [{"streams": n, "status": "ok", "aggregate_frames_per_second": fps, "peak_reserved_bytes": 70 * gib}
+            for n, fps in ((8, 100.0), (16, 95.0), (32, 90.0), (48, 88.0))]
+    report = {"variants": {"new": {"rows": rows, "latency": {"median_ms_per_frame_100_on": 12.0, "last_over_frame10": 1.5}}},
+              "triton": {"rows": [{"streams": 8, "triton_over_engine": 0.95}, {"streams": 32, "triton_over_engine": 0.81}]}}
+    t = bench.targets(report, "new")
+    assert t["min_frames_per_second_8_to_32_streams"] == {"measured": 90.0, "target": 90.0, "margin": 1.0}
+    assert t["peak_reserved_gib_48_streams"]["margin"] == pytest.approx(78 / 70)
+    assert t["one_stream_median_ms_per_frame_100_to_1000"]["margin"] == pytest.approx(1.25)
+    assert t["one_stream_frame1000_over_frame10"]["margin"] == pytest.approx(0.8)
+    assert t["triton_over_engine_min_8_and_32"]["measured"] == 0.81
+    assert bench.targets({"variants": {}, "triton": {"rows": []}}, "new")["peak_reserved_gib_48_streams"]["measured"] is None
