@@ -123,7 +123,7 @@ def latency_summary(samples: list[dict], frames: int) -> dict:
     }
 
 
-def gemm_peak_tflops(device, dtype, size: int, repeats: int = 10) -> dict:
+def gemm_peak_tflops(device, dtype, size: int, repeats: int = 50) -> dict:
     """A ``size``-cubed matmul timed over ``repeats`` runs after one untimed (TFLOP/s)."""
     import torch
 
