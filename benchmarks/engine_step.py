@@ -418,6 +418,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error(f"unknown variants {unknown}; VARIANTS has {list(VARIANTS)}")
     triton_counts = [] if args.triton_streams.strip().lower() == "none" else [int(x) for x in args.triton_streams.split(",")]
     triton_variant = args.triton_variant or names[-1]
+    if triton_variant not in names:
+        p.error(f"--triton-variant {triton_variant!r} is not among the variants run ({', '.join(names)})")
     gpu = gpu_name(args.device)
     record = {**run_record("engine_step", "cpu"), "device": gpu}
     out = args.out or Path("docs/benchmarks") / f"engine_step_{device_key(gpu)}.json"

@@ -132,15 +132,18 @@ def test_tiny_run_writes_variants_side_by_side(tmp_path, monkeypatch):
         return {**json.loads(part_out.read_text()), "process_status": "ok"}
 
     monkeypatch.setattr(bench, "run_phase", in_process)
+    # a machine without Triton: the part is skipped with the reason, the rest runs
+    monkeypatch.setattr(bench, "triton_unavailable", lambda: "no tritonserver: nvidia-pytriton is not installed")
     assert bench.main(["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--height", "28", "--width", "42",
                        "--streams", "1,2", "--warmup-frames", "4", "--timed-frames", "4", "--warmup-batch", "2",
                        "--latency-frames", "16", "--latency-sample-every", "2", "--latency-reserve-s", "0",
-                       "--triton-streams", "none", "--time-budget-s", "600", "--out", str(out)]) == 0
+                       "--time-budget-s", "600", "--out", str(out)]) == 0
     assert [r[:2] for r in ran] == [("variant", "baseline"), ("variant", "new")]
     data = json.loads(out.read_text())
     assert data["run"]["benchmark"] == "engine_step" and data["device"] == "cpu" and data["image_hw"] == [28, 42]
     assert set(data["variants"]) == {"baseline", "new"}
-    assert data["triton"]["skipped"].startswith("not asked for") and data["triton"]["rows"] == []
+    assert data["triton"] == {"variant": "new", "streams": [8, 32], "rows": [],
+                              "skipped": "no tritonserver: nvidia-pytriton is not installed"}
     flops = data["flops_per_frame"]
     assert flops["working_set_frames"] == 13 and flops["total"] > 0
     assert data["peak_tflops"]["spec_bf16"] is None and data["peak_tflops"]["measured_gemm"] > 0
