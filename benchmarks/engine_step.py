@@ -438,7 +438,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "time_budget_s": args.time_budget_s,
         "flops_per_frame": {"working_set_frames": working_set, **flops},
         "peak_tflops": {"spec_bf16": spec_peak_tflops(gpu)},
-        "variants": {}, "side_by_side": [], "roofline": {}, "latency": {},
+        "variants": {}, "side_by_side": [], "flops_by_component": [], "roofline": {}, "latency": {},
         "triton": {"variant": triton_variant, "streams": triton_counts, "skipped": skipped_triton, "rows": []},
     }
 
@@ -448,6 +448,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         report["peak_tflops"]["measured_gemm"] = max(gemm, default=None)
         peaks = report["peak_tflops"]
         report["side_by_side"] = side_by_side(variants, flops, peaks)
+        report["flops_by_component"] = step_flops.component_table(flops, peaks)
         report["roofline"] = {name: {
             **{f"streams_{r['streams']}": step_flops.roofline(flops, r.get("aggregate_frames_per_second"), peaks)
                for r in part.get("rows", [])},

@@ -140,15 +140,25 @@ def frame_flops(config: ModelConfig, height: int, width: int, working_set: float
 
 def roofline(flops: dict[str, int], frames_per_second: Optional[float], peaks_tflops: dict[str, Optional[float]]) -> dict:
     """Achieved TFLOP/s at ``frames_per_second`` and its share of each peak (TFLOP/s), with the
-    frames/s each peak would allow and the time per frame each component would take at it."""
+    frames/s each peak would allow."""
     total = flops["total"]
-    out: dict = {"flops_per_frame": total, "frames_per_second": frames_per_second}
     achieved = None if not frames_per_second else total * frames_per_second / 1e12
-    out["achieved_tflops"] = achieved
+    out: dict = {"frames_per_second": frames_per_second, "achieved_tflops": achieved}
     for name, peak in peaks_tflops.items():
-        if not peak:
-            continue
-        out[f"share_of_{name}"] = None if achieved is None else achieved / peak
-        out[f"frames_per_second_at_{name}"] = peak * 1e12 / total
-        out[f"ms_per_frame_at_{name}"] = {k: 1e3 * flops[k] / (peak * 1e12) for k in COMPONENTS}
+        if peak:
+            out[f"share_of_{name}"] = None if achieved is None else achieved / peak
+            out[f"frames_per_second_at_{name}"] = peak * 1e12 / total
     return out
+
+
+def component_table(flops: dict[str, int], peaks_tflops: dict[str, Optional[float]]) -> list[dict]:
+    """Per component: TFLOP per frame, its share of the frame, whether it reads the cache, and the
+    milliseconds per frame it would take at each peak."""
+    table = []
+    for name in COMPONENTS:
+        row = {"component": name, "tflop_per_frame": flops[name] / 1e12, "share": flops[name] / flops["total"],
+               "cache_free": name in CACHE_FREE}
+        row.update({f"ms_per_frame_at_{peak_name}": 1e3 * flops[name] / (peak * 1e12)
+                    for peak_name, peak in peaks_tflops.items() if peak})
+        table.append(row)
+    return table

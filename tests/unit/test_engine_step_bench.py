@@ -88,9 +88,13 @@ def test_roofline_arithmetic():
     assert row["achieved_tflops"] == pytest.approx(500.0)
     assert row["share_of_spec_bf16"] == pytest.approx(0.5) and row["share_of_measured_gemm"] == pytest.approx(0.625)
     assert row["frames_per_second_at_spec_bf16"] == pytest.approx(200.0)
-    assert row["ms_per_frame_at_measured_gemm"]["global_attention"] == pytest.approx(3.75)
     assert "share_of_unknown" not in row
     assert flops.roofline(frame, None, {"spec_bf16": 1000.0})["share_of_spec_bf16"] is None
+    table = {r["component"]: r for r in flops.component_table(frame, {"measured_gemm": 800.0, "unknown": None})}
+    assert list(table) == list(flops.COMPONENTS)
+    assert table["global_attention"]["ms_per_frame_at_measured_gemm"] == pytest.approx(3.75)
+    assert table["global_attention"]["share"] == pytest.approx(0.6) and not table["global_attention"]["cache_free"]
+    assert table["dpt_heads"]["cache_free"] and "ms_per_frame_at_unknown" not in table["dpt_heads"]
 
 
 def test_switches_go_where_a_keyword_takes_them():
@@ -162,6 +166,7 @@ def test_tiny_run_writes_variants_side_by_side(tmp_path, monkeypatch):
         assert roof["share_of_measured_gemm"] == pytest.approx(roof["achieved_tflops"] / data["peak_tflops"]["measured_gemm"])
     assert data["targets"]["variant"] == "new"
     assert data["targets"]["min_frames_per_second_8_to_32_streams"] == {"measured": None, "target": 90.0, "margin": None}
+    assert [r["component"] for r in data["flops_by_component"]] == list(_load("step_flops").COMPONENTS)
     table = {entry["streams"]: entry for entry in data["side_by_side"]}
     assert sorted(table) == [1, 2]
     assert set(table[2]["frames_per_second"]) == {"baseline", "new"} and table[2]["new_over_baseline"] > 0
