@@ -349,7 +349,7 @@ def side_by_side(variants: dict, flops: dict, peaks: dict) -> list[dict]:
 
 
 def targets(report: dict, variant: str) -> dict:
-    """The issue's targets for one H100 against ``variant``'s measurements: each value, its target
+    """The compiled step's targets on one H100 against ``variant``'s measurements: each value, its target
     and the margin (>= 1: met; measured over target where more is better, target over measured
     where less is better). None where the run did not measure it."""
     part = report["variants"].get(variant, {})
