@@ -119,3 +119,14 @@ def test_inductor_block_equals_eager():
         got = block(x, pos=pos)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert model.compiled_parts.stats.signatures == 1
+
+
+def test_serving_settings_carry_the_compile_and_fp8_switches():
+    from stac_backend.serving.settings import ServeSettings, settings_from_config, to_parameters
+
+    assert "COMPILE" not in to_parameters(ServeSettings()) and "FP8" not in to_parameters(ServeSettings())
+    params = to_parameters(ServeSettings(compile=True, fp8=True))
+    assert params["COMPILE"] == "1" and params["FP8"] == "1"
+    back = settings_from_config({"parameters": {k: {"string_value": v} for k, v in params.items()}})
+    assert back.compile and back.fp8
+    assert not settings_from_config({"parameters": {}}).compile
