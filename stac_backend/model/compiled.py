@@ -173,8 +173,16 @@ def _signature(args) -> tuple:
 
 
 def _module_signature(module: nn.Module) -> tuple:
+    """What tells a module's graphs apart: class, mode, first parameter, and what a graph bakes in
+    as constants (norm eps: DINOv2's blocks differ from the aggregator's; FP8 layers; a head's
+    activation)."""
     p = next(module.parameters(), None)
-    return (type(module).__name__, module.training, None if p is None else (tuple(p.shape), p.dtype, str(p.device)))
+    norm = getattr(module, "norm1", None)
+    return (type(module).__name__, module.training, None if p is None else (tuple(p.shape), p.dtype, str(p.device)),
+            getattr(norm, "eps", None), type(getattr(module, "ls1", None)).__name__,
+            type(getattr(getattr(module, "attn", None), "qkv", None)).__name__,  # Linear or Fp8Linear
+            type(getattr(getattr(module, "mlp", None), "fc1", None)).__name__,
+            getattr(module, "activation", None))  # DPT heads: depth ("exp") and points ("inv_log")
 
 
 def _has_trainable(args) -> bool:
