@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ from stac_backend.engine.torch_runtime import TorchRuntime
 from stac_backend.model import build_model
 from stac_backend.model.compiled import compile_static_parts
 from stac_backend.model.fp8 import use_fp8_gemms
+from stac_backend.results import write_result
 
 VARIANTS = {"eager": (False, False), "compiled": (True, False), "compiled+fp8": (True, True), "fp8": (False, True)}
 
@@ -109,12 +109,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     h, w = (int(v) for v in args.hw.split("x"))
     counts = [int(v) for v in args.streams.split(",")]
-    report = {"benchmark": "compile_ab", "preset": args.preset, "weights": "random", "device": args.device,
-              "device_name": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
-              "torch": torch.__version__, "dtype": args.dtype, "image_hw": [h, w], "cache": "stac (default config)",
+    report = {"preset": args.preset, "weights": "random", "torch": torch.__version__, "dtype": args.dtype, "image_hw": [h, w], "cache": "stac (default config)",
               "compile_mode": args.mode or "default", "backend": args.backend, "steps": args.steps,
               "warm_steps": args.warm_steps, "variants": {}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.variants.split(","):
         try:
             report["variants"][name] = run_variant(name, args, (h, w), counts)
@@ -126,7 +123,7 @@ def main(argv=None) -> int:
             for n, row in other.get("by_streams", {}).items():
                 if n in eager:
                     row["speedup_vs_eager"] = round(eager[n]["ms_per_step_median"] / row["ms_per_step_median"], 3)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_result(args.out, report, "compile_ab", args.device)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -37,6 +37,7 @@ from stac_backend.metrics import depth_metrics
 from stac_backend.metrics.pose import pose_metrics
 from stac_backend.model import build_model
 from stac_backend.model.fp8 import fp8_unsupported_reason, use_fp8_gemms
+from stac_backend.results import write_result
 
 HELD_OUT_SEED = 1_000_000  # the quality benchmark's held-out scenes (training never sees these seeds)
 OUTPUTS = ("depth", "world_points", "extrinsics")
@@ -144,9 +145,7 @@ def main(argv=None) -> int:
     if args.fp8_mode == "scaled_mm" and reason:
         p.error(reason)
     dtype = getattr(torch, args.dtype)
-    report = {"benchmark": "precision_deviation", "device": args.device,
-              "device_name": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
-              "torch": torch.__version__, "dtype": args.dtype, "fp8_mode": args.fp8_mode,
+    report = {"torch": torch.__version__, "dtype": args.dtype, "fp8_mode": args.fp8_mode,
               "note": "emulate: e4m3 rounding of both GEMM operands without FP8 hardware (deviation only, speed not FP8's)"
               if args.fp8_mode == "emulate" else "torch._scaled_mm, e4m3, per-row scales",
               "models": {}}
@@ -162,8 +161,7 @@ def main(argv=None) -> int:
         report["models"]["vggt-1b-random"] = compare(
             "vggt-1b-random", lambda: build_model("vggt-1b", device=args.device, dtype=dtype, seed=0, compile=False),
             large, args.chunk, args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_result(args.out, report, "precision_deviation", args.device)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -11,6 +11,7 @@ from stac_backend.cache import CacheConfig
 from stac_backend.engine import Stream
 from stac_backend.engine.torch_runtime import TorchRuntime
 from stac_backend.model import build_model, config_with, get_preset
+from stac_backend.model.fp8 import Fp8Linear, fp8_unsupported_reason
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_fp8 = pytest.mark.skipif(
