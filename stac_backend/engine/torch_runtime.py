@@ -190,7 +190,7 @@ class TorchRuntime(Runtime):
         started = time.perf_counter()
         fill = self.warmup_cache_config()
         steps = warmup_steps(fill)
-        self._compile_buckets(hw, fill, [1], compile_seconds)
+        self._compile_buckets(hw, fill, [1], compile_seconds, measured={1}, steps=steps)
         peaks: dict[int, Optional[int]] = {1: self._throwaway_run(hw, [fill], steps)}
         if fill.policy == "stac":  # coarse voxels: tokens share voxels, buffers fill, collapse and merge
             merge = self._throwaway_run(hw, [fill.replace(voxel_size=1.0e6, merge_cos=0.0)], steps)
@@ -200,9 +200,10 @@ class TorchRuntime(Runtime):
             size = self._auto_sizes[hw] = self._auto_size(peaks[1])
         wanted = {1} | {int(b) for b in (batch_sizes or ())} | ({size} if size else set())
         # Compiled: every micro-batch size a step can split into (the last micro-batch is smaller).
-        self._compile_buckets(hw, fill, sorted((set(range(1, size + 1)) if size else set())
-                                               | {min(b, size) if size else b for b in wanted if b >= 1}), compile_seconds)
-        for b in sorted({min(b, size) if size else b for b in wanted if b >= 1} - {1}):
+        measured = {min(b, size) if size else b for b in wanted if b >= 1}
+        self._compile_buckets(hw, fill, sorted((set(range(1, size + 1)) if size else set()) | measured), compile_seconds,
+                              measured=measured, steps=steps)
+        for b in sorted(measured - {1}):
             peaks[b] = self._throwaway_run(hw, [fill] * b, steps)
         self._step_peaks.setdefault(hw, {}).update({b: p for b, p in peaks.items() if p is not None})
         _release_memory(self.device)
@@ -214,9 +215,12 @@ class TorchRuntime(Runtime):
             report["compiled_buckets"] = sorted(b for h, b in self._compiled_buckets if h == hw)
         return report
 
-    def _compile_buckets(self, hw: ImageHW, fill: CacheConfig, sizes: Sequence[int], seconds: dict[int, float]) -> None:
-        """One step of ``b`` throwaway streams for each size ``b`` not compiled yet at ``hw``: the
-        compiled parts see every shape of that bucket (their shapes do not depend on the caches)."""
+    def _compile_buckets(self, hw: ImageHW, fill: CacheConfig, sizes: Sequence[int], seconds: dict[int, float],
+                         measured: set[int], steps: int) -> None:
+        """Throwaway streams for each bucket ``b`` in ``sizes`` not compiled yet at ``hw``: one step
+        (timed: its compile) and, for buckets the measurement runs will not step, ``steps`` steps
+        more, so that every state a step of the bucket can meet (first step, eviction, retrieval -
+        inputs of other memory layouts) has been compiled too."""
         if self.compiled_parts is None:
             return
         for b in sizes:
@@ -225,6 +229,8 @@ class TorchRuntime(Runtime):
             started = time.perf_counter()
             self._throwaway_run(hw, [fill] * b, 1, measure=False)
             seconds[b] = time.perf_counter() - started
+            if b not in measured:
+                self._throwaway_run(hw, [fill] * b, steps, measure=False)
             self._compiled_buckets.add((hw, b))
 
     def _throwaway_run(self, hw: ImageHW, configs: list[CacheConfig], steps: int, measure: bool = True) -> Optional[int]:

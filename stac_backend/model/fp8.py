@@ -128,11 +128,13 @@ def use_fp8_gemms(model: nn.Module, mode: str = "scaled_mm") -> int:
     """Replace the qkv / proj / fc1 / fc2 layers of the aggregator's frame and global blocks by
     ``Fp8Linear``; returns how many. Refuses (RuntimeError) where FP8 GEMMs cannot run, unless
     ``mode="emulate"``. Layers whose sizes are not multiples of 16 (the FP8 GEMM's tile) stay."""
-    device = next(model.parameters()).device
+    param = next(model.parameters())
     if mode == "scaled_mm":
-        reason = fp8_unsupported_reason(device)
+        reason = fp8_unsupported_reason(param.device)
         if reason:
             raise RuntimeError(reason)
+        if param.dtype != torch.bfloat16:  # torch._scaled_mm's per-row scaling writes bf16 only
+            raise RuntimeError(f"FP8 GEMMs need a bfloat16 model (dtype bfloat16), this one is {param.dtype}")
     aggregator = model.aggregator
     replaced = 0
     for blocks in (aggregator.frame_blocks, aggregator.global_blocks):
