@@ -209,7 +209,9 @@ class CompiledBlockForward:
         if attend is None:
             return self.parts.call("dense_block", block, x, pos, cos, sin)
         q, k, v = self.parts.call("qkv_heads", block, x, pos, cos, sin)
-        return self.parts.call("after_attention", block, x, attend(q, k, v))
+        # One memory layout whatever kernel attended (they differ by cache state): a graph is
+        # specialised to its inputs' strides, and a few MB of copy cost less than another graph.
+        return self.parts.call("after_attention", block, x, attend(q, k, v).contiguous())
 
 
 class CompiledDPTFrames:
