@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import Block
+from .transfer import compiling_or_exporting
 
 SWITCH_ENV = "STAC_COMPILE"
 MODE_ENV = "STAC_COMPILE_MODE"
@@ -137,6 +138,8 @@ class CompiledParts:
 
     def call(self, name: str, *args):
         compiled, eager = self.functions[name]
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or compiling_or_exporting():
+            return eager(*args)  # an exporter or an outer torch.compile traces the plain ops
         key = (name, torch.is_inference_mode_enabled(), torch.is_grad_enabled(), _signature(args))
         if key in self._seen:
             self.stats.compiled_calls += 1
