@@ -20,11 +20,19 @@ and measures the peak a step adds: on CUDA every step's, from the caching alloca
 statistics; on the CPU the last step's, from the torch profiler's allocation events. It then frees everything it made. Without a
 warm-up, a CUDA runtime that splits measures a frame size the first time it needs it (a step or
 ``step_memory_bytes`` at that size).
+
+``compile=True`` (or a model built with ``compile=True`` / ``STAC_COMPILE=1``) runs the cache-free
+parts of a step compiled (``model/compiled.py``): one graph set per (streams per micro-batch, frames
+per step) bucket. ``warmup`` then compiles every bucket a step can use at that frame size - each
+micro-batch size from 1 to the largest, and the ``batch_sizes`` asked for - reports the seconds each
+took (``compile_seconds``), and freezes the model, so that no request pays a compile (a shape never
+warmed up runs eagerly).
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import time
 from typing import Optional, Sequence, Union
@@ -33,10 +41,13 @@ import torch
 from torch import Tensor
 
 from ..cache import CacheConfig
+from ..model.compiled import CompiledParts, compile_static_parts
 from ..model.vggt import VGGT
 from .microbatch import measure_peak_bytes, run_micro_batches
 from .runtime import Runtime
 from .stream import Stream, push_many
+
+log = logging.getLogger(__name__)
 
 AUTO = "auto"
 ImageHW = tuple[int, int]
@@ -61,7 +72,8 @@ class TorchRuntime(Runtime):
     #: "auto" (CUDA): the share of the free GPU memory one micro-batch's activations may take.
     auto_activation_share = 0.15
 
-    def __init__(self, model: VGGT, cache_config: CacheConfig, max_batch_streams: Union[int, str, None] = AUTO):
+    def __init__(self, model: VGGT, cache_config: CacheConfig, max_batch_streams: Union[int, str, None] = AUTO,
+                 compile: Optional[bool] = None):
         if not (max_batch_streams is None or max_batch_streams == AUTO
                 or (isinstance(max_batch_streams, int) and not isinstance(max_batch_streams, bool) and max_batch_streams >= 1)):
             raise ValueError(f"max_batch_streams must be a positive integer, None or 'auto', got {max_batch_streams!r}")
@@ -69,6 +81,11 @@ class TorchRuntime(Runtime):
         self.cache_config = cache_config
         self.max_batch_streams = max_batch_streams
         self.device = next(model.parameters()).device
+        # compile: True compiles the model's cache-free parts; None keeps the model as built.
+        if compile:
+            compile_static_parts(model)
+        # Buckets (frame size, streams per step) compiled by a warm-up.
+        self._compiled_buckets: set[tuple[ImageHW, int]] = set()
         # Measured peak bytes a step adds, by frame size and then by streams per step.
         self._step_peaks: dict[ImageHW, dict[int, int]] = {}
         self._auto_sizes: dict[ImageHW, int] = {}
@@ -153,9 +170,27 @@ class TorchRuntime(Runtime):
         adds (``step_memory_bytes``). Leaves no stream and no memory of its own behind.
         Returns what it ran and measured."""
         hw = _hw(image_hw)
+        parts = self.compiled_parts
+        if parts is None:
+            return self._warmup(hw, batch_sizes, {})
+        compile_seconds: dict[int, float] = {}
+        parts.frozen = False
+        try:
+            report = self._warmup(hw, batch_sizes, compile_seconds)
+        finally:
+            parts.frozen = True
+        log.info("compiled buckets at %dx%d (streams per step: seconds): %s", *hw, compile_seconds)
+        return report
+
+    @property
+    def compiled_parts(self) -> Optional[CompiledParts]:
+        return getattr(self.model, "compiled_parts", None)
+
+    def _warmup(self, hw: ImageHW, batch_sizes: Optional[Sequence[int]], compile_seconds: dict[int, float]) -> dict:
         started = time.perf_counter()
         fill = self.warmup_cache_config()
         steps = warmup_steps(fill)
+        self._compile_buckets(hw, fill, [1], compile_seconds, measured={1}, steps=steps)
         peaks: dict[int, Optional[int]] = {1: self._throwaway_run(hw, [fill], steps)}
         if fill.policy == "stac":  # coarse voxels: tokens share voxels, buffers fill, collapse and merge
             merge = self._throwaway_run(hw, [fill.replace(voxel_size=1.0e6, merge_cos=0.0)], steps)
@@ -164,15 +199,41 @@ class TorchRuntime(Runtime):
         if self.max_batch_streams == AUTO and self.device.type == "cuda":
             size = self._auto_sizes[hw] = self._auto_size(peaks[1])
         wanted = {1} | {int(b) for b in (batch_sizes or ())} | ({size} if size else set())
-        for b in sorted({min(b, size) if size else b for b in wanted if b >= 1} - {1}):
+        # Compiled: every micro-batch size a step can split into (the last micro-batch is smaller).
+        measured = {min(b, size) if size else b for b in wanted if b >= 1}
+        self._compile_buckets(hw, fill, sorted((set(range(1, size + 1)) if size else set()) | measured), compile_seconds,
+                              measured=measured, steps=steps)
+        for b in sorted(measured - {1}):
             peaks[b] = self._throwaway_run(hw, [fill] * b, steps)
         self._step_peaks.setdefault(hw, {}).update({b: p for b, p in peaks.items() if p is not None})
         _release_memory(self.device)
-        return {"image_hw": list(hw), "streams_per_step": sorted(peaks), "steps": steps, "micro_batch_streams": size,
-                "step_peak_bytes": {str(b): p for b, p in sorted(peaks.items())},
-                "seconds": round(time.perf_counter() - started, 3)}
+        report = {"image_hw": list(hw), "streams_per_step": sorted(peaks), "steps": steps, "micro_batch_streams": size,
+                  "step_peak_bytes": {str(b): p for b, p in sorted(peaks.items())},
+                  "seconds": round(time.perf_counter() - started, 3)}
+        if self.compiled_parts is not None:
+            report["compile_seconds"] = {str(b): round(s, 3) for b, s in sorted(compile_seconds.items())}
+            report["compiled_buckets"] = sorted(b for h, b in self._compiled_buckets if h == hw)
+        return report
 
-    def _throwaway_run(self, hw: ImageHW, configs: list[CacheConfig], steps: int) -> Optional[int]:
+    def _compile_buckets(self, hw: ImageHW, fill: CacheConfig, sizes: Sequence[int], seconds: dict[int, float],
+                         measured: set[int], steps: int) -> None:
+        """Throwaway streams for each bucket ``b`` in ``sizes`` not compiled yet at ``hw``: one step
+        (timed: its compile) and, for buckets the measurement runs will not step, ``steps`` steps
+        more, so that every state a step of the bucket can meet (first step, eviction, retrieval -
+        inputs of other memory layouts) has been compiled too."""
+        if self.compiled_parts is None:
+            return
+        for b in sizes:
+            if (hw, b) in self._compiled_buckets:
+                continue
+            started = time.perf_counter()
+            self._throwaway_run(hw, [fill] * b, 1, measure=False)
+            seconds[b] = time.perf_counter() - started
+            if b not in measured:
+                self._throwaway_run(hw, [fill] * b, steps, measure=False)
+            self._compiled_buckets.add((hw, b))
+
+    def _throwaway_run(self, hw: ImageHW, configs: list[CacheConfig], steps: int, measure: bool = True) -> Optional[int]:
         """``steps`` steps of one throwaway stream per config, all in each step; their largest
         measured step peak. The streams are freed before it returns."""
         streams = [Stream(self.model, cache=c) for c in configs]
@@ -185,7 +246,7 @@ class TorchRuntime(Runtime):
                 images = [s.validate(frames[i + t]) for i, s in enumerate(streams)]
                 # Every step on CUDA (a pool growing in any step counts); the CPU's profiler costs
                 # several steps' time, so there only the last (full caches, retrieval) is measured.
-                if self.device.type == "cuda" or t == steps - 1:
+                if measure and (self.device.type == "cuda" or t == steps - 1):
                     held = sum(s.memory_bytes() for s in streams)
                     _, added = measure_peak_bytes(lambda images=images: push_many(streams, images), self.device)
                     if added is not None:  # what the caches grew by is theirs (in their bound), not the step's

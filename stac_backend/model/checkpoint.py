@@ -20,7 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig, get_preset
+from .compiled import compile_static_parts
+from .compiled import enabled_by_env as compile_by_env
 from .cuda_graphs import enabled_by_env, graph_static_parts
+from .fp8 import enabled_by_env as fp8_by_env
+from .fp8 import use_fp8_gemms
 from .vggt import VGGT
 
 CONFIG_METADATA_KEY = "stac_model_config"
@@ -125,6 +129,8 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     seed: Optional[int] = 0,
     cuda_graphs: Optional[bool] = None,
+    compile: Optional[bool] = None,
+    fp8: Optional[bool] = None,
 ) -> VGGT:
     """A VGGT in eval mode from a preset name or config, optionally with a checkpoint's weights.
 
@@ -132,6 +138,10 @@ def build_model(
     neither weights nor a seed, weights are random; ``seed`` makes random weights reproducible.
     ``cuda_graphs``: on CUDA, give the cache-free parts CUDA graphs (``cuda_graphs.py``; None: only
     if ``STAC_CUDA_GRAPHS=1``); ``model.cuda_graph_stats`` then counts captures and replays.
+    ``compile``: torch.compile the cache-free parts (``compiled.py``; None: only if
+    ``STAC_COMPILE=1``); ``model.compiled_parts`` then holds the counters. It replaces CUDA graphs.
+    ``fp8``: FP8 GEMMs for the blocks' large linear layers (``fp8.py``; None: only if
+    ``STAC_FP8=1``); refused with a RuntimeError on a device without FP8 support.
     """
     state, recorded = (None, None)
     if checkpoint is not None:
@@ -151,7 +161,12 @@ def build_model(
     if on_cuda:
         prefer_low_overhead_attention()
     model = model.to(device=device, dtype=dtype).eval()
-    if on_cuda and (cuda_graphs if cuda_graphs is not None else enabled_by_env()):
+    if fp8 if fp8 is not None else fp8_by_env():
+        use_fp8_gemms(model)
+    compiling = compile if compile is not None else compile_by_env()
+    if compiling:
+        compile_static_parts(model)
+    elif on_cuda and (cuda_graphs if cuda_graphs is not None else enabled_by_env()):
         graph_static_parts(model)
     return model
 

@@ -24,6 +24,10 @@ configs keep their meaning):
   PREPROCESS       for clients: crop | pad, VGGT's preprocessing to IMAGE_SIZE (stac_backend.protocol)
   WARMUP           on (392x518) | off | HEIGHTxWIDTH[,...]: warm the runtime up at these frame sizes
                    before serving (every kernel once, step memory measured); unset: on for GPU instances
+  COMPILE          0 (default) | 1: torch runtime only: the cache-free parts of a step torch.compiled,
+                   every bucket compiled by the warm-up (docs/performance.md); STAC_COMPILE=1 also does
+  FP8              0 (default) | 1: torch runtime only: FP8 GEMMs for the blocks' linear layers (compute
+                   capability 8.9+; refused elsewhere); STAC_FP8=1 also does
   RUNTIME          torch (default) | onnxruntime | tensorrt (the runtime registry of engine/runtime.py)
   ONNX_MODEL, ORT_THREADS, TRT_PLAN   options of the exported runtimes
 Decoupled serving is not a parameter but the config's ``model_transaction_policy``.
@@ -83,6 +87,8 @@ class ServeSettings:
     triton_idle_us: Optional[int] = None
     strategy: str = "oldest"  # sequence batching strategy: "oldest" or "direct" (see docs/serving.md)
     runtime: str = "torch"  # a name of engine/runtime.py's registry
+    compile: bool = False  # COMPILE above
+    fp8: bool = False  # FP8 above
     onnx_model: str = ""  # RUNTIME=onnxruntime: path of the exported graph (relative to the model folder)
     ort_threads: int = 0
     output_dtype: str = "float32"  # or "float16": wire dtype of the dense per-pixel outputs
@@ -145,6 +151,10 @@ def to_parameters(s: ServeSettings) -> dict[str, str]:
         params["STREAM_KEYS"] = "0"
     if s.runtime != "torch":
         params.update({"RUNTIME": s.runtime, "ONNX_MODEL": s.onnx_model, "ORT_THREADS": str(s.ort_threads)})
+    if s.compile:
+        params["COMPILE"] = "1"
+    if s.fp8:
+        params["FP8"] = "1"
     if s.output_dtype != "float32":
         params["OUTPUT_DTYPE"] = s.output_dtype
     if s.output_device != "cpu":
@@ -188,6 +198,8 @@ def settings_from_config(model_config: dict[str, Any], instance_kind: str = "CPU
         frame_size=frame_size,
         stream_keys=stream_keys,
         runtime=text("RUNTIME", "torch").lower(),
+        compile=text("COMPILE", "0").lower() in ("1", "true", "yes", "on"),
+        fp8=text("FP8", "0").lower() in ("1", "true", "yes", "on"),
         onnx_model=text("ONNX_MODEL", ""),
         ort_threads=int(text("ORT_THREADS", "0")),
         output_dtype=text("OUTPUT_DTYPE", "float32").lower(),

@@ -131,7 +131,9 @@ def build_sessions(model_config: dict[str, Any], instance_kind: str, device_id: 
         preset = "tiny"
     if not checkpoint:
         log.warning("no CHECKPOINT parameter: serving random weights for preset %s", preset)
-    model = build_model(preset, checkpoint=checkpoint or None, device=device, dtype=dtype)
+    # False settings leave the STAC_COMPILE / STAC_FP8 environment switches to decide
+    model = build_model(preset, checkpoint=checkpoint or None, device=device, dtype=dtype,
+                        compile=settings.compile or None, fp8=settings.fp8 or None)
     runtime = make_runtime("torch", model=model, cache_config=CacheConfig.from_dict(settings.cache_config))
     return StreamSessions(runtime, limits)
 

@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    model = build_model(args.preset, device=args.device, seed=args.seed, cuda_graphs=False).train()
+    model = build_model(args.preset, device=args.device, seed=args.seed, cuda_graphs=False, compile=False, fp8=False).train()
     model.dpt_frames_chunk = None  # all frames through the heads at once
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     step = 0
