@@ -280,8 +280,9 @@ def retrieve_impl(
     window: int, retrieval: int, retrieval_start_frame: int, refresh_steps: int, radius: int, include_buffer: int,
     voxel_size: float,
 ) -> tuple[Tensor, ...]:
-    """Refresh the retrieved tokens as ``StacCache.end_step`` does after pruning (``steps`` already
-    counts this step); otherwise they pass through unchanged. Returns (ret_k, ret_v, ret_bias,
+    """Refresh the retrieved tokens as ``StacCache.end_step`` does on a retrieval step (``steps``
+    already counts this step; the exported step calls it on the pool before or after this step's
+    update, as ``retrieve_before_prune`` says); otherwise they pass through unchanged. Returns (ret_k, ret_v, ret_bias,
     ret_valid, row_last_used) - retrieval marks its candidate voxels as used."""
     tensors = dict(zip(POOL_FIELDS, pool))
     Bn, L, H, T, D = ret_k.shape
