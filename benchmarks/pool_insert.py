@@ -10,12 +10,19 @@ state, two implementations of the pool can be compared on exactly the same work 
     python benchmarks/pool_insert.py --preset vggt-1b --device cuda --dtype bfloat16 \\
         --out docs/benchmarks/pool_insert_h100.json --profile docs/benchmarks/pool_insert_h100.txt
     python benchmarks/pool_insert.py --out /tmp/pool_insert_cpu.json     # tiny model on CPU
+
+``--compare-with FILE`` times a second implementation of the insert kernel side by side on the
+same captured call (replays alternate between the two): FILE is another version of
+``stac_backend/kernels/pool_kernels.py`` (e.g. ``git show <commit>:stac_backend/kernels/pool_kernels.py``)
+whose ``insert_rows`` replaces the current one for its replays. The result records both medians,
+their ratio and whether the two pools came out identical.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import statistics
 import sys
@@ -139,6 +146,35 @@ def replay(state: VoxelPool, args: tuple, kwargs: dict, device: str) -> tuple[fl
     return time.perf_counter() - t0, pool
 
 
+def load_insert_rows(path: Path):
+    """``insert_rows`` of another version of kernels/pool_kernels.py (a file of its own)."""
+    spec = importlib.util.spec_from_file_location("pool_kernels_compared", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # (Triton reads the kernels' source from the file)
+    return module.insert_rows
+
+
+def replay_with(insert_rows, state: VoxelPool, args: tuple, kwargs: dict, device: str) -> tuple[float, VoxelPool]:
+    """``replay`` with the pool's insert going through this ``insert_rows``."""
+    from stac_backend.cache import voxel_pool
+
+    current = voxel_pool.insert_rows
+    voxel_pool.insert_rows = insert_rows
+    try:
+        return replay(state, args, kwargs, device)
+    finally:
+        voxel_pool.insert_rows = current
+
+
+def pool_difference(a: VoxelPool, b: VoxelPool) -> dict:
+    """Are two pools identical (statistics and every tensor), and the largest difference."""
+    names = sorted(b._tensors)
+    diff = max(((a._tensors[n].double() - b._tensors[n].double()).abs().max().item() if b._tensors[n].numel() else 0.0)
+               for n in names)
+    same = a.stats() == b.stats() and all(torch.equal(a._tensors[n], b._tensors[n]) for n in names)
+    return {"identical": same, "same_stats": a.stats() == b.stats(), "max_abs_difference": diff}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny")
@@ -156,6 +192,8 @@ def main() -> int:
     p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler table of one replay to this file")
     p.add_argument("--kernel-config", default=None, metavar="TOKENS,WARPS",
                    help="insert_rows' tokens per loop iteration and warps per program for this run (kernel tuning)")
+    p.add_argument("--compare-with", type=Path, default=None, metavar="FILE",
+                   help="another version of kernels/pool_kernels.py whose insert_rows is timed side by side")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     if args.kernel_config:
@@ -178,11 +216,23 @@ def main() -> int:
             stream.push(images[start : start + chunk])
         state, call_args, call_kwargs = capture_insert(stream, images[:chunk])
         tokens = int(call_args[1].shape[0])
-        times, result = [], None
+        other = load_insert_rows(args.compare_with) if args.compare_with is not None else None
+        times, other_times, result, other_result = [], [], None, None
         for _ in range(args.repeats + 1):  # the first replay warms allocator and kernels
             seconds, result = replay(state, call_args, call_kwargs, args.device)
             times.append(seconds)
-        times = times[1:]
+            if other is not None:
+                seconds, other_result = replay_with(other, state, call_args, call_kwargs, args.device)
+                other_times.append(seconds)
+        times, other_times = times[1:], other_times[1:]
+        compared = None
+        if other is not None:
+            compared = {
+                "file": str(args.compare_with),
+                "insert_ms": {"median": statistics.median(other_times) * 1e3, "all": [t * 1e3 for t in other_times]},
+                "this_over_compared": statistics.median(times) / statistics.median(other_times),
+                "result": pool_difference(result, other_result),
+            }
         if args.profile is not None:
             pool = copy.deepcopy(state)
             sync(args.device)
@@ -206,13 +256,15 @@ def main() -> int:
         "kernel_config": args.kernel_config,
         "tokens": tokens,
         "insert_ms": {"median": statistics.median(times) * 1e3, "all": [t * 1e3 for t in times]},
+        "compared_with": compared,
         "pool_after": result.stats(),
         "phase_ms_per_step": phases,
         "method_ms": by_method,
         "torch": torch.__version__,
     }
     write_result(args.out, data, "pool_insert", args.device)
-    print(json.dumps({k: data[k] for k in ("tokens", "insert_ms", "method_ms", "phase_ms_per_step")}), file=sys.stderr)
+    print(json.dumps({k: data[k] for k in ("tokens", "insert_ms", "compared_with", "method_ms", "phase_ms_per_step")}),
+          file=sys.stderr)
     return 0
 
 

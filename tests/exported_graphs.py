@@ -20,9 +20,9 @@ MODEL_SEED = 11
 GRAPHS = {
     "full": ({"policy": "full"}, 20, "stac"),
     # small voxels and no confidence bar: a random model's points fill several voxels; retrieval from frame 8
-    # the exported step's pool order: retrieve after pruning, no carried-over tokens
+    # (the stac defaults: retrieval before pruning, carried-over pool tokens)
     "stac": ({"policy": "stac", "retrieval_start_frame": 8, "voxel_size": 0.01, "conf_threshold": 0.0,
-              "max_voxels": 64, "retrieve_before_prune": False, "pool_carry_slots": 0}, None, "stac"),
+              "max_voxels": 64}, None, "stac"),
     "heavy_hitter": ({"policy": "heavy_hitter"}, None, "stac"),
     "full_standard": ({"policy": "full"}, 8, "onnx"),  # no stac node: Triton's C++ backends can load it
 }

@@ -4,8 +4,9 @@
 followed by the new state (``layout.state()`` order). It runs the project's own network modules
 (aggregator, camera head, DPT heads) with attention objects that read the state tensors instead of
 a policy object, and calls the ``stac::`` custom ops for the cache work, in the engine's order:
-per global layer attention (+ per-key mass); after the heads score decay, top-k keep, voxel-pool
-update, retrieval; the camera trunk's window. Run eagerly it is the torch reference of the
+per global layer attention (+ per-key mass); after the heads score decay, top-k keep, then the
+retrieval and the voxel-pool update (retrieval first with ``retrieve_before_prune``, the default;
+after the update otherwise); the camera trunk's window. Run eagerly it is the torch reference of the
 exported graph (tests compare it, and the graph, with ``engine.Stream``).
 
 Shapes: images [B, C, 3, H, W] float in [0, 1]; frame_offset [B] int64 (stream index of each
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from ..model.pose import pose_encoding_to_extri_intri
 from ..model.vggt import VGGT
 from ..graph import ops  # noqa: F401 - registers torch.ops.stac.*
-from ..graph.layout import StepLayout
+from ..graph.layout import POOL_FIELDS, StepLayout
 
 
 def compact(x: Tensor, keep: Tensor, capacity: int, dim: int, fill: float = 0.0) -> Tensor:
@@ -141,18 +142,31 @@ class _HotAttention:
                "hot_pos": hot_pos, "hot_len": hot_len}
         if not self.retrieved:
             return new
-        pool = [s["pool_" + n] for n in ("piv_k", "piv_v", "piv_w", "piv_s", "piv_c", "buf_k", "buf_v", "buf_s",
-                                         "buf_n", "row_key", "row_last_used")]
-        pool = list(torch.ops.stac.pool_update(*pool, ev_k, ev_v, ev_score, ev_pos, ev_len, s["steps"],
-                                               float(c.voxel_size), float(c.merge_cos), 0.2))
-        steps = s["steps"] + 1
-        ret_k, ret_v, ret_bias, ret_valid, last_used = torch.ops.stac.retrieve(
-            *pool, hot_frame, hot_pos, hot_len, s["ret_k"], s["ret_v"], s["ret_bias"], s["ret_valid"], steps, latest,
-            int(c.window), int(c.retrieval), int(c.first_retrieval_frames), int(c.refresh_steps), int(c.retrieval_radius),
-            int(c.include_buffer), float(c.voxel_size))
-        pool[-1] = last_used
-        names = ("piv_k", "piv_v", "piv_w", "piv_s", "piv_c", "buf_k", "buf_v", "buf_s", "buf_n", "row_key", "row_last_used")
-        new.update({"pool_" + n: t for n, t in zip(names, pool)})
+        # Within the step, as the engine's StacCache.end_step: with retrieve_before_prune the pool
+        # is read before this step's evictions are filed, else after. The retrieval's queries are
+        # the recent window's tokens, which pruning never evicts: the pruned store gives the same.
+        pool = [s["pool_" + n] for n in POOL_FIELDS]
+        steps = s["steps"] + 1  # this step, counted from 1 (the stamp of the voxels it uses)
+
+        def update(pool: list[Tensor]) -> list[Tensor]:
+            return list(torch.ops.stac.pool_update(*pool, ev_k, ev_v, ev_score, ev_pos, ev_len, steps,
+                                                   float(c.voxel_size), float(c.merge_cos), 0.2))
+
+        def retrieve(pool: list[Tensor]) -> tuple[list[Tensor], tuple[Tensor, ...]]:
+            *found, last_used = torch.ops.stac.retrieve(
+                *pool, hot_frame, hot_pos, hot_len, s["ret_k"], s["ret_v"], s["ret_bias"], s["ret_valid"], steps,
+                latest, int(c.window), int(c.retrieval), int(c.first_retrieval_frames), int(c.refresh_steps),
+                int(c.retrieval_radius), int(c.include_buffer), float(c.voxel_size))
+            return pool[:-1] + [last_used], tuple(found)
+
+        if c.retrieve_before_prune:
+            pool, found = retrieve(pool)
+            pool = update(pool)
+        else:
+            pool = update(pool)
+            pool, found = retrieve(pool)
+        ret_k, ret_v, ret_bias, ret_valid = found
+        new.update({"pool_" + n: t for n, t in zip(POOL_FIELDS, pool)})
         new.update({"ret_k": ret_k, "ret_v": ret_v, "ret_bias": ret_bias, "ret_valid": ret_valid, "steps": steps})
         return new
 

@@ -15,7 +15,8 @@ Budgets (in tokens per layer and head unless said otherwise; P = tokens per fram
     hot store ``hot_* [L, H, (pinned + window + hh) * P, ...]`` (what a head holds after pruning;
     the step's new tokens are appended inside the step) + ``hot_len [L]``;
     ``stac`` adds the retrieved tokens ``ret_* [L, H, retrieval * P, ...]`` and the voxel pool at
-    its cap ``pool_* [L, H, max_voxels, ...]`` (``VoxelPool``'s own dense tensors) + ``steps [1]``.
+    its cap ``pool_* [L, H, max_voxels, ...]`` (``VoxelPool``'s own dense tensors, its
+    ``pool_carry_slots`` carried-over tokens per row included) + ``steps [1]``.
 camera trunk (every policy)
     ``cam_k/cam_v [iterations * trunk_depth, heads, F_cam, 2 * embed_dim / heads]`` and
     ``cam_frame [F_cam]`` (-1 = empty slot); F_cam = pinned + camera_window (bounded policies) or
@@ -41,8 +42,9 @@ from ..model.config import ModelConfig
 
 EXPORTED_POLICIES = ("full", "heavy_hitter", "stac")
 OUTPUTS = ("depth", "depth_conf", "world_points", "world_points_conf", "pose_enc", "extrinsics", "intrinsics")
-# piv_k, piv_v, ..., row_last_used; the exported pool carries no tokens over (carry_slots 0)
-POOL_FIELDS = tuple(n for n in VoxelPool.state_specs(1, 1, 1, 1, torch.float32, 1, 2) if not n.startswith("car_"))
+# piv_k, piv_v, ..., car_k, ..., row_last_used: every tensor of the voxel pool (its carried-over
+# tokens included; pool_carry_slots = 0 gives them a zero-size carry axis)
+POOL_FIELDS = tuple(VoxelPool.state_specs(1, 1, 1, 1, torch.float32, 1, 2))
 LAYOUT_METADATA_KEY = "stac.layout"
 
 _DTYPES = {"float32": torch.float32, "int32": torch.int32, "int64": torch.int64, "bool": torch.bool}
@@ -87,6 +89,9 @@ class StepLayout:
         if needs_frames and (not isinstance(self.max_frames, int) or self.max_frames < 1):
             problems.append(f"policy {c.policy!r} (camera_window={c.camera_window}) needs max_frames, the stream length "
                             "the fixed-size state is allocated for")
+        if c.policy == "stac" and c.patch_position != "centre":
+            problems.append(f"patch_position={c.patch_position!r} is not exported: the exported step samples the point "
+                            "map at each patch centre (patch_position='centre')")
         if not (m.enable_camera and m.enable_depth and m.enable_point):
             problems.append("the exported step needs the camera, depth and point heads")
         if problems:
@@ -169,9 +174,8 @@ class StepLayout:
                 StateTensor("ret_valid", (L, H, T), torch.bool, False, ax),
             ]
             V = self.voxels
-            for name, f in VoxelPool.state_specs(V, L, H, D, f32, c.buffer_size, c.max_pivots, carry_slots=0).items():
-                if name not in POOL_FIELDS:
-                    continue
+            for name, f in VoxelPool.state_specs(V, L, H, D, f32, c.buffer_size, c.max_pivots,
+                                                 carry_slots=c.pool_carry_slots).items():
                 dims = tuple("voxels" if axis == f.voxel_axis else None for axis in range(len(f.shape)))
                 out.append(StateTensor("pool_" + name, f.shape, f.dtype, f.fill, dims))
             out.append(StateTensor("steps", (1,), i64, 0, (None,)))

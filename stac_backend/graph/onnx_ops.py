@@ -77,19 +77,21 @@ def translation_table() -> dict:
             frame_offset, window=window, hh=hh, pinned_frames=list(pinned_frames), patch_size=patch_size,
             patch_start_idx=patch_start_idx, conf_threshold=conf_threshold, track_positions=track_positions, **plugin)
 
-    def pool_update(piv_k, piv_v, piv_w, piv_s, piv_c, buf_k, buf_v, buf_s, buf_n, row_key, row_last_used,
-                    ev_k, ev_v, ev_score, ev_pos, ev_len, steps, voxel_size: float, merge_cos: float, score_gate: float):
+    def pool_update(piv_k, piv_v, piv_w, piv_s, piv_c, buf_k, buf_v, buf_s, buf_n, car_k, car_v, car_s, car_n,
+                    row_key, row_last_used, ev_k, ev_v, ev_score, ev_pos, ev_len, steps, voxel_size: float, merge_cos: float, score_gate: float):
         return op.StacVoxelPoolUpdate(
-            piv_k, piv_v, piv_w, piv_s, piv_c, buf_k, buf_v, buf_s, buf_n, row_key, row_last_used,
+            piv_k, piv_v, piv_w, piv_s, piv_c, buf_k, buf_v, buf_s, buf_n, car_k, car_v, car_s, car_n, row_key,
+            row_last_used,
             ev_k, ev_v, ev_score, ev_pos, ev_len, steps, voxel_size=voxel_size, merge_cos=merge_cos,
             score_gate=score_gate, **plugin)
 
-    def retrieve(piv_k, piv_v, piv_w, piv_s, piv_c, buf_k, buf_v, buf_s, buf_n, row_key, row_last_used,
-                 hot_frame, hot_pos, hot_len, ret_k, ret_v, ret_bias, ret_valid, steps, latest_frame,
+    def retrieve(piv_k, piv_v, piv_w, piv_s, piv_c, buf_k, buf_v, buf_s, buf_n, car_k, car_v, car_s, car_n,
+                 row_key, row_last_used, hot_frame, hot_pos, hot_len, ret_k, ret_v, ret_bias, ret_valid, steps, latest_frame,
                  window: int, retrieval: int, retrieval_start_frame: int, refresh_steps: int, radius: int,
                  include_buffer: int, voxel_size: float):
         return op.StacRetrieve(
-            piv_k, piv_v, piv_w, piv_s, piv_c, buf_k, buf_v, buf_s, buf_n, row_key, row_last_used,
+            piv_k, piv_v, piv_w, piv_s, piv_c, buf_k, buf_v, buf_s, buf_n, car_k, car_v, car_s, car_n, row_key,
+            row_last_used,
             hot_frame, hot_pos, hot_len, ret_k, ret_v, ret_bias, ret_valid, steps, latest_frame,
             window=window, retrieval=retrieval, retrieval_start_frame=retrieval_start_frame,
             refresh_steps=refresh_steps, radius=radius, include_buffer=include_buffer, voxel_size=voxel_size, **plugin)

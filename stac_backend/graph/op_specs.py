@@ -8,8 +8,10 @@ type ``F`` (float32), ``I32``, ``I64`` or ``B`` (bool); attributes are ``(name, 
 
 from __future__ import annotations
 
-POOL_INPUTS = ("piv_k", "piv_v", "piv_w", "piv_s", "piv_c", "buf_k", "buf_v", "buf_s", "buf_n", "row_key", "row_last_used")
-_POOL_TYPES = ("F", "F", "F", "F", "F", "F", "F", "F", "I32", "I64", "I64")
+# the voxel pool's tensors (VoxelPool.state_specs order): pivots, buffers, carried-over tokens, table
+POOL_INPUTS = ("piv_k", "piv_v", "piv_w", "piv_s", "piv_c", "buf_k", "buf_v", "buf_s", "buf_n",
+               "car_k", "car_v", "car_s", "car_n", "row_key", "row_last_used")
+_POOL_TYPES = ("F", "F", "F", "F", "F", "F", "F", "F", "I32", "F", "F", "F", "I32", "I64", "I64")
 
 
 # op_type -> (doc, inputs [(name, type)], outputs [(name, type)], attributes [(name, type, doc)])
@@ -43,8 +45,8 @@ SPECS: dict[str, tuple] = {
          ("track_positions", "INT", "1: attach world positions (stac)")],
     ),
     "StacVoxelPoolUpdate": (
-        "Insert each layer's evicted tokens into the per-stream voxel pool (buffers, pivots, sibling merges, "
-        "least-recently-used voxel eviction at the cap).",
+        "Insert each layer's evicted tokens into the per-stream voxel pool (buffers, carried-over tokens, pivots, "
+        "sibling merges, least-recently-used voxel eviction at the cap).",
         [(f"{n}", t) for n, t in zip(POOL_INPUTS, _POOL_TYPES)]
         + [("ev_k", "F"), ("ev_v", "F"), ("ev_score", "F"), ("ev_pos", "F"), ("ev_len", "I64"), ("steps", "I64")],
         [(f"{n}_out", t) for n, t in zip(POOL_INPUTS, _POOL_TYPES)],

@@ -97,17 +97,16 @@ class _RecordingStac(_RecordingMixin, StacCache):
 
 def _pool(tensors: dict[str, Tensor], num_layers: int, num_heads: int, head_dim: int, *, voxel_size: float,
           merge_cos: float, score_gate: float) -> VoxelPool:
-    """A VoxelPool whose tensors are (copies of) one batch row of the state."""
+    """A VoxelPool whose tensors are (copies of) one batch row of the state; its sizes (voxels,
+    pivots, buffer and carry slots) are those of the tensors."""
     V = tensors["row_key"].shape[0]
     P = tensors["piv_c"].shape[-1]
     B = tensors["buf_s"].shape[-1]
+    C = tensors["car_s"].shape[-1]
     pool = VoxelPool(num_layers, num_heads, head_dim, voxel_size=voxel_size, buffer_size=B, max_pivots=P,
-                     merge_cos=merge_cos, score_gate=score_gate, max_voxels=V, initial_voxels=V, carry_slots=0,
+                     merge_cos=merge_cos, score_gate=score_gate, max_voxels=V, initial_voxels=V, carry_slots=C,
                      dtype=tensors["piv_k"].dtype, device=tensors["piv_k"].device)
-    specs = VoxelPool.state_specs(V, num_layers, num_heads, head_dim, tensors["piv_k"].dtype, B, P, carry_slots=0)
-    pool.import_state({name: tensors[name] if name in POOL_FIELDS
-                       else torch.full(spec.shape, spec.fill, dtype=spec.dtype, device=tensors["piv_k"].device)
-                       for name, spec in specs.items()})
+    pool.import_state({name: tensors[name] for name in POOL_FIELDS})
     return pool
 
 
@@ -281,8 +280,9 @@ def retrieve_impl(
     window: int, retrieval: int, retrieval_start_frame: int, refresh_steps: int, radius: int, include_buffer: int,
     voxel_size: float,
 ) -> tuple[Tensor, ...]:
-    """Refresh the retrieved tokens as ``StacCache.end_step`` does after pruning (``steps`` already
-    counts this step); otherwise they pass through unchanged. Returns (ret_k, ret_v, ret_bias,
+    """Refresh the retrieved tokens as ``StacCache.end_step`` does on a retrieval step (``steps``
+    already counts this step; the exported step calls it on the pool before or after this step's
+    update, as ``retrieve_before_prune`` says); otherwise they pass through unchanged. Returns (ret_k, ret_v, ret_bias,
     ret_valid, row_last_used) - retrieval marks its candidate voxels as used."""
     tensors = dict(zip(POOL_FIELDS, pool))
     Bn, L, H, T, D = ret_k.shape
@@ -372,35 +372,41 @@ def _(hot_k, hot_v, hot_frame, hot_index, hot_pos, hot_len, new_k, new_v, score,
 @torch.library.custom_op("stac::pool_update", mutates_args=())
 def pool_update(
     piv_k: Tensor, piv_v: Tensor, piv_w: Tensor, piv_s: Tensor, piv_c: Tensor, buf_k: Tensor, buf_v: Tensor,
-    buf_s: Tensor, buf_n: Tensor, row_key: Tensor, row_last_used: Tensor,
+    buf_s: Tensor, buf_n: Tensor, car_k: Tensor, car_v: Tensor, car_s: Tensor, car_n: Tensor, row_key: Tensor,
+    row_last_used: Tensor,
     ev_k: Tensor, ev_v: Tensor, ev_score: Tensor, ev_pos: Tensor, ev_len: Tensor, steps: Tensor,
     voxel_size: float, merge_cos: float, score_gate: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    pool = (piv_k, piv_v, piv_w, piv_s, piv_c, buf_k, buf_v, buf_s, buf_n, row_key, row_last_used)
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+           Tensor, Tensor]:
+    pool = (piv_k, piv_v, piv_w, piv_s, piv_c, buf_k, buf_v, buf_s, buf_n, car_k, car_v, car_s, car_n, row_key,
+            row_last_used)
     return pool_update_impl(pool, ev_k, ev_v, ev_score, ev_pos, ev_len, steps, voxel_size, merge_cos, score_gate)
 
 
 @pool_update.register_fake
-def _(piv_k, piv_v, piv_w, piv_s, piv_c, buf_k, buf_v, buf_s, buf_n, row_key, row_last_used, *rest):
-    return tuple(torch.empty_like(t) for t in (piv_k, piv_v, piv_w, piv_s, piv_c, buf_k, buf_v, buf_s, buf_n, row_key, row_last_used))
+def _(*inputs):
+    return tuple(torch.empty_like(t) for t in inputs[: len(POOL_FIELDS)])
 
 
 @torch.library.custom_op("stac::retrieve", mutates_args=())
 def retrieve(
     piv_k: Tensor, piv_v: Tensor, piv_w: Tensor, piv_s: Tensor, piv_c: Tensor, buf_k: Tensor, buf_v: Tensor,
-    buf_s: Tensor, buf_n: Tensor, row_key: Tensor, row_last_used: Tensor,
+    buf_s: Tensor, buf_n: Tensor, car_k: Tensor, car_v: Tensor, car_s: Tensor, car_n: Tensor, row_key: Tensor,
+    row_last_used: Tensor,
     hot_frame: Tensor, hot_pos: Tensor, hot_len: Tensor, ret_k: Tensor, ret_v: Tensor, ret_bias: Tensor,
     ret_valid: Tensor, steps: Tensor, latest_frame: Tensor,
     window: int, retrieval: int, retrieval_start_frame: int, refresh_steps: int, radius: int, include_buffer: int,
     voxel_size: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    pool = (piv_k, piv_v, piv_w, piv_s, piv_c, buf_k, buf_v, buf_s, buf_n, row_key, row_last_used)
+    pool = (piv_k, piv_v, piv_w, piv_s, piv_c, buf_k, buf_v, buf_s, buf_n, car_k, car_v, car_s, car_n, row_key,
+            row_last_used)
     return retrieve_impl(pool, hot_frame, hot_pos, hot_len, ret_k, ret_v, ret_bias, ret_valid, steps, latest_frame,
                          window, retrieval, retrieval_start_frame, refresh_steps, radius, include_buffer, voxel_size)
 
 
 @retrieve.register_fake
-def _(piv_k, piv_v, piv_w, piv_s, piv_c, buf_k, buf_v, buf_s, buf_n, row_key, row_last_used,
-      hot_frame, hot_pos, hot_len, ret_k, ret_v, ret_bias, ret_valid, *rest):
+def _(*inputs):
+    row_last_used = inputs[len(POOL_FIELDS) - 1]
+    ret_k, ret_v, ret_bias, ret_valid = inputs[len(POOL_FIELDS) + 3 : len(POOL_FIELDS) + 7]
     return (torch.empty_like(ret_k), torch.empty_like(ret_v), torch.empty_like(ret_bias), torch.empty_like(ret_valid),
             torch.empty_like(row_last_used))

@@ -25,11 +25,12 @@ import torch
 
 from . import ops
 from .onnx_ops import DOMAIN
-from .op_specs import SPECS
+from .op_specs import POOL_INPUTS, SPECS
 
 ORT_DOMAIN = "ai.onnx.contrib"
 _lock = threading.Lock()
 _registered = False
+_NP = len(POOL_INPUTS)  # the pool ops' first inputs
 
 
 def _np_types():
@@ -74,14 +75,14 @@ def _topk_keep(*inputs, window=4, hh=2, pinned_frames="0", patch_size=14, patch_
 
 def _pool_update(*inputs, voxel_size=0.05, merge_cos=0.8, score_gate=0.2):
     t = [_t(a) for a in inputs]
-    out = ops.pool_update_impl(t[:11], *t[11:], float(voxel_size), float(merge_cos), float(score_gate))
+    out = ops.pool_update_impl(t[:_NP], *t[_NP:], float(voxel_size), float(merge_cos), float(score_gate))
     return tuple(_n(x) for x in out)
 
 
 def _retrieve(*inputs, window=4, retrieval=2, retrieval_start_frame=16, refresh_steps=1, radius=2, include_buffer=1,
               voxel_size=0.05):
     t = [_t(a) for a in inputs]
-    out = ops.retrieve_impl(t[:11], *t[11:], int(window), int(retrieval), int(retrieval_start_frame), int(refresh_steps),
+    out = ops.retrieve_impl(t[:_NP], *t[_NP:], int(window), int(retrieval), int(retrieval_start_frame), int(refresh_steps),
                             int(radius), int(include_buffer), float(voxel_size))
     return tuple(_n(x) for x in out)
 

@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from . import ops
-from .op_specs import SPECS
+from .op_specs import POOL_INPUTS, SPECS
 from .tensorrt import load
 
 PLUGIN_NAMESPACE = ops.PLUGIN_NAMESPACE
@@ -65,18 +65,20 @@ ERRORS: list[str] = []
 # Ranks of each input (with the batch axis) and the dimensions several inputs must share: groups of
 # (input index, axis). Output shapes: a list per output of dims, each ``(input, axis)``, an int, or
 # ("sub", (input, axis), (input, axis)); ``("like", i)`` = every dim of input i.
-_POOL_RANKS = (6, 6, 5, 5, 5, 6, 6, 5, 4, 2, 2)
+_POOL_RANKS = (6, 6, 5, 5, 5, 6, 6, 5, 4, 6, 6, 5, 4, 2, 2)  # POOL_INPUTS
+_NP = len(POOL_INPUTS)  # the ops' inputs after the pool's start at _NP
 
 
 def _pool_groups(extra_layers=(), extra_heads=(), extra_dims=()):
-    pool = range(9)  # the (L, H, V, ...) tensors; row_key / row_last_used are [B, V]
+    pool = range(_NP - 2)  # the (L, H, V, ...) tensors; row_key / row_last_used are [B, V]
     return {
         "layers": [(i, 1) for i in pool] + list(extra_layers),
         "heads": [(i, 2) for i in pool] + list(extra_heads),
-        "voxels": [(i, 3) for i in pool] + [(9, 1), (10, 1)],
+        "voxels": [(i, 3) for i in pool] + [(_NP - 2, 1), (_NP - 1, 1)],
         "pivots": [(i, 4) for i in range(5)],
         "buffer": [(i, 4) for i in (5, 6, 7)],
-        "head dim": [(0, 5), (1, 5), (5, 5), (6, 5)] + list(extra_dims),
+        "carry slots": [(i, 4) for i in (9, 10, 11)],
+        "head dim": [(0, 5), (1, 5), (5, 5), (6, 5), (9, 5), (10, 5)] + list(extra_dims),
     }
 
 
@@ -110,21 +112,21 @@ SHAPES: dict[str, dict[str, Any]] = {
     },
     "StacVoxelPoolUpdate": {
         "ranks": _POOL_RANKS + (5, 5, 4, 5, 2, 2),
-        "groups": {**_batch(17), **_pool_groups(extra_layers=[(i, 1) for i in range(11, 16)],
-                                                 extra_heads=[(i, 2) for i in range(11, 15)],
-                                                 extra_dims=[(11, 4), (12, 4)]),
-                   "evicted": [(i, 3) for i in range(11, 15)]},
-        "constants": {(14, 4): 3},
-        "outputs": [("like", i) for i in range(11)],
+        "groups": {**_batch(_NP + 6), **_pool_groups(extra_layers=[(i, 1) for i in range(_NP, _NP + 5)],
+                                                     extra_heads=[(i, 2) for i in range(_NP, _NP + 4)],
+                                                     extra_dims=[(_NP, 4), (_NP + 1, 4)]),
+                   "evicted": [(i, 3) for i in range(_NP, _NP + 4)]},
+        "constants": {(_NP + 3, 4): 3},
+        "outputs": [("like", i) for i in range(_NP)],
     },
     "StacRetrieve": {
         "ranks": _POOL_RANKS + (4, 5, 2, 5, 5, 4, 4, 2, 1),
-        "groups": {**_batch(20), **_pool_groups(extra_layers=[(i, 1) for i in range(11, 18)],
-                                                 extra_heads=[(i, 2) for i in (11, 12, 14, 15, 16, 17)],
-                                                 extra_dims=[(14, 4), (15, 4)]),
-                   "hot budget": [(11, 3), (12, 3)], "retrieved budget": [(i, 3) for i in (14, 15, 16, 17)]},
-        "constants": {(12, 4): 3},
-        "outputs": [("like", 14), ("like", 15), ("like", 16), ("like", 17), ("like", 10)],
+        "groups": {**_batch(_NP + 9), **_pool_groups(extra_layers=[(i, 1) for i in range(_NP, _NP + 7)],
+                                                     extra_heads=[(_NP + i, 2) for i in (0, 1, 3, 4, 5, 6)],
+                                                     extra_dims=[(_NP + 3, 4), (_NP + 4, 4)]),
+                   "hot budget": [(_NP, 3), (_NP + 1, 3)], "retrieved budget": [(_NP + i, 3) for i in (3, 4, 5, 6)]},
+        "constants": {(_NP + 1, 4): 3},
+        "outputs": [("like", _NP + 3), ("like", _NP + 4), ("like", _NP + 5), ("like", _NP + 6), ("like", _NP - 1)],
     },
 }
 
@@ -234,9 +236,9 @@ def run_op(op_type: str, inputs: list, attrs: dict[str, Any]) -> tuple:
         return ops.topk_keep_impl(*inputs, a["window"], a["hh"], a["pinned_frames"], a["patch_size"],
                                   a["patch_start_idx"], a["conf_threshold"], a["track_positions"])
     if op_type == "StacVoxelPoolUpdate":
-        return ops.pool_update_impl(inputs[:11], *inputs[11:], a["voxel_size"], a["merge_cos"], a["score_gate"])
+        return ops.pool_update_impl(inputs[:_NP], *inputs[_NP:], a["voxel_size"], a["merge_cos"], a["score_gate"])
     if op_type == "StacRetrieve":
-        return ops.retrieve_impl(inputs[:11], *inputs[11:], a["window"], a["retrieval"], a["retrieval_start_frame"],
+        return ops.retrieve_impl(inputs[:_NP], *inputs[_NP:], a["window"], a["retrieval"], a["retrieval_start_frame"],
                                  a["refresh_steps"], a["radius"], a["include_buffer"], a["voxel_size"])
     raise KeyError(op_type)
 

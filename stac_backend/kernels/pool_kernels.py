@@ -12,12 +12,16 @@ launch, one program per row (rows never interact), and reads back only the numbe
   pivot update, and the score gate of the tokens that did not merge against the row's mean after
   the merges;
 * buffer: the row's buffered tokens and its candidates ranked by score (buffered, new, carried
-  on ties), found by repeated maxima of one int64 key per entry: the first ``B`` are the buffer,
-  the next ``C`` are carried over, the rest dropped;
+  on ties) through one int64 key per entry: a second pass over the scores (the merge decisions
+  of the first are kept in a byte per token) keeps a running top ``B + C`` of the new
+  candidates, each block merged in by counting larger keys; the rank of every kept entry among
+  buffered, top new and carried ones is its slot: the first ``B`` are the buffer, the next ``C``
+  are carried over, the rest dropped. Entries are written straight to their slots (no serial
+  loop over slots, no compaction of candidates);
 * collapse: a full buffer becomes one pivot, first merging the row's weakest pivot into its most
   similar sibling when all its slots are used.
 
-The row's pivots, buffer and carried tokens live in registers between stages, rounded to the pool
+The row's pivots and carried tokens live in registers between stages, rounded to the pool
 dtype wherever the torch path stores them. It follows the eager arithmetic in float32 (normalise
 by ``max(norm, eps)``, clamp cosines to [-1, 1], first extremum on ties), so with a float32 pool an
 insert gives the same decisions, counters and values to float32 rounding (tests/gpu/test_kernels.py
@@ -186,15 +190,44 @@ if HAVE_TRITON:
         return acc_k, acc_v, asum, ssum, csum
 
     @triton.jit
-    def _insert_rows(K, V, SRC, S, ROWS, LO, HI, CAND, PK, PV, PW, PS, PC, BK, BV, BS, BN,
+    def _count_above(x, y):
+        """For each key of x, how many keys of y are larger (valid keys are distinct; -1 = empty)."""
+        return tl.sum((y[None, :] > x[:, None]).to(tl.int32), axis=1)
+
+    @triton.jit
+    def _key_of_rank(keys, rank, slots):
+        """For each slot r, the valid key (>= 0) whose rank is r, else -1."""
+        hit = (rank[None, :] == slots[:, None]) & (keys[None, :] >= 0)
+        return tl.max(tl.where(hit, keys[None, :], -1), axis=1)
+
+    @triton.jit
+    def _store_ranked(BK, BV, BS, CK, CV, CS, row, rank, keep, k, v, s, d, dm,
+                      D: tl.constexpr, B: tl.constexpr, C: tl.constexpr):
+        """Entries (float32 K, V [N, BLOCK_D], S [N]) to their slots: rank r < B -> buffer slot r,
+        B <= r < B + C -> carry slot r - B, for the entries ``keep`` marks."""
+        to_b = keep & (rank < B)
+        to_c = keep & (rank >= B) & (rank < B + C)
+        at_b = row * B + tl.where(to_b, rank, 0)
+        at_c = row * C + tl.where(to_c, rank - B, 0)
+        mb = to_b[:, None] & dm[None, :]
+        mc = to_c[:, None] & dm[None, :]
+        tl.store(BK + at_b[:, None] * D + d[None, :], k.to(BK.dtype.element_ty), mask=mb)
+        tl.store(BV + at_b[:, None] * D + d[None, :], v.to(BV.dtype.element_ty), mask=mb)
+        tl.store(BS + at_b, s, mask=to_b)
+        tl.store(CK + at_c[:, None] * D + d[None, :], k.to(CK.dtype.element_ty), mask=mc)
+        tl.store(CV + at_c[:, None] * D + d[None, :], v.to(CV.dtype.element_ty), mask=mc)
+        tl.store(CS + at_c, s, mask=to_c)
+
+    @triton.jit
+    def _insert_rows(K, V, SRC, S, ROWS, LO, HI, MERGED, PK, PV, PW, PS, PC, BK, BV, BS, BN,
                      CK, CV, CS, CN, COUNTS, stride_k, stride_v, merge_cos, score_gate, eps,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr,
                      B: tl.constexpr, BLOCK_B: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr,
-                     BT: tl.constexpr, BF: tl.constexpr, GATE: tl.constexpr):
+                     BLOCK_K: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, GATE: tl.constexpr):
         # One program per touched pool row: its new tokens are positions LO .. HI (sorted by row,
-        # arrival order), its carried tokens the row's carry slots. The row's pivots, buffer and
-        # carry stay in registers (rounded to the pool dtype wherever the torch path stores them);
-        # the new tokens that become buffer candidates are compacted into CAND[LO ...].
+        # arrival order), its carried tokens the row's carry slots. The row's pivots and carry stay
+        # in registers (rounded to the pool dtype wherever the torch path stores them); MERGED[t]
+        # records each new token's merge decision for the second pass.
         prog = tl.program_id(0)
         row = tl.load(ROWS + prog)
         start = tl.load(LO + prog)
@@ -204,15 +237,11 @@ if HAVE_TRITON:
         p = tl.arange(0, BLOCK_P)
         bb = tl.arange(0, BLOCK_B)
         cc = tl.arange(0, BLOCK_C)
+        kk = tl.arange(0, BLOCK_K)
         dm = d < D
         bm2 = (bb < B)[:, None] & dm[None, :]
         cm2 = (cc < C)[:, None] & dm[None, :]
         pk, pv, pw, ps, pc = _load_row_pivots(PK, PV, PW, PS, PC, row, D, BLOCK_D, P, BLOCK_P)
-        buf_ix = row * B + bb
-        bk = tl.load(BK + buf_ix[:, None] * D + d[None, :], mask=bm2, other=0.0).to(tl.float32)
-        bv = tl.load(BV + buf_ix[:, None] * D + d[None, :], mask=bm2, other=0.0).to(tl.float32)
-        bs = tl.load(BS + buf_ix, mask=bb < B, other=0.0)
-        bn = tl.load(BN + row)
         car_ix = row * C + cc
         cn = tl.load(CN + row)
         c_live = (cc < C) & (cc < cn)
@@ -232,6 +261,7 @@ if HAVE_TRITON:
             t, live, src, s, k = _token_block(K, SRC, S, b, end, stride_k, D, BLOCK_D, BT)
             best, slot = _nearest_of_block(k, pn, used, eps, BLOCK_P)
             merge = live & (best >= merge_cos)
+            tl.store(MERGED + t, merge.to(tl.int8), mask=live)
             v = tl.load(V + src[:, None] * stride_v + d[None, :], mask=merge[:, None] & dm[None, :], other=0.0)
             acc_k, acc_v, asum, ssum, csum = _merge_sums(k, v.to(tl.float32), s, best, slot, merge, p,
                                                          acc_k, acc_v, asum, ssum, csum)
@@ -250,29 +280,39 @@ if HAVE_TRITON:
         pw_m = tl.where(upd, w_new, pw)
         ps_m = ps + ssum
         pc_m = pc + csum
+        tl.debug_barrier()  # MERGED is read back by other threads of this program
 
         # ---- outcomes: merged, gated (a non-merging token of a row with a pivot whose score is not
-        # above score_gate x the row's mean per merged token after the merges), or candidate
+        # above score_gate x the row's mean per merged token after the merges), or candidate. The
+        # candidates are ranked by one int64 key (score descending, then entry order: buffered
+        # slot j -> j, new token i -> B + i, carried slot c -> B + n_tok + c); only the best
+        # B + C new candidates can be kept, so a running top list of them (keys, by rank) is
+        # merged with each block: ranks by counting larger keys, no sort and no serial loop.
         row_mean = tl.sum(ps_m, axis=0) / tl.maximum(tl.sum(pc_m, axis=0), eps)
         # (vectors: Triton's interpreter mis-types vector & scalar-bool)
-        has_pivot = (tl.zeros([BT], tl.int32) + tl.sum(used.to(tl.int32), axis=0)) > 0
-        c_has_pivot = (tl.zeros([BLOCK_C], tl.int32) + tl.sum(used.to(tl.int32), axis=0)) > 0
+        n_pivots = tl.sum(used.to(tl.int32), axis=0)
+        c_has_pivot = (tl.zeros([BLOCK_C], tl.int32) + n_pivots) > 0
         n_merged = tl.sum(c_merge.to(tl.int32), axis=0)
         n_gated = n_merged * 0
-        n_new = n_merged * 0  # new-token candidates, CAND[start : start + n_new]
-        for b in range(start, end, BT):
-            t, live, src, s, k = _token_block(K, SRC, S, b, end, stride_k, D, BLOCK_D, BT)
-            best, slot = _nearest_of_block(k, pn, used, eps, BLOCK_P)
-            merge = live & (best >= merge_cos)
+        n_new = n_merged * 0
+        top = tl.full([BLOCK_K], -1, tl.int64)  # the best new candidates' keys, slot = rank
+        for b in range(start, end, BF):
+            t = b + tl.arange(0, BF)
+            live = t < end
+            s = tl.load(S + t, mask=live, other=0.0)
+            merge = live & (tl.load(MERGED + t, mask=live, other=0) != 0)
             cand = live & ~merge
             if GATE:
+                has_pivot = (tl.zeros([BF], tl.int32) + n_pivots) > 0
                 gated = cand & has_pivot & ~(s > score_gate * row_mean)
                 n_gated += tl.sum(gated.to(tl.int32), axis=0)
                 cand = cand & ~gated
             n_merged += tl.sum(merge.to(tl.int32), axis=0)
-            at = start + n_new + tl.cumsum(cand.to(tl.int32), axis=0) - 1
-            tl.store(CAND + at, t, mask=cand)
             n_new += tl.sum(cand.to(tl.int32), axis=0)
+            key = tl.where(cand, _order_key(s, B + t - start), -1)
+            r_key = _count_above(key, key) + _count_above(key, top)
+            r_top = _count_above(top, top) + _count_above(top, key)
+            top = tl.maximum(_key_of_rank(top, r_top, kk), _key_of_rank(key, r_key, kk))
         c_cand = c_live & ~c_merge
         if GATE:
             c_gated = c_cand & c_has_pivot & ~(cs > score_gate * row_mean)
@@ -280,81 +320,63 @@ if HAVE_TRITON:
             c_cand = c_cand & ~c_gated
         n_car = tl.sum(c_cand.to(tl.int32), axis=0)
         pk, pv, pw, ps, pc = pk_m, pv_m, pw_m, ps_m, pc_m
-        tl.debug_barrier()  # CAND is read back by other threads of this program
 
-        # ---- buffer: the row's buffered tokens and its candidates ranked by score (buffered,
-        # new, carried on ties): the first B are the buffer, the next C are carried over, the
-        # rest dropped. Entry order: buffered slot j -> j, new candidate i -> B + i, carried
-        # slot c -> B + n_tok + c; found by repeated maxima of one int64 key per entry.
+        # ---- buffer: the row's buffered tokens and its candidates by rank: the first B are the
+        # buffer, the next C are carried over, the rest dropped; slots past them are zeroed
+        bn = tl.load(BN + row)
         total = bn + n_new + n_car
         n_dropped = n_merged * 0
         n_collapsed = n_merged * 0
         cn_out = cn * 0
         if n_new + n_car > 0:
-            c_seq = B + n_tok + cc
-            b_key = tl.where(bb < bn, _order_key(bs, bb), -1)
-            c_key = tl.where(c_cand, _order_key(cs, c_seq), -1)
-            nbk = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
-            nbv = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
-            nbs = tl.zeros([BLOCK_B], tl.float32)
-            nck = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
-            ncv = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
-            ncs = tl.zeros([BLOCK_C], tl.float32)
-            last = tl.full([], 9223372036854775807, tl.int64)
-            for j in range(B + C):
-                if j < total:
-                    top = tl.maximum(tl.max(tl.where(b_key < last, b_key, -1), axis=0),
-                                     tl.max(tl.where(c_key < last, c_key, -1), axis=0))
-                    for b in range(start, start + n_new, BF):
-                        t = b + tl.arange(0, BF)
-                        live = t < start + n_new
-                        pos = tl.load(CAND + t, mask=live, other=0)
-                        key = _order_key(tl.load(S + pos, mask=live, other=0.0), B + t - start)
-                        top = tl.maximum(top, tl.max(tl.where(live & (key < last), key, -1), axis=0))
-                    last = top
-                    seq = 2147483647 - (top % 2147483648)
-                    from_buf = seq < B
-                    from_new = (seq >= B) & (seq < B + n_tok)
-                    i = tl.where(from_new, seq - B, 0)
-                    pos = tl.load(CAND + start + i, mask=from_new, other=0)
-                    src = tl.load(SRC + pos, mask=from_new, other=0)
-                    new_d = dm & ((tl.zeros([BLOCK_D], tl.int32) + from_new.to(tl.int32)) > 0)
-                    kn = tl.load(K + src * stride_k + d, mask=new_d, other=0.0).to(PK.dtype.element_ty)
-                    vn = tl.load(V + src * stride_v + d, mask=new_d, other=0.0).to(PV.dtype.element_ty)
-                    sn = tl.load(S + pos, mask=from_new, other=0.0)
-                    is_b = bb == seq
-                    is_c = c_seq == seq
-                    kt = tl.where(from_buf, tl.sum(tl.where(is_b[:, None], bk, 0.0), axis=0),
-                                  tl.where(from_new, kn.to(tl.float32), tl.sum(tl.where(is_c[:, None], ck, 0.0), axis=0)))
-                    vt = tl.where(from_buf, tl.sum(tl.where(is_b[:, None], bv, 0.0), axis=0),
-                                  tl.where(from_new, vn.to(tl.float32), tl.sum(tl.where(is_c[:, None], cv, 0.0), axis=0)))
-                    st = tl.where(from_buf, tl.sum(tl.where(is_b, bs, 0.0), axis=0),
-                                  tl.where(from_new, sn, tl.sum(tl.where(is_c, cs, 0.0), axis=0)))
-                    at_b = bb == j
-                    at_c = cc == j - B
-                    nbk = tl.where(at_b[:, None], kt[None, :], nbk)
-                    nbv = tl.where(at_b[:, None], vt[None, :], nbv)
-                    nbs = tl.where(at_b, st, nbs)
-                    nck = tl.where(at_c[:, None], kt[None, :], nck)
-                    ncv = tl.where(at_c[:, None], vt[None, :], ncv)
-                    ncs = tl.where(at_c, st, ncs)
-            bk, bv, bs, ck, cv, cs = nbk, nbv, nbs, nck, ncv, ncs
+            buf_ix = row * B + bb
+            b_held = (bb < B) & (bb < bn)
+            bk = tl.load(BK + buf_ix[:, None] * D + d[None, :], mask=bm2 & b_held[:, None], other=0.0).to(tl.float32)
+            bv = tl.load(BV + buf_ix[:, None] * D + d[None, :], mask=bm2 & b_held[:, None], other=0.0).to(tl.float32)
+            bs = tl.load(BS + buf_ix, mask=b_held, other=0.0)
+            b_key = tl.where(b_held, _order_key(bs, bb), -1)
+            c_key = tl.where(c_cand, _order_key(cs, B + n_tok + cc), -1)
+            r_b = _count_above(b_key, b_key) + _count_above(b_key, top) + _count_above(b_key, c_key)
+            r_n = _count_above(top, b_key) + _count_above(top, top) + _count_above(top, c_key)
+            r_c = _count_above(c_key, b_key) + _count_above(c_key, top) + _count_above(c_key, c_key)
+            # the kept new candidates' keys and values (from their source rows, in the pool dtype)
+            n_ok = top >= 0
+            pos = start + tl.where(n_ok, 2147483647 - (top % 2147483648) - B, 0)
+            src = tl.load(SRC + pos, mask=n_ok, other=0)
+            nm2 = n_ok[:, None] & dm[None, :]
+            nk = tl.load(K + src[:, None] * stride_k + d[None, :], mask=nm2, other=0.0).to(PK.dtype.element_ty)
+            nv = tl.load(V + src[:, None] * stride_v + d[None, :], mask=nm2, other=0.0).to(PV.dtype.element_ty)
+            ns = tl.load(S + pos, mask=n_ok, other=0.0)
             bn = tl.minimum(total, B)
             cn_out = tl.minimum(tl.maximum(total - B, 0), C)
             n_dropped = tl.maximum(total - B - C, 0)
+            tl.debug_barrier()  # every read of this row's buffer and carry slots is done
+            zb = (bb < B) & (bb >= bn)
+            zc = (cc < C) & (cc >= cn_out)
+            tl.store(BK + buf_ix[:, None] * D + d[None, :], tl.zeros([BLOCK_B, BLOCK_D], tl.float32).to(BK.dtype.element_ty),
+                     mask=zb[:, None] & dm[None, :])
+            tl.store(BV + buf_ix[:, None] * D + d[None, :], tl.zeros([BLOCK_B, BLOCK_D], tl.float32).to(BV.dtype.element_ty),
+                     mask=zb[:, None] & dm[None, :])
+            tl.store(BS + buf_ix, tl.zeros([BLOCK_B], tl.float32), mask=zb)
+            tl.store(CK + car_ix[:, None] * D + d[None, :], tl.zeros([BLOCK_C, BLOCK_D], tl.float32).to(CK.dtype.element_ty),
+                     mask=zc[:, None] & dm[None, :])
+            tl.store(CV + car_ix[:, None] * D + d[None, :], tl.zeros([BLOCK_C, BLOCK_D], tl.float32).to(CV.dtype.element_ty),
+                     mask=zc[:, None] & dm[None, :])
+            tl.store(CS + car_ix, tl.zeros([BLOCK_C], tl.float32), mask=zc)
+            _store_ranked(BK, BV, BS, CK, CV, CS, row, r_b, b_key >= 0, bk, bv, bs, d, dm, D, B, C)
+            _store_ranked(BK, BV, BS, CK, CV, CS, row, r_n, n_ok, nk.to(tl.float32), nv.to(tl.float32), ns, d, dm, D, B, C)
+            _store_ranked(BK, BV, BS, CK, CV, CS, row, r_c, c_key >= 0, ck, cv, cs, d, dm, D, B, C)
             # ---- a full buffer becomes a pivot
             if bn == B:
+                tl.debug_barrier()  # the buffer just written is read back by other threads
+                bk = tl.load(BK + buf_ix[:, None] * D + d[None, :], mask=bm2, other=0.0).to(tl.float32)
+                bv = tl.load(BV + buf_ix[:, None] * D + d[None, :], mask=bm2, other=0.0).to(tl.float32)
+                bs = tl.load(BS + buf_ix, mask=bb < B, other=0.0)
                 pk, pv, pw, ps, pc = _collapse_buffer(bk, bv, bs, pk, pv, pw, ps, pc, eps, B, BLOCK_B, P, BLOCK_P)
                 pk = pk.to(PK.dtype.element_ty).to(tl.float32)
                 pv = pv.to(PV.dtype.element_ty).to(tl.float32)
                 bn = bn * 0
                 n_collapsed += 1
-            tl.store(BK + buf_ix[:, None] * D + d[None, :], bk.to(BK.dtype.element_ty), mask=bm2)
-            tl.store(BV + buf_ix[:, None] * D + d[None, :], bv.to(BV.dtype.element_ty), mask=bm2)
-            tl.store(BS + buf_ix, bs, mask=bb < B)
-            tl.store(CK + car_ix[:, None] * D + d[None, :], ck.to(CK.dtype.element_ty), mask=cm2)
-            tl.store(CV + car_ix[:, None] * D + d[None, :], cv.to(CV.dtype.element_ty), mask=cm2)
-            tl.store(CS + car_ix, cs, mask=cc < C)
 
         _store_row_pivots(PK, PV, PW, PS, PC, row, pk, pv, pw, ps, pc, D, BLOCK_D, P, BLOCK_P)
         tl.store(BN + row, bn)
@@ -366,7 +388,8 @@ if HAVE_TRITON:
 
 
 # insert_rows' launch: tokens per iteration of the loops that read keys (BT), warps per program
-# (one program per pool row), and tokens per iteration of the loops over scores only (BF). A
+# (one program per pool row), and tokens per iteration of the ranking pass over scores (BF; it
+# compares a block with itself, BF x BF keys, so it stays small). A
 # row's work is serial, so an insert takes as long as its busiest row. Rows of a few tokens
 # run best as small latency-bound programs (H200, vggt-1b: the stress insert of ~23 tokens per
 # row took 3.7 ms with 8 x 1 warp, 5.7 with 16 x 2, 6.1 with 32 x 4); for long rows (few voxels)
@@ -374,7 +397,7 @@ if HAVE_TRITON:
 # measured against others. Picked from the mean tokens per row; None = automatic, set to tune.
 _SEGMENT_BLOCK: int | None = None
 _INSERT_WARPS: int | None = None
-_SCORE_BLOCK = 128
+_SCORE_BLOCK = 32
 _SMALL_ROWS = 64  # mean tokens per row up to which the small launch is used
 
 
@@ -418,15 +441,15 @@ def insert_rows(k: Tensor, v: Tensor, src: Tensor, g: Tensor, s: Tensor, piv: di
         return torch.zeros(len(INSERT_COUNTERS), dtype=torch.int64, device=g.device)
     lo = torch.searchsorted(g, rows)
     hi = torch.searchsorted(g, rows, right=True)
-    cand = torch.empty(max(n, 1), dtype=torch.int64, device=g.device)
+    merged = torch.empty(max(n, 1), dtype=torch.int8, device=g.device)
     counts = torch.empty(rows.numel(), len(INSERT_COUNTERS), dtype=torch.int64, device=g.device)
     block, warps = _launch_config(n, rows.numel())
     _insert_rows[(rows.numel(),)](
-        k, v, src, s, rows, lo, hi, cand, pk, piv["piv_v"], piv["piv_w"], piv["piv_s"], piv["piv_c"],
+        k, v, src, s, rows, lo, hi, merged, pk, piv["piv_v"], piv["piv_w"], piv["piv_s"], piv["piv_c"],
         buf["buf_k"], buf["buf_v"], buf["buf_s"], buf["buf_n"],
         car["car_k"], car["car_v"], car["car_s"], car["car_n"], counts,
         k.stride(0), v.stride(0), float(merge_cos), float(score_gate), eps,
         D=D, BLOCK_D=triton.next_power_of_2(D), P=P, BLOCK_P=triton.next_power_of_2(P),
         B=B, BLOCK_B=triton.next_power_of_2(B), C=C, BLOCK_C=triton.next_power_of_2(max(C, 1)),
-        BT=block, BF=_SCORE_BLOCK, GATE=score_gate > 0, num_warps=warps)
+        BLOCK_K=triton.next_power_of_2(B + C), BT=block, BF=_SCORE_BLOCK, GATE=score_gate > 0, num_warps=warps)
     return counts.sum(dim=0)

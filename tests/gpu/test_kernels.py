@@ -121,7 +121,7 @@ def test_fused_qk_norm_rope_matches_eager_ops(dtype):
 
 
 def _fill_pool(dtype=torch.float32, steps=4, buffer_size=4, max_pivots=3, score_gate=0.2, M=None, voxels=2,
-               ties=False):
+               ties=False, carry_slots=8):
     """Insert clustered keys into a few voxels over several steps: rows fill their buffers, collapse,
     run out of pivot slots (sibling merges), merge and gate - every stage of an insert. ``voxels``
     per axis (8 voxels by default; 1: every token of a (layer, head) lands in one row)."""
@@ -131,7 +131,7 @@ def _fill_pool(dtype=torch.float32, steps=4, buffer_size=4, max_pivots=3, score_
         M = 300 if INTERPRET else 800
     g = torch.Generator(device=DEVICE).manual_seed(1)
     pool = VoxelPool(2, 2, 16, buffer_size=buffer_size, max_pivots=max_pivots, score_gate=score_gate,
-                     max_voxels=32, initial_voxels=4, dtype=dtype, device=DEVICE)
+                     max_voxels=32, initial_voxels=4, carry_slots=carry_slots, dtype=dtype, device=DEVICE)
     base = torch.randn(6, 16, generator=g, device=DEVICE)
     for step in range(steps):
         layer = torch.randint(0, 2, (M,), generator=g, device=DEVICE)
@@ -200,6 +200,18 @@ def test_pool_insert_kernel_long_rows_and_score_ties(monkeypatch, launch, config
     fused, eager = _kernel_and_eager(monkeypatch, steps=3, M=300 if INTERPRET else 800, voxels=1, ties=True)
     stats = eager.stats()
     assert stats["overflow_dropped_tokens"] > 0 and stats["carried_tokens"] > 0
+    _assert_same_pool(fused, eager)
+
+
+@pytest.mark.parametrize("buffer_size,carry_slots", [(4, 0), (8, 3)])
+def test_pool_insert_kernel_carry_caps(monkeypatch, launch, buffer_size, carry_slots):
+    """Other carry caps (none; buffer + carry not a power of two): the ranking of buffered, new
+    and carried candidates still fills buffer and carry slots as the torch path does, drops and
+    zeroed slots included."""
+    launch(None)
+    fused, eager = _kernel_and_eager(monkeypatch, steps=3, voxels=1, buffer_size=buffer_size, carry_slots=carry_slots)
+    stats = eager.stats()
+    assert stats["overflow_dropped_tokens"] > 0 and (stats["carried_tokens"] > 0) == (carry_slots > 0)
     _assert_same_pool(fused, eager)
 
 

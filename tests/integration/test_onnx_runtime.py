@@ -131,6 +131,7 @@ def test_stac_20_frames_match_torch_engine(graphs, model, frames20):
     assert ref["evicted_tokens"] > 0 and ref["pool_pivots"] > 0
     assert int((s["pool_row_key"] >= 0).sum()) == ref["pool_voxels"] > 0
     assert int((s["pool_piv_c"] > 0).sum()) == ref["pool_pivots"]
+    assert int(s["pool_car_n"].sum()) == ref["pool_carried_tokens"] > 0  # carried-over tokens, as in the engine
     assert int(s["ret_valid"].sum(-1).max()) == ref["retrieved_per_head"] > 0
 
 

@@ -17,9 +17,10 @@ from conftest import make_tiny_model
 
 H, W = 56, 84
 COMPARED = [n for n in OUTPUT_NAMES if n != "intrinsics"]  # intrinsics derive from pose_enc (compared)
-# (the exported step retrieves after pruning and carries no pool tokens over)
-STAC = CacheConfig(policy="stac", retrieval_start_frame=8, voxel_size=0.01, conf_threshold=0.0, max_voxels=64,
-                   retrieve_before_prune=False, pool_carry_slots=0)
+# the stac defaults (retrieval before pruning, carried-over pool tokens), retrieving from frame 8
+STAC = CacheConfig(policy="stac", retrieval_start_frame=8, voxel_size=0.01, conf_threshold=0.0, max_voxels=64)
+# the other order, without carry-over (a zero-size carry axis in the state)
+STAC_AFTER_PRUNE = STAC.replace(retrieve_before_prune=False, pool_carry_slots=0)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,7 @@ def run_engine(model, cache, frames, chunks):
     (CacheConfig(policy="full"), [4, 4, 3, 4, 4, 1]),
     (CacheConfig(policy="heavy_hitter", window=4, hh=1), [4] * 5),
     (STAC, [4] * 5),
+    (STAC_AFTER_PRUNE, [4] * 5),
 ])
 def test_functional_step_equals_engine(model, frames20, cache, chunks):
     layout = StepLayout(model.config, cache, H, W, max_frames=20)
@@ -73,6 +75,14 @@ def test_functional_step_equals_engine(model, frames20, cache, chunks):
         assert (state["pool_row_key"] >= 0).sum() == stream.cache.pool.num_voxels > 0
         assert int(state["ret_valid"].sum(-1).max()) == stream.cache.stats()["retrieved_per_head"] > 0
         assert int(state["steps"][0, 0]) == stream.cache.steps == 5
+        # the exported pool is the engine's, tensor by tensor (carried-over tokens and LRU stamps included)
+        pool = stream.cache.pool
+        for name, t in pool.export_state().items():
+            if name in ("counters", "device_counters"):
+                continue
+            torch.testing.assert_close(state["pool_" + name][0], t, msg=name, rtol=0, atol=1e-5)
+        if cache.pool_carry_slots:
+            assert pool.stats()["carried_tokens"] > 0
 
 
 def test_layout_budgets_and_names(model):
@@ -96,6 +106,7 @@ def test_layout_budgets_and_names(model):
     (dict(cache=CacheConfig(policy="window")), "cannot be exported"),
     (dict(cache=CacheConfig(policy="full")), "max_frames"),
     (dict(cache=STAC, height=50), "multiples"),
+    (dict(cache=STAC.replace(patch_position="mean")), "patch_position='mean' is not exported"),
 ])
 def test_layout_refuses_what_cannot_be_exported(model, kwargs, message):
     args = dict(cache=STAC, height=H, width=W)

@@ -378,9 +378,15 @@ def test_recording_reaches_every_rule(recording):
 
 
 def test_stac_policy_matches_the_reference_rules_at_every_step(recording, monkeypatch):
+    check_against_recording(recording, monkeypatch, "cpu")
+
+
+def check_against_recording(recording: dict, monkeypatch, device: str) -> None:
+    """Stream the recorded frames through the ``stac`` policy on ``device`` (on CUDA the pool's
+    insert runs its kernel) and compare every step with the recording."""
     config = CacheConfig.from_dict({**recording["config"], "pinned_frames": tuple(recording["config"]["pinned_frames"])})
-    model = make_tiny_model(seed=3)
-    frames = _frames()
+    model = make_tiny_model(seed=3).to(device)
+    frames = _frames().to(device)
     outputs: list = []
     _capture_outputs(monkeypatch, outputs)
     stream = Stream(model, cache=config, chunk_size=CHUNK)
@@ -390,7 +396,7 @@ def test_stac_policy_matches_the_reference_rules_at_every_step(recording, monkey
         cache = stream.cache
         for layer, ids in expected["kept"].items():
             st = cache.layers[layer]
-            assert torch.equal((st.frame * 64 + st.index).to(torch.int16), ids), (i, layer)
+            assert torch.equal((st.frame * 64 + st.index).to(torch.int16).cpu(), ids), (i, layer)
         stats = cache.stats()
         assert stats["pooled_tokens"] == expected["pooled"], i
         assert stats["pool_buffered_tokens"] == expected["buffered"], i
@@ -400,7 +406,7 @@ def test_stac_policy_matches_the_reference_rules_at_every_step(recording, monkey
         assert set(cache.retrieved) == set(expected["retrieved"]), i
         before = recording["steps"][i - 1]["pivots"] if i else None
         for layer, which in expected["retrieved"].items():
-            gk, gv, gb, gvalid = cache.retrieved[layer]
+            gk, gv, gb, gvalid = (x.cpu() for x in cache.retrieved[layer])
             valid = which[..., 0] >= 0  # [H, slots]: pivots first, ranked by W
             n = valid.sum(dim=1)
             assert torch.equal(gvalid.sum(dim=1), n) and bool(gvalid[:, : int(n.max())].eq(valid[:, : int(n.max())]).all()), (i, layer)
@@ -410,12 +416,12 @@ def test_stac_policy_matches_the_reference_rules_at_every_step(recording, monkey
                 torch.testing.assert_close(gk[h, :m].half(), before["k"][r, j], rtol=2e-3, atol=2e-3)
                 torch.testing.assert_close(gv[h, :m].half(), before["v"][r, j], rtol=2e-3, atol=2e-3)
                 torch.testing.assert_close(gb[h, :m], before["c"][r, j].log(), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(outputs[-1][1].half(), expected["tokens"], rtol=2e-3, atol=2e-3)
-        torch.testing.assert_close(out["pose_enc"], expected["pose_enc"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(outputs[-1][1].half().cpu(), expected["tokens"], rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(out["pose_enc"].cpu(), expected["pose_enc"], rtol=1e-4, atol=1e-5)
 
 
 def _assert_same_pivots(pool, expected: dict, step: int) -> None:
-    t = pool._tensors
+    t = {name: x.cpu() for name, x in pool._tensors.items()}
     held = t["piv_c"].sum(dim=-1) > 0  # [L, H, V]
     got = {}
     for l, h, r in held.nonzero().tolist():

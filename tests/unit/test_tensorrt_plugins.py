@@ -30,7 +30,8 @@ SHAPES = {
     "score": (B, L, Hh, Ns + M), "world_points": (B, 1, 14, 14, 3), "world_points_conf": (B, 1, 14, 14),
     "frame_offset": (B,), "piv_k": (B, L, Hh, V, 4, D), "piv_v": (B, L, Hh, V, 4, D), "piv_w": (B, L, Hh, V, 4),
     "piv_s": (B, L, Hh, V, 4), "piv_c": (B, L, Hh, V, 4), "buf_k": (B, L, Hh, V, 8, D), "buf_v": (B, L, Hh, V, 8, D),
-    "buf_s": (B, L, Hh, V, 8), "buf_n": (B, L, Hh, V), "row_key": (B, V), "row_last_used": (B, V),
+    "buf_s": (B, L, Hh, V, 8), "buf_n": (B, L, Hh, V), "car_k": (B, L, Hh, V, 3, D), "car_v": (B, L, Hh, V, 3, D),
+    "car_s": (B, L, Hh, V, 3), "car_n": (B, L, Hh, V), "row_key": (B, V), "row_last_used": (B, V),
     "ev_k": (B, L, Hh, M, D), "ev_v": (B, L, Hh, M, D), "ev_score": (B, L, Hh, M), "ev_pos": (B, L, Hh, M, 3),
     "ev_len": (B, L), "steps": (B, 1), "ret_k": (B, L, Hh, T, D), "ret_v": (B, L, Hh, T, D),
     "ret_bias": (B, L, Hh, T), "latest_frame": (B,),
@@ -211,8 +212,8 @@ def test_engine_stream_matches_torch_engine(tmp_path):
 
     from conftest import make_tiny_model
 
-    cache = CacheConfig(policy="stac", retrieval_start_frame=8, voxel_size=0.01, conf_threshold=0.0, max_voxels=64,
-                        retrieve_before_prune=False, pool_carry_slots=0)  # the exported step's order, no carry-over
+    # the stac defaults: retrieval before pruning, carried-over pool tokens
+    cache = CacheConfig(policy="stac", retrieval_start_frame=8, voxel_size=0.01, conf_threshold=0.0, max_voxels=64)
     model = make_tiny_model(seed=11)
     onnx_path = export_step(model, cache, tmp_path / "step.onnx", height=56, width=84, optimize=False)
     plan = build_engine(onnx_path, tmp_path / "step.plan", max_batch=2)
