@@ -5,7 +5,8 @@ depends on whether the step's memory is known:
 
 * the runtime splits steps into micro-batches and measured a micro-batch step
   (``Runtime.step_memory_bytes``): each stream is charged its resting bound (what its caches hold
-  between steps) and the step once. The measured step already holds everything a micro-batch of
+  between steps) plus its step outputs (``Runtime.step_output_bytes``: the outputs of finished
+  micro-batches stay on the device until the whole step returns), and the step once. The measured step already holds everything a micro-batch of
   streams adds while it runs - activations, transient copies and each stepped stream's new tokens
   before the step prunes them - so charging every stream its in-step bound would count that share
   once per live stream instead of once per stepped stream;
@@ -21,11 +22,13 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 
-def charged_bound(bound: Optional[int], resting_bound: Optional[int], step_bytes: Optional[int]) -> Optional[int]:
-    """What admission charges one stream: its resting bound where the step's memory is measured
-    (``step_bytes`` not None), else its full bound; None where unbounded."""
+def charged_bound(bound: Optional[int], resting_bound: Optional[int], step_bytes: Optional[int],
+                  output_bytes: Optional[int] = None) -> Optional[int]:
+    """What admission charges one stream: its resting bound plus its step outputs (``output_bytes``:
+    a split step holds the outputs of its finished micro-batches while later ones run) where the
+    step's memory is measured (``step_bytes`` not None), else its full bound; None where unbounded."""
     if step_bytes is not None and resting_bound is not None:
-        return resting_bound
+        return resting_bound + (output_bytes or 0)
     return bound
 
 

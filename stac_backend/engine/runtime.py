@@ -93,6 +93,12 @@ class Runtime(ABC):
         beside the streams' memory bounds."""
         return None
 
+    def step_output_bytes(self, image_hw: tuple[int, int]) -> Optional[int]:
+        """Bytes one stream's step outputs hold on the device until the step returns, where a
+        step runs in parts whose outputs accumulate (not inside ``step_memory_bytes``); admission
+        charges it per stream. None where not known or already inside ``step_memory_bytes``."""
+        return None
+
 
 _FACTORIES: dict[str, Callable[..., Runtime] | str] = {
     "torch": "stac_backend.engine.torch_runtime:TorchRuntime",

@@ -89,6 +89,8 @@ class TorchRuntime(Runtime):
         # Measured peak bytes a step adds, by frame size and then by streams per step.
         self._step_peaks: dict[ImageHW, dict[int, int]] = {}
         self._auto_sizes: dict[ImageHW, int] = {}
+        # Measured bytes of one stream's step outputs on the device, by frame size.
+        self._output_bytes: dict[ImageHW, int] = {}
 
     def open_stream(self) -> Stream:
         return Stream(self.model, cache=self.cache_config)
@@ -124,6 +126,18 @@ class TorchRuntime(Runtime):
         if hw not in self._step_peaks and self.device.type == "cuda":
             self.warmup(hw)
         return self.activation_bytes(hw, self.micro_batch_streams(hw))
+
+    def step_output_bytes(self, image_hw: ImageHW) -> Optional[int]:
+        """Bytes of one stream's outputs of a step at frames of ``image_hw``, on this runtime's
+        device (measured by the warm-up; None before it). A split step keeps the outputs of its
+        earlier micro-batches while the later ones run, so admission charges them per stream on
+        top of the one micro-batch step that ``step_memory_bytes`` measures."""
+        if not self._splits():
+            return None
+        return self._output_bytes.get(_hw(image_hw))
+
+    def _device_bytes(self, outputs: dict) -> int:
+        return sum(t.nbytes for t in outputs.values() if isinstance(t, Tensor) and t.device == self.device)
 
     def activation_bytes(self, image_hw: ImageHW, streams: int) -> Optional[int]:
         """Peak bytes a step of ``streams`` streams at once adds at frames of ``image_hw``: the
@@ -248,9 +262,10 @@ class TorchRuntime(Runtime):
                 # several steps' time, so there only the last (full caches, retrieval) is measured.
                 if measure and (self.device.type == "cuda" or t == steps - 1):
                     held = sum(s.memory_bytes() for s in streams)
-                    _, added = measure_peak_bytes(lambda images=images: push_many(streams, images), self.device)
+                    outs, added = measure_peak_bytes(lambda images=images: push_many(streams, images), self.device)
                     if added is not None:  # what the caches grew by is theirs (in their bound), not the step's
                         peak = _max(peak, max(0, added - (sum(s.memory_bytes() for s in streams) - held)))
+                    self._output_bytes[hw] = max(self._output_bytes.get(hw, 0), max(map(self._device_bytes, outs)))
                 else:
                     push_many(streams, images)
         finally:

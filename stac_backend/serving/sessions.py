@@ -276,7 +276,8 @@ class StreamSessions:
             measured = self.runtime.step_memory_bytes(hw)
             session.step_bytes = measured or 0
             resting = session.stream.resting_memory_bound(hw) if hasattr(session.stream, "resting_memory_bound") else None
-            bound = session.bound = charged_bound(bound, resting, measured)
+            outputs = self.runtime.step_output_bytes(hw) if measured is not None else None
+            bound = session.bound = charged_bound(bound, resting, measured, outputs)
             step = max([s.step_bytes for s in self.sessions.values()] + [session.step_bytes])
             reserved = admission_reserve_bytes([s.bound or 0 for s in self.sessions.values()], step)
             if reserved + bound > self.limits.max_cache_bytes:

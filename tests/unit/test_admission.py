@@ -30,16 +30,24 @@ def recorded_h100() -> tuple[int, int]:
     return int(data["model_bytes"]), int(data["modes"]["auto"]["step_memory_bytes"])
 
 
+def step_output_bytes(chunk: int, hw: tuple[int, int]) -> int:
+    """One stream's step outputs (float32): depth, depth_conf, world_points (3), world_points_conf
+    per pixel, the pose encoding (9), extrinsics (12), intrinsics (9) and an int64 frame index per
+    frame: what ``TorchRuntime.step_output_bytes`` measures."""
+    return chunk * (hw[0] * hw[1] * 6 * 4 + (9 + 12 + 9) * 4 + 8)
+
+
 def test_48_default_stac_streams_are_admitted_within_78_gib():
     model = get_preset("vggt-1b")
     cache = CacheConfig()  # the default: stac
     assert cache.policy == "stac"
     model_bytes, step_bytes = recorded_h100()
     resting = stream_resting_memory_bound(model, cache, HW, torch.bfloat16)
-    assert streams_that_fit(78 * GIB, resting, step_bytes, model_bytes) >= 48
+    outputs = step_output_bytes(cache.chunk, HW)
+    assert streams_that_fit(78 * GIB, resting + outputs, step_bytes, model_bytes) >= 48
     # and the admission rule itself: 48 streams' charges and one step leave room for the model
-    charged = charged_bound(stream_memory_bound(model, cache, HW, torch.bfloat16), resting, step_bytes)
-    assert charged == resting
+    charged = charged_bound(stream_memory_bound(model, cache, HW, torch.bfloat16), resting, step_bytes, outputs)
+    assert charged == resting + outputs
     assert model_bytes + admission_reserve_bytes([charged] * 48, step_bytes) <= 78 * GIB
 
 
@@ -61,6 +69,7 @@ def test_the_bound_by_part_for_vggt_1b():
 def test_without_a_measured_step_each_stream_is_charged_its_in_step_bound():
     assert charged_bound(100, 60, step_bytes=None) == 100
     assert charged_bound(100, 60, step_bytes=5) == 60
+    assert charged_bound(100, 60, step_bytes=5, output_bytes=7) == 67
     assert charged_bound(None, None, step_bytes=5) is None
     assert admission_reserve_bytes([60, 60], 5) == 125
     assert streams_that_fit(125, 60, 5) == 2 and streams_that_fit(124, 60, 5) == 1

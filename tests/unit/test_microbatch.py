@@ -218,3 +218,15 @@ def test_torch_runtime_reports_step_memory_only_when_steps_are_bounded(tiny_mode
     assert TorchRuntime(tiny_model, STAC, max_batch_streams=None).step_memory_bytes((28, 42)) is None
     assert TorchRuntime(tiny_model, STAC).step_memory_bytes((28, 42)) is None  # "auto" on the CPU: no split
     assert TorchRuntime(tiny_model, STAC, max_batch_streams=2).step_memory_bytes((28, 42)) is None  # CPU: after a warm-up
+
+
+def test_warmup_measures_one_streams_step_outputs(tiny_model):
+    """Finished micro-batches keep their outputs until the step returns: the runtime measures one
+    stream's output bytes so that admission charges them per stream."""
+    runtime = TorchRuntime(tiny_model, STAC, max_batch_streams=2)
+    assert runtime.step_output_bytes((28, 42)) is None
+    runtime.warmup((28, 42))
+    stream = runtime.open_stream()
+    outputs = runtime.step([stream], [stream.validate(torch.rand(4, 3, 28, 42))])[0]
+    assert runtime.step_output_bytes((28, 42)) == sum(t.nbytes for t in outputs.values())
+    assert TorchRuntime(tiny_model, STAC, max_batch_streams=None).step_output_bytes((28, 42)) is None
