@@ -62,11 +62,11 @@ from stac_backend.results import device_key, run_record, write_result  # noqa: E
 # The engines compared. "switches" go to build_model / TorchRuntime / CacheConfig where one takes
 # the name, "env" into the variant's process (and its Triton server), "args" onto its command line.
 VARIANTS: dict[str, dict] = {
-    "baseline": {"switches": {"compile": False, "fp8": False, "prealloc": False},
-                 "env": {"STAC_COMPILE": "0", "STAC_FP8": "0", "STAC_PREALLOC": "0", "STAC_CUDA_GRAPHS": "0"},
+    "baseline": {"switches": {"compile": False, "fp8": False},
+                 "env": {"STAC_COMPILE": "0", "STAC_FP8": "0", "STAC_CUDA_GRAPHS": "0"},
                  "args": []},
-    "new": {"switches": {"compile": True, "fp8": False, "prealloc": True},
-            "env": {"STAC_COMPILE": "1", "STAC_FP8": "0", "STAC_PREALLOC": "1"},
+    "new": {"switches": {"compile": True, "fp8": False},
+            "env": {"STAC_COMPILE": "1", "STAC_FP8": "0"},
             "args": []},
 }
 # Dense bf16 tensor-core peaks of the data sheets (TFLOP/s, without sparsity), by device_key.

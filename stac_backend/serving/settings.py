@@ -24,8 +24,9 @@ configs keep their meaning):
   PREPROCESS       for clients: crop | pad, VGGT's preprocessing to IMAGE_SIZE (stac_backend.protocol)
   WARMUP           on (392x518) | off | HEIGHTxWIDTH[,...]: warm the runtime up at these frame sizes
                    before serving (every kernel once, step memory measured); unset: on for GPU instances
-  COMPILE          0 (default) | 1: torch runtime only: the cache-free parts of a step torch.compiled,
-                   every bucket compiled by the warm-up (docs/performance.md); STAC_COMPILE=1 also does
+  COMPILE          auto (default) | 0 | 1: torch runtime only: the cache-free parts of a step torch.compiled,
+                   every bucket compiled by the warm-up (docs/performance.md); auto: on for CUDA
+                   instances that warm up (STAC_COMPILE=0|1 in the server's environment decides instead)
   FP8              0 (default) | 1: torch runtime only: FP8 GEMMs for the blocks' linear layers (compute
                    capability 8.9+; refused elsewhere); STAC_FP8=1 also does
   RUNTIME          torch (default) | onnxruntime | tensorrt (the runtime registry of engine/runtime.py)
@@ -87,7 +88,7 @@ class ServeSettings:
     triton_idle_us: Optional[int] = None
     strategy: str = "oldest"  # sequence batching strategy: "oldest" or "direct" (see docs/serving.md)
     runtime: str = "torch"  # a name of engine/runtime.py's registry
-    compile: bool = False  # COMPILE above
+    compile: Optional[bool] = None  # COMPILE above (None: auto)
     fp8: bool = False  # FP8 above
     onnx_model: str = ""  # RUNTIME=onnxruntime: path of the exported graph (relative to the model folder)
     ort_threads: int = 0
@@ -151,8 +152,8 @@ def to_parameters(s: ServeSettings) -> dict[str, str]:
         params["STREAM_KEYS"] = "0"
     if s.runtime != "torch":
         params.update({"RUNTIME": s.runtime, "ONNX_MODEL": s.onnx_model, "ORT_THREADS": str(s.ort_threads)})
-    if s.compile:
-        params["COMPILE"] = "1"
+    if s.compile is not None:
+        params["COMPILE"] = "1" if s.compile else "0"
     if s.fp8:
         params["FP8"] = "1"
     if s.output_dtype != "float32":
@@ -169,6 +170,18 @@ def to_parameters(s: ServeSettings) -> dict[str, str]:
 def read_parameters(model_config: dict[str, Any]) -> dict[str, str]:
     """The raw string parameters of a model config (as JSON, the way Triton hands it to the model)."""
     return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+
+
+def switch_or_auto(name: str, value: str) -> Optional[bool]:
+    """A parameter that is on, off or auto (None)."""
+    value = value.strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be auto, 0 or 1, got {value!r}")
 
 
 def settings_from_config(model_config: dict[str, Any], instance_kind: str = "CPU") -> ServeSettings:
@@ -198,7 +211,7 @@ def settings_from_config(model_config: dict[str, Any], instance_kind: str = "CPU
         frame_size=frame_size,
         stream_keys=stream_keys,
         runtime=text("RUNTIME", "torch").lower(),
-        compile=text("COMPILE", "0").lower() in ("1", "true", "yes", "on"),
+        compile=switch_or_auto("COMPILE", text("COMPILE", "auto")),
         fp8=text("FP8", "0").lower() in ("1", "true", "yes", "on"),
         onnx_model=text("ONNX_MODEL", ""),
         ort_threads=int(text("ORT_THREADS", "0")),

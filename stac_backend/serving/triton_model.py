@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 import logging
 import queue
 import secrets
@@ -78,6 +79,17 @@ def warmup_sizes(model_config: dict[str, Any], instance_kind: str) -> list[tuple
     return [(int(h), int(w)) for h, w in sizes]
 
 
+def compile_choice(setting: Optional[bool], device: str, model_config: dict[str, Any], instance_kind: str) -> Optional[bool]:
+    """COMPILE: an explicit 0/1 wins; auto compiles on CUDA instances that warm up (the warm-up
+    compiles every bucket before the first request; it wins 1.12x at 8 streams on an H100,
+    docs/performance.md), unless STAC_COMPILE in the environment decides (None)."""
+    if setting is not None:
+        return setting
+    if os.environ.get("STAC_COMPILE") is not None:
+        return None
+    return str(device).startswith("cuda") and bool(warmup_sizes(model_config, instance_kind))
+
+
 def dense_output_dtype(model_config: dict[str, Any]) -> torch.dtype:
     """The wire dtype of the dense outputs: the OUTPUT_DTYPE parameter (float32 default, or float16).
 
@@ -131,9 +143,9 @@ def build_sessions(model_config: dict[str, Any], instance_kind: str, device_id: 
         preset = "tiny"
     if not checkpoint:
         log.warning("no CHECKPOINT parameter: serving random weights for preset %s", preset)
-    # False settings leave the STAC_COMPILE / STAC_FP8 environment switches to decide
     model = build_model(preset, checkpoint=checkpoint or None, device=device, dtype=dtype,
-                        compile=settings.compile or None, fp8=settings.fp8 or None)
+                        compile=compile_choice(settings.compile, device, model_config, instance_kind),
+                        fp8=settings.fp8 or None)  # FP8 off leaves STAC_FP8 to decide
     runtime = make_runtime("torch", model=model, cache_config=CacheConfig.from_dict(settings.cache_config))
     return StreamSessions(runtime, limits)
 

@@ -131,4 +131,20 @@ def test_serving_settings_carry_the_compile_and_fp8_switches():
     assert params["COMPILE"] == "1" and params["FP8"] == "1"
     back = settings_from_config({"parameters": {k: {"string_value": v} for k, v in params.items()}})
     assert back.compile and back.fp8
-    assert not settings_from_config({"parameters": {}}).compile
+    assert settings_from_config({"parameters": {}}).compile is None  # auto
+    assert settings_from_config({"parameters": {"COMPILE": {"string_value": "0"}}}).compile is False
+    assert to_parameters(ServeSettings(compile=False))["COMPILE"] == "0"
+    with pytest.raises(ValueError, match="COMPILE must be auto, 0 or 1"):
+        settings_from_config({"parameters": {"COMPILE": {"string_value": "maybe"}}})
+
+
+def test_compile_auto_is_on_for_cuda_instances_that_warm_up(monkeypatch):
+    from stac_backend.serving.triton_model import compile_choice
+
+    monkeypatch.delenv("STAC_COMPILE", raising=False)
+    assert compile_choice(None, "cuda:0", {"parameters": {}}, "KIND_GPU") is True
+    assert compile_choice(None, "cuda:0", {"parameters": {"WARMUP": {"string_value": "off"}}}, "KIND_GPU") is False
+    assert compile_choice(None, "cpu", {"parameters": {}}, "KIND_CPU") is False
+    assert compile_choice(False, "cuda:0", {"parameters": {}}, "KIND_GPU") is False
+    monkeypatch.setenv("STAC_COMPILE", "0")
+    assert compile_choice(None, "cuda:0", {"parameters": {}}, "KIND_GPU") is None  # the environment decides

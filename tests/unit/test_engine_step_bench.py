@@ -110,7 +110,7 @@ def test_switches_go_where_a_keyword_takes_them():
     # the baseline turns every new feature off, through the environment too
     base = bench.VARIANTS["baseline"]
     assert not any(base["switches"].values())
-    assert all(base["env"][k] == "0" for k in ("STAC_COMPILE", "STAC_FP8", "STAC_PREALLOC"))
+    assert all(base["env"][k] == "0" for k in ("STAC_COMPILE", "STAC_FP8"))
 
 
 def test_latency_summary():
