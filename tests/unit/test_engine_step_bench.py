@@ -136,6 +136,10 @@ def test_tiny_run_writes_variants_side_by_side(tmp_path, monkeypatch):
         return {**json.loads(part_out.read_text()), "process_status": "ok"}
 
     monkeypatch.setattr(bench, "run_phase", in_process)
+    # the variants' machinery, not Inductor (minutes on a CPU): the new engine's switches, compile off
+    monkeypatch.setattr(bench, "VARIANTS", {"baseline": bench.VARIANTS["baseline"],
+                                            "new": {"switches": {"compile": False, "fp8": False, "no_such_switch": True},
+                                                    "env": {"STAC_COMPILE": "0"}, "args": []}})
     # a machine without Triton: the part is skipped with the reason, the rest runs
     monkeypatch.setattr(bench, "triton_unavailable", lambda: "no tritonserver: nvidia-pytriton is not installed")
     assert bench.main(["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--height", "28", "--width", "42",
@@ -152,7 +156,10 @@ def test_tiny_run_writes_variants_side_by_side(tmp_path, monkeypatch):
     assert flops["working_set_frames"] == 13 and flops["total"] > 0
     assert data["peak_tflops"]["spec_bf16"] is None and data["peak_tflops"]["measured_gemm"] > 0
     for name, part in data["variants"].items():
-        assert part["switches_applied"]["fp8"] == "environment only"
+        assert part["switches_applied"]["compile"] == "build_model(compile=False)"
+        assert part["switches_applied"]["fp8"] == "build_model(fp8=False)"
+        if name == "new":
+            assert part["switches_applied"]["no_such_switch"] == "environment only"
         assert [r["streams"] for r in part["rows"]] == [1, 2]
         for row in part["rows"]:
             assert row["status"] == "ok", row
