@@ -36,7 +36,8 @@ dtype wherever the torch path stores them. It follows the eager arithmetic in fl
 by ``max(norm, eps)``, clamp cosines to [-1, 1], first extremum on ties), so with a float32 pool an
 insert gives the same decisions, counters and values to float32 rounding (tests/gpu/test_kernels.py
 -k pool); the eager path (``VoxelPool.insert`` without the kernel) stays the CPU implementation.
-``STAC_POOL_KERNELS=0`` turns the kernel off.
+``STAC_POOL_KERNELS=0`` turns the kernel off. (One module over ~500 lines: the kernel's stages
+share its row's registers, so they stay together with their two rankings and the launch.)
 """
 
 from __future__ import annotations
