@@ -17,7 +17,7 @@ launch, one program per row (rows never interact), and reads back only the numbe
   token, so the second pass reads scores only. Two ways to rank, picked per launch from the mean
   tokens per row (both give the same slots):
 
-  - rounds (rows of a few tokens, e.g. 2 mm voxels: ~20 tokens per row, ~86 k rows): the new
+  - rounds (rows of a few tokens, e.g. 2 mm voxels: ~20 tokens per row, up to ~86 k rows): the new
     candidates are compacted, then ``B + C`` rounds (no more than there are entries) each take
     the largest key below the previous one and place that entry; the buffer and carry are built
     in registers and stored once. Each round is a few cheap maxima over a row's few candidates;
