@@ -192,6 +192,8 @@ def main() -> int:
     p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler table of one replay to this file")
     p.add_argument("--kernel-config", default=None, metavar="TOKENS,WARPS",
                    help="insert_rows' tokens per loop iteration and warps per program for this run (kernel tuning)")
+    p.add_argument("--ranking", choices=("rounds", "counts"), default=None,
+                   help="insert_rows' ranking of buffer candidates for this run (default: by tokens per row)")
     p.add_argument("--compare-with", type=Path, default=None, metavar="FILE",
                    help="another version of kernels/pool_kernels.py whose insert_rows is timed side by side")
     p.add_argument("--out", type=Path, required=True)
@@ -200,6 +202,10 @@ def main() -> int:
         from stac_backend.kernels import pool_kernels
 
         pool_kernels._SEGMENT_BLOCK, pool_kernels._INSERT_WARPS = (int(x) for x in args.kernel_config.split(","))
+    if args.ranking:
+        from stac_backend.kernels import pool_kernels
+
+        pool_kernels._RANK_BY_ROUNDS = args.ranking == "rounds"
 
     torch.manual_seed(0)
     model = build_model(args.preset, device=args.device, dtype=DTYPES[args.dtype]).eval()
@@ -254,6 +260,7 @@ def main() -> int:
         "cache_config": config.to_dict() if hasattr(config, "to_dict") else json.loads(args.overrides),
         "warm_steps": args.warm_steps,
         "kernel_config": args.kernel_config,
+        "ranking": args.ranking,
         "tokens": tokens,
         "insert_ms": {"median": statistics.median(times) * 1e3, "all": [t * 1e3 for t in times]},
         "compared_with": compared,

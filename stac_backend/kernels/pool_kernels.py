@@ -12,12 +12,22 @@ launch, one program per row (rows never interact), and reads back only the numbe
   pivot update, and the score gate of the tokens that did not merge against the row's mean after
   the merges;
 * buffer: the row's buffered tokens and its candidates ranked by score (buffered, new, carried
-  on ties) through one int64 key per entry: a second pass over the scores (the merge decisions
-  of the first are kept in a byte per token) keeps a running top ``B + C`` of the new
-  candidates, each block merged in by counting larger keys; the rank of every kept entry among
-  buffered, top new and carried ones is its slot: the first ``B`` are the buffer, the next ``C``
-  are carried over, the rest dropped. Entries are written straight to their slots (no serial
-  loop over slots, no compaction of candidates);
+  on ties) through one int64 key per entry; the first ``B`` are the buffer, the next ``C`` are
+  carried over, the rest dropped. The merge decisions of the first pass are kept in a byte per
+  token, so the second pass reads scores only. Two ways to rank, picked per launch from the mean
+  tokens per row (both give the same slots):
+
+  - rounds (rows of a few tokens, e.g. 2 mm voxels: ~20 tokens per row, up to ~86 k rows): the new
+    candidates are compacted, then ``B + C`` rounds (no more than there are entries) each take
+    the largest key below the previous one and place that entry; the buffer and carry are built
+    in registers and stored once. Each round is a few cheap maxima over a row's few candidates;
+  - counts (long rows, e.g. 5 cm voxels: ~1,000 tokens per row): a running top ``B + C`` of the
+    new candidates, each block of scores merged in by counting larger keys; the rank of every
+    kept entry among buffered, top new and carried ones is its slot, written straight there.
+    Its cost per block is fixed (block x block and block x (B + C) key comparisons), which pays
+    off over many blocks but dominates a row of ~20 tokens, where rounds over the compacted
+    candidates are cheaper; with ~1,000 candidates per row, rounds would rescan them all
+    ``B + C`` times;
 * collapse: a full buffer becomes one pivot, first merging the row's weakest pivot into its most
   similar sibling when all its slots are used.
 
@@ -26,7 +36,8 @@ dtype wherever the torch path stores them. It follows the eager arithmetic in fl
 by ``max(norm, eps)``, clamp cosines to [-1, 1], first extremum on ties), so with a float32 pool an
 insert gives the same decisions, counters and values to float32 rounding (tests/gpu/test_kernels.py
 -k pool); the eager path (``VoxelPool.insert`` without the kernel) stays the CPU implementation.
-``STAC_POOL_KERNELS=0`` turns the kernel off.
+``STAC_POOL_KERNELS=0`` turns the kernel off. (One module over ~500 lines: the kernel's stages
+share its row's registers, so they stay together with their two rankings and the launch.)
 """
 
 from __future__ import annotations
@@ -219,15 +230,77 @@ if HAVE_TRITON:
         tl.store(CS + at_c, s, mask=to_c)
 
     @triton.jit
-    def _insert_rows(K, V, SRC, S, ROWS, LO, HI, MERGED, PK, PV, PW, PS, PC, BK, BV, BS, BN,
+    def _ranked_by_rounds(K, V, SRC, S, CAND, PK, PV, start, n_new, n_tok, total, b_key, c_key,
+                          bk, bv, bs, ck, cv, cs, stride_k, stride_v, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                          B: tl.constexpr, BLOCK_B: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BF: tl.constexpr):
+        """The row's new buffer and carry (float32 K, V, S tiles, zero past the entries) from its
+        buffered entries, its new candidates (positions compacted in CAND[start : start + n_new])
+        and its carried candidates: round j takes the largest key below round j-1's and places
+        that entry in slot j (buffer slots, then carry slots)."""
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        bb = tl.arange(0, BLOCK_B)
+        cc = tl.arange(0, BLOCK_C)
+        c_seq = B + n_tok + cc
+        nbk = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
+        nbv = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
+        nbs = tl.zeros([BLOCK_B], tl.float32)
+        nck = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
+        ncv = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
+        ncs = tl.zeros([BLOCK_C], tl.float32)
+        last = tl.full([], 9223372036854775807, tl.int64)
+        for j in range(B + C):
+            if j < total:
+                top = tl.maximum(tl.max(tl.where(b_key < last, b_key, -1), axis=0),
+                                 tl.max(tl.where(c_key < last, c_key, -1), axis=0))
+                for b in range(start, start + n_new, BF):
+                    t = b + tl.arange(0, BF)
+                    live = t < start + n_new
+                    pos = tl.load(CAND + t, mask=live, other=0)
+                    key = _order_key(tl.load(S + pos, mask=live, other=0.0), B + t - start)
+                    top = tl.maximum(top, tl.max(tl.where(live & (key < last), key, -1), axis=0))
+                last = top
+                seq = 2147483647 - (top % 2147483648)
+                from_buf = seq < B
+                from_new = (seq >= B) & (seq < B + n_tok)
+                i = tl.where(from_new, seq - B, 0)
+                pos = tl.load(CAND + start + i, mask=from_new, other=0)
+                src = tl.load(SRC + pos, mask=from_new, other=0)
+                new_d = dm & ((tl.zeros([BLOCK_D], tl.int32) + from_new.to(tl.int32)) > 0)
+                kn = tl.load(K + src * stride_k + d, mask=new_d, other=0.0).to(PK.dtype.element_ty)
+                vn = tl.load(V + src * stride_v + d, mask=new_d, other=0.0).to(PV.dtype.element_ty)
+                sn = tl.load(S + pos, mask=from_new, other=0.0)
+                is_b = bb == seq
+                is_c = c_seq == seq
+                kt = tl.where(from_buf, tl.sum(tl.where(is_b[:, None], bk, 0.0), axis=0),
+                              tl.where(from_new, kn.to(tl.float32), tl.sum(tl.where(is_c[:, None], ck, 0.0), axis=0)))
+                vt = tl.where(from_buf, tl.sum(tl.where(is_b[:, None], bv, 0.0), axis=0),
+                              tl.where(from_new, vn.to(tl.float32), tl.sum(tl.where(is_c[:, None], cv, 0.0), axis=0)))
+                st = tl.where(from_buf, tl.sum(tl.where(is_b, bs, 0.0), axis=0),
+                              tl.where(from_new, sn, tl.sum(tl.where(is_c, cs, 0.0), axis=0)))
+                at_b = bb == j
+                at_c = cc == j - B
+                nbk = tl.where(at_b[:, None], kt[None, :], nbk)
+                nbv = tl.where(at_b[:, None], vt[None, :], nbv)
+                nbs = tl.where(at_b, st, nbs)
+                nck = tl.where(at_c[:, None], kt[None, :], nck)
+                ncv = tl.where(at_c[:, None], vt[None, :], ncv)
+                ncs = tl.where(at_c, st, ncs)
+        return nbk, nbv, nbs, nck, ncv, ncs
+
+    @triton.jit
+    def _insert_rows(K, V, SRC, S, ROWS, LO, HI, MERGED, CAND, PK, PV, PW, PS, PC, BK, BV, BS, BN,
                      CK, CV, CS, CN, COUNTS, stride_k, stride_v, merge_cos, score_gate, eps,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr,
                      B: tl.constexpr, BLOCK_B: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, GATE: tl.constexpr):
+                     BLOCK_K: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, GATE: tl.constexpr,
+                     ROUNDS: tl.constexpr):
         # One program per touched pool row: its new tokens are positions LO .. HI (sorted by row,
         # arrival order), its carried tokens the row's carry slots. The row's pivots and carry stay
         # in registers (rounded to the pool dtype wherever the torch path stores them); MERGED[t]
-        # records each new token's merge decision for the second pass.
+        # records each new token's merge decision for the second pass. ROUNDS picks the ranking
+        # (module docstring); with it, the new candidates' positions are compacted into CAND[LO ...].
         prog = tl.program_id(0)
         row = tl.load(ROWS + prog)
         start = tl.load(LO + prog)
@@ -285,9 +358,10 @@ if HAVE_TRITON:
         # ---- outcomes: merged, gated (a non-merging token of a row with a pivot whose score is not
         # above score_gate x the row's mean per merged token after the merges), or candidate. The
         # candidates are ranked by one int64 key (score descending, then entry order: buffered
-        # slot j -> j, new token i -> B + i, carried slot c -> B + n_tok + c); only the best
-        # B + C new candidates can be kept, so a running top list of them (keys, by rank) is
-        # merged with each block: ranks by counting larger keys, no sort and no serial loop.
+        # slot j -> j, new token i -> B + i, carried slot c -> B + n_tok + c). Rounds: the new
+        # candidates' positions are compacted into CAND for the rounds of the buffer stage.
+        # Counts: only the best B + C new candidates can be kept, so a running top list of them
+        # (keys, by rank) is merged with each block: ranks by counting larger keys, no sort.
         row_mean = tl.sum(ps_m, axis=0) / tl.maximum(tl.sum(pc_m, axis=0), eps)
         # (vectors: Triton's interpreter mis-types vector & scalar-bool)
         n_pivots = tl.sum(used.to(tl.int32), axis=0)
@@ -308,11 +382,15 @@ if HAVE_TRITON:
                 n_gated += tl.sum(gated.to(tl.int32), axis=0)
                 cand = cand & ~gated
             n_merged += tl.sum(merge.to(tl.int32), axis=0)
+            if ROUNDS:
+                at = start + n_new + tl.cumsum(cand.to(tl.int32), axis=0) - 1
+                tl.store(CAND + at, t, mask=cand)
+            else:
+                key = tl.where(cand, _order_key(s, B + t - start), -1)
+                r_key = _count_above(key, key) + _count_above(key, top)
+                r_top = _count_above(top, top) + _count_above(top, key)
+                top = tl.maximum(_key_of_rank(top, r_top, kk), _key_of_rank(key, r_key, kk))
             n_new += tl.sum(cand.to(tl.int32), axis=0)
-            key = tl.where(cand, _order_key(s, B + t - start), -1)
-            r_key = _count_above(key, key) + _count_above(key, top)
-            r_top = _count_above(top, top) + _count_above(top, key)
-            top = tl.maximum(_key_of_rank(top, r_top, kk), _key_of_rank(key, r_key, kk))
         c_cand = c_live & ~c_merge
         if GATE:
             c_gated = c_cand & c_has_pivot & ~(cs > score_gate * row_mean)
@@ -320,9 +398,11 @@ if HAVE_TRITON:
             c_cand = c_cand & ~c_gated
         n_car = tl.sum(c_cand.to(tl.int32), axis=0)
         pk, pv, pw, ps, pc = pk_m, pv_m, pw_m, ps_m, pc_m
+        if ROUNDS:
+            tl.debug_barrier()  # CAND is read back by other threads of this program
 
         # ---- buffer: the row's buffered tokens and its candidates by rank: the first B are the
-        # buffer, the next C are carried over, the rest dropped; slots past them are zeroed
+        # buffer, the next C are carried over, the rest dropped
         bn = tl.load(BN + row)
         total = bn + n_new + n_car
         n_dropped = n_merged * 0
@@ -336,47 +416,69 @@ if HAVE_TRITON:
             bs = tl.load(BS + buf_ix, mask=b_held, other=0.0)
             b_key = tl.where(b_held, _order_key(bs, bb), -1)
             c_key = tl.where(c_cand, _order_key(cs, B + n_tok + cc), -1)
-            r_b = _count_above(b_key, b_key) + _count_above(b_key, top) + _count_above(b_key, c_key)
-            r_n = _count_above(top, b_key) + _count_above(top, top) + _count_above(top, c_key)
-            r_c = _count_above(c_key, b_key) + _count_above(c_key, top) + _count_above(c_key, c_key)
-            # the kept new candidates' keys and values (from their source rows, in the pool dtype)
-            n_ok = top >= 0
-            pos = start + tl.where(n_ok, 2147483647 - (top % 2147483648) - B, 0)
-            src = tl.load(SRC + pos, mask=n_ok, other=0)
-            nm2 = n_ok[:, None] & dm[None, :]
-            nk = tl.load(K + src[:, None] * stride_k + d[None, :], mask=nm2, other=0.0).to(PK.dtype.element_ty)
-            nv = tl.load(V + src[:, None] * stride_v + d[None, :], mask=nm2, other=0.0).to(PV.dtype.element_ty)
-            ns = tl.load(S + pos, mask=n_ok, other=0.0)
-            bn = tl.minimum(total, B)
-            cn_out = tl.minimum(tl.maximum(total - B, 0), C)
-            n_dropped = tl.maximum(total - B - C, 0)
-            tl.debug_barrier()  # every read of this row's buffer and carry slots is done
-            zb = (bb < B) & (bb >= bn)
-            zc = (cc < C) & (cc >= cn_out)
-            tl.store(BK + buf_ix[:, None] * D + d[None, :], tl.zeros([BLOCK_B, BLOCK_D], tl.float32).to(BK.dtype.element_ty),
-                     mask=zb[:, None] & dm[None, :])
-            tl.store(BV + buf_ix[:, None] * D + d[None, :], tl.zeros([BLOCK_B, BLOCK_D], tl.float32).to(BV.dtype.element_ty),
-                     mask=zb[:, None] & dm[None, :])
-            tl.store(BS + buf_ix, tl.zeros([BLOCK_B], tl.float32), mask=zb)
-            tl.store(CK + car_ix[:, None] * D + d[None, :], tl.zeros([BLOCK_C, BLOCK_D], tl.float32).to(CK.dtype.element_ty),
-                     mask=zc[:, None] & dm[None, :])
-            tl.store(CV + car_ix[:, None] * D + d[None, :], tl.zeros([BLOCK_C, BLOCK_D], tl.float32).to(CV.dtype.element_ty),
-                     mask=zc[:, None] & dm[None, :])
-            tl.store(CS + car_ix, tl.zeros([BLOCK_C], tl.float32), mask=zc)
-            _store_ranked(BK, BV, BS, CK, CV, CS, row, r_b, b_key >= 0, bk, bv, bs, d, dm, D, B, C)
-            _store_ranked(BK, BV, BS, CK, CV, CS, row, r_n, n_ok, nk.to(tl.float32), nv.to(tl.float32), ns, d, dm, D, B, C)
-            _store_ranked(BK, BV, BS, CK, CV, CS, row, r_c, c_key >= 0, ck, cv, cs, d, dm, D, B, C)
-            # ---- a full buffer becomes a pivot
-            if bn == B:
-                tl.debug_barrier()  # the buffer just written is read back by other threads
-                bk = tl.load(BK + buf_ix[:, None] * D + d[None, :], mask=bm2, other=0.0).to(tl.float32)
-                bv = tl.load(BV + buf_ix[:, None] * D + d[None, :], mask=bm2, other=0.0).to(tl.float32)
-                bs = tl.load(BS + buf_ix, mask=bb < B, other=0.0)
-                pk, pv, pw, ps, pc = _collapse_buffer(bk, bv, bs, pk, pv, pw, ps, pc, eps, B, BLOCK_B, P, BLOCK_P)
-                pk = pk.to(PK.dtype.element_ty).to(tl.float32)
-                pv = pv.to(PV.dtype.element_ty).to(tl.float32)
-                bn = bn * 0
-                n_collapsed += 1
+            if ROUNDS:
+                # the buffer and carry are built in registers, collapsed from there and stored once
+                bk, bv, bs, ck, cv, cs = _ranked_by_rounds(
+                    K, V, SRC, S, CAND, PK, PV, start, n_new, n_tok, total, b_key, c_key, bk, bv, bs, ck, cv, cs,
+                    stride_k, stride_v, D, BLOCK_D, B, BLOCK_B, C, BLOCK_C, BF)
+                bn = tl.minimum(total, B)
+                cn_out = tl.minimum(tl.maximum(total - B, 0), C)
+                n_dropped = tl.maximum(total - B - C, 0)
+                if bn == B:  # ---- a full buffer becomes a pivot
+                    pk, pv, pw, ps, pc = _collapse_buffer(bk, bv, bs, pk, pv, pw, ps, pc, eps, B, BLOCK_B, P, BLOCK_P)
+                    pk = pk.to(PK.dtype.element_ty).to(tl.float32)
+                    pv = pv.to(PV.dtype.element_ty).to(tl.float32)
+                    bn = bn * 0
+                    n_collapsed += 1
+                tl.store(BK + buf_ix[:, None] * D + d[None, :], bk.to(BK.dtype.element_ty), mask=bm2)
+                tl.store(BV + buf_ix[:, None] * D + d[None, :], bv.to(BV.dtype.element_ty), mask=bm2)
+                tl.store(BS + buf_ix, bs, mask=bb < B)
+                tl.store(CK + car_ix[:, None] * D + d[None, :], ck.to(CK.dtype.element_ty), mask=cm2)
+                tl.store(CV + car_ix[:, None] * D + d[None, :], cv.to(CV.dtype.element_ty), mask=cm2)
+                tl.store(CS + car_ix, cs, mask=cc < C)
+            else:
+                # entries are written straight to their slots; slots past them are zeroed
+                r_b = _count_above(b_key, b_key) + _count_above(b_key, top) + _count_above(b_key, c_key)
+                r_n = _count_above(top, b_key) + _count_above(top, top) + _count_above(top, c_key)
+                r_c = _count_above(c_key, b_key) + _count_above(c_key, top) + _count_above(c_key, c_key)
+                # the kept new candidates' keys and values (from their source rows, in the pool dtype)
+                n_ok = top >= 0
+                pos = start + tl.where(n_ok, 2147483647 - (top % 2147483648) - B, 0)
+                src = tl.load(SRC + pos, mask=n_ok, other=0)
+                nm2 = n_ok[:, None] & dm[None, :]
+                nk = tl.load(K + src[:, None] * stride_k + d[None, :], mask=nm2, other=0.0).to(PK.dtype.element_ty)
+                nv = tl.load(V + src[:, None] * stride_v + d[None, :], mask=nm2, other=0.0).to(PV.dtype.element_ty)
+                ns = tl.load(S + pos, mask=n_ok, other=0.0)
+                bn = tl.minimum(total, B)
+                cn_out = tl.minimum(tl.maximum(total - B, 0), C)
+                n_dropped = tl.maximum(total - B - C, 0)
+                tl.debug_barrier()  # every read of this row's buffer and carry slots is done
+                zb = (bb < B) & (bb >= bn)
+                zc = (cc < C) & (cc >= cn_out)
+                tl.store(BK + buf_ix[:, None] * D + d[None, :], tl.zeros([BLOCK_B, BLOCK_D], tl.float32).to(BK.dtype.element_ty),
+                         mask=zb[:, None] & dm[None, :])
+                tl.store(BV + buf_ix[:, None] * D + d[None, :], tl.zeros([BLOCK_B, BLOCK_D], tl.float32).to(BV.dtype.element_ty),
+                         mask=zb[:, None] & dm[None, :])
+                tl.store(BS + buf_ix, tl.zeros([BLOCK_B], tl.float32), mask=zb)
+                tl.store(CK + car_ix[:, None] * D + d[None, :], tl.zeros([BLOCK_C, BLOCK_D], tl.float32).to(CK.dtype.element_ty),
+                         mask=zc[:, None] & dm[None, :])
+                tl.store(CV + car_ix[:, None] * D + d[None, :], tl.zeros([BLOCK_C, BLOCK_D], tl.float32).to(CV.dtype.element_ty),
+                         mask=zc[:, None] & dm[None, :])
+                tl.store(CS + car_ix, tl.zeros([BLOCK_C], tl.float32), mask=zc)
+                _store_ranked(BK, BV, BS, CK, CV, CS, row, r_b, b_key >= 0, bk, bv, bs, d, dm, D, B, C)
+                _store_ranked(BK, BV, BS, CK, CV, CS, row, r_n, n_ok, nk.to(tl.float32), nv.to(tl.float32), ns, d, dm, D, B, C)
+                _store_ranked(BK, BV, BS, CK, CV, CS, row, r_c, c_key >= 0, ck, cv, cs, d, dm, D, B, C)
+                # ---- a full buffer becomes a pivot
+                if bn == B:
+                    tl.debug_barrier()  # the buffer just written is read back by other threads
+                    bk = tl.load(BK + buf_ix[:, None] * D + d[None, :], mask=bm2, other=0.0).to(tl.float32)
+                    bv = tl.load(BV + buf_ix[:, None] * D + d[None, :], mask=bm2, other=0.0).to(tl.float32)
+                    bs = tl.load(BS + buf_ix, mask=bb < B, other=0.0)
+                    pk, pv, pw, ps, pc = _collapse_buffer(bk, bv, bs, pk, pv, pw, ps, pc, eps, B, BLOCK_B, P, BLOCK_P)
+                    pk = pk.to(PK.dtype.element_ty).to(tl.float32)
+                    pv = pv.to(PV.dtype.element_ty).to(tl.float32)
+                    bn = bn * 0
+                    n_collapsed += 1
 
         _store_row_pivots(PK, PV, PW, PS, PC, row, pk, pv, pw, ps, pc, D, BLOCK_D, P, BLOCK_P)
         tl.store(BN + row, bn)
@@ -388,23 +490,30 @@ if HAVE_TRITON:
 
 
 # insert_rows' launch: tokens per iteration of the loops that read keys (BT), warps per program
-# (one program per pool row), and tokens per iteration of the ranking pass over scores (BF; it
-# compares a block with itself, BF x BF keys, so it stays small). A
-# row's work is serial, so an insert takes as long as its busiest row. Rows of a few tokens
-# run best as small latency-bound programs (H200, vggt-1b: the stress insert of ~23 tokens per
-# row took 3.7 ms with 8 x 1 warp, 5.7 with 16 x 2, 6.1 with 32 x 4); for long rows (few voxels)
-# the launch stays at 16 x 2 (the earlier merge kernel's), fewer serial iterations per row, not
-# measured against others. Picked from the mean tokens per row; None = automatic, set to tune.
+# (one program per pool row), the ranking (rounds or counts, module docstring) and its tokens per
+# iteration of the passes over scores (BF: rounds scan compacted candidates 128 at a time; counts
+# compare a block with itself, BF x BF keys, so it stays small). A row's work is serial, so an
+# insert takes as long as its busiest row. Rows of a few tokens run best as small latency-bound
+# programs (H200, vggt-1b: the stress insert of ~23 tokens per row took 3.7 ms with 8 x 1 warp,
+# 5.7 with 16 x 2, 6.1 with 32 x 4) ranked by rounds (H100, same insert: 5.5 ms against 7.2 by
+# counts); long rows (default geometry, ~1,000 tokens per row) run at 16 x 2 ranked by counts
+# (H100: 3.8 ms against 4.0 by rounds). Picked from the mean tokens per row; None = automatic,
+# set to tune or to test one ranking.
 _SEGMENT_BLOCK: int | None = None
 _INSERT_WARPS: int | None = None
-_SCORE_BLOCK = 32
-_SMALL_ROWS = 64  # mean tokens per row up to which the small launch is used
+_RANK_BY_ROUNDS: bool | None = None
+_ROUNDS_SCORE_BLOCK = 128
+_COUNTS_SCORE_BLOCK = 32
+_SMALL_ROWS = 64  # mean tokens per row up to which the small launch (and ranking by rounds) is used
 
 
-def _launch_config(tokens: int, rows: int) -> tuple[int, int]:
+def _launch_config(tokens: int, rows: int) -> tuple[int, int, bool]:
+    """(tokens per key loop, warps, rank by rounds) for ``tokens`` new tokens over ``rows`` rows."""
+    small = tokens <= _SMALL_ROWS * rows
+    rounds = small if _RANK_BY_ROUNDS is None else _RANK_BY_ROUNDS
     if _SEGMENT_BLOCK is not None and _INSERT_WARPS is not None:
-        return _SEGMENT_BLOCK, _INSERT_WARPS
-    return (8, 1) if tokens <= _SMALL_ROWS * rows else (16, 2)
+        return _SEGMENT_BLOCK, _INSERT_WARPS, rounds
+    return (8, 1, rounds) if small else (16, 2, rounds)
 
 
 INSERT_COUNTERS = ("merged", "gated", "pivots_created", "overflow_dropped")
@@ -443,13 +552,16 @@ def insert_rows(k: Tensor, v: Tensor, src: Tensor, g: Tensor, s: Tensor, piv: di
     hi = torch.searchsorted(g, rows, right=True)
     merged = torch.empty(max(n, 1), dtype=torch.int8, device=g.device)
     counts = torch.empty(rows.numel(), len(INSERT_COUNTERS), dtype=torch.int64, device=g.device)
-    block, warps = _launch_config(n, rows.numel())
+    block, warps, rounds = _launch_config(n, rows.numel())
+    # rounds: the new candidates' positions, compacted per row (unused by counts)
+    cand = torch.empty(max(n, 1) if rounds else 1, dtype=torch.int64, device=g.device)
     _insert_rows[(rows.numel(),)](
-        k, v, src, s, rows, lo, hi, merged, pk, piv["piv_v"], piv["piv_w"], piv["piv_s"], piv["piv_c"],
+        k, v, src, s, rows, lo, hi, merged, cand, pk, piv["piv_v"], piv["piv_w"], piv["piv_s"], piv["piv_c"],
         buf["buf_k"], buf["buf_v"], buf["buf_s"], buf["buf_n"],
         car["car_k"], car["car_v"], car["car_s"], car["car_n"], counts,
         k.stride(0), v.stride(0), float(merge_cos), float(score_gate), eps,
         D=D, BLOCK_D=triton.next_power_of_2(D), P=P, BLOCK_P=triton.next_power_of_2(P),
         B=B, BLOCK_B=triton.next_power_of_2(B), C=C, BLOCK_C=triton.next_power_of_2(max(C, 1)),
-        BLOCK_K=triton.next_power_of_2(B + C), BT=block, BF=_SCORE_BLOCK, GATE=score_gate > 0, num_warps=warps)
+        BLOCK_K=triton.next_power_of_2(B + C), BT=block, BF=_ROUNDS_SCORE_BLOCK if rounds else _COUNTS_SCORE_BLOCK, GATE=score_gate > 0, ROUNDS=rounds,
+        num_warps=warps)
     return counts.sum(dim=0)

@@ -148,18 +148,23 @@ def _fill_pool(dtype=torch.float32, steps=4, buffer_size=4, max_pivots=3, score_
 
 @pytest.fixture
 def launch(monkeypatch):
-    """Set insert_rows' launch (tokens per key loop, warps); in the CPU interpreter, where a loop
-    iteration costs milliseconds, wider blocks keep the test short (the code path is the same)."""
+    """Set insert_rows' launch (tokens per key loop, warps) and ranking (rounds, counts; None:
+    chosen from the tokens per row); in the CPU interpreter, where a loop iteration costs
+    milliseconds, wider blocks keep the test short (the code path is the same)."""
     from stac_backend.kernels import pool_kernels
 
-    def use(config):
+    def use(config, ranking=None):
         if config is None and INTERPRET:
             config = (32, 1)
         block, warps = config if config is not None else (None, None)
         monkeypatch.setattr(pool_kernels, "_SEGMENT_BLOCK", block)
         monkeypatch.setattr(pool_kernels, "_INSERT_WARPS", warps)
+        monkeypatch.setattr(pool_kernels, "_RANK_BY_ROUNDS", None if ranking is None else ranking == "rounds")
 
     return use
+
+
+RANKINGS = ("rounds", "counts")
 
 
 def _kernel_and_eager(monkeypatch, **kw):
@@ -177,12 +182,13 @@ def _assert_same_pool(fused, eager, atol=1e-4):
         assert torch.allclose(fused._tensors[name].float(), t.float(), atol=atol), name
 
 
+@pytest.mark.parametrize("ranking", RANKINGS)
 @pytest.mark.parametrize("buffer_size,max_pivots,score_gate", [(4, 3, 0.2), (8, 4, 0.2), (4, 2, 0.0)])
-def test_pool_insert_with_kernels_equals_eager_insert(monkeypatch, launch, buffer_size, max_pivots, score_gate):
+def test_pool_insert_with_kernels_equals_eager_insert(monkeypatch, launch, buffer_size, max_pivots, score_gate, ranking):
     """Float32 pool: several inserts through the kernel (insert_rows: every touched row, new and
-    carried tokens, in one launch) make the same decisions as the torch ops and the same values
-    to float32 rounding."""
-    launch(None)
+    carried tokens, in one launch), ranked either way, make the same decisions as the torch ops
+    and the same values to float32 rounding."""
+    launch(None, ranking)
     fused, eager = _kernel_and_eager(monkeypatch, buffer_size=buffer_size, max_pivots=max_pivots, score_gate=score_gate)
     stats = eager.stats()
     # the case reaches every stage (so a kernel that skipped one could not pass)
@@ -192,23 +198,26 @@ def test_pool_insert_with_kernels_equals_eager_insert(monkeypatch, launch, buffe
     _assert_same_pool(fused, eager)
 
 
+@pytest.mark.parametrize("ranking", RANKINGS)
 @pytest.mark.parametrize("config", [None, (8, 1), (16, 2)] if DEVICE == "cuda" else [None])
-def test_pool_insert_kernel_long_rows_and_score_ties(monkeypatch, launch, config):
+def test_pool_insert_kernel_long_rows_and_score_ties(monkeypatch, launch, config, ranking):
     """One voxel: ~200 tokens per (layer, head) row per insert, so the score loops cross their
-    128-token blocks, rows overflow their buffer and carry, and tied scores keep arrival order."""
-    launch(config)
+    blocks (32 or 128 tokens), rows overflow their buffer and carry, and tied scores keep arrival
+    order, ranked either way."""
+    launch(config, ranking)
     fused, eager = _kernel_and_eager(monkeypatch, steps=3, M=300 if INTERPRET else 800, voxels=1, ties=True)
     stats = eager.stats()
     assert stats["overflow_dropped_tokens"] > 0 and stats["carried_tokens"] > 0
     _assert_same_pool(fused, eager)
 
 
+@pytest.mark.parametrize("ranking", RANKINGS)
 @pytest.mark.parametrize("buffer_size,carry_slots", [(4, 0), (8, 3)])
-def test_pool_insert_kernel_carry_caps(monkeypatch, launch, buffer_size, carry_slots):
+def test_pool_insert_kernel_carry_caps(monkeypatch, launch, buffer_size, carry_slots, ranking):
     """Other carry caps (none; buffer + carry not a power of two): the ranking of buffered, new
-    and carried candidates still fills buffer and carry slots as the torch path does, drops and
-    zeroed slots included."""
-    launch(None)
+    and carried candidates (either way) still fills buffer and carry slots as the torch path
+    does, drops and zeroed slots included."""
+    launch(None, ranking)
     fused, eager = _kernel_and_eager(monkeypatch, steps=3, voxels=1, buffer_size=buffer_size, carry_slots=carry_slots)
     stats = eager.stats()
     assert stats["overflow_dropped_tokens"] > 0 and (stats["carried_tokens"] > 0) == (carry_slots > 0)
