@@ -20,9 +20,16 @@ def training_summary(path: Path) -> str:
     if not path.is_file():
         return "trained on synthetic rooms"
     runs = json.loads(path.read_text())["runs"]
-    steps = runs[-1]["history"][-1]["step"]
-    minutes = sum(float(r["args"]["minutes"]) for r in runs)
+    # A run resumed from weights alone restarts its step counter; resumed_from_step says where it picked up.
+    steps = runs[-1].get("resumed_from_step", 0) + runs[-1]["history"][-1]["step"]
+    minutes = sum(float(r["seconds"]) / 60 if "seconds" in r else float(r["args"]["minutes"]) for r in runs)
     return f"trained for ~{steps:,} steps in {len(runs)} runs, each resuming the last (~{minutes:.0f} min on one H100, `{path.relative_to(ROOT)}`)"
+
+
+def training_conf_alpha(path: Path) -> str:
+    if not path.is_file():
+        return "?"
+    return json.loads(path.read_text())["runs"][-1]["args"].get("conf_alpha", "0.2")
 
 
 def previous_comparison(report: dict, previous: dict, previous_name: str) -> list[str]:
@@ -89,17 +96,32 @@ def render(report: dict, source: Path, training: Path, previous: Path | None = N
         f"{max(s[n]['ate_rmse'] for n in POLICIES):.2f} m in rooms of a few metres); a model of this size and training "
         "budget leans little on distant frames, so the policies differ little.",
     ]
-    if conf:
+    if conf and conf["50"] < 1.05:
         lines.append(
             f"- Point confidences (valid pixels, `stac` run): p10 / p50 / p90 = {conf['10']:.4f} / {conf['50']:.4f} / "
             f"{conf['90']:.4f}. They sit at the floor of the `1 + exp` activation: the point errors relative to the "
-            "scene scale are above the log-confidence regulariser's scale (alpha 0.2), so the loss drives them to 1."
+            "scene scale are above the log-confidence regulariser's scale, so the loss drives them to 1."
         )
+    elif conf:
+        lines.append(
+            f"- Point confidences (valid pixels, `stac` run): p10 / p50 / p90 = {conf['10']:.2f} / {conf['50']:.2f} / "
+            f"{conf['90']:.2f}: they carry information (the confidence regulariser's weight alpha is "
+            f"{training_conf_alpha(training)}), so `stac`'s voxel pool receives the points above its bar."
+        )
+    overridden = "conf_threshold" in report.get("stac_overrides", {})
+    how = "with a confidence bar of" if overridden else "at its reference confidence bar,"
     lines.append(
-        f"- `stac`'s spatial pool ran with a confidence bar of {bar:g} (`--stac-overrides`): it pooled "
+        f"- `stac` ran {how} {bar:g}{' (`--stac-overrides`)' if overridden else ''}: it pooled "
         f"{pool.get('pooled_tokens', 0):,} tokens into {pool.get('pool_voxels', 0)} voxels and retrieved "
-        f"{pool.get('retrieved_per_head', 0)} pivots per head at the end. At the reference bar (2.0) these "
-        "confidences would pool nothing. At this tiny model size the preallocated pool dominates `stac`'s memory."
+        f"{pool.get('retrieved_per_head', 0)} pivots per head at the end; its peak cache "
+        f"{s['stac']['peak_cache_bytes'] / 2**20:.1f} MiB is {s['stac']['peak_cache_bytes'] / s['full']['peak_cache_bytes']:.0%} "
+        f"of the full cache's at this stream length, most of it the preallocated voxel pool."
+    )
+    full = s["full"]
+    met = {True: "met", False: "not met"}
+    lines.append(
+        f"- Targets for the embedded model on these loops (policy `full`): ATE below 0.3 m - {full['ate_rmse']:.2f} m, "
+        f"{met[full['ate_rmse'] < 0.3]}; depth Abs Rel below 0.08 - {full['abs_rel']:.3f}, {met[full['abs_rel'] < 0.08]}."
     )
     if previous is not None and previous.is_file():
         lines += previous_comparison(report, json.loads(previous.read_text()), previous.name)
