@@ -2,6 +2,8 @@
 streams with revisits, plus a trivial baseline. Writes JSON and plots.
 
     python benchmarks/quality.py --frames 300 --out docs/benchmarks/quality_cpu.json
+    python benchmarks/quality.py --frames 300 --point-frame-stride 4 --icp-iterations 10 --max-points 5000 \
+        --icp-max-points 2000 --icp-max-target-points 20000 --out docs/benchmarks/quality_cpu.json   # a loaded CPU
 
 Model: the embedded trained ``small`` checkpoint unless --checkpoint is given. Scenes: seeds from
 1,000,000 on (never seen in training), looped trajectories (the camera returns to where it
