@@ -45,9 +45,9 @@ def policy_spread(s: dict, training: Path) -> str:
     frames = "?"
     if training.is_file():
         frames = max(int(r["args"]["frames"]) for r in json.loads(training.read_text())["runs"])
-    than = lambda better: "better than" if better else "worse than"  # noqa: E731
+    than = "better than" if max(comp) < full["comp_mean"] else "worse than" if min(comp) > full["comp_mean"] else "around"
     return (f"- The bounded policies that keep frame 0 (sink_window, heavy_hitter, stac) reach completeness "
-            f"{min(comp):.3f}-{max(comp):.3f} m, {than(max(comp) < full['comp_mean'])} the full cache's "
+            f"{min(comp):.3f}-{max(comp):.3f} m, {than} the full cache's "
             f"{full['comp_mean']:.3f} m, at accuracy {min(acc):.3f}-{max(acc):.3f} m against {full['acc_mean']:.3f} m; "
             f"`window`, which drops frame 0 (the world frame), completes worst ({s['window']['comp_mean']:.3f} m). "
             f"The model was trained on windows of at most {frames} frames: a cache of hundreds of frames is outside "
