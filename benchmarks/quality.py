@@ -2,6 +2,8 @@
 streams with revisits, plus a trivial baseline. Writes JSON and plots.
 
     python benchmarks/quality.py --frames 300 --out docs/benchmarks/quality_cpu.json
+    python benchmarks/quality.py --frames 300 --point-frame-stride 4 --icp-iterations 10 --max-points 5000 \
+        --icp-max-points 2000 --icp-max-target-points 20000 --out docs/benchmarks/quality_cpu.json   # a loaded CPU
 
 Model: the embedded trained ``small`` checkpoint unless --checkpoint is given. Scenes: seeds from
 1,000,000 on (never seen in training), looped trajectories (the camera returns to where it
@@ -35,13 +37,18 @@ HELD_OUT_SEED = 1_000_000
 
 def configs(args) -> dict[str, CacheConfig]:
     stac = json.loads(args.stac_overrides) if args.stac_overrides else {}
-    return {
+    every = {
         "full": CacheConfig(policy="full"),
         "window": CacheConfig(policy="window", window=8),
         "sink_window": CacheConfig(policy="sink_window"),
         "heavy_hitter": CacheConfig(policy="heavy_hitter"),
         "stac": CacheConfig(policy="stac", **stac),
     }
+    chosen = [name.strip() for name in args.policies.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(every))
+    if unknown:
+        raise SystemExit(f"unknown policies {unknown}; choose from {sorted(every)}")
+    return {name: every[name] for name in chosen}
 
 
 def run(model, seq, config, chunk=4):
@@ -49,13 +56,25 @@ def run(model, seq, config, chunk=4):
     outs, peak = [], 0
     device = next(model.parameters()).device
     t0 = time.perf_counter()
-    for i in range(0, seq.num_frames, chunk):
-        outs.append(stream.push(seq.images[i : i + chunk].to(device)))
-        peak = max(peak, stream.memory_bytes())
+    with torch.inference_mode():
+        for i in range(0, seq.num_frames, chunk):
+            outs.append(stream.push(seq.images[i : i + chunk].to(device)))
+            peak = max(peak, stream.memory_bytes())
     seconds = time.perf_counter() - t0
     pred = {k: torch.cat([o[k] for o in outs]).float().cpu() for k in ("depth", "world_points", "extrinsics", "world_points_conf")}
     stats = {k: v for k, v in stream.cache.stats().items() if isinstance(v, (int, float))}
     return pred, {"peak_cache_bytes": peak, "seconds": seconds, "frames_per_second": seq.num_frames / seconds, "cache_stats": stats}
+
+
+def score(pred: dict, seq, args) -> dict:
+    """Depth and poses on every frame; points on every ``--point-frame-stride``-th frame, with the caps given."""
+    metrics = evaluate_sequence({"depth": pred["depth"], "extrinsics": pred["extrinsics"]}, seq)
+    k = args.point_frame_stride
+    points_gt = {"world_points": seq.world_points[::k], "valid": seq.valid[::k]}
+    metrics |= evaluate_sequence({"world_points": pred["world_points"][::k]}, points_gt, icp_iterations=args.icp_iterations,
+                                 max_points=args.max_points, max_reference_points=args.max_reference_points,
+                                 icp_max_points=args.icp_max_points, icp_max_target_points=args.icp_max_target_points)
+    return metrics
 
 
 def main() -> int:
@@ -68,6 +87,15 @@ def main() -> int:
     p.add_argument("--width", type=int, default=112)
     p.add_argument("--stac-overrides", default="{}",
                    help="CacheConfig fields for stac (default: none - the reference confidence bar 2.0)")
+    p.add_argument("--policies", default="full,window,sink_window,heavy_hitter,stac",
+                   help="comma-separated policies to run (e.g. full alone, to compare checkpoints)")
+    # Point-metric caps (defaults: the field's, as evaluate_sequence has them); a loaded CPU needs smaller ones.
+    p.add_argument("--point-frame-stride", type=int, default=1, help="point metrics on every N-th frame")
+    p.add_argument("--icp-iterations", type=int, default=30)
+    p.add_argument("--max-points", type=int, default=20_000)
+    p.add_argument("--max-reference-points", type=int, default=None)
+    p.add_argument("--icp-max-points", type=int, default=10_000)
+    p.add_argument("--icp-max-target-points", type=int, default=100_000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="where the model runs (metrics run on the CPU)")
     p.add_argument("--out", type=Path, required=True)
@@ -83,7 +111,7 @@ def main() -> int:
         baseline.append(evaluate_sequence({"depth": med[:, None, None].expand_as(seq.depth)}, seq))
         for name, config in configs(args).items():
             pred, info = run(model, seq, config)
-            metrics = evaluate_sequence(pred, seq)
+            metrics = score(pred, seq, args)
             conf = pred["world_points_conf"][seq.valid]
             info["point_conf_percentiles"] = {q: float(conf.quantile(q / 100)) for q in (10, 50, 90)} if conf.numel() else {}
             results[name].append({"seed": HELD_OUT_SEED + s, **info, "metrics": metrics})
@@ -111,6 +139,8 @@ def write_report(args, results, baseline, done: int) -> dict:
     summary["baseline_median_depth"] = {k: float(np.mean([b[k] for b in baseline])) for k in ("abs_rel", "delta_1.25")}
     report = {"benchmark": "quality", "checkpoint": str(args.checkpoint.name), "device": args.device, "frames": args.frames,
               "sequences": done, "stac_overrides": json.loads(args.stac_overrides or "{}"),
+              "metric_settings": {k: getattr(args, k) for k in ("point_frame_stride", "icp_iterations", "max_points",
+                                                                "max_reference_points", "icp_max_points", "icp_max_target_points")},
               "trajectory": args.trajectory, "image_hw": [args.height, args.width], "summary": summary, "runs": results}
     write_result(args.out, report, "quality", args.device)
     return report

@@ -20,9 +20,44 @@ def training_summary(path: Path) -> str:
     if not path.is_file():
         return "trained on synthetic rooms"
     runs = json.loads(path.read_text())["runs"]
-    steps = runs[-1]["history"][-1]["step"]
-    minutes = sum(float(r["args"]["minutes"]) for r in runs)
+    # A run resumed from weights alone restarts its step counter; resumed_from_step says where it picked up.
+    steps = runs[-1].get("resumed_from_step", 0) + runs[-1]["history"][-1]["step"]
+    minutes = sum(float(r["seconds"]) / 60 if "seconds" in r else float(r["args"]["minutes"]) for r in runs)
     return f"trained for ~{steps:,} steps in {len(runs)} runs, each resuming the last (~{minutes:.0f} min on one H100, `{path.relative_to(ROOT)}`)"
+
+
+def metric_caps(report: dict) -> list[str]:
+    caps = report.get("metric_settings")
+    if not caps:
+        return []
+    return ["Point metrics with CPU-sized caps (`metric_settings` in the JSON): every "
+            f"{caps['point_frame_stride']}th frame, {caps['icp_iterations']} ICP iterations on {caps['icp_max_points']:,} / "
+            f"{caps['icp_max_target_points']:,} points, {caps['max_points']:,} query points (the field's defaults: every "
+            "frame, 30 iterations, 10,000 / 100,000 and 20,000)."]
+
+
+def policy_spread(s: dict, training: Path) -> str:
+    """What the policies' completeness and accuracy say about how the model uses its memory."""
+    keepers = ("sink_window", "heavy_hitter", "stac")  # bounded policies that keep frame 0
+    comp = [s[n]["comp_mean"] for n in keepers]
+    acc = [s[n]["acc_mean"] for n in keepers]
+    full = s["full"]
+    frames = "?"
+    if training.is_file():
+        frames = max(int(r["args"]["frames"]) for r in json.loads(training.read_text())["runs"])
+    than = "better than" if max(comp) < full["comp_mean"] else "worse than" if min(comp) > full["comp_mean"] else "around"
+    return (f"- The bounded policies that keep frame 0 (sink_window, heavy_hitter, stac) reach completeness "
+            f"{min(comp):.3f}-{max(comp):.3f} m, {than} the full cache's "
+            f"{full['comp_mean']:.3f} m, at accuracy {min(acc):.3f}-{max(acc):.3f} m against {full['acc_mean']:.3f} m; "
+            f"`window`, which drops frame 0 (the world frame), completes worst ({s['window']['comp_mean']:.3f} m). "
+            f"The model was trained on windows of at most {frames} frames: a cache of hundreds of frames is outside "
+            "what it has seen, so more memory does not mean a better map here.")
+
+
+def training_conf_alpha(path: Path) -> str:
+    if not path.is_file():
+        return "?"
+    return json.loads(path.read_text())["runs"][-1]["args"].get("conf_alpha", "0.2")
 
 
 def previous_comparison(report: dict, previous: dict, previous_name: str) -> list[str]:
@@ -44,9 +79,12 @@ def previous_comparison(report: dict, previous: dict, previous_name: str) -> lis
             lines.append(f"| {label} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |")
         names = {"abs_rel": "depth Abs Rel", "acc_mean": "accuracy", "comp_mean": "completeness", "nc_mean": "NC",
                  "ate_rmse": "ATE", "rpe_trans": "RPE trans", "rpe_rot_deg": "RPE rot"}
-        better = [names[k] for k in keys if (new[seed][k] > old[seed][k]) == (k == "nc_mean")]
-        worse = [names[k] for k in keys if names[k] not in better]
-        lines += ["", f"Better now: {', '.join(better) or 'none'}; worse: {', '.join(worse) or 'none'}."]
+        # Within 1% of each other counts as unchanged.
+        same = [names[k] for k in keys if abs(new[seed][k] - old[seed][k]) <= 0.01 * abs(old[seed][k])]
+        better = [names[k] for k in keys if (new[seed][k] > old[seed][k]) == (k == "nc_mean") and names[k] not in same]
+        worse = [names[k] for k in keys if names[k] not in better and names[k] not in same]
+        lines += ["", f"Better now: {', '.join(better) or 'none'}; worse: {', '.join(worse) or 'none'}"
+                      f"{'; unchanged (within 1%): ' + ', '.join(same) if same else ''}."]
     return lines
 
 
@@ -81,25 +119,51 @@ def render(report: dict, source: Path, training: Path, previous: Path | None = N
         "Metrics as the field computes them (`stac_backend.metrics`): acc/comp = mean nearest-neighbour",
         "distance after Umeyama Sim(3) + ICP (threshold 0.1), depth after per-sequence median scaling",
         "(capped at 70 m), ATE/RPE after Sim(3).",
+        *metric_caps(report),
         "",
         "What this says:",
         f"- Depth is learned: Abs Rel {min(s[n]['abs_rel'] for n in POLICIES):.3f}-{max(s[n]['abs_rel'] for n in POLICIES):.3f} "
         f"against {b['abs_rel']:.3f} for the per-frame median-depth baseline.",
         f"- Poses and global point clouds are still rough (ATE {min(s[n]['ate_rmse'] for n in POLICIES):.2f}-"
-        f"{max(s[n]['ate_rmse'] for n in POLICIES):.2f} m in rooms of a few metres); a model of this size and training "
-        "budget leans little on distant frames, so the policies differ little.",
+        f"{max(s[n]['ate_rmse'] for n in POLICIES):.2f} m in rooms of a few metres).",
+        policy_spread(s, training),
     ]
-    if conf:
+    if conf and conf["50"] < 1.05:
         lines.append(
             f"- Point confidences (valid pixels, `stac` run): p10 / p50 / p90 = {conf['10']:.4f} / {conf['50']:.4f} / "
             f"{conf['90']:.4f}. They sit at the floor of the `1 + exp` activation: the point errors relative to the "
-            "scene scale are above the log-confidence regulariser's scale (alpha 0.2), so the loss drives them to 1."
+            "scene scale are above the log-confidence regulariser's scale, so the loss drives them to 1."
         )
+    elif conf:
+        lines.append(
+            f"- Point confidences (valid pixels, `stac` run): p10 / p50 / p90 = {conf['10']:.2f} / {conf['50']:.2f} / "
+            f"{conf['90']:.2f}: they carry information (the confidence regulariser's weight alpha is "
+            f"{training_conf_alpha(training)}), so `stac`'s voxel pool receives the points above its bar."
+        )
+    overridden = "conf_threshold" in report.get("stac_overrides", {})
+    how = f"with a confidence bar of {bar:g} (`--stac-overrides`)" if overridden else f"at its reference confidence bar ({bar:g})"
     lines.append(
-        f"- `stac`'s spatial pool ran with a confidence bar of {bar:g} (`--stac-overrides`): it pooled "
-        f"{pool.get('pooled_tokens', 0):,} tokens into {pool.get('pool_voxels', 0)} voxels and retrieved "
-        f"{pool.get('retrieved_per_head', 0)} pivots per head at the end. At the reference bar (2.0) these "
-        "confidences would pool nothing. At this tiny model size the preallocated pool dominates `stac`'s memory."
+        f"- `stac` ran {how}: on the first sequence it pooled "
+        f"{pool.get('pooled_tokens', 0):,} tokens into at most {pool.get('pool_max_voxels', pool.get('pool_voxels', 0))} "
+        f"voxels, evicting {pool.get('pool_evicted_voxels', 0):,} voxels on the way and creating "
+        f"{pool.get('pool_pivots_created', 0)} pivots; at the end it held {pool.get('pool_pivots', 0)} pivots and retrieved "
+        f"{pool.get('retrieved_per_head', 0)} per head. Its peak cache, "
+        f"{s['stac']['peak_cache_bytes'] / 2**20:.1f} MiB ({s['stac']['peak_cache_bytes'] / s['full']['peak_cache_bytes']:.0%} "
+        f"of the full cache's at this length), is mostly the preallocated voxel pool "
+        f"({pool.get('pool_memory_bytes', 0) / 2**20:.1f} MiB)."
+    )
+    same = [r["seed"] for r, h in zip(stac_runs, report["runs"]["heavy_hitter"])
+            if all(abs(r["metrics"][k] - h["metrics"][k]) < 1e-6 for k in ("acc_mean", "comp_mean", "ate_rmse"))]
+    if same:
+        lines.append(
+            f"- On seed(s) {', '.join(map(str, same))} `stac` scored exactly as `heavy_hitter`: with no pivot to retrieve, "
+            "its attention is its hot cache alone (the same window and heavy hitters)."
+        )
+    full = s["full"]
+    met = {True: "met", False: "not met"}
+    lines.append(
+        f"- Targets for the embedded model on these loops (policy `full`): ATE below 0.3 m: {full['ate_rmse']:.2f} m, "
+        f"{met[full['ate_rmse'] < 0.3]}; depth Abs Rel below 0.08: {full['abs_rel']:.3f}, {met[full['abs_rel'] < 0.08]}."
     )
     if previous is not None and previous.is_file():
         lines += previous_comparison(report, json.loads(previous.read_text()), previous.name)

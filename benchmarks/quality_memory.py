@@ -3,8 +3,8 @@ at several budgets (fractions of the full cache's memory at the stream's length)
 synthetic loops driven twice around the room, with the second lap (the revisits) scored apart.
 
     python benchmarks/quality_memory.py --out docs/benchmarks/quality_memory_MODEL_DEVICE.json   # defaults: 2 x 300 frames
-    python benchmarks/quality_memory.py --lap-frames 40 --budgets 0.15,0.25,0.5 --sequences 1 \
-        --stac-overrides '{"conf_threshold":1.0}' --point-frame-stride 4 --icp-iterations 10 --max-points 5000 \
+    python benchmarks/quality_memory.py --threads 1 --lap-frames 150 --budgets 0.05,0.1,0.25,0.5 --sequences 1 \
+        --point-frame-stride 4 --icp-iterations 10 --max-points 5000 --max-reference-points 50000 \
         --icp-max-points 2000 --icp-max-target-points 20000 --out docs/benchmarks/quality_memory_cpu.json   # CPU
 
 How each policy spends a budget (the largest setting whose ``bytes_bound`` fits it; the camera
@@ -106,6 +106,8 @@ def main() -> int:
     p.add_argument("--max-points", type=int, default=20_000)
     p.add_argument("--icp-max-points", type=int, default=10_000)
     p.add_argument("--icp-max-target-points", type=int, default=100_000)
+    p.add_argument("--max-reference-points", type=int, default=None,
+                   help="cap on the reference cloud of acc/comp (default: all points)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="where the model runs (metrics run on the CPU)")
     p.add_argument("--out", type=Path, required=True)
@@ -140,6 +142,7 @@ def main() -> int:
     full_bytes = full_cache_bytes_per_frame(model.config, args.height, args.width, dtype) * frames
     settings = MetricSettings(icp_iterations=args.icp_iterations, max_points=args.max_points,
                               icp_max_points=args.icp_max_points, icp_max_target_points=args.icp_max_target_points,
+                              max_reference_points=args.max_reference_points,
                               point_frame_stride=args.point_frame_stride)
     segments = lap_segments(args.lap_frames, args.laps)
     report = {"run": run_record("quality_memory", args.device), "provenance": provenance(args.device), "checkpoint": args.checkpoint.name,
