@@ -284,7 +284,8 @@ def run_triton(args) -> int:
             row.update(status="ok" if agg["errors"] == 0 else f"{agg['errors']} errors", frames=agg["frames"],
                        seconds=agg["seconds"], frames_per_second=agg["frames_per_second"], latency_ms=agg["latency_ms"])
         except Exception as exc:  # noqa: BLE001 - recorded; the next count still runs
-            row["status"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+            text = str(exc)  # a server's error ends with its log's last lines: keep the head and the tail
+            row["status"] = f"failed: {type(exc).__name__}: {text if len(text) <= 3000 else text[:300] + ' ... ' + text[-2700:]}"
         finally:
             if server is not None:
                 server.stop()

@@ -380,18 +380,22 @@ def pool_section(found: dict, lines: list[str]) -> None:
     for (benchmark, device), path in sorted(found.items()):
         if benchmark != "pool_insert" or path.suffix != ".json":
             continue
-        r = load(path)
-        methods = r.get("method_ms") or {}
-        by = lambda m: f"{methods[m]['ms']:.1f}" if m in methods and methods[m]["calls"] else "-"  # noqa: E731
-        rows.append(f"| `{path.name}` | {r['device']} | {r['tokens']:,} | {r['insert_ms']['median']:.2f} | "
-                    f"{r.get('kernel_config') or 'automatic'} | {by('_round')} | {by('_fill_buffers')} | {by('_collapse')} |")
+        data = load(path)
+        for r in data.get("runs") or [data]:  # a merged file holds labelled side-by-side runs
+            methods = r.get("method_ms") or {}
+            by = lambda m: f"{methods[m]['ms']:.1f}" if m in methods and methods[m]["calls"] else "-"  # noqa: E731
+            name = f"`{path.name}`" + (f" ({r['label']})" if "label" in r else "")
+            other = r.get("compared_with")
+            versus = f"{other['insert_ms']['median']:.2f} ({r['insert_ms']['median'] / other['insert_ms']['median']:.2f}x)" if other else "-"
+            rows.append(f"| {name} | {r.get('device') or r['run']['device']} | {r['tokens']:,} | {r['insert_ms']['median']:.2f} | {versus} | "
+                        f"{r.get('kernel_config') or 'automatic'} | {by('_round')} | {by('_fill_buffers')} | {by('_collapse')} |")
     if rows:
         lines.append("## Voxel-pool insert of one stress step\n")
         lines.append("Source: `benchmarks/pool_insert.py`: the same captured insert replayed on copies of the pool's "
                      "state (pool after 48 steps of the stress stream); the by-method columns, when measured, are one "
                      "more replay with a synchronisation around each method.\n")
-        lines.append("| file | device | tokens filed | insert ms (median of 5) | launch | rounds ms | fill_buffers ms | collapse ms |")
-        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        lines.append("| file | device | tokens filed | insert ms (median) | compared kernel ms (ratio) | launch | rounds ms | fill_buffers ms | collapse ms |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         lines.extend(rows)
         lines.append("")
 
