@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from stac_backend.assets import EMBEDDED_CHECKPOINT
-from stac_backend.cache import CacheConfig, make_cache
+from stac_backend.cache import CacheConfig, CameraCache, make_cache
 from stac_backend.engine import full_cache_bytes_per_frame
 from stac_backend.engine.stream import cache_geometry
 from stac_backend.evaluation.report import provenance
@@ -50,11 +50,15 @@ SHOWN = (("comp_mean", "comp (m)"), ("acc_mean", "acc (m)"), ("ate_rmse", "ATE (
 
 
 def bound_of(config: CacheConfig, model, tokens_per_frame: int) -> int | None:
-    """The policy's byte bound for this config, or None when the config cannot fit its own budget."""
+    """The stream's byte bound for this config - the policy's and the camera trunk's cache, as the
+    full cache's bytes (the budgets' unit) count both - or None when the config cannot fit its own
+    budget."""
+    geometry = cache_geometry(model)
     try:
-        return make_cache(config, cache_geometry(model)).bytes_bound(tokens_per_frame)
+        policy = make_cache(config, geometry).bytes_bound(tokens_per_frame)
     except ValueError:
         return None
+    return None if policy is None else policy + CameraCache(config, geometry).bytes_bound()
 
 
 def config_for_budget(policy: str, budget: int, model, tokens_per_frame: int, chunk: int, frames: int,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stac_backend.engine import full_cache_bytes_per_frame
+from stac_backend.engine import full_cache_bytes_per_frame, stream_memory_bound
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quality_memory.py"
 
@@ -29,6 +29,8 @@ def test_every_policy_fits_its_budget_and_grows_with_it(bench, tiny_model, polic
         config = bench.config_for_budget(policy, int(fraction * full), tiny_model, tokens, 4, frames, {})
         assert config is not None and config.policy == policy
         bound = bench.bound_of(config, tiny_model, tokens)
+        # the stream's whole bound (camera trunk included), in the unit of the full cache's bytes
+        assert bound == stream_memory_bound(tiny_model.config, config, (56, 84), next(tiny_model.parameters()).dtype)
         assert bound <= fraction * full
         bounds.append(bound)
         if policy == "stac":
