@@ -1,4 +1,4 @@
-"""torch.compile (Inductor) for the cache-free parts of a streaming step (opt-in).
+"""torch.compile (Inductor) for the cache-free parts of a streaming step.
 
 What is compiled, one compiled function per kind of work (not per module instance: the 24 frame
 blocks of vggt-1b share their code, and torch.compile lifts a module's parameters to graph inputs,
@@ -18,8 +18,10 @@ Shapes are static (``dynamic=False``): one graph per input shape, i.e. per (stre
 frames per step) bucket. ``TorchRuntime.warmup`` runs every bucket it will use and then freezes
 the model: afterwards a call of a shape never compiled runs eagerly (same numbers, counted in
 ``stats.eager_calls``) instead of compiling inside a request. ``STAC_COMPILE=1`` or
-``build_model(..., compile=True)`` turns it on; ``STAC_COMPILE_MODE`` picks the torch.compile mode
-(default "default"; e.g. "max-autotune-no-cudagraphs").
+``build_model(..., compile=True)`` turns it on (the serving setting ``COMPILE=auto``, the default,
+does for CUDA instances that warm up: 1.12x the eager step at 8 streams on an H100,
+docs/performance.md); ``STAC_COMPILE_MODE`` picks the torch.compile mode (default "default"; e.g.
+"max-autotune-no-cudagraphs").
 """
 
 from __future__ import annotations
