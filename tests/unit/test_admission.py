@@ -7,7 +7,7 @@ model's weights and a micro-batch step's memory from the recorded H100 benchmark
 
 from __future__ import annotations
 
-import json
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -19,22 +19,22 @@ from stac_backend.engine import (admission_reserve_bytes, geometry_of, stream_me
 from stac_backend.engine.admission import charged_bound
 from stac_backend.model import get_preset
 
-RECORD = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "engine_streams_h100.json"
 GIB = 2**30
 HW = (392, 518)
 
 
-def recorded_h100() -> tuple[int, int]:
-    """Model bytes and the measured peak of one micro-batch step (the "auto" mode) on the H100."""
-    data = json.loads(RECORD.read_text())
-    return int(data["model_bytes"]), int(data["modes"]["auto"]["step_memory_bytes"])
+def _capacity_script():
+    """benchmarks/streams_per_gpu.py: the recorded H100 figures and a stream's step outputs."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "streams_per_gpu.py"
+    spec = importlib.util.spec_from_file_location("streams_per_gpu", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def step_output_bytes(chunk: int, hw: tuple[int, int]) -> int:
-    """One stream's step outputs (float32): depth, depth_conf, world_points (3), world_points_conf
-    per pixel, the pose encoding (9), extrinsics (12), intrinsics (9) and an int64 frame index per
-    frame: what ``TorchRuntime.step_output_bytes`` measures."""
-    return chunk * (hw[0] * hw[1] * 6 * 4 + (9 + 12 + 9) * 4 + 8)
+CAPACITY = _capacity_script()
+recorded_h100 = CAPACITY.recorded_h100
+step_output_bytes = CAPACITY.step_output_bytes
 
 
 def test_48_default_stac_streams_are_admitted_within_78_gib():
@@ -75,3 +75,8 @@ def test_without_a_measured_step_each_stream_is_charged_its_in_step_bound():
     assert streams_that_fit(125, 60, 5) == 2 and streams_that_fit(124, 60, 5) == 1
     with pytest.raises(ValueError):
         streams_that_fit(100, 0)
+
+
+def test_the_capacity_table_of_the_docs():
+    """benchmarks/streams_per_gpu.py prints docs/performance.md's table of streams per 80 GB H100."""
+    assert [(r["max_voxels"], r["streams"]) for r in CAPACITY.capacity_rows(78 * GIB)] == [(256, 53), (320, 48), (384, 44), (512, 37)]
