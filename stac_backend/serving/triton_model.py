@@ -85,7 +85,9 @@ def compile_choice(setting: Optional[bool], device: str, model_config: dict[str,
     docs/performance.md), unless STAC_COMPILE in the environment decides (None)."""
     if setting is not None:
         return setting
-    if os.environ.get("STAC_COMPILE") is not None:
+    from ..model.compiled import SWITCH_ENV
+
+    if os.environ.get(SWITCH_ENV) is not None:
         return None
     return str(device).startswith("cuda") and bool(warmup_sizes(model_config, instance_kind))
 
