@@ -18,7 +18,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stac_backend.cache.attention import attention_with_key_mass
 from stac_backend.kernels.attention_mass import (
-    MASS_METHODS, fused_attention_with_key_mass, hybrid_attention_with_key_mass, resolve_mass_method)
+    FORWARD_EXPS, MASS_METHODS, fused_attention_with_key_mass, hybrid_attention_with_key_mass, resolve_forward_exp,
+    resolve_mass_method)
 from stac_backend.results import write_result
 
 
@@ -105,6 +106,8 @@ def main() -> int:
             fused = bench(lambda: fused_attention_with_key_mass(q, k, v, bias))
             by_method = {m: bench(lambda: fused_attention_with_key_mass(q, k, v, bias, mass_method=m)) for m in MASS_METHODS}
             fused_no_mass = bench(lambda: fused_attention_with_key_mass(q, k, v, bias, need_mass=False))
+            no_mass_by_exp = {e: bench(lambda: fused_attention_with_key_mass(q, k, v, bias, need_mass=False, forward_exp=e))
+                              for e in FORWARD_EXPS}
             try:
                 hybrid = bench(lambda: hybrid_attention_with_key_mass(q, k, v, None))
                 hybrid_bias = bench(lambda: hybrid_attention_with_key_mass(q, k, v, bias))
@@ -122,7 +125,8 @@ def main() -> int:
                    "fused_with_mass_ms": fused, "mass_method": resolve_mass_method("auto", q),
                    "fused_with_mass_ms_by_method": by_method,
                    "fused_over_sdpa_by_method": {m: t / sdpa for m, t in by_method.items()},
-                   "fused_no_mass_ms": fused_no_mass, "reference_blockwise_ms": reference,
+                   "fused_no_mass_ms": fused_no_mass, "forward_exp": resolve_forward_exp("auto", q),
+                   "fused_no_mass_ms_by_forward_exp": no_mass_by_exp, "reference_blockwise_ms": reference,
                    "hybrid_sdpa_lse_plus_mass_ms": hybrid, "hybrid_with_bias_ms": hybrid_bias, "hybrid_check": hybrid_check,
                    "hybrid_over_sdpa": hybrid / sdpa if hybrid else None,
                    "fused_over_sdpa": fused / sdpa, "sdpa_tflops": flops / sdpa / 1e9, "fused_tflops_equiv": flops / fused / 1e9}

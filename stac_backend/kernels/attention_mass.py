@@ -10,7 +10,8 @@ Two kernels, never materialising the [M, N] probability matrix:
    exp2(s - lse) down the queries - no atomics, deterministic. On 16-bit inputs the sum runs on the
    tensor cores (probabilities as float16 times a ones matrix) and the exponentials are taken two
    per instruction in float16 (``MASS_METHODS``); float32 inputs keep an exact float32 sum.
-Work: two q.k^T products and one p.v product, 1.5x plain attention's FLOPs. The mass pass runs
+On 16-bit inputs the output pass also takes its exponentials two per instruction in float16
+(``FORWARD_EXPS``). Work: two q.k^T products and one p.v product, 1.5x plain attention's FLOPs. The mass pass runs
 only over the keys whose mass the caller reads (``mass_keys``): blocks of keys that all have bias
 -inf there (padding of a batch, a policy's retrieved keys) skip it and get mass 0.
 
@@ -45,8 +46,11 @@ if HAVE_TRITON:
     def _forward_block(
         q, m_i, l_i, acc, start_n, K_base, V_base, BIAS_base, stride_kn, stride_vn, N, qk_scale,
         HAS_BIAS: tl.constexpr, MASK_N: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+        HALF_EXP: tl.constexpr,
     ):
-        """One key block of the online softmax; MASK_N only for the ragged last block."""
+        """One key block of the online softmax; MASK_N only for the ragged last block. HALF_EXP takes
+        the probabilities' exponentials in float16, two per instruction (``_exp2_f16``): the p.v
+        product rounds them to 16 bits anyway, and the normaliser sums them in float32."""
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D)
         if MASK_N:
@@ -69,9 +73,12 @@ if HAVE_TRITON:
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows that have seen no finite key yet keep a finite reference point.
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_ref[:, None])
+        if HALF_EXP:
+            p = _exp2_f16(s - m_ref[:, None])
+        else:
+            p = tl.exp2(s - m_ref[:, None])
         alpha = tl.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return m_new, l_i, acc
 
@@ -85,7 +92,7 @@ if HAVE_TRITON:
         stride_ob, stride_oh, stride_om,
         H, M, N, qk_scale,
         HAS_BIAS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, HALF_EXP: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -104,10 +111,10 @@ if HAVE_TRITON:
         n_full = (N // BLOCK_N) * BLOCK_N
         for start_n in range(0, n_full, BLOCK_N):
             m_i, l_i, acc = _forward_block(q, m_i, l_i, acc, start_n, K_base, V_base, BIAS_base, stride_kn, stride_vn, N,
-                                           qk_scale, HAS_BIAS, False, D, BLOCK_N, PRECISION)
+                                           qk_scale, HAS_BIAS, False, D, BLOCK_N, PRECISION, HALF_EXP)
         if n_full < N:
             m_i, l_i, acc = _forward_block(q, m_i, l_i, acc, n_full, K_base, V_base, BIAS_base, stride_kn, stride_vn, N,
-                                           qk_scale, HAS_BIAS, True, D, BLOCK_N, PRECISION)
+                                           qk_scale, HAS_BIAS, True, D, BLOCK_N, PRECISION, HALF_EXP)
         has_key = l_i > 0
         out = tl.where(has_key[:, None], acc / tl.where(has_key, l_i, 1.0)[:, None], 0.0)
         o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
@@ -221,7 +228,7 @@ def fused_attention_with_key_mass(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, valid: Optional[Tensor] = None, need_mass: bool = True,
     block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 3,
     mass_block_m: int = 64, mass_block_n: int = 128, mass_num_warps: int = 4, mass_num_stages: int = 3,
-    mass_method: str = "auto", mass_keys: Optional[Tensor] = None,
+    mass_method: str = "auto", mass_keys: Optional[Tensor] = None, forward_exp: str = "auto",
 ) -> tuple[Tensor, Optional[Tensor]]:
     """q [B,H,M,D], k/v [B,H,N,D], bias [B,H,N] (float), valid [B,H,N] (bool) -> out [B,H,M,D], mass [B,H,N] fp32.
 
@@ -232,6 +239,9 @@ def fused_attention_with_key_mass(
     mass_method: how the key-mass pass sums probabilities (``MASS_METHODS``); "auto" = "exact" for
     float32 inputs and off CUDA (Triton's interpreter), else ``DEFAULT_MASS_METHOD`` (env
     STAC_MASS_METHOD overrides it).
+
+    forward_exp: how the output pass takes its exponentials (``FORWARD_EXPS``); "auto" = "float32"
+    for float32 inputs and off CUDA, else ``DEFAULT_FORWARD_EXP`` (env STAC_FORWARD_EXP overrides it).
     """
     if not HAVE_TRITON:
         raise RuntimeError("the fused attention kernel needs OpenAI Triton (pip install triton) and a CUDA GPU")
@@ -263,6 +273,7 @@ def fused_attention_with_key_mass(
         out.stride(0), out.stride(1), out.stride(2),
         H, M, N, qk_scale,
         HAS_BIAS=has_bias, D=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision,
+        HALF_EXP=resolve_forward_exp(forward_exp, q) == "float16x2",
         num_warps=num_warps, num_stages=num_stages,
     )
     if not need_mass:
@@ -303,6 +314,26 @@ def resolve_mass_method(method: str, q: Tensor) -> str:
         method = os.environ.get("STAC_MASS_METHOD", DEFAULT_MASS_METHOD)
     if method not in MASS_METHODS:
         raise ValueError(f"mass_method must be 'auto' or one of {sorted(MASS_METHODS)}, got {method!r}")
+    return method
+
+
+# How the output pass takes exp2 of the scores (kernel constexpr HALF_EXP):
+#   float32:   one float32 exp2 per score
+#   float16x2: float16 exp2, two scores per instruction, half the special-function work. The p.v
+#              product takes the probabilities in 16 bits either way; what changes is that the
+#              exponent is rounded to float16 first (about 1e-3 relative per probability) and
+#              probabilities below 2^-24 of the row's largest count as 0.
+FORWARD_EXPS = ("float32", "float16x2")
+DEFAULT_FORWARD_EXP = "float16x2"
+
+
+def resolve_forward_exp(method: str, q: Tensor) -> str:
+    if method == "auto":
+        if q.dtype == torch.float32 or q.device.type != "cuda":
+            return "float32"
+        method = os.environ.get("STAC_FORWARD_EXP", DEFAULT_FORWARD_EXP)
+    if method not in FORWARD_EXPS:
+        raise ValueError(f"forward_exp must be 'auto' or one of {list(FORWARD_EXPS)}, got {method!r}")
     return method
 
 

@@ -18,13 +18,17 @@ pytestmark = pytest.mark.skipif(
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# (input dtype, key-mass method): float32 always sums exactly; 16-bit inputs on a GPU take each method
-CASES = [(torch.float32, "auto")] + ([(torch.bfloat16, m) for m in MASS_METHODS] if DEVICE == "cuda" else [])
+# (input dtype, key-mass method, output-pass exponentials): float32 is always exact; 16-bit inputs on
+# a GPU take each mass method and each way of taking the output pass's exponentials
+CASES = [(torch.float32, "auto", "auto")] + (
+    [(torch.bfloat16, m, "float16x2") for m in MASS_METHODS] + [(torch.bfloat16, "auto", "float32")]
+    if DEVICE == "cuda" else []
+)
 
 
-@pytest.mark.parametrize("dtype,mass_method", CASES)
+@pytest.mark.parametrize("dtype,mass_method,forward_exp", CASES)
 @pytest.mark.parametrize("shape", [(1, 2, 37, 91, 64), (2, 4, 130, 300, 64), (1, 16, 1041, 3123, 64)])
-def test_fused_matches_reference(dtype, mass_method, shape):
+def test_fused_matches_reference(dtype, mass_method, forward_exp, shape):
     B, H, M, N, D = shape
     if DEVICE == "cpu" and M * N > 20000:
         pytest.skip("too slow in the interpreter")
@@ -33,15 +37,19 @@ def test_fused_matches_reference(dtype, mass_method, shape):
     bias = torch.randn(B, H, N, generator=g, device=DEVICE).abs().log1p()
     valid = torch.rand(B, H, N, generator=g, device=DEVICE) > 0.1
     ref_out, ref_mass = attention_with_key_mass(q.double(), k.double(), v.double(), key_bias=bias.double(), key_valid=valid)
-    out, mass = fused_attention_with_key_mass(q.to(dtype), k.to(dtype), v.to(dtype), bias, valid, mass_method=mass_method)
+    out, mass = fused_attention_with_key_mass(q.to(dtype), k.to(dtype), v.to(dtype), bias, valid, mass_method=mass_method,
+                                              forward_exp=forward_exp)
     tol = 2e-2 if dtype == torch.bfloat16 else 2e-5
     assert (out.double() - ref_out).abs().max().item() <= tol
     # masses are sums over M queries of probabilities: compare relative to the total M
     assert ((mass.double() - ref_mass).abs().max() / M).item() <= tol
     assert torch.equal(mass[~valid], torch.zeros_like(mass[~valid]))
     if dtype != torch.float32:  # the float16 sums still rank keys as the exact sum does, up to near-ties
-        exact = fused_attention_with_key_mass(q.to(dtype), k.to(dtype), v.to(dtype), bias, valid, mass_method="exact")[1]
+        exact_out, exact = fused_attention_with_key_mass(q.to(dtype), k.to(dtype), v.to(dtype), bias, valid,
+                                                         mass_method="exact", forward_exp="float32")
         assert ((mass - exact).abs() <= 2e-3 * exact.abs() + 1e-3).all()
+        # float16 exponentials move the output by at most a few bf16 units of its values
+        assert (out.float() - exact_out.float()).abs().max().item() <= 1e-2
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
