@@ -36,10 +36,12 @@ class HeavyHitterCache(CachePolicy):
         self.evicted_tokens = 0
         self._step: Optional[StepInfo] = None
         self._pending: dict[int, tuple] = {}  # layer -> what absorb() needs from prepare()
+        self._new_ids: Optional[tuple] = None  # the step's new-token ids, made once for every layer
 
     # ------------------------------------------------------------------ step
     def begin_step(self, info: StepInfo) -> None:
         self._step = info
+        self._new_ids = None
         self.check_budget(info)
 
     def extra_keys(self, layer: int) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor]]:
@@ -55,11 +57,11 @@ class HeavyHitterCache(CachePolicy):
         extra = self.extra_keys(layer)
         n_extra = 0 if extra is None else extra[0].shape[1]
         # Store the new tokens now (their scores arrive in absorb).
-        frame, index = step_token_ids(H, self._step.frame_offset, self._step.num_frames, self._step.tokens_per_frame, k.device)
-        position = torch.full((H, M, 3), float("nan"), device=k.device) if self.tracks_positions else None
+        frame, index, position = self._step_new_ids(H, M, k.device)
         placeholder = torch.empty(H, M, device=k.device)  # filled in absorb()
-        if store is None:
-            store = self.layers[layer] = LayerTokens(k, v, frame, index, placeholder, position)
+        if store is None:  # the store keeps these tensors: its own copies (positions are written in place)
+            store = self.layers[layer] = LayerTokens(k, v, frame.clone(), index.clone(), placeholder,
+                                                     None if position is None else position.clone())
         else:
             store.append(k, v, frame, index, placeholder, position)
         # The key set is (stored, extra, new): views of the store around the extra keys, joined
@@ -76,6 +78,17 @@ class HeavyHitterCache(CachePolicy):
         self._pending[layer] = (old, n_extra, M, valid)
         # absorb() reads the mass of the stored and the new keys, not of the extra ones
         return KeySet(keys, values, bias, valid, need_mass=True, mass_skip=(old, old + n_extra) if n_extra else None)
+
+    def _step_new_ids(self, H: int, M: int, device) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Frame and in-frame index [H, M] of the step's new tokens and their (not yet known, NaN)
+        positions: the same for every layer, so made once per step (the layers' stores copy them)."""
+        key = (H, M, str(device))
+        if self._new_ids is None or self._new_ids[0] != key:
+            info = self._step
+            frame, index = step_token_ids(H, info.frame_offset, info.num_frames, info.tokens_per_frame, device)
+            position = torch.full((H, M, 3), float("nan"), device=device) if self.tracks_positions else None
+            self._new_ids = (key, frame, index, position)
+        return self._new_ids[1:]
 
     def absorb(self, layer: int, mass: Optional[Tensor], num_queries: int) -> None:
         old, n_extra, new, valid = self._pending.pop(layer)
@@ -111,16 +124,18 @@ class HeavyHitterCache(CachePolicy):
             priority = torch.where(protected, torch.full_like(score, MUST_KEEP), score)
             order = torch.argsort(priority, dim=-1, descending=True, stable=True)
             keep = order[..., :n_keep].sort(dim=-1).values
-            evict = order[..., n_keep:]
+            evict = order[..., n_keep:].sort(dim=-1).values  # store (time) order per head, all layers at once
             heads = torch.arange(evict.shape[1], device=evict.device).repeat_interleave(evict.shape[2])
             for i, (layer, store) in enumerate(zip(layers, stores)):
                 self.on_evict(layer, store, heads, evict[i].reshape(-1), info)
                 self.evicted_tokens += evict[i].numel()
                 self.layers[layer] = store.select(keep[i])
         self._step = None
+        self._new_ids = None
 
     def on_evict(self, layer: int, store: LayerTokens, heads: Tensor, tokens: Tensor, info: StepInfo) -> None:
-        """Evicted tokens (per-head indices into ``store``) are dropped here; ``stac`` pools them."""
+        """Evicted tokens are dropped here; ``stac`` pools them. ``heads``/``tokens``: the head and the
+        index into ``store`` of each evicted token, head by head, ascending (store order) within a head."""
 
     # ------------------------------------------------------------------ memory
     def hot_bytes_bound(self, tokens_per_frame: int, during_step: bool = True) -> int:
@@ -163,6 +178,7 @@ class HeavyHitterCache(CachePolicy):
     def reset(self) -> None:
         self.layers.clear()
         self._step = None
+        self._new_ids = None
         self.evicted_tokens = 0
 
     def stats(self) -> dict:

@@ -200,9 +200,8 @@ class StacCache(HeavyHitterCache):
         if self._queued_step != self.steps:
             self._file_queued()
             self._queued_step = self.steps
-        # Filed in store (time) order per head, as the reference pools them (arrival order decides ties).
-        H = store.k.shape[0]
-        tokens = tokens.view(H, -1).sort(dim=1).values.reshape(-1)
+        # Filed in store (time) order per head, as end_step hands them over and the reference pools
+        # them (arrival order decides ties).
         self._queued.append((layer, heads, store.k[heads, tokens], store.v[heads, tokens], store.score[heads, tokens],
                              store.position[heads, tokens]))
 

@@ -10,8 +10,8 @@ Two kernels, never materialising the [M, N] probability matrix:
    exp2(s - lse) down the queries - no atomics, deterministic. On 16-bit inputs the sum runs on the
    tensor cores (probabilities as float16 times a ones matrix) and the exponentials are taken two
    per instruction in float16 (``MASS_METHODS``); float32 inputs keep an exact float32 sum.
-On 16-bit inputs the output pass also takes its exponentials two per instruction in float16
-(``FORWARD_EXPS``). Work: two q.k^T products and one p.v product, 1.5x plain attention's FLOPs. The mass pass runs
+The output pass can take its exponentials the same way (``FORWARD_EXPS``, opt-in: it does not
+pay there). Work: two q.k^T products and one p.v product, 1.5x plain attention's FLOPs. The mass pass runs
 only over the keys whose mass the caller reads (``mass_keys``): blocks of keys that all have bias
 -inf there (padding of a batch, a policy's retrieved keys) skip it and get mass 0.
 
@@ -323,8 +323,10 @@ def resolve_mass_method(method: str, q: Tensor) -> str:
 #              product takes the probabilities in 16 bits either way; what changes is that the
 #              exponent is rounded to float16 first (about 1e-3 relative per probability) and
 #              probabilities below 2^-24 of the row's largest count as 0.
+# float16x2 is opt-in: on an H100 the output pass took 1.13x longer with it (the conversions cost
+# more than the exponentials save; docs/performance.md), unlike the key-mass pass, where it pays.
 FORWARD_EXPS = ("float32", "float16x2")
-DEFAULT_FORWARD_EXP = "float16x2"
+DEFAULT_FORWARD_EXP = "float32"
 
 
 def resolve_forward_exp(method: str, q: Tensor) -> str:
