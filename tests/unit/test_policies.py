@@ -206,3 +206,28 @@ def test_stac_pool_work_per_step_is_bounded(small_model):
     assert stats["pool_insert_calls"] == steps_with_evictions, stats
     assert 0 < stats["pool_carried_tokens"] <= 2 * stats["pool_voxels"] * 4 * 4  # rows: voxels x layers x heads
     assert stats["pool_overflow_dropped_tokens"] > 0  # the bound was actually reached
+
+
+def test_heavy_hitter_hands_over_evictions_in_store_order_and_keeps_true_token_ids(tiny_model, frames24):
+    """Evicted tokens reach ``on_evict`` head by head, ascending within a head (``stac`` pools them
+    in that order), and every kept token still names its own frame and in-frame index (the step's
+    new-token ids are shared by the layers)."""
+    stream = Stream(tiny_model, cache=CacheConfig(policy="heavy_hitter", window=4, hh=1))
+    cache, seen = stream.cache, []
+    cache.on_evict = lambda layer, store, heads, tokens, info: seen.append((heads.clone(), tokens.clone()))
+    for start in range(0, len(frames24), 4):
+        stream.push(frames24[start : start + 4])
+        latest = start + 3
+        for store in cache.layers.values():
+            frames = store.frame.long()
+            assert frames.max().item() <= latest and frames.min().item() >= 0
+            assert (frames == latest).sum(dim=1).min().item() > 0  # the window's frame is kept whole
+            tokens_per_frame = int(store.index.max().item()) + 1
+            pairs = frames * tokens_per_frame + store.index.long()
+            assert all(len(set(row.tolist())) == row.numel() for row in pairs)  # no (frame, index) twice in a head
+    assert seen
+    for heads, tokens in seen:
+        H = int(heads.max().item()) + 1
+        per_head = tokens.view(H, -1)
+        assert torch.equal(heads.view(H, -1), torch.arange(H)[:, None].expand_as(per_head))
+        assert torch.equal(per_head, per_head.sort(dim=1).values)
