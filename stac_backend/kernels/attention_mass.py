@@ -307,14 +307,19 @@ MASS_METHODS = {"exact": 0, "tensor_core": 1, "tensor_core_f16_exp": 2}
 DEFAULT_MASS_METHOD = "tensor_core_f16_exp"
 
 
-def resolve_mass_method(method: str, q: Tensor) -> str:
+def _resolve(name: str, method: str, q: Tensor, choices, exact: str, env: str, default: str) -> str:
+    """An "auto" choice: ``exact`` for float32 inputs and off CUDA, else the environment's or the default."""
     if method == "auto":
         if q.dtype == torch.float32 or q.device.type != "cuda":
-            return "exact"
-        method = os.environ.get("STAC_MASS_METHOD", DEFAULT_MASS_METHOD)
-    if method not in MASS_METHODS:
-        raise ValueError(f"mass_method must be 'auto' or one of {sorted(MASS_METHODS)}, got {method!r}")
+            return exact
+        method = os.environ.get(env, default)
+    if method not in choices:
+        raise ValueError(f"{name} must be 'auto' or one of {sorted(choices)}, got {method!r}")
     return method
+
+
+def resolve_mass_method(method: str, q: Tensor) -> str:
+    return _resolve("mass_method", method, q, MASS_METHODS, "exact", "STAC_MASS_METHOD", DEFAULT_MASS_METHOD)
 
 
 # How the output pass takes exp2 of the scores (kernel constexpr HALF_EXP):
@@ -330,13 +335,7 @@ DEFAULT_FORWARD_EXP = "float32"
 
 
 def resolve_forward_exp(method: str, q: Tensor) -> str:
-    if method == "auto":
-        if q.dtype == torch.float32 or q.device.type != "cuda":
-            return "float32"
-        method = os.environ.get("STAC_FORWARD_EXP", DEFAULT_FORWARD_EXP)
-    if method not in FORWARD_EXPS:
-        raise ValueError(f"forward_exp must be 'auto' or one of {list(FORWARD_EXPS)}, got {method!r}")
-    return method
+    return _resolve("forward_exp", method, q, FORWARD_EXPS, "float32", "STAC_FORWARD_EXP", DEFAULT_FORWARD_EXP)
 
 
 def fused_available(device: torch.device) -> bool:
