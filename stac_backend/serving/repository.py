@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -144,6 +146,29 @@ PRODUCTION = ServeSettings(
 )
 
 
+def stub_import_problem(package: str = "stac_backend") -> Optional[str]:
+    """Why Triton's Python backend could not import ``package``, or None when it can.
+
+    The backend's stub embeds the ``python3`` that comes first on ``PATH`` (the launcher puts the
+    running interpreter's folder there) and runs it isolated: ``PYTHONPATH`` and the user site are
+    ignored, so a checkout found only through ``PYTHONPATH`` is invisible to it and the model fails
+    to load with a ``ModuleNotFoundError`` deep in the server's log. Asked of that interpreter in
+    isolated mode before the server starts; None also when the question cannot be asked (the
+    server's own error then says what went wrong)."""
+    sibling = Path(sys.executable).with_name("python3")
+    python = str(sibling) if sibling.exists() else sys.executable
+    probe = f"import importlib.util, sys; sys.exit(0 if importlib.util.find_spec({package!r}) else 3)"
+    try:
+        done = subprocess.run([python, "-I", "-c", probe], capture_output=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 3:
+        return None
+    return (f"Triton's Python backend runs {python} in isolated mode (PYTHONPATH is ignored) and cannot import "
+            f"{package}: install the project into that interpreter (pip install -e . in the checkout), or put "
+            "the checkout on its path with a .pth file in its site-packages")
+
+
 def local_server(settings: ServeSettings, workdir: Path, checkpoint_file: Optional[Path] = None, *,
                  threads: Optional[int] = None, start: bool = True, **server_options):
     """A tritonserver on this machine serving a repository written from ``settings`` under ``workdir``.
@@ -155,8 +180,11 @@ def local_server(settings: ServeSettings, workdir: Path, checkpoint_file: Option
     threads (OMP_NUM_THREADS). ``server_options`` go to ``TritonServer`` (ports, logs, env, ...).
     Returns the server ready (``start=False``: not started); the caller stops it.
     """
-    from ..tools.tritonserver import TritonServer
+    from ..tools.tritonserver import TritonServer, TritonServerError
 
+    problem = stub_import_problem()
+    if problem:
+        raise TritonServerError(problem)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     repo = write_repository(workdir / "model_repository", settings, checkpoint_file=checkpoint_file)

@@ -80,3 +80,22 @@ def test_settings_round_trip_through_the_rendered_config():
     idle_us = int(config["sequence_batching"]["max_sequence_idle_microseconds"])
     assert idle_us == int((7.5 + TRITON_IDLE_MARGIN_S) * 1e6)  # a backstop well above the model's TTL
     assert config["sequence_batching"]["oldest"]["max_candidate_sequences"] == 64
+
+
+def test_the_backend_interpreter_can_import_the_project():
+    """The test environment installs the project, as the README does: the stub's isolated Python finds it."""
+    from stac_backend.serving.repository import stub_import_problem
+
+    assert stub_import_problem() is None
+
+
+def test_a_project_the_backend_cannot_import_is_refused_before_the_server_starts(tmp_path, monkeypatch):
+    from stac_backend.serving import repository
+    from stac_backend.tools.tritonserver import TritonServerError
+
+    problem = repository.stub_import_problem("stac_backend_not_installed_anywhere")
+    assert "isolated mode" in problem and "pip install -e ." in problem and "PYTHONPATH" in problem
+    monkeypatch.setattr(repository, "stub_import_problem", lambda: problem)
+    with pytest.raises(TritonServerError, match="cannot import stac_backend_not_installed_anywhere"):
+        repository.local_server(ServeSettings(preset="tiny"), tmp_path / "work")
+    assert not (tmp_path / "work").exists()  # nothing written, nothing started
