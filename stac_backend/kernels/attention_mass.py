@@ -11,9 +11,9 @@ Two kernels, never materialising the [M, N] probability matrix:
    tensor cores (probabilities as float16 times a ones matrix) and the exponentials are taken two
    per instruction in float16 (``MASS_METHODS``); float32 inputs keep an exact float32 sum.
 The output pass can take its exponentials the same way (``FORWARD_EXPS``, opt-in: it does not
-pay there). Work: two q.k^T products and one p.v product, 1.5x plain attention's FLOPs. The mass pass runs
-only over the keys whose mass the caller reads (``mass_keys``): blocks of keys that all have bias
--inf there (padding of a batch, a policy's retrieved keys) skip it and get mass 0.
+pay there). Work: two q.k^T products and one p.v product, 1.5x plain attention's FLOPs. The mass
+pass runs only over the keys whose mass the caller reads (``mass_keys``): blocks of keys that all
+have bias -inf there (padding of a batch, a policy's retrieved keys) skip it and get mass 0.
 
 ``bias`` is an additive per-key logit bias (log C for merged pivots); invalid (padding) keys are
 passed as a bias of -inf. Keys whose bias is -inf receive mass 0; a query with no finite key gets

@@ -221,7 +221,7 @@ def test_heavy_hitter_hands_over_evictions_in_store_order_and_keeps_true_token_i
         for store in cache.layers.values():
             frames = store.frame.long()
             assert frames.max().item() <= latest and frames.min().item() >= 0
-            assert (frames == latest).sum(dim=1).min().item() > 0  # the window's frame is kept whole
+            assert (frames == latest).sum(dim=1).min().item() > 0  # every head keeps the newest frame
             tokens_per_frame = int(store.index.max().item()) + 1
             pairs = frames * tokens_per_frame + store.index.long()
             assert all(len(set(row.tolist())) == row.numel() for row in pairs)  # no (frame, index) twice in a head
