@@ -1,6 +1,11 @@
-"""Shared fixtures: a tiny random model whose camera head predicts a plausible field of view."""
+"""Shared fixtures: a tiny random model whose camera head predicts a plausible field of view, and
+the loader of scripts that are not package modules (benchmarks, deploy tools)."""
 
 from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +28,20 @@ def make_tiny_model(seed: int = 0, **config_changes):
         # Random weights put the field of view near 0 (focal length near infinity); bias it to ~1 rad.
         model.camera_head.pose_branch.fc2.bias[7:].fill_(1.0)
     return model
+
+
+def load_script(path, name: str):
+    """The Python file at ``path`` imported as module ``name`` (benchmarks/*.py, deploy/*.py), with
+    its folder on ``sys.path`` while it loads so that it can import its siblings."""
+    path = Path(path)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(path.parent))
 
 
 @pytest.fixture(scope="session")

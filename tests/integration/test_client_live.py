@@ -25,7 +25,7 @@ from stac_backend.serving.metrics import EXPORTED_SERIES  # noqa: E402
 from stac_backend.serving.repository import ServeSettings, write_repository  # noqa: E402
 from stac_backend.tools.tritonserver import TritonServer  # noqa: E402
 
-from conftest import make_tiny_model  # noqa: E402
+from conftest import load_script, make_tiny_model  # noqa: E402
 
 CACHE = {"policy": "window"}
 IMAGE_SIZE = 84  # published by the server; the CLI must stream at this width
@@ -105,13 +105,10 @@ def scrape(server) -> dict[str, float]:
 
 
 def test_exported_metrics_cover_the_dashboard_and_the_rules(server):
-    import importlib.util as util
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "unit" / "test_metrics_export.py"
-    spec = util.spec_from_file_location("metrics_queries", path)
-    queries = util.module_from_spec(spec)
-    spec.loader.exec_module(queries)  # the same query parsing as the unit test
+    queries = load_script(path, "metrics_queries")  # the same query parsing as the unit test
     alert_queries, dashboard_queries, query_metric_names = (
         queries.alert_queries, queries.dashboard_queries, queries.query_metric_names)
 

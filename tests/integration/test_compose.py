@@ -34,7 +34,7 @@ from stac_backend.tools.nginx import (  # noqa: E402
     render_nginx_config,
 )
 
-from conftest import make_tiny_model  # noqa: E402
+from conftest import load_script, make_tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -279,10 +279,7 @@ def test_nginx_accepts_the_tls_config(tmp_path):
 
 
 def _prepare_module():
-    spec = importlib.util.spec_from_file_location("stac_deploy_prepare", ROOT / "deploy" / "prepare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "deploy" / "prepare.py", "stac_deploy_prepare")
 
 
 def test_prepare_places_validates_and_renders(tmp_path, monkeypatch):

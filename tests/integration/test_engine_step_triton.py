@@ -5,24 +5,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVING = importlib.util.find_spec("pytriton") is not None and importlib.util.find_spec("tritonclient") is not None
 
 
 def _bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("engine_step_bench", ROOT / "benchmarks" / "engine_step.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    return load_script(ROOT / "benchmarks" / "engine_step.py", "engine_step_bench")
 
 
 @pytest.mark.skipif(not SERVING, reason="serving extras not installed (pip install -e '.[serving]')")

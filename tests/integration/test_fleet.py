@@ -28,6 +28,8 @@ from stac_backend.loadgen.fleet import (
 )
 from stac_backend.tools.nginx import NginxConfig, render_nginx_config
 
+from conftest import load_script
+
 SERVING = importlib.util.find_spec("pytriton") is not None and importlib.util.find_spec("tritonclient") is not None
 
 
@@ -168,10 +170,7 @@ def _capacity_table_module():
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "fleet_capacity_table.py"
-    spec = importlib.util.spec_from_file_location("fleet_capacity_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(path, "fleet_capacity_table")
 
 
 def _capacity_file(device, preset, budgets):

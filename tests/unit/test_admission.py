@@ -7,7 +7,6 @@ model's weights and a micro-batch step's memory from the recorded H100 benchmark
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -19,20 +18,14 @@ from stac_backend.engine import (admission_reserve_bytes, geometry_of, stream_me
 from stac_backend.engine.admission import charged_bound
 from stac_backend.model import get_preset
 
+from conftest import load_script
+
 GIB = 2**30
 HW = (392, 518)
 
 
-def _capacity_script():
-    """benchmarks/streams_per_gpu.py: the recorded H100 figures and a stream's step outputs."""
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "streams_per_gpu.py"
-    spec = importlib.util.spec_from_file_location("streams_per_gpu", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-CAPACITY = _capacity_script()
+# benchmarks/streams_per_gpu.py: the recorded H100 figures and a stream's step outputs
+CAPACITY = load_script(Path(__file__).resolve().parents[2] / "benchmarks" / "streams_per_gpu.py", "streams_per_gpu")
 recorded_h100 = CAPACITY.recorded_h100
 step_output_bytes = CAPACITY.step_output_bytes
 

@@ -3,7 +3,6 @@ checked-in results and the docs that cite them agree."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -11,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from stac_backend.results import device_key, read_text_run, run_record, write_result, write_text_result
+
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "docs" / "benchmarks"
@@ -21,10 +22,7 @@ CHECKED_DOCS = ("README.md", "CHANGELOG.md", "docs/performance.md", "docs/archit
 
 
 def report_module():
-    spec = importlib.util.spec_from_file_location("benchmark_report", ROOT / "benchmarks" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "report.py", "benchmark_report")
 
 
 @pytest.mark.parametrize("name, key", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("cpu", "cpu"),

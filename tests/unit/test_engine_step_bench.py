@@ -3,9 +3,7 @@ skipped), and the FLOPs per frame of benchmarks/step_flops.py against torch's FL
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,18 +11,13 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load(name: str):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location(f"{name}_bench", ROOT / "benchmarks" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    return load_script(ROOT / "benchmarks" / f"{name}.py", f"{name}_bench")
 
 
 def _counted(fn) -> int:

@@ -4,21 +4,19 @@ JSON it writes has the shape the GPU run's file will have."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("engine_streams_bench", ROOT / "benchmarks" / "engine_streams.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "engine_streams.py", "engine_streams_bench")
 
 
 def test_modes_parse():

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from stac_backend.engine import full_cache_bytes_per_frame, stream_memory_bound
 
+from conftest import load_script
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quality_memory.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("quality_memory", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "quality_memory")
 
 
 @pytest.mark.parametrize("policy", ["window", "sink_window", "heavy_hitter", "stac"])

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "voxel_size_probe.py"
 
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("voxel_size_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "voxel_size_probe")
 
 
 def test_probe_writes_one_row_per_voxel_size(probe, tmp_path):
