@@ -28,7 +28,7 @@ from stac_backend.assets import EMBEDDED_CHECKPOINT
 from stac_backend.cache import CacheConfig
 from stac_backend.data import make_sequence, to_first_camera_frame
 from stac_backend.engine import Stream
-from stac_backend.metrics import evaluate_sequence
+from stac_backend.metrics import evaluate_sequence, pose_metrics
 from stac_backend.model import build_model
 from stac_backend.results import write_result
 
@@ -66,9 +66,19 @@ def run(model, seq, config, chunk=4):
     return pred, {"peak_cache_bytes": peak, "seconds": seconds, "frames_per_second": seq.num_frames / seconds, "cache_stats": stats}
 
 
+# How far into a stream poses stay right: ATE over the first N frames (each prefix aligned on its own).
+ATE_PREFIXES = (24, 48, 96, 150)
+
+
+def ate_by_prefix(extrinsics, gt_extrinsics) -> dict[str, float]:
+    n = gt_extrinsics.shape[0]
+    return {str(k): float(pose_metrics(extrinsics[:k], gt_extrinsics[:k])["ate_rmse"]) for k in ATE_PREFIXES if k < n}
+
+
 def score(pred: dict, seq, args) -> dict:
     """Depth and poses on every frame; points on every ``--point-frame-stride``-th frame, with the caps given."""
     metrics = evaluate_sequence({"depth": pred["depth"], "extrinsics": pred["extrinsics"]}, seq)
+    metrics["ate_rmse_first_frames"] = ate_by_prefix(pred["extrinsics"], seq.extrinsics)
     k = args.point_frame_stride
     points_gt = {"world_points": seq.world_points[::k], "valid": seq.valid[::k]}
     metrics |= evaluate_sequence({"world_points": pred["world_points"][::k]}, points_gt, icp_iterations=args.icp_iterations,
@@ -136,6 +146,10 @@ def write_report(args, results, baseline, done: int) -> dict:
     summary = {name: {k: mean(rows, k) for k in keys} | {"peak_cache_bytes": max(r["peak_cache_bytes"] for r in rows),
                                                           "frames_per_second": mean([{"x": r["frames_per_second"]} for r in rows], "x")}
                for name, rows in results.items()}
+    for name, rows in results.items():
+        prefixes = rows[0]["metrics"].get("ate_rmse_first_frames", {})
+        summary[name]["ate_rmse_first_frames"] = {k: float(np.mean([r["metrics"]["ate_rmse_first_frames"][k] for r in rows]))
+                                                  for k in prefixes}
     summary["baseline_median_depth"] = {k: float(np.mean([b[k] for b in baseline])) for k in ("abs_rel", "delta_1.25")}
     report = {"benchmark": "quality", "checkpoint": str(args.checkpoint.name), "device": args.device, "frames": args.frames,
               "sequences": done, "stac_overrides": json.loads(args.stac_overrides or "{}"),

@@ -14,7 +14,7 @@ convention): depth, world points and the 9-number pose encoding. Losses:
 
 Scenes are pre-rendered into a pool (``--pool`` sequences of ``--pool-frames`` frames, different
 seeds, all three trajectory kinds) and training samples random windows from it; held-out scenes
-use seeds >= 1,000,000. Checkpoints (``last.pt``: weights + optimizer + step, loadable with
+are seeds 1,000,000 to 1,009,999, which no pool renders. Checkpoints (``last.pt``: weights + optimizer + step, loadable with
 weights_only=True) are written every ``--save-every`` steps and at the end; ``model.safetensors``
 holds the weights and config for serving.
 """
@@ -38,7 +38,19 @@ from ..model import build_model, save_checkpoint
 from ..model.pose import extri_intri_to_pose_encoding
 
 TRAJECTORIES = ("loop", "back_and_forth", "random_walk")
+# Held-out scenes (quality benchmarks) are seeds HELD_OUT_SEED .. HELD_OUT_SEED + HELD_OUT_COUNT - 1;
+# a training pool never renders one of them.
 HELD_OUT_SEED = 1_000_000
+HELD_OUT_COUNT = 10_000
+
+
+def pool_seed0(seed: int, step: int, pool: int) -> int:
+    """First scene seed of a run's training pool (a fresh pool every 5,000 steps)."""
+    seed0 = seed * 100_000 + (step // 5000) * pool
+    if seed0 < HELD_OUT_SEED + HELD_OUT_COUNT and seed0 + pool > HELD_OUT_SEED:
+        raise ValueError(f"--seed {seed} at step {step} would train on held-out scenes (seeds {HELD_OUT_SEED:,} to "
+                         f"{HELD_OUT_SEED + HELD_OUT_COUNT - 1:,}): choose another --seed")
+    return seed0
 
 
 def render_pool(count: int, frames: int, height: int, width: int, device: str, seed0: int = 0) -> dict[str, torch.Tensor]:
@@ -194,7 +206,7 @@ def main(argv=None) -> int:
         rng = random.Random(args.seed + step)
         print(f"resumed from {args.resume} at step {step}", flush=True)
     t0 = time.time()
-    pool = render_pool(args.pool, args.pool_frames, args.height, args.width, args.device, seed0=args.seed * 100_000 + (step // 5000) * args.pool)
+    pool = render_pool(args.pool, args.pool_frames, args.height, args.width, args.device, seed0=pool_seed0(args.seed, step, args.pool))
     print(f"rendered {args.pool} x {args.pool_frames} frames in {time.time() - t0:.1f} s", flush=True)
     deadline = time.time() + args.minutes * 60
     warmup, history = 200, []
