@@ -6,7 +6,9 @@ import json
 
 import torch
 
-from stac_backend.training.train import confidence_l1, main, scene_scale
+import pytest
+
+from stac_backend.training.train import HELD_OUT_COUNT, HELD_OUT_SEED, confidence_l1, main, pool_seed0, scene_scale
 
 
 def test_scene_scale_is_the_mean_valid_point_distance():
@@ -42,3 +44,12 @@ def test_two_steps_then_resume(tmp_path):
     assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 2
     assert main(args[:-2] + ["--max-steps", "3", "--resume", str(tmp_path / "run" / "last.pt"), "--out", str(tmp_path / "run2")]) == 0
     assert json.loads((tmp_path / "run2" / "state.json").read_text())["step"] == 3
+
+
+def test_training_pools_never_render_held_out_scenes():
+    assert pool_seed0(11, 0, 128) == 1_100_000  # runs with --seed 11 drew 1,100,000 on: past the held-out range
+    assert pool_seed0(3, 5000, 384) == 300_384  # a fresh pool every 5,000 steps
+    for seed, step, pool in ((10, 0, 2), (9, 5000 * 260, 384)):  # starts inside / runs into the held-out range
+        with pytest.raises(ValueError, match="held-out scenes"):
+            pool_seed0(seed, step, pool)
+    assert HELD_OUT_SEED + HELD_OUT_COUNT <= 1_100_000
