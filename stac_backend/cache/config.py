@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 POLICIES = ("full", "window", "sink_window", "heavy_hitter", "stac")
+STORES = ("compact", "slots")
 DEFAULT_CAMERA_WINDOW = 64
 
 
@@ -59,6 +60,13 @@ class CacheConfig:
     # tensor every step (a copy of the whole cache per step, as the reference code does); e.g. 1.25
     # keeps up to 25% spare so that steps append in place (see cache/full.py).
     full_growth: float = 1.0
+    # heavy_hitter / stac only: how each layer's hot store is held. "compact" joins a step's new
+    # tokens onto the store and gathers the kept ones after pruning (two copies of the store per
+    # step); "slots" preallocates the store at its bound (pinned + window + hh + chunk frames) and
+    # writes in place: new tokens fill the slots evicted tokens left (cache/slot_store.py). Same
+    # tokens kept and pooled; the attention sums its keys in another order, so outputs agree to
+    # float rounding, not bit for bit. Between steps it holds the chunk's share as well.
+    store: str = "compact"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pinned_frames", tuple(int(f) for f in self.pinned_frames))
@@ -81,6 +89,10 @@ class CacheConfig:
         if self.retrieval_start_frame is not None and (not isinstance(self.retrieval_start_frame, int)
                                                         or self.retrieval_start_frame < 0):
             problems.append(f"retrieval_start_frame must be a non-negative integer or None, got {self.retrieval_start_frame!r}")
+        if self.store not in STORES:
+            problems.append(f"store must be one of {STORES}, got {self.store!r}")
+        elif self.store == "slots" and self.policy not in ("heavy_hitter", "stac"):
+            problems.append(f"store='slots' is implemented for the heavy_hitter and stac policies, not {self.policy!r}")
         if self.patch_position not in ("centre", "mean"):
             problems.append(f"patch_position must be 'centre' or 'mean', got {self.patch_position!r}")
         if self.camera_window is not None and (not isinstance(self.camera_window, int) or self.camera_window < 1):

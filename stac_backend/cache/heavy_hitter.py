@@ -8,6 +8,11 @@ the highest scores. So a head holds at most (pinned + window + hh + chunk) frame
 
 Subclasses (the ``stac`` policy) receive the evicted tokens through ``on_evict`` and may add extra
 keys (retrieved pivots, with a logit bias) through ``extra_keys``.
+
+With ``CacheConfig.store="slots"`` each layer's store is a ``SlotLayerTokens``: preallocated at
+the bound and written in place, not in time order. Everything that needs an order here (ties of
+the ranking, the order evictions are handed over, the exported state) uses (frame, in-frame
+index), which is the default store's order, so both stores keep and hand over the same tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch import Tensor
 from .base import CacheGeometry, CachePolicy, KeySet, StepInfo, check_state_names
 from .camera import camera_budget_share
 from .config import CacheConfig
+from .slot_store import SlotLayerTokens, time_order
 from .token_store import LayerTokens, bytes_per_token, export_layers, import_layers, step_token_ids
 
 MUST_KEEP = float("inf")
@@ -32,7 +38,8 @@ class HeavyHitterCache(CachePolicy):
     def __init__(self, config: CacheConfig, geometry: CacheGeometry):
         self.config = config
         self.geometry = geometry
-        self.layers: dict[int, LayerTokens] = {}
+        self.layers: dict[int, LayerTokens | SlotLayerTokens] = {}
+        self.slots = config.store == "slots"
         self.evicted_tokens = 0
         self._step: Optional[StepInfo] = None
         self._pending: dict[int, tuple] = {}  # layer -> what absorb() needs from prepare()
@@ -51,6 +58,8 @@ class HeavyHitterCache(CachePolicy):
     def prepare(self, layer: int, k: Tensor, v: Tensor) -> KeySet:
         if self._step is None:
             raise RuntimeError("begin_step() must be called before attention")
+        if self.slots:
+            return self._prepare_slots(layer, k, v)
         H, M = k.shape[0], k.shape[1]
         store = self.layers.get(layer)
         old = 0 if store is None else store.num_tokens
@@ -79,6 +88,45 @@ class HeavyHitterCache(CachePolicy):
         # absorb() reads the mass of the stored and the new keys, not of the extra ones
         return KeySet(keys, values, bias, valid, need_mass=True, mass_skip=(old, old + n_extra) if n_extra else None)
 
+    def _slot_store(self, layer: int, k: Tensor) -> SlotLayerTokens:
+        """The layer's slot store, made at the first step (or from an imported compact store)."""
+        store = self.layers.get(layer)
+        if isinstance(store, SlotLayerTokens):
+            return store
+        capacity = self.hot_frames(during_step=True) * self._step.tokens_per_frame
+        if store is None:
+            store = SlotLayerTokens.empty(k.shape[0], capacity, k.shape[2], k.dtype, k.device, self.tracks_positions)
+        else:
+            store = SlotLayerTokens.from_tokens(store, capacity)
+        self.layers[layer] = store
+        return store
+
+    def _prepare_slots(self, layer: int, k: Tensor, v: Tensor) -> KeySet:
+        """``prepare`` on a slot store: the new tokens go into free slots; the key set is (store,
+        extra), the store shown whole (with a mask of live slots where some are free) or as the
+        prefix it fills."""
+        H, M = k.shape[0], k.shape[1]
+        store = self._slot_store(layer, k)
+        old = store.num_tokens
+        frame, index, position = self._step_new_ids(H, M, k.device)
+        store.append(k, v, frame, index, position)
+        keys, values, live = store.keys()
+        extra = self.extra_keys(layer)
+        if extra is None or extra[0].shape[1] == 0:
+            # absorb() counts old + new live keys (no mask needed for that)
+            self._pending[layer] = (old, 0, M, None)
+            return KeySet(keys, values, None, live, need_mass=True)
+        n, n_extra = keys.shape[1], extra[0].shape[1]
+        bias = torch.zeros(H, n + n_extra, device=k.device)
+        bias[:, n:] = extra[2].float()
+        valid = torch.ones(H, n + n_extra, dtype=torch.bool, device=k.device)
+        if live is not None:
+            valid[:, :n] = live
+        valid[:, n:] = extra[3]
+        self._pending[layer] = (old, n_extra, M, valid)
+        return KeySet((keys, extra[0].to(k.dtype)), (values, extra[1].to(v.dtype)), bias, valid, need_mass=True,
+                      mass_skip=(n, n + n_extra))
+
     def _step_new_ids(self, H: int, M: int, device) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """Frame and in-frame index [H, M] of the step's new tokens and their (not yet known, NaN)
         positions: the same for every layer, so made once per step (the layers' stores copy them)."""
@@ -92,11 +140,10 @@ class HeavyHitterCache(CachePolicy):
 
     def absorb(self, layer: int, mass: Optional[Tensor], num_queries: int) -> None:
         old, n_extra, new, valid = self._pending.pop(layer)
-        live = valid.sum(dim=1, keepdim=True).float() if valid is not None else float(mass.shape[1])
+        # Without a valid mask every key of the set is a stored or a new token: old + new of them.
+        live = valid.sum(dim=1, keepdim=True).float() if valid is not None else float(old + new)
         score = mass * (live / num_queries)  # rescaled by live keys / queries
-        store = self.layers[layer]
-        store.score[:, :old].mul_(self.config.gamma).add_(score[:, :old])
-        store.score[:, old:] = score[:, old + n_extra :]
+        self.layers[layer].absorb_scores(score, old, n_extra, self.config.gamma)
 
     def end_step(self, info: StepInfo) -> None:
         latest = info.frame_offset + info.num_frames - 1
@@ -115,7 +162,9 @@ class HeavyHitterCache(CachePolicy):
         if any(store.num_tokens != n_tokens for store in stores):
             raise RuntimeError("heavy_hitter: layers hold different numbers of tokens")
         n_keep = n_protected + min(budget, n_tokens - n_protected)
-        if stores and n_keep < n_tokens:
+        if stores and n_keep < n_tokens and self.slots:
+            self._prune_slots(info, latest, n_keep, layers, stores)
+        elif stores and n_keep < n_tokens:
             frame = torch.stack([store.frame for store in stores])  # [L, H, N]
             protected = frame > latest - self.config.window
             for f in self.config.pinned_frames:
@@ -133,18 +182,49 @@ class HeavyHitterCache(CachePolicy):
         self._step = None
         self._new_ids = None
 
+    def _prune_slots(self, info: StepInfo, latest: int, n_keep: int, layers: list[int],
+                     stores: list[SlotLayerTokens]) -> None:
+        """``end_step``'s pruning on slot stores: the same ranking in (frame, index) order, so ties
+        break as on the default store (whose order that is); evicted slots are only marked free."""
+        n_tokens = stores[0].num_tokens
+        frame = torch.stack([store.frame for store in stores])  # [L, H, S]
+        live = frame >= 0
+        protected = frame > latest - self.config.window
+        for f in self.config.pinned_frames:
+            protected |= frame == f
+        score = torch.stack([store.score for store in stores])
+        priority = torch.where(live & protected, torch.full_like(score, MUST_KEEP),
+                               torch.where(live, score, torch.full_like(score, -MUST_KEEP)))
+        by_time = time_order(frame, torch.stack([store.index for store in stores]))  # free slots last
+        rank = torch.argsort(priority.gather(-1, by_time), dim=-1, descending=True, stable=True)
+        # Ranked: kept tokens (n_keep), evicted ones (up to n_tokens), then the slots already free.
+        order = by_time.gather(-1, rank)
+        evict = by_time.gather(-1, rank[..., n_keep:n_tokens].sort(dim=-1).values)  # (frame, index) order per head
+        heads = torch.arange(evict.shape[1], device=evict.device).repeat_interleave(evict.shape[2])
+        for i, (layer, store) in enumerate(zip(layers, stores)):
+            self.on_evict(layer, store, heads, evict[i].reshape(-1), info)
+            self.evicted_tokens += evict[i].numel()
+            store.evict(evict[i], order[i, :, n_keep:].clone(), n_keep)
+
     def on_evict(self, layer: int, store: LayerTokens, heads: Tensor, tokens: Tensor, info: StepInfo) -> None:
         """Evicted tokens are dropped here; ``stac`` pools them. ``heads``/``tokens``: the head and the
-        index into ``store`` of each evicted token, head by head, ascending (store order) within a head."""
+        index into ``store`` of each evicted token, head by head, and within a head in (frame, in-frame
+        index) order (the default store's order; a slot store's slots are not in that order)."""
 
     # ------------------------------------------------------------------ memory
+    def hot_frames(self, during_step: bool = True) -> int:
+        """Frame-equivalents per (layer, head) the hot store holds at most: pinned + window + hh,
+        plus the chunk during a step (a slot store holds that capacity between steps too)."""
+        frames = len(self.config.pinned_frames) + self.config.window + self.config.hh
+        return frames + (self.config.chunk if during_step or self.slots else 0)
+
     def hot_bytes_bound(self, tokens_per_frame: int, during_step: bool = True) -> int:
         """Most bytes the hot store holds: during a step, (pinned + window + hh + chunk)
         frame-equivalents per (layer, head), each token with its score (and position); between
-        steps (``during_step=False``) the chunk's share is pruned away again."""
+        steps (``during_step=False``) the chunk's share is pruned away again (not with
+        ``store="slots"``: its buffers keep their capacity)."""
         g = self.geometry
-        frames = len(self.config.pinned_frames) + self.config.window + self.config.hh
-        frames += self.config.chunk if during_step else 0
+        frames = self.hot_frames(during_step)
         per_token = bytes_per_token(g.head_dim, g.element_size, with_score=True, with_position=self.tracks_positions)
         return g.num_layers * g.num_heads * frames * tokens_per_frame * per_token
 
@@ -192,7 +272,9 @@ class HeavyHitterCache(CachePolicy):
         if self._step is not None or self._pending:
             raise RuntimeError("export_state() is only valid between steps")
         g = self.geometry
-        state = export_layers(self.layers, g.num_heads, g.head_dim, g.dtype, g.device, True, self.tracks_positions)
+        # A slot store exports its live tokens in (frame, index) order: the default store's state.
+        layers = {i: s.compact() if isinstance(s, SlotLayerTokens) else s for i, s in self.layers.items()}
+        state = export_layers(layers, g.num_heads, g.head_dim, g.dtype, g.device, True, self.tracks_positions)
         state["evicted_tokens"] = torch.tensor(self.evicted_tokens, dtype=torch.int64)
         return state
 
@@ -202,5 +284,5 @@ class HeavyHitterCache(CachePolicy):
         g = self.geometry
         layers = import_layers(state, g.num_heads, g.head_dim, g.device, True, self.tracks_positions)
         self.reset()
-        self.layers = layers
+        self.layers = layers  # compact; a slot store is made from them at the next step
         self.evicted_tokens = int(state["evicted_tokens"])

@@ -13,7 +13,7 @@ On top of ``heavy_hitter``, at the end of each step, in the reference's order:
   bias log(C); ``retrieve_before_prune=False`` retrieves after this step's evictions instead;
 - the hot cache is pruned; tokens it evicts go into the stream's ``VoxelPool`` (merged into
   voxel-aligned pivots) instead of being dropped; tokens without a position are dropped.
-  Evictions of all layers are queued (per head in store order) and filed in one batched
+  Evictions of all layers are queued (per head in (frame, index) order) and filed in one batched
   ``VoxelPool.insert`` per step.
 
 A head's attention mass is rescaled by its hot keys / queries: retrieved keys are not counted.
@@ -188,7 +188,7 @@ class StacCache(HeavyHitterCache):
         pos[:, psi:] = patches
         pos = pos.reshape(1, C * P, 3)
         for store in self.layers.values():
-            store.position[:, -C * P :] = pos.to(store.position.device)
+            store.write_new_positions(pos.to(store.position.device))
 
     def _voxels(self, points: Tensor) -> tuple[Tensor, Tensor]:
         # Confidence was already applied when positions were attached (NaN = no position).
@@ -200,8 +200,8 @@ class StacCache(HeavyHitterCache):
         if self._queued_step != self.steps:
             self._file_queued()
             self._queued_step = self.steps
-        # Filed in store (time) order per head, as end_step hands them over and the reference pools
-        # them (arrival order decides ties).
+        # Filed in (frame, index) order per head, as end_step hands them over and the reference
+        # pools them (arrival order decides ties).
         self._queued.append((layer, heads, store.k[heads, tokens], store.v[heads, tokens], store.score[heads, tokens],
                              store.position[heads, tokens]))
 
@@ -225,6 +225,7 @@ class StacCache(HeavyHitterCache):
         first = next(iter(self.layers.values()))
         coords, valid = self._voxels(first.position[0])
         valid &= first.frame[0] > latest - self.config.window  # the recent window's tokens
+        valid &= first.frame[0] >= 0  # not a free slot (store="slots"); always true otherwise
         budget = self.config.retrieval * info.tokens_per_frame
         layers = list(self.layers)
         # Masks, not selections: no host synchronisation until the result sizes, so this queues
@@ -238,9 +239,7 @@ class StacCache(HeavyHitterCache):
         queries: retrieved keys are not counted, as in the reference."""
         old, n_extra, new, valid = self._pending.pop(layer)
         score = mass * ((old + new) / num_queries)
-        store = self.layers[layer]
-        store.score[:, :old].mul_(self.config.gamma).add_(score[:, :old])
-        store.score[:, old:] = score[:, old + n_extra :]
+        self.layers[layer].absorb_scores(score, old, n_extra, self.config.gamma)
 
     # ------------------------------------------------------------------ memory
     def memory_bytes(self) -> int:

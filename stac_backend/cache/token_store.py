@@ -42,6 +42,16 @@ class LayerTokens:
         if self.position is not None:
             self.position = torch.cat([self.position, position], dim=1)
 
+    def absorb_scores(self, score: Tensor, old: int, n_extra: int, gamma: float) -> None:
+        """Scores [H, old + n_extra + new] of the step's key set (stored, extra, new): the stored
+        tokens' decay and add, the new ones' are set; the extra keys' are not read."""
+        self.score[:, :old].mul_(gamma).add_(score[:, :old])
+        self.score[:, old:] = score[:, old + n_extra :]
+
+    def write_new_positions(self, position: Tensor) -> None:
+        """Positions [1 or H, M, 3] of the last M tokens (the step's new ones: they were appended)."""
+        self.position[:, -position.shape[1] :] = position
+
     def select(self, keep: Tensor) -> "LayerTokens":
         """Tokens at per-head indices keep [H, K] (a new store; self is unchanged)."""
         def take(t: Optional[Tensor]) -> Optional[Tensor]:

@@ -1,0 +1,158 @@
+"""The slot store (``CacheConfig.store="slots"``) against the default one: same outputs (to float
+rounding: the attention sums its keys in another order), the same tokens kept per (layer, head)
+after every step, the same evictions filed into the voxel pool in the same order, the same
+exported state, and a store that never leaves its preallocated buffers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stac_backend.cache import CacheConfig
+from stac_backend.cache.slot_store import SlotLayerTokens
+from stac_backend.engine import Stream
+from stac_backend.engine.stream import push_many
+from stac_backend.model import OUTPUT_NAMES
+
+COMPARED = [n for n in OUTPUT_NAMES if n != "intrinsics"]  # intrinsics derive from pose_enc (compared)
+# 13 steps of 2 frames with a short (1-frame) chunk in the middle and at the end: evictions from
+# step 3 on, retrieval from frame 4, and steps where the slot store is not full (masked keys).
+CHUNKS = [2, 2, 2, 2, 2, 1, 2, 2, 2, 2, 2, 2, 1]
+SMALL = dict(chunk=2, window=2, hh=1, retrieval_start_frame=4, voxel_size=0.05, conf_threshold=0.0, buffer_size=2,
+             max_pivots=2)
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return torch.rand(sum(CHUNKS), 3, 56, 84, generator=torch.Generator().manual_seed(5))
+
+
+def config(policy: str, store: str) -> CacheConfig:
+    return CacheConfig(policy=policy, store=store, **SMALL)
+
+
+def kept(store) -> tuple[torch.Tensor, torch.Tensor]:
+    """(frame, index) [H, N] of the tokens a layer holds, in (frame, index) order per head."""
+    if isinstance(store, SlotLayerTokens):
+        store = store.compact()
+    return store.frame, store.index
+
+
+def assert_states_equal(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        if a[name].is_floating_point():
+            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-5, equal_nan=True, msg=name)
+        else:
+            assert torch.equal(a[name], b[name]), name
+
+
+def run_pair(model, frames, policy):
+    """Both stores side by side, comparing what they keep after every step."""
+    streams = {store: Stream(model, cache=config(policy, store)) for store in ("compact", "slots")}
+    outs = {store: [] for store in streams}
+    start, capacity, buffers = 0, None, None
+    for step, n in enumerate(CHUNKS):
+        for store, stream in streams.items():
+            outs[store].append(stream.push(frames[start : start + n]))
+        start += n
+        compact, slots = streams["compact"].cache, streams["slots"].cache
+        assert sorted(compact.layers) == sorted(slots.layers)
+        for layer in compact.layers:
+            f_a, i_a = kept(compact.layers[layer])
+            f_b, i_b = kept(slots.layers[layer])
+            assert torch.equal(f_a, f_b) and torch.equal(i_a, i_b), f"step {step}, layer {layer}: kept tokens differ"
+        # The slot store stays in its first buffers, at the capacity it was made with.
+        stores = list(slots.layers.values())
+        assert all(isinstance(s, SlotLayerTokens) for s in stores)
+        if capacity is None:
+            capacity = stores[0].capacity
+            buffers = [s.k.data_ptr() for s in stores]
+            held = slots.memory_bytes()
+        assert [s.k.data_ptr() for s in stores] == buffers
+        assert all(s.capacity == capacity and s.num_tokens <= capacity for s in stores)
+        if policy == "heavy_hitter":
+            assert slots.memory_bytes() == held  # nothing is allocated after the first step
+        stream = streams["slots"]
+        assert stream.memory_bytes() <= stream.memory_bound()
+        P = model.config.tokens_per_frame(56, 84)
+        assert slots.memory_bytes() <= slots.resting_bytes_bound(P)
+        assert compact.stats()["evicted_tokens"] == slots.stats()["evicted_tokens"]
+    P = model.config.tokens_per_frame(56, 84)
+    assert capacity == (len(SMALL.get("pinned_frames", (0,))) + SMALL["window"] + SMALL["hh"] + SMALL["chunk"]) * P
+    joined = {store: {k: torch.cat([o[k] for o in outs[store]]) for k in COMPARED} for store in outs}
+    return joined, streams
+
+
+@pytest.mark.parametrize("policy", ["heavy_hitter", "stac"])
+def test_slots_match_the_default_store(tiny_model, frames, policy):
+    outs, streams = run_pair(tiny_model, frames, policy)
+    for name in COMPARED:
+        torch.testing.assert_close(outs["slots"][name], outs["compact"][name], atol=1e-5, rtol=1e-5, msg=name)
+    compact, slots = streams["compact"].cache, streams["slots"].cache
+    assert compact.stats()["evicted_tokens"] > 0
+    assert_states_equal(compact.export_state(), slots.export_state())
+    if policy == "stac":
+        stats = compact.stats()
+        assert stats["pool_pivots"] > 0 and stats["pooled_tokens"] > 0, stats  # the pool was really used
+        others = slots.stats()
+        for name in stats:
+            if name not in ("memory_bytes",):
+                assert stats[name] == others[name], name
+        # The pool received the same tokens in the same order: its whole state agrees.
+        assert_states_equal(compact.pool.export_state(), slots.pool.export_state())
+
+
+def test_slot_state_round_trip(tiny_model, frames):
+    """A slot stream's exported state continues in a new slot stream (and in a default one) as the
+    original does, to float rounding: the imported tokens sit in other slots."""
+    cache = config("stac", "slots")
+    original = Stream(tiny_model, cache=cache)
+    for i in range(0, 10, 2):
+        original.push(frames[i : i + 2])
+    state = original.export_state()
+    restored = {}
+    for store in ("slots", "compact"):
+        restored[store] = Stream(tiny_model, cache=config("stac", store))
+        restored[store].import_state(state)
+        assert_states_equal(restored[store].export_state(), state)
+    expected = original.push(frames[10:12])
+    for store, stream in restored.items():
+        out = stream.push(frames[10:12])
+        for name in COMPARED:
+            torch.testing.assert_close(out[name], expected[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_batched_slot_streams_match_alone(tiny_model, frames):
+    """Slot streams at different points of their streams (full, masked and prefix stores) in one
+    batched step give what each gives alone."""
+    def streams_at(lengths):
+        out = []
+        for n in lengths:
+            s = Stream(tiny_model, cache=config("stac", "slots"))
+            start = 0
+            for c in CHUNKS:
+                if start + c > n:
+                    break
+                s.push(frames[start : start + c])
+                start += c
+            out.append(s)
+        return out
+
+    lengths = [0, 11, 6]  # fresh; after the short chunk (free slots: masked); steady state
+    batched, alone = streams_at(lengths), streams_at(lengths)
+    chunk = frames[20:22]
+    outs = push_many(batched, [s.validate(chunk) for s in batched])
+    for b, s in enumerate(alone):
+        ref = s.push(chunk)
+        for name in COMPARED:
+            torch.testing.assert_close(outs[b][name], ref[name], atol=1e-5, rtol=1e-5, msg=f"stream {b}: {name}")
+        assert_states_equal(batched[b].cache.export_state(), s.cache.export_state())
+
+
+def test_store_is_validated():
+    with pytest.raises(ValueError, match=r"store must be one of \('compact', 'slots'\)"):
+        CacheConfig(policy="stac", store="ring")
+    with pytest.raises(ValueError, match="heavy_hitter and stac"):
+        CacheConfig(policy="window", store="slots")
+    assert CacheConfig().store == "compact"
