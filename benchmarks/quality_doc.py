@@ -38,6 +38,12 @@ def short_gpu_name(name: str) -> str:
     return name
 
 
+def span(values: list[float], digits: int) -> str:
+    """'lo-hi', or one number where they print the same."""
+    lo, hi = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
 def metric_caps(report: dict) -> list[str]:
     caps = report.get("metric_settings")
     if not caps:
@@ -73,30 +79,57 @@ def training_conf_alpha(path: Path) -> str:
 
 
 def previous_comparison(report: dict, previous: dict, previous_name: str) -> list[str]:
-    """The same held-out seed through both checkpoints (policy ``full``): what the latest training changed."""
+    """The same held-out seeds through both checkpoints (policy ``full``, means over the seeds both
+    ran): what the latest training changed, and how far into the loop the poses hold."""
     keys = ("abs_rel", "acc_mean", "comp_mean", "nc_mean", "ate_rmse", "rpe_trans", "rpe_rot_deg")
-    new = {r["seed"]: r["metrics"] for r in report["runs"]["full"]}
-    old = {r["seed"]: r["metrics"] for r in previous["runs"]["full"]}
-    lines = []
-    for seed in sorted(set(new) & set(old)):
+    new_runs = {r["seed"]: r["metrics"] for r in report["runs"]["full"]}
+    old_runs = {r["seed"]: r["metrics"] for r in previous["runs"]["full"]}
+    seeds = sorted(set(new_runs) & set(old_runs))
+    if not seeds:
+        return []
+
+    def mean(runs: dict, key: str, prefix: str | None = None) -> float:
+        values = [runs[s]["ate_rmse_first_frames"][prefix] if prefix else runs[s][key] for s in seeds]
+        return sum(values) / len(values)
+
+    new = {k: mean(new_runs, k) for k in keys}
+    old = {k: mean(old_runs, k) for k in keys}
+    lines = [
+        "",
+        f"Against the previous checkpoint (`{previous_name}`, {previous.get('checkpoint', '?')}), same held-out "
+        f"seed(s) {', '.join(map(str, seeds))}, policy `full`, means:",
+        "",
+        "| checkpoint | depth Abs Rel | acc (m) | comp (m) | NC | ATE (m) | RPE trans (m) | RPE rot (deg) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, m in (("previous", old), ("this one", new)):
+        lines.append(f"| {label} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |")
+    names = {"abs_rel": "depth Abs Rel", "acc_mean": "accuracy", "comp_mean": "completeness", "nc_mean": "NC",
+             "ate_rmse": "ATE", "rpe_trans": "RPE trans", "rpe_rot_deg": "RPE rot"}
+    # Within 1% of each other counts as unchanged.
+    same = [names[k] for k in keys if abs(new[k] - old[k]) <= 0.01 * abs(old[k])]
+    better = [names[k] for k in keys if (new[k] > old[k]) == (k == "nc_mean") and names[k] not in same]
+    worse = [names[k] for k in keys if names[k] not in better and names[k] not in same]
+    lines += ["", f"Better now: {', '.join(better) or 'none'}; worse: {', '.join(worse) or 'none'}"
+                  f"{'; unchanged (within 1%): ' + ', '.join(same) if same else ''}."]
+    prefixes = [p for p in new_runs[seeds[0]].get("ate_rmse_first_frames", {})
+                if all(p in runs[s].get("ate_rmse_first_frames", {}) for runs in (new_runs, old_runs) for s in seeds)]
+    if prefixes:
+        frames = report["frames"]
         lines += [
             "",
-            f"Against the previous checkpoint (`{previous_name}`, {previous.get('checkpoint', '?')}), same held-out seed "
-            f"{seed}, policy `full`:",
+            "How far into a stream the poses hold: ATE (m) over the loop's first N frames, each prefix "
+            "aligned on its own (`ate_rmse_first_frames`; same seeds, policy `full`):",
             "",
-            "| checkpoint | depth Abs Rel | acc (m) | comp (m) | NC | ATE (m) | RPE trans (m) | RPE rot (deg) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| checkpoint | " + " | ".join(f"first {p}" for p in prefixes) + f" | all {frames} |",
+            "| --- | " + " | ".join("---" for _ in prefixes) + " | --- |",
         ]
-        for label, m in (("previous", old[seed]), ("this one", new[seed])):
-            lines.append(f"| {label} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |")
-        names = {"abs_rel": "depth Abs Rel", "acc_mean": "accuracy", "comp_mean": "completeness", "nc_mean": "NC",
-                 "ate_rmse": "ATE", "rpe_trans": "RPE trans", "rpe_rot_deg": "RPE rot"}
-        # Within 1% of each other counts as unchanged.
-        same = [names[k] for k in keys if abs(new[seed][k] - old[seed][k]) <= 0.01 * abs(old[seed][k])]
-        better = [names[k] for k in keys if (new[seed][k] > old[seed][k]) == (k == "nc_mean") and names[k] not in same]
-        worse = [names[k] for k in keys if names[k] not in better and names[k] not in same]
-        lines += ["", f"Better now: {', '.join(better) or 'none'}; worse: {', '.join(worse) or 'none'}"
-                      f"{'; unchanged (within 1%): ' + ', '.join(same) if same else ''}."]
+        for label, runs, m in (("previous", old_runs, old), ("this one", new_runs, new)):
+            lines.append(f"| {label} | " + " | ".join(f"{mean(runs, '', p):.3f}" for p in prefixes)
+                         + f" | {m['ate_rmse']:.3f} |")
+        first = prefixes[0]
+        lines += ["", f"With this checkpoint the poses are {mean(new_runs, '', first):.2f} m off over the first {first} "
+                      f"frames and {new['ate_rmse']:.2f} m over all {frames}: the error grows with the stream's length."]
     return lines
 
 
@@ -134,10 +167,10 @@ def render(report: dict, source: Path, training: Path, previous: Path | None = N
         *metric_caps(report),
         "",
         "What this says:",
-        f"- Depth is learned: Abs Rel {min(s[n]['abs_rel'] for n in POLICIES):.3f}-{max(s[n]['abs_rel'] for n in POLICIES):.3f} "
+        f"- Depth is learned: Abs Rel {span([s[n]['abs_rel'] for n in POLICIES], 3)} "
         f"against {b['abs_rel']:.3f} for the per-frame median-depth baseline.",
-        f"- Poses and global point clouds are still rough (ATE {min(s[n]['ate_rmse'] for n in POLICIES):.2f}-"
-        f"{max(s[n]['ate_rmse'] for n in POLICIES):.2f} m in rooms of a few metres).",
+        f"- Poses and global point clouds are still rough (ATE {span([s[n]['ate_rmse'] for n in POLICIES], 2)} m in rooms "
+        "of a few metres).",
         policy_spread(s, training),
     ]
     if conf and conf["50"] < 1.05:
