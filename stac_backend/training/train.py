@@ -14,9 +14,9 @@ convention): depth, world points and the 9-number pose encoding. Losses:
 
 Scenes are pre-rendered into a pool (``--pool`` sequences of ``--pool-frames`` frames, different
 seeds, all three trajectory kinds) and training samples random windows from it; held-out scenes
-are seeds 1,000,000 to 1,009,999, which no pool renders. Checkpoints (``last.pt``: weights + optimizer + step, loadable with
-weights_only=True) are written every ``--save-every`` steps and at the end; ``model.safetensors``
-holds the weights and config for serving.
+are seeds 1,000,000 to 1,009,999, which no pool renders. Checkpoints (``last.pt``: weights +
+optimizer + step, loadable with weights_only=True) are written every ``--save-every`` steps and at
+the end; ``model.safetensors`` holds the weights and config for serving.
 """
 
 from __future__ import annotations
