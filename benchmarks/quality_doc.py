@@ -88,12 +88,14 @@ def previous_comparison(report: dict, previous: dict, previous_name: str) -> lis
     if not seeds:
         return []
 
-    def mean(runs: dict, key: str, prefix: str | None = None) -> float:
-        values = [runs[s]["ate_rmse_first_frames"][prefix] if prefix else runs[s][key] for s in seeds]
+    def mean(values: list[float]) -> float:
         return sum(values) / len(values)
 
-    new = {k: mean(new_runs, k) for k in keys}
-    old = {k: mean(old_runs, k) for k in keys}
+    def first_frames(runs: dict, prefix: str) -> float:
+        return mean([runs[s]["ate_rmse_first_frames"][prefix] for s in seeds])
+
+    new = {k: mean([new_runs[s][k] for s in seeds]) for k in keys}
+    old = {k: mean([old_runs[s][k] for s in seeds]) for k in keys}
     lines = [
         "",
         f"Against the previous checkpoint (`{previous_name}`, {previous.get('checkpoint', '?')}), same held-out "
@@ -125,10 +127,10 @@ def previous_comparison(report: dict, previous: dict, previous_name: str) -> lis
             "| --- | " + " | ".join("---" for _ in prefixes) + " | --- |",
         ]
         for label, runs, m in (("previous", old_runs, old), ("this one", new_runs, new)):
-            lines.append(f"| {label} | " + " | ".join(f"{mean(runs, '', p):.3f}" for p in prefixes)
+            lines.append(f"| {label} | " + " | ".join(f"{first_frames(runs, p):.3f}" for p in prefixes)
                          + f" | {m['ate_rmse']:.3f} |")
         first = prefixes[0]
-        lines += ["", f"With this checkpoint the poses are {mean(new_runs, '', first):.2f} m off over the first {first} "
+        lines += ["", f"With this checkpoint the poses are {first_frames(new_runs, first):.2f} m off over the first {first} "
                       f"frames and {new['ate_rmse']:.2f} m over all {frames}: the error grows with the stream's length."]
     return lines
 

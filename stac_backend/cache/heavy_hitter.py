@@ -31,6 +31,18 @@ from .token_store import LayerTokens, bytes_per_token, export_layers, import_lay
 MUST_KEEP = float("inf")
 
 
+def extra_bias_and_valid(extra: tuple[Tensor, Tensor, Tensor, Tensor], start: int, total: int) -> tuple[Tensor, Tensor]:
+    """Logit bias [H, total] and key-valid mask of a key set whose extra keys (k, v, bias, valid)
+    sit at ``start``: zero bias and valid everywhere else."""
+    H, n_extra = extra[2].shape
+    device = extra[2].device
+    bias = torch.zeros(H, total, device=device)
+    bias[:, start : start + n_extra] = extra[2].float()
+    valid = torch.ones(H, total, dtype=torch.bool, device=device)
+    valid[:, start : start + n_extra] = extra[3]
+    return bias, valid
+
+
 class HeavyHitterCache(CachePolicy):
     name = "heavy_hitter"
     tracks_positions = False
@@ -80,10 +92,7 @@ class HeavyHitterCache(CachePolicy):
         if n_extra:
             keys = (store.k[:, :old], extra[0].to(k.dtype), store.k[:, old:])
             values = (store.v[:, :old], extra[1].to(v.dtype), store.v[:, old:])
-            bias = torch.zeros(H, old + n_extra + M, device=k.device)
-            bias[:, old : old + n_extra] = extra[2].float()
-            valid = torch.ones(H, old + n_extra + M, dtype=torch.bool, device=k.device)
-            valid[:, old : old + n_extra] = extra[3]
+            bias, valid = extra_bias_and_valid(extra, old, old + n_extra + M)
         self._pending[layer] = (old, n_extra, M, valid)
         # absorb() reads the mass of the stored and the new keys, not of the extra ones
         return KeySet(keys, values, bias, valid, need_mass=True, mass_skip=(old, old + n_extra) if n_extra else None)
@@ -117,12 +126,9 @@ class HeavyHitterCache(CachePolicy):
             self._pending[layer] = (old, 0, M, None)
             return KeySet(keys, values, None, live, need_mass=True)
         n, n_extra = keys.shape[1], extra[0].shape[1]
-        bias = torch.zeros(H, n + n_extra, device=k.device)
-        bias[:, n:] = extra[2].float()
-        valid = torch.ones(H, n + n_extra, dtype=torch.bool, device=k.device)
+        bias, valid = extra_bias_and_valid(extra, n, n + n_extra)
         if live is not None:
             valid[:, :n] = live
-        valid[:, n:] = extra[3]
         self._pending[layer] = (old, n_extra, M, valid)
         return KeySet((keys, extra[0].to(k.dtype)), (values, extra[1].to(v.dtype)), bias, valid, need_mass=True,
                       mass_skip=(n, n + n_extra))

@@ -52,6 +52,7 @@ def run_pair(model, frames, policy):
     streams = {store: Stream(model, cache=config(policy, store)) for store in ("compact", "slots")}
     outs = {store: [] for store in streams}
     start, capacity, buffers = 0, None, None
+    P = model.config.tokens_per_frame(56, 84)
     for step, n in enumerate(CHUNKS):
         for store, stream in streams.items():
             outs[store].append(stream.push(frames[start : start + n]))
@@ -75,10 +76,8 @@ def run_pair(model, frames, policy):
             assert slots.memory_bytes() == held  # nothing is allocated after the first step
         stream = streams["slots"]
         assert stream.memory_bytes() <= stream.memory_bound()
-        P = model.config.tokens_per_frame(56, 84)
         assert slots.memory_bytes() <= slots.resting_bytes_bound(P)
         assert compact.stats()["evicted_tokens"] == slots.stats()["evicted_tokens"]
-    P = model.config.tokens_per_frame(56, 84)
     assert capacity == (len(SMALL.get("pinned_frames", (0,))) + SMALL["window"] + SMALL["hh"] + SMALL["chunk"]) * P
     joined = {store: {k: torch.cat([o[k] for o in outs[store]]) for k in COMPARED} for store in outs}
     return joined, streams
