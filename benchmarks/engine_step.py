@@ -400,7 +400,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--triton-reserve-s", type=float, default=180.0, help="seconds of the budget kept for Triton")
     p.add_argument("--time-budget-s", type=float, default=500.0, help="the whole run's seconds")
     p.add_argument("--grace-s", type=float, default=30.0, help="a phase is killed this long after its share")
-    p.add_argument("--out", type=Path, default=None, help="default: docs/benchmarks/engine_step_<device>.json")
+    p.add_argument("--benchmark", default="engine_step",
+                   help="the name the result records (another name for a variant of the run, e.g. engine_step_store)")
+    p.add_argument("--out", type=Path, default=None, help="default: docs/benchmarks/<benchmark>_<device>.json")
     p.add_argument("--phase", choices=("all", "variant", "triton"), default="all", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="", help=argparse.SUPPRESS)
     p.add_argument("--variant-spec", default="{}", help=argparse.SUPPRESS)
@@ -422,8 +424,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if triton_variant not in names:
         p.error(f"--triton-variant {triton_variant!r} is not among the variants run ({', '.join(names)})")
     gpu = gpu_name(args.device)
-    record = {**run_record("engine_step", "cpu"), "device": gpu}
-    out = args.out or Path("docs/benchmarks") / f"engine_step_{device_key(gpu)}.json"
+    record = {**run_record(args.benchmark, "cpu"), "device": gpu}
+    out = args.out or Path("docs/benchmarks") / f"{args.benchmark}_{device_key(gpu)}.json"
     from stac_backend.model import get_preset
 
     cache = CacheConfig.from_dict({"policy": "stac", "chunk": args.chunk, **json.loads(args.cache_overrides)})
@@ -432,7 +434,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                    camera_frames=len(cache.pinned_frames) + (cache.camera_window or 0) + args.chunk)
     skipped_triton = "not asked for (--triton-streams none)" if not triton_counts else triton_unavailable()
     report = {
-        "run": record, "benchmark": "engine_step", "preset": args.preset, "device": gpu, "dtype": args.dtype,
+        "run": record, "benchmark": args.benchmark, "preset": args.preset, "device": gpu, "dtype": args.dtype,
         "image_hw": [args.height, args.width], "chunk": args.chunk, "cache_config": cache.to_dict(),
         "variants_defined": {k: VARIANTS[k] for k in names}, "streams": [int(x) for x in args.streams.split(",")],
         "warmup_frames_per_stream": args.warmup_frames, "timed_frames_per_stream": args.timed_frames,
@@ -462,7 +464,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                              for name, part in variants.items()}
         report["targets"] = targets(report, names[-1])
         report["seconds"] = round(time.perf_counter() - started, 1)
-        write_result(out, report, "engine_step", args.device)
+        write_result(out, report, args.benchmark, args.device)
 
     write()
     reserve = args.triton_reserve_s if triton_counts and not skipped_triton else 0.0

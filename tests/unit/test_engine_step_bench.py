@@ -172,6 +172,22 @@ def test_tiny_run_writes_variants_side_by_side(tmp_path, monkeypatch):
     assert set(table[2]["frames_per_second"]) == {"baseline", "new"} and table[2]["new_over_baseline"] > 0
 
 
+def test_a_named_run_records_its_name_and_cache_overrides(tmp_path, monkeypatch):
+    """--benchmark names a variant of the run (e.g. the store A/B) so that it does not take the place
+    of engine_step's own file; the cache overrides reach the recorded config and every phase."""
+    bench = _load("engine_step")
+    seen = []
+    monkeypatch.setattr(bench, "run_phase", lambda args, phase, variant, spec, share_s:
+                        seen.append(args.cache_overrides) or {"rows": [], "latency": {}, "process_status": "ok"})
+    out = tmp_path / "store.json"
+    assert bench.main(["--benchmark", "engine_step_store", "--variants", "new", "--preset", "tiny", "--device", "cpu",
+                       "--dtype", "float32", "--height", "28", "--width", "42", "--streams", "1", "--gemm-size", "64",
+                       "--triton-streams", "none", "--cache-overrides", '{"store": "slots"}', "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["run"]["benchmark"] == data["benchmark"] == "engine_step_store"
+    assert data["cache_config"]["store"] == "slots" and seen == ['{"store": "slots"}']
+
+
 def test_a_spent_budget_cuts_rows_cleanly(tmp_path):
     """The variant process itself, with no time: every row skipped, still a file."""
     bench = _load("engine_step")
