@@ -30,7 +30,7 @@ import torch
 
 from stac_backend.assets import EMBEDDED_CHECKPOINT
 from stac_backend.cache import CacheConfig
-from stac_backend.data import make_sequence
+from stac_backend.data import HELD_OUT_SEED, make_sequence
 from stac_backend.data.sequence import to_first_camera_frame
 from stac_backend.engine.stream import Stream
 from stac_backend.metrics import depth_metrics
@@ -39,7 +39,6 @@ from stac_backend.model import build_model
 from stac_backend.model.fp8 import fp8_unsupported_reason, use_fp8_gemms
 from stac_backend.results import write_result
 
-HELD_OUT_SEED = 1_000_000  # the quality benchmark's held-out scenes (training never sees these seeds)
 OUTPUTS = ("depth", "world_points", "extrinsics")
 
 

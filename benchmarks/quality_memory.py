@@ -34,6 +34,7 @@ import torch
 
 from stac_backend.assets import EMBEDDED_CHECKPOINT
 from stac_backend.cache import CacheConfig, CameraCache, make_cache
+from stac_backend.data import HELD_OUT_SEED
 from stac_backend.engine import full_cache_bytes_per_frame
 from stac_backend.engine.stream import cache_geometry
 from stac_backend.evaluation.report import provenance
@@ -43,7 +44,6 @@ from stac_backend.evaluation.synthetic import lap_segments, revisit_loop
 from stac_backend.model import build_model
 from stac_backend.results import run_record
 
-HELD_OUT_SEED = 1_000_000
 BOUNDED = ("window", "sink_window", "heavy_hitter", "stac")
 STAC_HOT_SETTINGS = ((4, 2, 2), (4, 1, 2), (4, 0, 2), (4, 0, 1))  # (window, hh, retrieval), preferred first
 SHOWN = (("comp_mean", "comp (m)"), ("acc_mean", "acc (m)"), ("ate_rmse", "ATE (m)"), ("abs_rel", "Abs Rel"))

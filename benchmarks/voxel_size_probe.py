@@ -20,13 +20,12 @@ import torch
 
 from stac_backend.assets import EMBEDDED_CHECKPOINT
 from stac_backend.cache import CacheConfig
-from stac_backend.data import make_sequence
+from stac_backend.data import HELD_OUT_SEED, make_sequence
 from stac_backend.data.sequence import to_first_camera_frame
 from stac_backend.engine import Stream
 from stac_backend.model import build_model
 from stac_backend.results import write_result
 
-HELD_OUT_SEED = 1_000_000
 STATS = ("pooled_tokens", "pool_pivots_created", "pool_pivots", "retrieved_per_head", "pool_merged_tokens",
          "pool_evicted_voxels", "pool_capacity_dropped_tokens")
 

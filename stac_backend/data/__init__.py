@@ -19,9 +19,15 @@ from .io import read_sequence, write_sequence
 from .render import RenderOutput, render_frames
 from .scene import Scene, make_scene
 from .sequence import SyntheticSequence, make_sequence, to_first_camera_frame
+from .splits import HELD_OUT_SEED, SPLIT_COUNT, SPLITS, VALIDATION_SEED, split_of
 from .trajectory import TRAJECTORIES, make_trajectory
 
 __all__ = [
+    "HELD_OUT_SEED",
+    "VALIDATION_SEED",
+    "SPLIT_COUNT",
+    "SPLITS",
+    "split_of",
     "SyntheticSequence",
     "make_sequence",
     "to_first_camera_frame",

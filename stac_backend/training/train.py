@@ -13,8 +13,9 @@ convention): depth, world points and the 9-number pose encoding. Losses:
   gradient term on depth, as VGGT trains its dense heads.
 
 Scenes are pre-rendered into a pool (``--pool`` sequences of ``--pool-frames`` frames, different
-seeds, all three trajectory kinds) and training samples random windows from it; held-out scenes
-are seeds 1,000,000 to 1,009,999, which no pool renders. Checkpoints (``last.pt``: weights +
+seeds, all three trajectory kinds) and training samples random windows from it; no pool renders a
+held-out scene (seeds 1,000,000 to 1,009,999, which the quality benchmarks score) or a validation
+scene (2,000,000 to 2,009,999, where checkpoints are compared). Checkpoints (``last.pt``: weights +
 optimizer + step, loadable with weights_only=True) are written every ``--save-every`` steps and at
 the end; ``model.safetensors`` holds the weights and config for serving.
 """
@@ -32,24 +33,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..data import make_sequence
+from ..data import SPLIT_COUNT, SPLITS, make_sequence
 from ..data.sequence import to_first_camera_frame
 from ..model import build_model, save_checkpoint
 from ..model.pose import extri_intri_to_pose_encoding
 
 TRAJECTORIES = ("loop", "back_and_forth", "random_walk")
-# Held-out scenes (quality benchmarks) are seeds HELD_OUT_SEED .. HELD_OUT_SEED + HELD_OUT_COUNT - 1;
-# a training pool never renders one of them.
-HELD_OUT_SEED = 1_000_000
-HELD_OUT_COUNT = 10_000
+# A training pool never renders a held-out scene (the quality benchmarks') or a validation scene
+# (where checkpoints are compared): stac_backend.data.splits.
 
 
 def pool_seed0(seed: int, step: int, pool: int) -> int:
     """First scene seed of a run's training pool (a fresh pool every 5,000 steps)."""
     seed0 = seed * 100_000 + (step // 5000) * pool
-    if seed0 < HELD_OUT_SEED + HELD_OUT_COUNT and seed0 + pool > HELD_OUT_SEED:
-        raise ValueError(f"--seed {seed} at step {step} would train on held-out scenes (seeds {HELD_OUT_SEED:,} to "
-                         f"{HELD_OUT_SEED + HELD_OUT_COUNT - 1:,}): choose another --seed")
+    for name, first in SPLITS.items():
+        if seed0 < first + SPLIT_COUNT and seed0 + pool > first:
+            raise ValueError(f"--seed {seed} at step {step} would train on {name} scenes (seeds {first:,} to "
+                             f"{first + SPLIT_COUNT - 1:,}): choose another --seed")
     return seed0
 
 

@@ -8,7 +8,8 @@ import torch
 
 import pytest
 
-from stac_backend.training.train import HELD_OUT_COUNT, HELD_OUT_SEED, confidence_l1, main, pool_seed0, scene_scale
+from stac_backend.data import HELD_OUT_SEED, SPLIT_COUNT, VALIDATION_SEED, split_of
+from stac_backend.training.train import confidence_l1, main, pool_seed0, scene_scale
 
 
 def test_scene_scale_is_the_mean_valid_point_distance():
@@ -46,10 +47,15 @@ def test_two_steps_then_resume(tmp_path):
     assert json.loads((tmp_path / "run2" / "state.json").read_text())["step"] == 3
 
 
-def test_training_pools_never_render_held_out_scenes():
+def test_training_pools_never_render_held_out_or_validation_scenes():
     assert pool_seed0(11, 0, 128) == 1_100_000  # runs with --seed 11 drew 1,100,000 on: past the held-out range
     assert pool_seed0(3, 5000, 384) == 300_384  # a fresh pool every 5,000 steps
+    assert pool_seed0(15, 0, 96) == 1_500_000  # the seeds the embedded checkpoint's latest runs used
     for seed, step, pool in ((10, 0, 2), (9, 5000 * 260, 384)):  # starts inside / runs into the held-out range
         with pytest.raises(ValueError, match="held-out scenes"):
             pool_seed0(seed, step, pool)
-    assert HELD_OUT_SEED + HELD_OUT_COUNT <= 1_100_000
+    with pytest.raises(ValueError, match="validation scenes"):
+        pool_seed0(20, 0, 96)
+    assert HELD_OUT_SEED + SPLIT_COUNT <= 1_100_000 and VALIDATION_SEED == 2_000_000
+    assert [split_of(s) for s in (999_999, 1_000_000, 1_009_999, 1_010_000, 2_000_003)] == [
+        None, "held-out", "held-out", None, "validation"]
