@@ -1,4 +1,5 @@
-"""Write docs/quality.md from the quality benchmark's JSON (and the training history's JSON).
+"""Write docs/quality.md from the quality benchmark's JSON (and the training history's, the previous
+checkpoint's and the validation comparison's JSON).
 
     python benchmarks/quality_doc.py                                   # docs/benchmarks/quality_cpu.json
     python benchmarks/quality_doc.py --source docs/benchmarks/quality_cpu.json --out docs/quality.md
@@ -64,18 +65,47 @@ def policy_spread(s: dict, training: Path) -> str:
     if training.is_file():
         frames = max(int(r["args"]["frames"]) for r in json.loads(training.read_text())["runs"])
     than = "better than" if max(comp) < full["comp_mean"] else "worse than" if min(comp) > full["comp_mean"] else "around"
+    window = s["window"]["comp_mean"]
+    others = [s[n]["comp_mean"] for n in POLICIES if n != "window" and n in s]
+    rank = ("completes worst" if window > max(others) else "completes best" if window < min(others)
+            else "completes within their range")
+    bounded_ate = [s[n]["ate_rmse"] for n in POLICIES if n != "full" and n in s]
+    poses = (f"The full cache keeps the best poses (ATE {full['ate_rmse']:.2f} m against {min(bounded_ate):.2f}-"
+             f"{max(bounded_ate):.2f} m for the bounded policies)" if full["ate_rmse"] < min(bounded_ate) else
+             f"The full cache's poses (ATE {full['ate_rmse']:.2f} m) are no better than every bounded policy's "
+             f"({min(bounded_ate):.2f}-{max(bounded_ate):.2f} m)")
     return (f"- The bounded policies that keep frame 0 (sink_window, heavy_hitter, stac) reach completeness "
             f"{min(comp):.3f}-{max(comp):.3f} m, {than} the full cache's "
             f"{full['comp_mean']:.3f} m, at accuracy {min(acc):.3f}-{max(acc):.3f} m against {full['acc_mean']:.3f} m; "
-            f"`window`, which drops frame 0 (the world frame), completes worst ({s['window']['comp_mean']:.3f} m). "
-            f"The model was trained on windows of at most {frames} frames: a cache of hundreds of frames is outside "
-            "what it has seen, so more memory does not mean a better map here.")
+            f"`window`, which drops frame 0 (the world frame), {rank} ({window:.3f} m). {poses}; the model was "
+            f"trained on windows of at most {frames} frames, so a cache longer than that is outside what it has seen.")
 
 
 def training_conf_alpha(path: Path) -> str:
     if not path.is_file():
         return "?"
     return json.loads(path.read_text())["runs"][-1]["args"].get("conf_alpha", "0.2")
+
+
+def validation_comparison(merged: dict, name: str) -> list[str]:
+    """The checkpoints compared on the validation scenes (``quality.py --scenes validation``, one
+    labelled run per checkpoint, merged): where the embedded checkpoint was chosen."""
+    keys = ("abs_rel", "acc_mean", "comp_mean", "nc_mean", "ate_rmse", "align_scale")
+    rows, seeds = [], set()
+    for run in merged.get("runs", []):
+        per_seed = run["runs"]["full"]
+        seeds |= {r["seed"] for r in per_seed}
+        means = {k: sum(r["metrics"][k] for r in per_seed) / len(per_seed) for k in keys if all(k in r["metrics"] for r in per_seed)}
+        rows.append((run["label"], run.get("checkpoint", "?"), means))
+    if not rows:
+        return []
+    lines = ["", f"The checkpoint was chosen on validation scenes (`{name}`, seeds {min(seeds):,} to {max(seeds):,}, "
+                 "which no training pool renders), not on the held-out ones above; policy `full`, means:", "",
+             "| checkpoint | depth Abs Rel | acc (m) | comp (m) | NC | ATE (m) | Sim(3) scale |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for label, checkpoint, m in rows:
+        lines.append(f"| {label} ({checkpoint}) | " + " | ".join(f"{m[k]:.3f}" if k in m else "-" for k in keys) + " |")
+    return lines
 
 
 def previous_comparison(report: dict, previous: dict, previous_name: str) -> list[str]:
@@ -114,6 +144,14 @@ def previous_comparison(report: dict, previous: dict, previous_name: str) -> lis
     worse = [names[k] for k in keys if names[k] not in better and names[k] not in same]
     lines += ["", f"Better now: {', '.join(better) or 'none'}; worse: {', '.join(worse) or 'none'}"
                   f"{'; unchanged (within 1%): ' + ', '.join(same) if same else ''}."]
+    if all("align_scale" in runs[s] for runs in (new_runs, old_runs) for s in seeds):
+        # A least-squares Sim(3) shrinks a cloud that agrees poorly with the ground truth point for point.
+        scale_old, scale_new = (mean([runs[s]["align_scale"] for s in seeds]) for runs in (old_runs, new_runs))
+        lines += ["", f"The Sim(3) scale that aligns the predicted points to the ground truth (`align_scale`): "
+                      f"previous {scale_old:.2f}, this one {scale_new:.2f}. The alignment is a least-squares fit, "
+                      "so the less the predicted points agree with the ground truth point for point, the more it "
+                      "shrinks them: a scale well below 1 pulls the cloud onto part of the scene, which helps "
+                      "accuracy and hurts completeness."]
     prefixes = [p for p in new_runs[seeds[0]].get("ate_rmse_first_frames", {})
                 if all(p in runs[s].get("ate_rmse_first_frames", {}) for runs in (new_runs, old_runs) for s in seeds)]
     if prefixes:
@@ -135,7 +173,8 @@ def previous_comparison(report: dict, previous: dict, previous_name: str) -> lis
     return lines
 
 
-def render(report: dict, source: Path, training: Path, previous: Path | None = None) -> str:
+def render(report: dict, source: Path, training: Path, previous: Path | None = None,
+           validation: Path | None = None) -> str:
     s = report["summary"]
     h, w = report["image_hw"]
     stac_runs = report["runs"]["stac"]
@@ -214,6 +253,8 @@ def render(report: dict, source: Path, training: Path, previous: Path | None = N
     )
     if previous is not None and previous.is_file():
         lines += previous_comparison(report, json.loads(previous.read_text()), previous.name)
+    if validation is not None and validation.is_file():
+        lines += validation_comparison(json.loads(validation.read_text()), validation.name)
     lines += [
         "",
         f"![quality](benchmarks/{source.stem}.png)",
@@ -233,10 +274,13 @@ def main() -> int:
     p.add_argument("--training", type=Path, default=ROOT / "docs/benchmarks/training_h100.json")
     p.add_argument("--previous", type=Path, default=ROOT / "docs/benchmarks/quality_previous_checkpoint_cpu.json",
                    help="an earlier checkpoint's quality JSON to compare on shared seeds")
+    p.add_argument("--validation", type=Path, default=ROOT / "docs/benchmarks/quality_validation_cpu.json",
+                   help="checkpoints compared on the validation scenes (merged quality.py --scenes validation runs)")
     p.add_argument("--out", type=Path, default=ROOT / "docs/quality.md")
     args = p.parse_args()
     source = args.source.resolve()
-    text = render(json.loads(source.read_text()), source, args.training.resolve(), args.previous.resolve())
+    text = render(json.loads(source.read_text()), source, args.training.resolve(), args.previous.resolve(),
+                  args.validation.resolve())
     # Sections written by other benchmarks (quality against memory budget) follow the generated part: keep them.
     kept = args.out.read_text().split(KEPT_FROM, 1) if args.out.is_file() else []
     if len(kept) == 2:

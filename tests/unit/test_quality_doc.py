@@ -1,0 +1,40 @@
+"""benchmarks/quality_doc.py: the page's sentences follow the numbers, not a fixed story."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import load_script
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quality_doc.py"
+
+
+def summary(comp: dict, ate: dict) -> dict:
+    return {name: {"comp_mean": comp[name], "acc_mean": 0.3, "ate_rmse": ate[name]} for name in comp}
+
+
+def test_policy_spread_ranks_window_and_poses_from_the_numbers(tmp_path):
+    doc = load_script(SCRIPT, "quality_doc")
+    names = ("full", "window", "sink_window", "heavy_hitter", "stac")
+    worst = summary(dict(zip(names, (0.25, 0.69, 0.25, 0.12, 0.12))), dict(zip(names, (0.9, 1.5, 1.1, 1.0, 1.0))))
+    text = doc.policy_spread(worst, tmp_path / "missing.json")
+    assert "completes worst (0.690 m)" in text and "The full cache keeps the best poses (ATE 0.90 m" in text
+    best = summary(dict(zip(names, (1.05, 0.96, 0.97, 1.07, 1.07))), dict(zip(names, (1.4, 1.3, 1.5, 1.6, 1.6))))
+    text = doc.policy_spread(best, tmp_path / "missing.json")
+    assert "completes best (0.960 m)" in text and "are no better than every bounded policy's (1.30-1.60 m)" in text
+
+
+def test_validation_table_has_one_row_per_checkpoint():
+    doc = load_script(SCRIPT, "quality_doc")
+
+    def run(label, checkpoint, ate):
+        per_seed = [{"seed": 2_000_000 + i, "metrics": {"abs_rel": 0.1, "acc_mean": 0.3, "comp_mean": 0.5, "nc_mean": 0.6,
+                                                        "ate_rmse": ate + i, "align_scale": 0.7}} for i in range(2)]
+        return {"label": label, "checkpoint": checkpoint, "runs": {"full": per_seed}}
+
+    lines = doc.validation_comparison({"runs": [run("current", "a.safetensors", 0.5), run("previous", "b.safetensors", 1.0)]},
+                                      "quality_validation_cpu.json")
+    assert "seeds 2,000,000 to 2,000,001" in lines[1]
+    assert lines[-2] == "| current (a.safetensors) | 0.100 | 0.300 | 0.500 | 0.600 | 1.000 | 0.700 |"
+    assert lines[-1].startswith("| previous (b.safetensors) |") and "| 1.500 |" in lines[-1]
+    assert doc.validation_comparison({"runs": []}, "x.json") == []
