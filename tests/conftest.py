@@ -49,6 +49,17 @@ def tiny_model():
     return make_tiny_model()
 
 
+@pytest.fixture(scope="module")
+def cuda_tiny_model():
+    """The tiny preset on the GPU with layer scales at 1, so that every block changes the tokens."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from stac_backend.model import config_with, get_preset
+
+    config = config_with(get_preset("tiny"), init_values=1.0, camera_init_values=1.0)
+    return build_model(config, device="cuda", seed=0)
+
+
 @pytest.fixture(scope="session")
 def frames12():
     generator = torch.Generator().manual_seed(1)

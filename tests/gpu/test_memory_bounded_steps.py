@@ -10,7 +10,6 @@ import torch
 
 from stac_backend.cache import CacheConfig
 from stac_backend.engine.torch_runtime import TorchRuntime
-from stac_backend.model import build_model, config_with, get_preset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -18,16 +17,11 @@ STAC = CacheConfig(policy="stac", conf_threshold=0.0, retrieval_start_frame=4, r
 HW = (56, 84)
 
 
-@pytest.fixture(scope="module")
-def model():
-    config = config_with(get_preset("tiny"), init_values=1.0, camera_init_values=1.0)
-    return build_model(config, device="cuda", seed=0)
-
-
-def test_split_step_equals_unsplit_step_on_cuda(model):
+def test_split_step_equals_unsplit_step_on_cuda(cuda_tiny_model):
     generator = torch.Generator().manual_seed(3)
     frames = [torch.rand(20, 3, *HW, generator=generator) for _ in range(5)]
-    unsplit, split = TorchRuntime(model, STAC, max_batch_streams=None), TorchRuntime(model, STAC, max_batch_streams=2)
+    unsplit = TorchRuntime(cuda_tiny_model, STAC, max_batch_streams=None)
+    split = TorchRuntime(cuda_tiny_model, STAC, max_batch_streams=2)
     a = [unsplit.open_stream() for _ in frames]
     b = [split.open_stream() for _ in frames]
     for step in range(5):
@@ -40,10 +34,10 @@ def test_split_step_equals_unsplit_step_on_cuda(model):
     assert [s.memory_bytes() for s in a] == [s.memory_bytes() for s in b]
 
 
-def test_auto_measures_and_warmup_returns_its_memory(model):
-    runtime = TorchRuntime(model, CacheConfig(policy="stac"))
+def test_auto_measures_and_warmup_returns_its_memory(cuda_tiny_model):
+    runtime = TorchRuntime(cuda_tiny_model, CacheConfig(policy="stac"))
     stream = runtime.open_stream()  # first use of the kernels' workspaces, outside the measurement
-    TorchRuntime(model, STAC, max_batch_streams=None).step([stream], [stream.validate(torch.rand(4, 3, *HW))])
+    TorchRuntime(cuda_tiny_model, STAC, max_batch_streams=None).step([stream], [stream.validate(torch.rand(4, 3, *HW))])
     stream.reset()
     del stream
     gc.collect()

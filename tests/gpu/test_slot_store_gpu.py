@@ -9,7 +9,6 @@ import torch
 
 from stac_backend.cache import CacheConfig
 from stac_backend.engine.torch_runtime import TorchRuntime
-from stac_backend.model import build_model, config_with, get_preset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -17,16 +16,10 @@ HW = (56, 84)
 SETTINGS = dict(policy="stac", conf_threshold=0.0, retrieval_start_frame=4, retrieval_every=1, voxel_size=0.05)
 
 
-@pytest.fixture(scope="module")
-def model():
-    config = config_with(get_preset("tiny"), init_values=1.0, camera_init_values=1.0)
-    return build_model(config, device="cuda", seed=0)
-
-
-def test_slots_match_the_default_store_on_cuda(model):
+def test_slots_match_the_default_store_on_cuda(cuda_tiny_model):
     generator = torch.Generator().manual_seed(7)
     frames = [torch.rand(23, 3, *HW, generator=generator) for _ in range(3)]
-    runtimes = {store: TorchRuntime(model, CacheConfig(store=store, **SETTINGS)) for store in ("compact", "slots")}
+    runtimes = {store: TorchRuntime(cuda_tiny_model, CacheConfig(store=store, **SETTINGS)) for store in ("compact", "slots")}
     streams = {store: [rt.open_stream() for _ in frames] for store, rt in runtimes.items()}
     # Chunks of 4 with a short one: the first steps leave slots free (masked keys), later ones evict.
     bounds = [0, 4, 8, 11, 15, 19, 23]
