@@ -28,7 +28,7 @@ import torch
 
 from stac_backend.assets import EMBEDDED_CHECKPOINT
 from stac_backend.cache import CacheConfig
-from stac_backend.data import SPLITS, make_sequence, to_first_camera_frame
+from stac_backend.data import SPLITS, make_sequence, to_first_camera_frame, unproject_depth
 from stac_backend.engine import Stream
 from stac_backend.metrics import evaluate_sequence, pose_metrics
 from stac_backend.model import build_model
@@ -61,7 +61,8 @@ def run(model, seq, config, chunk=4):
             outs.append(stream.push(seq.images[i : i + chunk].to(device)))
             peak = max(peak, stream.memory_bytes())
     seconds = time.perf_counter() - t0
-    pred = {k: torch.cat([o[k] for o in outs]).float().cpu() for k in ("depth", "world_points", "extrinsics", "world_points_conf")}
+    pred = {k: torch.cat([o[k] for o in outs]).float().cpu()
+            for k in ("depth", "world_points", "extrinsics", "intrinsics", "world_points_conf")}
     stats = {k: v for k, v in stream.cache.stats().items() if isinstance(v, (int, float))}
     return pred, {"peak_cache_bytes": peak, "seconds": seconds, "frames_per_second": seq.num_frames / seconds, "cache_stats": stats}
 
@@ -75,15 +76,24 @@ def ate_by_prefix(extrinsics, gt_extrinsics) -> dict[str, float]:
     return {str(k): float(pose_metrics(extrinsics[:k], gt_extrinsics[:k])["ate_rmse"]) for k in ATE_PREFIXES if k < n}
 
 
+# The point metrics scored a second way: the predicted depth unprojected with the predicted cameras.
+POINT_KEYS = ("acc_mean", "comp_mean", "nc_mean", "align_scale")
+
+
 def score(pred: dict, seq, args) -> dict:
-    """Depth and poses on every frame; points on every ``--point-frame-stride``-th frame, with the caps given."""
+    """Depth and poses on every frame; points on every ``--point-frame-stride``-th frame, with the caps
+    given, from the point head (the top-level acc/comp/NC) and from depth + predicted cameras
+    (``points_from_depth``: VGGT reports the latter as the more accurate of its two point estimates)."""
     metrics = evaluate_sequence({"depth": pred["depth"], "extrinsics": pred["extrinsics"]}, seq)
     metrics["ate_rmse_first_frames"] = ate_by_prefix(pred["extrinsics"], seq.extrinsics)
     k = args.point_frame_stride
     points_gt = {"world_points": seq.world_points[::k], "valid": seq.valid[::k]}
-    metrics |= evaluate_sequence({"world_points": pred["world_points"][::k]}, points_gt, icp_iterations=args.icp_iterations,
-                                 max_points=args.max_points, max_reference_points=args.max_reference_points,
-                                 icp_max_points=args.icp_max_points, icp_max_target_points=args.icp_max_target_points)
+    caps = dict(icp_iterations=args.icp_iterations, max_points=args.max_points, max_reference_points=args.max_reference_points,
+                icp_max_points=args.icp_max_points, icp_max_target_points=args.icp_max_target_points)
+    metrics |= evaluate_sequence({"world_points": pred["world_points"][::k]}, points_gt, **caps)
+    from_depth = unproject_depth(pred["depth"][::k], pred["extrinsics"][::k], pred["intrinsics"][::k])
+    depth_metrics = evaluate_sequence({"world_points": from_depth}, points_gt, **caps)
+    metrics["points_from_depth"] = {key: depth_metrics[key] for key in POINT_KEYS}
     return metrics
 
 
@@ -155,6 +165,10 @@ def write_report(args, results, baseline, done: int) -> dict:
         prefixes = rows[0]["metrics"].get("ate_rmse_first_frames", {})
         summary[name]["ate_rmse_first_frames"] = {k: float(np.mean([r["metrics"]["ate_rmse_first_frames"][k] for r in rows]))
                                                   for k in prefixes}
+    for name, rows in results.items():
+        if all("points_from_depth" in r["metrics"] for r in rows):
+            summary[name]["points_from_depth"] = {k: float(np.mean([r["metrics"]["points_from_depth"][k] for r in rows]))
+                                                  for k in POINT_KEYS}
     summary["baseline_median_depth"] = {k: float(np.mean([b[k] for b in baseline])) for k in ("abs_rel", "delta_1.25")}
     report = {"benchmark": args.benchmark, "checkpoint": str(args.checkpoint.name), "device": args.device, "frames": args.frames,
               "sequences": done, "scenes": args.scenes, "stac_overrides": json.loads(args.stac_overrides or "{}"),

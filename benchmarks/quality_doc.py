@@ -87,6 +87,34 @@ def training_conf_alpha(path: Path) -> str:
     return json.loads(path.read_text())["runs"][-1]["args"].get("conf_alpha", "0.2")
 
 
+def points_two_ways(s: dict) -> list[str]:
+    """The point metrics from the point head against those from depth unprojected with the predicted
+    cameras (``points_from_depth``), per policy."""
+    names = [n for n in POLICIES if n in s and "points_from_depth" in s[n]]
+    if not names:
+        return []
+    lines = ["", "The same predictions' points two ways: the point head's world points (the table above) and the "
+                 "predicted depth unprojected with the predicted cameras (`points_from_depth`), same alignment "
+                 "and caps:", "",
+             "| policy | acc (m), head | acc (m), depth + cameras | comp (m), head | comp (m), depth + cameras "
+             "| NC, head | NC, depth + cameras |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for n in names:
+        head, depth = s[n], s[n]["points_from_depth"]
+        lines.append(f"| {n} | {head['acc_mean']:.3f} | {depth['acc_mean']:.3f} | {head['comp_mean']:.3f} | "
+                     f"{depth['comp_mean']:.3f} | {head['nc_mean']:.3f} | {depth['nc_mean']:.3f} |")
+    full, depth = s["full"], s["full"].get("points_from_depth")
+    if depth:
+        better = [label for key, label in (("acc_mean", "accuracy"), ("comp_mean", "completeness"))
+                  if depth[key] < full[key]] + (["NC"] if depth["nc_mean"] > full["nc_mean"] else [])
+        verdict = (": the depth and camera heads are the model's better route to a map, as VGGT reports for its "
+                   "own heads" if {"accuracy", "completeness"} <= set(better) else "")
+        lines += ["", f"With the full cache, depth + cameras is better on {', '.join(better) or 'nothing'} "
+                      f"(accuracy {full['acc_mean']:.3f} -> {depth['acc_mean']:.3f} m, completeness "
+                      f"{full['comp_mean']:.3f} -> {depth['comp_mean']:.3f} m){verdict}."]
+    return lines
+
+
 def validation_comparison(merged: dict, name: str) -> list[str]:
     """The checkpoints compared on the validation scenes (``quality.py --scenes validation``, one
     labelled run per checkpoint, merged): where the embedded checkpoint was chosen."""
@@ -251,6 +279,7 @@ def render(report: dict, source: Path, training: Path, previous: Path | None = N
         f"- Targets for the embedded model on these loops (policy `full`): ATE below 0.3 m: {full['ate_rmse']:.2f} m, "
         f"{met[full['ate_rmse'] < 0.3]}; depth Abs Rel below 0.08: {full['abs_rel']:.3f}, {met[full['abs_rel'] < 0.08]}."
     )
+    lines += points_two_ways(s)
     if previous is not None and previous.is_file():
         lines += previous_comparison(report, json.loads(previous.read_text()), previous.name)
     if validation is not None and validation.is_file():

@@ -29,6 +29,9 @@ def test_the_scored_split_is_recorded(tmp_path, scenes, first_seed):
     assert report["scenes"] == scenes and report["sequences"] == 1
     assert [r["seed"] for r in report["runs"]["full"]] == [first_seed]
     assert report["summary"]["full"]["abs_rel"] > 0
+    # points scored twice: from the point head and from depth unprojected with the predicted cameras
+    from_depth = report["summary"]["full"]["points_from_depth"]
+    assert set(from_depth) == {"acc_mean", "comp_mean", "nc_mean", "align_scale"} and from_depth["comp_mean"] > 0
 
 
 def test_an_unknown_split_is_refused(tmp_path):

@@ -38,3 +38,22 @@ def test_validation_table_has_one_row_per_checkpoint():
     assert lines[-2] == "| current (a.safetensors) | 0.100 | 0.300 | 0.500 | 0.600 | 1.000 | 0.700 |"
     assert lines[-1].startswith("| previous (b.safetensors) |") and "| 1.500 |" in lines[-1]
     assert doc.validation_comparison({"runs": []}, "x.json") == []
+
+
+def test_points_two_ways_table_and_verdict():
+    doc = load_script(SCRIPT, "quality_doc")
+
+    def policy(acc, comp, nc, depth):
+        return {"acc_mean": acc, "comp_mean": comp, "nc_mean": nc,
+                "points_from_depth": dict(zip(("acc_mean", "comp_mean", "nc_mean", "align_scale"), depth))}
+
+    s = {"full": policy(0.3, 1.0, 0.5, (0.2, 0.1, 0.6, 0.9)), "stac": policy(0.3, 1.0, 0.5, (0.35, 1.1, 0.4, 0.9))}
+    lines = doc.points_two_ways(s)
+    assert "| full | 0.300 | 0.200 | 1.000 | 0.100 | 0.500 | 0.600 |" in lines
+    assert "| stac | 0.300 | 0.350 | 1.000 | 1.100 | 0.500 | 0.400 |" in lines
+    assert lines[-1].startswith("With the full cache, depth + cameras is better on accuracy, completeness, NC")
+    assert "better route to a map" in lines[-1]
+    s["full"] = policy(0.3, 1.0, 0.5, (0.4, 0.9, 0.4, 0.9))
+    assert doc.points_two_ways(s)[-1].startswith("With the full cache, depth + cameras is better on completeness (")
+    assert "better route" not in doc.points_two_ways(s)[-1]
+    assert doc.points_two_ways({"full": {"acc_mean": 0.3}}) == []
