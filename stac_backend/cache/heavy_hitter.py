@@ -171,12 +171,7 @@ class HeavyHitterCache(CachePolicy):
         if stores and n_keep < n_tokens and self.slots:
             self._prune_slots(info, latest, n_keep, layers, stores)
         elif stores and n_keep < n_tokens:
-            frame = torch.stack([store.frame for store in stores])  # [L, H, N]
-            protected = frame > latest - self.config.window
-            for f in self.config.pinned_frames:
-                protected |= frame == f
-            score = torch.stack([store.score for store in stores])
-            priority = torch.where(protected, torch.full_like(score, MUST_KEEP), score)
+            _, priority = self._priority(stores, latest)
             order = torch.argsort(priority, dim=-1, descending=True, stable=True)
             keep = order[..., :n_keep].sort(dim=-1).values
             evict = order[..., n_keep:].sort(dim=-1).values  # store (time) order per head, all layers at once
@@ -188,19 +183,23 @@ class HeavyHitterCache(CachePolicy):
         self._step = None
         self._new_ids = None
 
+    def _priority(self, stores: list, latest: int) -> tuple[Tensor, Tensor]:
+        """Frames [L, H, N] of every layer's tokens and their ranking priority: MUST_KEEP for the
+        protected ones (pinned frames, the recent window), the decayed attention score otherwise."""
+        frame = torch.stack([store.frame for store in stores])
+        protected = frame > latest - self.config.window
+        for f in self.config.pinned_frames:
+            protected |= frame == f
+        score = torch.stack([store.score for store in stores])
+        return frame, torch.where(protected, torch.full_like(score, MUST_KEEP), score)
+
     def _prune_slots(self, info: StepInfo, latest: int, n_keep: int, layers: list[int],
                      stores: list[SlotLayerTokens]) -> None:
         """``end_step``'s pruning on slot stores: the same ranking in (frame, index) order, so ties
         break as on the default store (whose order that is); evicted slots are only marked free."""
         n_tokens = stores[0].num_tokens
-        frame = torch.stack([store.frame for store in stores])  # [L, H, S]
-        live = frame >= 0
-        protected = frame > latest - self.config.window
-        for f in self.config.pinned_frames:
-            protected |= frame == f
-        score = torch.stack([store.score for store in stores])
-        priority = torch.where(live & protected, torch.full_like(score, MUST_KEEP),
-                               torch.where(live, score, torch.full_like(score, -MUST_KEEP)))
+        frame, priority = self._priority(stores, latest)  # [L, H, S]
+        priority = torch.where(frame >= 0, priority, torch.full_like(priority, -MUST_KEEP))  # free slots rank last
         by_time = time_order(frame, torch.stack([store.index for store in stores]))  # free slots last
         rank = torch.argsort(priority.gather(-1, by_time), dim=-1, descending=True, stable=True)
         # Ranked: kept tokens (n_keep), evicted ones (up to n_tokens), then the slots already free.

@@ -139,10 +139,6 @@ class SlotLayerTokens:
         H, M = self.new_slots.shape
         self.position.scatter_(1, self.new_slots.unsqueeze(-1).expand(-1, -1, 3), position.expand(H, M, 3))
 
-    def time_order(self) -> Tensor:
-        """[H, S] int64: the slots sorted by (frame, in-frame index); free slots last."""
-        return time_order(self.frame, self.index)
-
     def evict(self, evicted: Tensor, free: Tensor, num_tokens: int) -> None:
         """Mark ``evicted`` [H, E] free; ``free`` [H, S - num_tokens] becomes the free-slot list."""
         self.frame.scatter_(1, evicted, FREE)
@@ -154,7 +150,7 @@ class SlotLayerTokens:
 
     def compact(self) -> LayerTokens:
         """The live tokens as a default store, in (frame, in-frame index) order per head (copies)."""
-        order = self.time_order()[:, : self._num_tokens]
+        order = time_order(self.frame, self.index)[:, : self._num_tokens]
 
         def take(t: Optional[Tensor]) -> Optional[Tensor]:
             if t is None:

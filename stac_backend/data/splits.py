@@ -10,9 +10,14 @@ VALIDATION_SEED = 2_000_000  # checkpoints are compared on these
 SPLITS = {"held-out": HELD_OUT_SEED, "validation": VALIDATION_SEED}
 
 
-def split_of(seed: int) -> str | None:
-    """The split a scene seed belongs to (None: free for training)."""
+def split_overlapping(first_seed: int, count: int) -> str | None:
+    """The split that seeds ``first_seed`` .. ``first_seed + count - 1`` reach (None: none)."""
     for name, first in SPLITS.items():
-        if first <= seed < first + SPLIT_COUNT:
+        if first_seed < first + SPLIT_COUNT and first_seed + count > first:
             return name
     return None
+
+
+def split_of(seed: int) -> str | None:
+    """The split a scene seed belongs to (None: free for training)."""
+    return split_overlapping(seed, 1)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..data import SPLIT_COUNT, SPLITS, make_sequence
+from ..data import SPLIT_COUNT, SPLITS, make_sequence, split_overlapping
 from ..data.sequence import to_first_camera_frame
 from ..model import build_model, save_checkpoint
 from ..model.pose import extri_intri_to_pose_encoding
@@ -46,10 +46,11 @@ TRAJECTORIES = ("loop", "back_and_forth", "random_walk")
 def pool_seed0(seed: int, step: int, pool: int) -> int:
     """First scene seed of a run's training pool (a fresh pool every 5,000 steps)."""
     seed0 = seed * 100_000 + (step // 5000) * pool
-    for name, first in SPLITS.items():
-        if seed0 < first + SPLIT_COUNT and seed0 + pool > first:
-            raise ValueError(f"--seed {seed} at step {step} would train on {name} scenes (seeds {first:,} to "
-                             f"{first + SPLIT_COUNT - 1:,}): choose another --seed")
+    split = split_overlapping(seed0, pool)
+    if split is not None:
+        first = SPLITS[split]
+        raise ValueError(f"--seed {seed} at step {step} would train on {split} scenes (seeds {first:,} to "
+                         f"{first + SPLIT_COUNT - 1:,}): choose another --seed")
     return seed0
 
 
