@@ -139,6 +139,7 @@ def attention_with_key_mass(
     key_block: int = 1024,
     query_block: int = 2048,
     need_mass: bool = True,
+    mass_query_stride: int = 1,
 ) -> tuple[Tensor, Tensor | None]:
     """Scaled dot-product attention that also returns the attention mass of every key.
 
@@ -152,6 +153,8 @@ def attention_with_key_mass(
         key_block: keys per block (scores held at once: ``[B, H, query_block, key_block]``).
         query_block: queries per block.
         need_mass: if False, only the output is computed and ``None`` is returned for the mass.
+        mass_query_stride: sum the mass over query rows 0, S, 2S, ... only and scale it by
+            Nq / (rows used): an estimate of the full sum at 1/S of its cost (1: exact).
 
     Returns:
         ``(out, key_mass)``: ``out`` is ``[B, H, Nq, Dv]`` in ``q.dtype``; ``key_mass`` is
@@ -162,6 +165,8 @@ def attention_with_key_mass(
         ValueError: on malformed shapes, dtypes or block sizes.
     """
     bias, qv = _check_inputs(q, k, v, key_bias, key_valid, query_valid, key_block, query_block)
+    if not isinstance(mass_query_stride, int) or mass_query_stride < 1:
+        raise ValueError(f"mass_query_stride must be a positive integer, got {mass_query_stride!r}")
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     scale = 1.0 / math.sqrt(D)
@@ -224,6 +229,9 @@ def attention_with_key_mass(
         # exp(s - inf) is exactly 0 for every key.
         m_ref = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
         lse = torch.where(has_key, m_ref + torch.log(safe_l), torch.full_like(l, float("inf")))
+        # the rows that count: global indices 0, S, 2S, ... (every row when S = 1)
+        first = -qs % mass_query_stride
+        q_blk, lse = q_blk[:, :, first::mass_query_stride], lse[:, :, first::mass_query_stride]
         for ks in range(0, Nk, key_block):
             ke = min(ks + key_block, Nk)
             s = torch.matmul(q_blk, k[:, :, ks:ke].to(acc_dtype).transpose(-1, -2))
@@ -232,4 +240,6 @@ def attention_with_key_mass(
             p = torch.exp(s - lse[..., None])
             mass[:, :, ks:ke] += p.sum(dim=-2)
 
+    if mass is not None and mass_query_stride > 1:
+        mass = mass * (Nq / -(-Nq // mass_query_stride))
     return out, (None if mass is None else mass.float())

@@ -67,6 +67,11 @@ class CacheConfig:
     # tokens kept and pooled; the attention sums its keys in another order, so outputs agree to
     # float rounding, not bit for bit. Between steps it holds the chunk's share as well.
     store: str = "compact"
+    # heavy_hitter / stac only: score keys from every N-th query of the step instead of all of them
+    # (rows 0, N, 2N, ... of the step's tokens; the sum is scaled by queries / rows used). 1 is
+    # STAC's rule. A larger N makes the attention's key-mass pass N times cheaper; the scores
+    # become an estimate, so which tokens are kept can change.
+    mass_query_stride: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pinned_frames", tuple(int(f) for f in self.pinned_frames))
@@ -78,7 +83,7 @@ class CacheConfig:
         problems = []
         if self.policy not in POLICIES:
             problems.append(f"unknown cache policy {self.policy!r}; choose one of {POLICIES}")
-        for name in ("chunk", "window", "buffer_size", "max_pivots"):
+        for name in ("chunk", "window", "buffer_size", "max_pivots", "mass_query_stride"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be a positive integer, got {value!r}")

@@ -95,7 +95,8 @@ class HeavyHitterCache(CachePolicy):
             bias, valid = extra_bias_and_valid(extra, old, old + n_extra + M)
         self._pending[layer] = (old, n_extra, M, valid)
         # absorb() reads the mass of the stored and the new keys, not of the extra ones
-        return KeySet(keys, values, bias, valid, need_mass=True, mass_skip=(old, old + n_extra) if n_extra else None)
+        return KeySet(keys, values, bias, valid, need_mass=True, mass_skip=(old, old + n_extra) if n_extra else None,
+                      mass_query_stride=self.config.mass_query_stride)
 
     def _slot_store(self, layer: int, k: Tensor) -> SlotLayerTokens:
         """The layer's slot store, made at the first step (or from an imported compact store)."""
@@ -124,13 +125,15 @@ class HeavyHitterCache(CachePolicy):
         if extra is None or extra[0].shape[1] == 0:
             # absorb() counts old + new live keys (no mask needed for that)
             self._pending[layer] = (old, 0, M, None)
-            return KeySet(keys, values, None, live, need_mass=True)
+            return KeySet(keys, values, None, live, need_mass=True,
+                          mass_query_stride=self.config.mass_query_stride)
         n, n_extra = keys.shape[1], extra[0].shape[1]
         bias, valid = extra_bias_and_valid(extra, n, n + n_extra)
         if live is not None:
             valid[:, :n] = live
         self._pending[layer] = (old, n_extra, M, valid)
         return KeySet((keys, extra[0].to(k.dtype)), (values, extra[1].to(v.dtype)), bias, valid, need_mass=True,
+                      mass_query_stride=self.config.mass_query_stride,
                       mass_skip=(n, n + n_extra))
 
     def _step_new_ids(self, H: int, M: int, device) -> tuple[Tensor, Tensor, Optional[Tensor]]:

@@ -34,6 +34,9 @@ class KeySet:
     # Keys [start, end) whose mass absorb() does not read (e.g. retrieved keys): their mass is
     # returned as 0 and, on the fused kernel, blocks of them skip the mass pass.
     mass_skip: Optional[tuple[int, int]] = None
+    # Sum the mass over every N-th query only (CacheConfig.mass_query_stride; 1 = all queries). A
+    # batched call uses the smallest stride of the streams that read mass.
+    mass_query_stride: int = 1
 
     @property
     def num_keys(self) -> int:
@@ -62,15 +65,17 @@ def _write_segments(dst: Tensor, x: Union[Tensor, tuple[Tensor, ...]]) -> None:
 USE_FUSED = os.environ.get("STAC_FUSED_ATTENTION", "1") != "0"
 
 
-def _attention_with_mass(q, k, v, bias, valid, need_mass, mass_keys=None):
+def _attention_with_mass(q, k, v, bias, valid, need_mass, mass_keys=None, mass_query_stride=1):
     """Output and per-key mass; ``mass_keys`` [B, H, N] (bool, or None = all): the keys whose mass
     is read, the others' mass is 0 on every path."""
     if USE_FUSED and q.is_cuda:
         from ..kernels.attention_mass import fused_attention_with_key_mass, fused_available
 
         if fused_available(q.device):
-            return fused_attention_with_key_mass(q, k, v, bias, valid, need_mass, mass_keys=mass_keys)
-    out, mass = attention_with_key_mass(q, k, v, key_bias=bias, key_valid=valid, need_mass=need_mass)
+            return fused_attention_with_key_mass(q, k, v, bias, valid, need_mass, mass_keys=mass_keys,
+                                                 mass_query_stride=mass_query_stride)
+    out, mass = attention_with_key_mass(q, k, v, key_bias=bias, key_valid=valid, need_mass=need_mass,
+                                        mass_query_stride=mass_query_stride)
     if mass is not None and mass_keys is not None:
         mass = mass.masked_fill(~mass_keys, 0.0)
     return out, mass
@@ -102,7 +107,7 @@ def attend_key_sets(q: Tensor, sets: Sequence[KeySet]) -> tuple[Tensor, list[Opt
         bias = None if s.bias is None else s.bias[None]
         valid = None if s.valid is None else s.valid[None]
         mass_keys = _mass_keys(sets, 1, q.shape[1], s.num_keys, q.device) if need_mass else None
-        out, mass = _attention_with_mass(q, k, v, bias, valid, need_mass, mass_keys)
+        out, mass = _attention_with_mass(q, k, v, bias, valid, need_mass, mass_keys, s.mass_query_stride)
         return out, [mass[0] if s.need_mass else None]
 
     H, D = q.shape[1], q.shape[3]
@@ -128,5 +133,6 @@ def attend_key_sets(q: Tensor, sets: Sequence[KeySet]) -> tuple[Tensor, list[Opt
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=valid[:, :, None, :])
         return out, [None] * len(sets)
     mass_keys = _mass_keys(sets, len(sets), H, longest, q.device)
-    out, mass = _attention_with_mass(q, keys, values, bias, valid, True, mass_keys)
+    stride = min(s.mass_query_stride for s in sets if s.need_mass) if need_mass else 1
+    out, mass = _attention_with_mass(q, keys, values, bias, valid, True, mass_keys, stride)
     return out, [mass[b, :, : lengths[b]] if s.need_mass else None for b, s in enumerate(sets)]

@@ -49,6 +49,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-depth", type=float, default=None, help="ignore GT depth beyond this many metres")
     p.add_argument("--point-frame-stride", type=int, default=1, help="point metrics on every N-th frame only")
     p.add_argument("--icp-iterations", type=int, default=30)
+    p.add_argument("--no-points-from-depth", dest="points_from_depth", action="store_false",
+                   help="score the point head's map only, not also the points from predicted depth + cameras")
     p.add_argument("--max-points", type=int, default=20_000, help="query points of accuracy / completeness")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_model_args(p)
@@ -83,7 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
           + ", ".join(f"{s.name} ({s.num_frames} frames, GT: {', '.join(s.metadata['ground_truth']) or 'none'})"
                       for s in sequences), file=sys.stderr)
     settings = MetricSettings(icp_iterations=args.icp_iterations, max_points=args.max_points,
-                              point_frame_stride=args.point_frame_stride,
+                              point_frame_stride=args.point_frame_stride, points_from_depth=args.points_from_depth,
                               max_depth=args.max_depth if args.max_depth is not None else 70.0)
     results = evaluate(model, sequences, configs, settings)
     results = {"benchmark": "eval", "provenance": provenance(args.device), "dataset": str(args.dataset),

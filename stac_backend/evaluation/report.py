@@ -24,6 +24,8 @@ TABLE_COLUMNS = (
     ("acc_mean", "acc (m)", "{:.3f}"),
     ("comp_mean", "comp (m)", "{:.3f}"),
     ("nc_mean", "NC", "{:.3f}"),
+    ("depth_points_acc_mean", "acc, depth + cameras (m)", "{:.3f}"),
+    ("depth_points_comp_mean", "comp, depth + cameras (m)", "{:.3f}"),
     ("ate_rmse", "ATE (m)", "{:.3f}"),
     ("rpe_trans", "RPE trans (m)", "{:.3f}"),
     ("rpe_rot_deg", "RPE rot (deg)", "{:.2f}"),

@@ -20,7 +20,7 @@ from .sequence import EvalSequence
 
 __all__ = ["policy_configs", "stream_sequence", "evaluate", "summarize", "KEPT_OUTPUTS"]
 
-KEPT_OUTPUTS = ("depth", "world_points", "world_points_conf", "extrinsics")
+KEPT_OUTPUTS = ("depth", "world_points", "world_points_conf", "extrinsics", "intrinsics")
 
 
 def policy_configs(names: Optional[list[str]] = None, chunk: int = 4,

@@ -229,6 +229,7 @@ def fused_attention_with_key_mass(
     block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 3,
     mass_block_m: int = 64, mass_block_n: int = 128, mass_num_warps: int = 4, mass_num_stages: int = 3,
     mass_method: str = "auto", mass_keys: Optional[Tensor] = None, forward_exp: str = "auto",
+    mass_query_stride: int = 1,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """q [B,H,M,D], k/v [B,H,N,D], bias [B,H,N] (float), valid [B,H,N] (bool) -> out [B,H,M,D], mass [B,H,N] fp32.
 
@@ -239,6 +240,9 @@ def fused_attention_with_key_mass(
     mass_method: how the key-mass pass sums probabilities (``MASS_METHODS``); "auto" = "exact" for
     float32 inputs and off CUDA (Triton's interpreter), else ``DEFAULT_MASS_METHOD`` (env
     STAC_MASS_METHOD overrides it).
+
+    mass_query_stride: the mass pass reads query rows 0, S, 2S, ... only and scales the sums by
+    M / (rows read), as ``attention_with_key_mass`` does (1: every row).
 
     forward_exp: how the output pass takes its exponentials (``FORWARD_EXPS``); "auto" = "float32"
     for float32 inputs and off CUDA, else ``DEFAULT_FORWARD_EXP`` (env STAC_FORWARD_EXP overrides it).
@@ -278,6 +282,14 @@ def fused_attention_with_key_mass(
     )
     if not need_mass:
         return out, None
+    if not isinstance(mass_query_stride, int) or mass_query_stride < 1:
+        raise ValueError(f"mass_query_stride must be a positive integer, got {mass_query_stride!r}")
+    mass_q, mass_lse, mass_m = q, lse, M
+    if mass_query_stride > 1:
+        # A strided view of q (the kernel takes any row stride) and the matching LSE rows.
+        mass_q = q[:, :, ::mass_query_stride]
+        mass_lse = lse[:, ::mass_query_stride].contiguous()
+        mass_m = mass_q.shape[2]
     mass_bias, has_mass_bias = full_bias, has_bias
     if mass_keys is not None:
         mass_bias = _log2_bias(bias, mass_keys if valid is None else mass_keys & valid, B, H, N, q.device)
@@ -285,15 +297,17 @@ def fused_attention_with_key_mass(
         bias_strides = (mass_bias.stride(0), mass_bias.stride(1))
     mass = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
     _key_mass[(triton.cdiv(N, mass_block_n), B * H)](
-        q, k, mass_bias, lse, mass,
-        q.stride(0), q.stride(1), q.stride(2),
+        mass_q, k, mass_bias, mass_lse, mass,
+        mass_q.stride(0), mass_q.stride(1), mass_q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         *bias_strides,
-        H, M, N, qk_scale,
+        H, mass_m, N, qk_scale,
         HAS_BIAS=has_mass_bias, D=D, BLOCK_M=mass_block_m, BLOCK_N=mass_block_n, PRECISION=precision,
         METHOD=MASS_METHODS[resolve_mass_method(mass_method, q)],
         num_warps=mass_num_warps, num_stages=mass_num_stages,
     )
+    if mass_m != M:
+        mass *= M / mass_m
     return out, mass
 
 

@@ -209,3 +209,29 @@ def test_bad_arguments_raise():
         attention_with_key_mass(q, k, v, key_block=0)
     with pytest.raises(ValueError, match="query_block"):
         attention_with_key_mass(q, k, v, query_block=-1)
+
+
+@pytest.mark.parametrize("stride", [2, 3, 4])
+@pytest.mark.parametrize("query_block", [5, 2048])
+def test_mass_from_every_nth_query_is_the_scaled_sum_over_those_rows(stride, query_block):
+    """``mass_query_stride=S`` sums the mass over query rows 0, S, 2S, ... (across query blocks
+    that do not start on a multiple of S) and scales it by Nq / rows used; the output is unchanged."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, bias, kvalid, _ = _random_case(gen)
+    out_all, _ = attention_with_key_mass(q, k, v, bias, kvalid, query_block=query_block)
+    out, mass = attention_with_key_mass(q, k, v, bias, kvalid, query_block=query_block, mass_query_stride=stride)
+    rows = torch.arange(0, q.shape[2], stride)
+    _, ref_rows = _reference(q[:, :, rows], k, v, bias, kvalid)
+    assert torch.equal(out, out_all)
+    assert torch.allclose(mass.double(), ref_rows * (q.shape[2] / len(rows)), atol=1e-6 * 37, rtol=1e-6)
+    assert torch.all(mass[~kvalid] == 0)
+
+
+def test_mass_stride_one_is_the_exact_mass_and_bad_strides_are_refused():
+    gen = torch.Generator().manual_seed(4)
+    q, k, v, bias, kvalid, _ = _random_case(gen)
+    assert torch.equal(attention_with_key_mass(q, k, v, bias, kvalid)[1],
+                       attention_with_key_mass(q, k, v, bias, kvalid, mass_query_stride=1)[1])
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match="mass_query_stride"):
+            attention_with_key_mass(q, k, v, bias, kvalid, mass_query_stride=bad)

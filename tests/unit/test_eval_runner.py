@@ -37,11 +37,13 @@ def test_perfect_prediction_scores_zero_everywhere(loop):
     # Any similarity of the truth is perfect: scale 2 and a shift.
     gt = _gt(loop)
     pred = {"depth": 2 * loop.depth, "world_points": 2 * loop.world_points + 1.0,
-            "extrinsics": torch.cat([loop.extrinsics[:, :, :3], 2 * loop.extrinsics[:, :, 3:]], -1)}
+            "extrinsics": torch.cat([loop.extrinsics[:, :, :3], 2 * loop.extrinsics[:, :, 3:]], -1),
+            "intrinsics": loop.intrinsics}
     pred["extrinsics"][:, :, 3] -= (pred["extrinsics"][:, :, :3] @ torch.ones(3))  # centres shifted by +1 as well
     scores = score_prediction(pred, gt, FAST, lap_segments(4, 2))
+    assert scores["all"]["depth_points_align_scale"] == pytest.approx(0.5, rel=1e-4)  # depth + cameras: the same similarity
     for segment in ("all", "lap_2"):
-        for key in ("acc_mean", "comp_mean", "abs_rel", "ate_rmse"):
+        for key in ("acc_mean", "comp_mean", "abs_rel", "ate_rmse", "depth_points_acc_mean", "depth_points_comp_mean"):
             assert scores[segment][key] == pytest.approx(0.0, abs=1e-4), (segment, key)
     assert scores["all"]["rpe_rot_deg"] == pytest.approx(0.0, abs=1e-3)
 
@@ -80,9 +82,10 @@ def test_stac_eval_on_a_synth_folder_writes_json_markdown_and_plot(tmp_path, cap
     full = sequence["policies"]["full"]
     assert full["cache_bytes_bound"] is None and full["peak_cache_bytes"] > 0
     assert sequence["policies"]["sink_window"]["cache_bytes_bound"] > 0
-    assert {"acc_mean", "comp_mean", "nc_mean", "abs_rel", "delta_1.25", "ate_rmse", "rpe_rot_deg"} <= set(full["metrics"]["all"])
+    assert {"acc_mean", "comp_mean", "nc_mean", "abs_rel", "delta_1.25", "ate_rmse", "rpe_rot_deg",
+            "depth_points_acc_mean", "depth_points_comp_mean", "depth_points_nc_mean"} <= set(full["metrics"]["all"])
     table = (out / "results.md").read_text()
-    assert "| full |" in table and "| sink_window |" in table and "Abs Rel" in table
+    assert "| full |" in table and "| sink_window |" in table and "Abs Rel" in table and "depth + cameras" in table
     assert "| full |" in capsys.readouterr().out
 
 

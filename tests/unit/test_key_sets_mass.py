@@ -85,3 +85,20 @@ def test_segmented_key_sets_equal_joined_ones_exactly():
         (out_a, mass_a), (out_b, mass_b) = outs
         assert torch.equal(out_a, out_b)
         assert all(torch.equal(a, b) for a, b in zip(mass_a, mass_b))
+
+
+def test_a_batch_sums_mass_over_every_nth_query_with_the_smallest_stride_of_its_streams():
+    """Streams asking for strides 4 and 2 in one call both get the stride-2 estimate: the naive sum
+    over query rows 0, 2, 4, ... scaled by M / rows used."""
+    g = torch.Generator().manual_seed(5)
+    H, M, D = 2, 9, 8
+    q = torch.randn(2, H, M, D, generator=g)
+    sets = [KeySet(torch.randn(H, n, D, generator=g), torch.randn(H, n, D, generator=g), need_mass=True,
+                   mass_query_stride=stride) for n, stride in ((12, 4), (7, 2))]
+    out, masses = attend_key_sets(q, sets)
+    rows = torch.arange(0, M, 2)
+    for b, s in enumerate(sets):
+        ref_out, _ = naive(q[b], s)
+        _, ref_mass = naive(q[b][:, rows], s)
+        torch.testing.assert_close(out[b].double(), ref_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(masses[b].double(), ref_mass * (M / len(rows)), rtol=1e-5, atol=1e-5)

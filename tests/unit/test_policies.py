@@ -152,6 +152,7 @@ def test_budget_sets_pool_size(tiny_model):
         ({"memory_budget_bytes": 0}, "memory_budget_bytes"),
         ({"memory_budget_bytes": -5}, "memory_budget_bytes"),
         ({"retrieval_every": 0}, "retrieval_every"),
+        ({"mass_query_stride": 0}, "mass_query_stride"),
         ({"policy": "full", "full_growth": 0.5}, "full_growth"),
         ({"policy": "full", "full_growth": float("nan")}, "full_growth"),
     ],
