@@ -47,6 +47,9 @@ from stac_backend.results import run_record
 BOUNDED = ("window", "sink_window", "heavy_hitter", "stac")
 STAC_HOT_SETTINGS = ((4, 2, 2), (4, 1, 2), (4, 0, 2), (4, 0, 1))  # (window, hh, retrieval), preferred first
 SHOWN = (("comp_mean", "comp (m)"), ("acc_mean", "acc (m)"), ("ate_rmse", "ATE (m)"), ("abs_rel", "Abs Rel"))
+# The points unprojected from predicted depth and cameras (score_prediction's second point score),
+# tabled for the whole stream where every run has them (files from before it was scored lack them).
+SHOWN_FROM_DEPTH = (("depth_points_comp_mean", "comp, depth + cameras (m)"), ("depth_points_acc_mean", "acc, depth + cameras (m)"))
 
 
 def bound_of(config: CacheConfig, model, tokens_per_frame: int) -> int | None:
@@ -216,7 +219,10 @@ def summarize(report: dict) -> dict:
 def table(report: dict) -> str:
     full = report["full_cache_bytes_at_length"]
     head = ["policy", "budget", "settings (window / hh / retrieval / pool voxels)", "bound MiB (% of full)", "peak MiB"]
+    fitting = [row for row in report["summary"]["rows"] if row["fits"]]
+    from_depth = [item for item in SHOWN_FROM_DEPTH if fitting and all(item[0] in row["metrics"]["all"] for row in fitting)]
     head += [f"{title}" for _, title in SHOWN] + [f"lap 2 {title}" for key, title in SHOWN if key != "abs_rel"]
+    head += [title for _, title in from_depth]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for row in report["summary"]["rows"]:
         budget = "-" if row["budget_fraction"] is None else f"{row['budget_fraction']:.0%}"
@@ -229,6 +235,7 @@ def table(report: dict) -> str:
                  f"{row['peak_bytes'] / 2**20:.2f}"]
         cells += [f"{row['metrics']['all'][k]:.3f}" for k, _ in SHOWN]
         cells += [f"{row['metrics']['lap_2'][k]:.3f}" for k, _ in SHOWN if k != "abs_rel"]
+        cells += [f"{row['metrics']['all'][k]:.3f}" for k, _ in from_depth]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

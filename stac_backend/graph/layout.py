@@ -92,6 +92,9 @@ class StepLayout:
         if c.policy == "stac" and c.patch_position != "centre":
             problems.append(f"patch_position={c.patch_position!r} is not exported: the exported step samples the point "
                             "map at each patch centre (patch_position='centre')")
+        if c.mass_query_stride != 1:
+            problems.append(f"mass_query_stride={c.mass_query_stride} is not exported: the exported attention op sums "
+                            "each key's mass over every query (mass_query_stride=1)")
         if not (m.enable_camera and m.enable_depth and m.enable_point):
             problems.append("the exported step needs the camera, depth and point heads")
         if problems:

@@ -42,3 +42,20 @@ def test_a_budget_below_the_smallest_setting_does_not_fit(bench, tiny_model):
     for policy in ("window", "stac"):
         assert bench.config_for_budget(policy, 2 * per_frame, tiny_model, tokens, 4, 100, {}) is None
     assert bench.lap_segments(10, 3) == {"lap_2": (10, 20), "lap_3": (20, 30)}
+
+
+def _report(with_depth_points: bool) -> dict:
+    metrics = {"comp_mean": 0.5, "acc_mean": 0.25, "ate_rmse": 1.0, "abs_rel": 0.08}
+    if with_depth_points:
+        metrics |= {"depth_points_comp_mean": 0.125, "depth_points_acc_mean": 0.375}
+    row = {"policy": "stac", "budget_fraction": 0.1, "fits": True, "settings": {"window": 4, "hh": 1}, "bound_bytes": 2**20,
+           "peak_bytes": 2**19, "metrics": {"all": metrics, "lap_2": dict(metrics)}}
+    return {"full_cache_bytes_at_length": 10 * 2**20, "summary": {"rows": [row]}}
+
+
+def test_the_table_adds_the_points_from_depth_where_every_run_has_them(bench):
+    with_them = bench.table(_report(True)).splitlines()
+    assert "comp, depth + cameras (m)" in with_them[0] and "acc, depth + cameras (m)" in with_them[0]
+    assert with_them[2].endswith("| 0.125 | 0.375 |")
+    without = bench.table(_report(False)).splitlines()  # a file from before they were scored
+    assert "depth + cameras" not in without[0] and len(without[0].split("|")) == len(with_them[0].split("|")) - 2

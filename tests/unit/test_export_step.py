@@ -107,6 +107,7 @@ def test_layout_budgets_and_names(model):
     (dict(cache=CacheConfig(policy="full")), "max_frames"),
     (dict(cache=STAC, height=50), "multiples"),
     (dict(cache=STAC.replace(patch_position="mean")), "patch_position='mean' is not exported"),
+    (dict(cache=STAC.replace(mass_query_stride=4)), "mass_query_stride=4 is not exported"),
 ])
 def test_layout_refuses_what_cannot_be_exported(model, kwargs, message):
     args = dict(cache=STAC, height=H, width=W)
