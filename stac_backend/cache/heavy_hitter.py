@@ -133,8 +133,7 @@ class HeavyHitterCache(CachePolicy):
             valid[:, :n] = live
         self._pending[layer] = (old, n_extra, M, valid)
         return KeySet((keys, extra[0].to(k.dtype)), (values, extra[1].to(v.dtype)), bias, valid, need_mass=True,
-                      mass_query_stride=self.config.mass_query_stride,
-                      mass_skip=(n, n + n_extra))
+                      mass_skip=(n, n + n_extra), mass_query_stride=self.config.mass_query_stride)
 
     def _step_new_ids(self, H: int, M: int, device) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """Frame and in-frame index [H, M] of the step's new tokens and their (not yet known, NaN)

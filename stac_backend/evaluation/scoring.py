@@ -88,7 +88,8 @@ def score_prediction(
     """``{"all": {...}, "<segment>": {...}}`` of flat metric dicts; segments are ``(start, stop)`` frames.
 
     ``pred`` has ``depth`` ``[S, H, W]``, ``world_points`` ``[S, H, W, 3]``, ``extrinsics`` ``[S, 3, 4]``
-    and, for the points from depth, ``intrinsics`` ``[S, 3, 3]``; ``gt`` any of ``depth``, ``valid``, ``world_points``, ``extrinsics`` (groups without GT are skipped).
+    and, for the points from depth, ``intrinsics`` ``[S, 3, 3]``; ``gt`` any of ``depth``, ``valid``,
+    ``world_points``, ``extrinsics`` (groups without GT are skipped).
     """
     s = settings or MetricSettings()
     spans = {"all": (0, int(pred["depth"].shape[0]))} | dict(segments or {})
