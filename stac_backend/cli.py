@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .model_args import add_model_args, load_model_from_args, resolve_model_args
+from .results import POINT_SOURCES  # numpy only
 from .serving.settings import DEFAULT_IDLE_TTL_S, DEFAULT_MAX_STREAMS  # torch-free
 
 def _add_serving_args(p: argparse.ArgumentParser) -> None:
@@ -88,7 +89,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     print(f"streaming {source.description} {describe}, chunks of {args.chunk_size}", file=sys.stderr)
     writer = ReconstructionWriter(args.out, conf_threshold=args.conf_threshold, save_frames=not args.no_frames,
                                   conf_key=args.conf_key, source=source.description,
-                                  fps=getattr(source, "fps", None))
+                                  fps=getattr(source, "fps", None), points_from=args.points_from)
     live = _live_viewer(args)
     started = time.perf_counter()
     frames_done, cache_bytes = 0, 0
@@ -121,7 +122,8 @@ def _live_viewer(args: argparse.Namespace):
         return None
     from .viewer.live import LiveViewer
 
-    viewer = LiveViewer(host=args.view_host, port=args.view_port, conf_key=getattr(args, "conf_key", "depth_conf"))
+    viewer = LiveViewer(host=args.view_host, port=args.view_port, conf_key=getattr(args, "conf_key", "depth_conf"),
+                        points_from=getattr(args, "points_from", "depth"))
     print(f"viewer at {viewer.url}", file=sys.stderr)
     return viewer
 
@@ -304,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the top half of each frame)")
     p.add_argument("--conf-key", choices=("depth_conf", "world_points_conf"), default="depth_conf",
                    help="which confidence filters points.ply")
+    p.add_argument("--points", choices=POINT_SOURCES, default="depth", dest="points_from",
+                   help="points.ply and the viewer from depth + cameras (default) or the point head")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--model-name", default="stac")
     add_model_args(p)
@@ -334,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conf-key", choices=("depth_conf", "world_points_conf"), default="depth_conf",
                    help="which confidence filters points.ply (depth_conf varies per pixel; world_points_conf "
                         "is nearly flat for the shipped model)")
+    p.add_argument("--points", choices=POINT_SOURCES, default="depth", dest="points_from",
+                   help="points.ply and the viewer from each frame's depth unprojected with its predicted camera "
+                        "(default; the more accurate estimate) or from the point head's map")
     p.add_argument("--no-frames", action="store_true", help="skip the per-frame npz files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--policy", default="stac", help="cache policy (in-process runs)")

@@ -8,8 +8,11 @@ A stream's per-frame arrays, merged point cloud and camera trajectory, written b
 - ``points.ply``: confidence-filtered world points of all frames (an absolute threshold, or by
   default the top half of each frame by confidence), coloured by the input pixels
   (binary little-endian PLY; at most ``max_points_per_frame`` per frame, chosen deterministically).
-  The confidence is ``depth_conf`` by default: ``world_points_conf`` is nearly flat for the shipped
-  small model, so a percentile of it keeps most pixels;
+  The points are by default each frame's depth unprojected with its predicted camera (``points_from
+  ="depth"``, VGGT's depth + camera branch, the more accurate of the model's two point estimates);
+  ``points_from="head"`` takes the point head's map instead. The confidence is ``depth_conf`` by
+  default: ``world_points_conf`` is nearly flat for the shipped small model, so a percentile of it
+  keeps most pixels;
 - ``trajectory.json``: per frame extrinsics (camera-from-world), intrinsics and camera centre, the
   source and its frame rate;
 - ``trajectory_tum.txt``: the same poses as camera-to-world in TUM format (timestamp tx ty tz qx qy
@@ -32,6 +35,27 @@ from typing import Mapping, Optional
 import numpy as np
 
 FRAME_ARRAYS = ("depth", "depth_conf", "world_points", "world_points_conf", "pose_enc", "extrinsics", "intrinsics")
+POINT_SOURCES = ("depth", "head")
+
+
+def frame_world_points(arrays: Mapping[str, np.ndarray], points_from: str = "depth") -> Optional[np.ndarray]:
+    """One frame's world points [H * W, 3] (float32, row-major pixels): ``"depth"`` unprojects its
+    depth [H, W] (or [H, W, 1]) with its camera (extrinsics camera-from-world [3, 4], intrinsics
+    [3, 3]; pixel (i, j) at u = j, v = i), ``"head"`` is the point head's ``world_points``. A frame
+    without depth and cameras falls back to the point head's map; None when it has neither."""
+    if points_from not in POINT_SOURCES:
+        raise ValueError(f"points_from must be one of {POINT_SOURCES}, got {points_from!r}")
+    if points_from == "depth" and all(k in arrays for k in ("depth", "extrinsics", "intrinsics")):
+        depth = np.asarray(arrays["depth"], dtype=np.float64)
+        depth = depth[..., 0] if depth.ndim == 3 else depth
+        K, E = np.asarray(arrays["intrinsics"], np.float64), np.asarray(arrays["extrinsics"], np.float64)
+        v, u = np.indices(depth.shape, dtype=np.float64)
+        cam = np.stack([(u - K[0, 2]) / K[0, 0] * depth, (v - K[1, 2]) / K[1, 1] * depth, depth], axis=-1)
+        world = (cam.reshape(-1, 3) - E[:3, 3]) @ E[:3, :3]  # x_world = R^T (x_cam - t)
+        return world.astype(np.float32)
+    if "world_points" in arrays:
+        return np.asarray(arrays["world_points"]).reshape(-1, 3).astype(np.float32)
+    return None
 
 
 def write_ply(path: Path, points: np.ndarray, colors: Optional[np.ndarray] = None) -> None:
@@ -72,11 +96,15 @@ class ReconstructionWriter:
 
     def __init__(self, out_dir: Path, conf_threshold: Optional[float] = None, max_points_per_frame: int = 20000,
                  save_frames: bool = True, conf_percentile: float = 50.0, conf_key: str = "depth_conf",
-                 source: str = "", fps: Optional[float] = None):
+                 source: str = "", fps: Optional[float] = None, points_from: str = "depth"):
         """Points are kept where ``conf_key`` exceeds ``conf_threshold`` if given, else where it is
-        at least the frame's ``conf_percentile``-th percentile (VGGT's demo keeps the top half)."""
+        at least the frame's ``conf_percentile``-th percentile (VGGT's demo keeps the top half);
+        ``points_from``: "depth" (depth + cameras) or "head" (the point head), see ``frame_world_points``."""
         if conf_key not in ("depth_conf", "world_points_conf"):
             raise ValueError(f"conf_key must be depth_conf or world_points_conf, got {conf_key!r}")
+        if points_from not in POINT_SOURCES:
+            raise ValueError(f"points_from must be one of {POINT_SOURCES}, got {points_from!r}")
+        self.points_from = points_from
         self.out_dir = Path(out_dir)
         self.conf_key = conf_key
         self.source = source
@@ -104,8 +132,8 @@ class ReconstructionWriter:
             if rgb is not None:
                 extra["rgb"] = np.ascontiguousarray(rgb.transpose(1, 2, 0))
             np.savez_compressed(self.out_dir / "frames" / f"frame_{frame_index:05d}.npz", **arrays, **extra)
-        if "world_points" in arrays:
-            pts = arrays["world_points"].reshape(-1, 3).astype(np.float32)
+        pts = frame_world_points(arrays, self.points_from)
+        if pts is not None:
             conf_key = self.conf_key if self.conf_key in arrays else "world_points_conf"
             conf = arrays[conf_key].reshape(-1).astype(np.float32)
             finite = np.isfinite(pts).all(axis=1) & np.isfinite(conf)

@@ -26,10 +26,15 @@ def _wxyz(R: np.ndarray) -> np.ndarray:
 
 
 def confident_points(outputs: Mapping[str, np.ndarray], image: Optional[np.ndarray], max_points: int,
-                     conf_key: str = "depth_conf", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                     conf_key: str = "depth_conf", seed: int = 0, points_from: str = "depth") -> tuple[np.ndarray, np.ndarray]:
     """One frame's points [N, 3] and colours [N, 3] (uint8): the top half by ``conf_key``
-    (as points.ply keeps them), at most ``max_points``, chosen deterministically."""
-    pts = np.asarray(outputs["world_points"], dtype=np.float32).reshape(-1, 3)
+    (as points.ply keeps them), at most ``max_points``, chosen deterministically; ``points_from``
+    as in ``results.frame_world_points`` (depth + cameras by default, or the point head)."""
+    from ..results import frame_world_points
+
+    pts = frame_world_points(outputs, points_from)
+    if pts is None:
+        return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8)
     conf = np.asarray(outputs.get(conf_key, outputs.get("world_points_conf")), dtype=np.float32).reshape(-1)
     finite = np.isfinite(pts).all(1) & np.isfinite(conf)
     keep = np.flatnonzero(finite & (conf >= np.median(conf[finite]))) if finite.any() else np.zeros(0, int)
@@ -51,7 +56,7 @@ def _rgb(image) -> np.ndarray:
 
 class LiveViewer:
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, max_points_per_frame: int = 4000,
-                 conf_key: str = "depth_conf", frustum_scale: Optional[float] = None):
+                 conf_key: str = "depth_conf", frustum_scale: Optional[float] = None, points_from: str = "depth"):
         try:
             import viser
         except ImportError:
@@ -60,6 +65,7 @@ class LiveViewer:
         self.server.scene.set_up_direction("-y")  # OpenCV cameras: y points down
         self.max_points_per_frame = max_points_per_frame
         self.conf_key = conf_key
+        self.points_from = points_from
         self.frustum_scale = frustum_scale
         self.centers: list[np.ndarray] = []
         self._depth_panel = None
@@ -72,7 +78,8 @@ class LiveViewer:
     def add_frame(self, index: int, outputs: Mapping[str, np.ndarray], image=None) -> None:
         """One streamed frame: its points, its camera, the trajectory so far, its depth maps."""
         outputs = {k: _as_numpy(v) for k, v in outputs.items()}
-        points, colors = confident_points(outputs, image, self.max_points_per_frame, self.conf_key, seed=index)
+        points, colors = confident_points(outputs, image, self.max_points_per_frame, self.conf_key, seed=index,
+                                          points_from=self.points_from)
         self.server.scene.add_point_cloud(f"/points/frame_{index:05d}", points, colors, point_size=0.004)
         depth = outputs.get("depth")
         h, w = depth.shape[-2:] if depth is not None else (0, 0)
