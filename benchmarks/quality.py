@@ -208,8 +208,11 @@ def plot(report, example, stem: Path) -> None:
     if example is None:
         return
     pred, seq = example
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
-    for ax, (points, title) in zip(axes, ((seq.world_points, "ground truth"), (pred["world_points"], "stac stream (predicted)"))):
+    from_depth = unproject_depth(pred["depth"], pred["extrinsics"], pred["intrinsics"])
+    panels = ((seq.world_points, "ground truth"), (pred["world_points"], "stac stream, point head"),
+              (from_depth, "stac stream, depth + cameras"))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    for ax, (points, title) in zip(axes, panels):
         pts = points[::3, ::3, ::3].reshape(-1, 3)
         colors = seq.images[::3, :, ::3, ::3].permute(0, 2, 3, 1).reshape(-1, 3).clamp(0, 1)
         keep = torch.isfinite(pts).all(-1) & (pts.abs().sum(-1) > 0)
