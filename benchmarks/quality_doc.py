@@ -288,6 +288,10 @@ def render(report: dict, source: Path, training: Path, previous: Path | None = N
         "",
         f"![quality](benchmarks/{source.stem}.png)",
         "",
+        "The first held-out loop streamed with `stac`, seen from above in the model's own frame (not aligned):"
+        " ground truth, the point head's world points, and each frame's depth unprojected with its predicted"
+        " camera; the black circle is the true camera path.",
+        "",
         f"![reconstruction](benchmarks/{source.stem}_reconstruction.png)",
         "",
     ]
