@@ -49,7 +49,8 @@ STAC_HOT_SETTINGS = ((4, 2, 2), (4, 1, 2), (4, 0, 2), (4, 0, 1))  # (window, hh,
 SHOWN = (("comp_mean", "comp (m)"), ("acc_mean", "acc (m)"), ("ate_rmse", "ATE (m)"), ("abs_rel", "Abs Rel"))
 # The points unprojected from predicted depth and cameras (score_prediction's second point score),
 # tabled for the whole stream where every run has them (files from before it was scored lack them).
-SHOWN_FROM_DEPTH = (("depth_points_comp_mean", "comp, depth + cameras (m)"), ("depth_points_acc_mean", "acc, depth + cameras (m)"))
+SHOWN_FROM_DEPTH = (("depth_points_comp_mean", "comp, depth + cameras (m)"),
+                    ("depth_points_acc_mean", "acc, depth + cameras (m)"))
 
 
 def bound_of(config: CacheConfig, model, tokens_per_frame: int) -> int | None:

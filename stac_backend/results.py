@@ -58,6 +58,22 @@ def frame_world_points(arrays: Mapping[str, np.ndarray], points_from: str = "dep
     return None
 
 
+def confident_indices(points: np.ndarray, conf: np.ndarray, max_points: int, seed: int,
+                      conf_threshold: Optional[float] = None, conf_percentile: float = 50.0) -> np.ndarray:
+    """Indices of the finite points [N, 3] whose confidence [N] is at least ``conf_threshold`` (if
+    given) or the frame's ``conf_percentile``-th percentile, at most ``max_points`` of them, drawn
+    with ``seed`` and returned in order: what points.ply and the viewer keep of a frame."""
+    finite = np.isfinite(points).all(axis=1) & np.isfinite(conf)
+    if conf_threshold is not None:
+        bar = conf_threshold
+    else:
+        bar = np.percentile(conf[finite], conf_percentile) if finite.any() else np.inf
+    keep = np.flatnonzero(finite & (conf >= bar))
+    if len(keep) > max_points:
+        keep = np.sort(np.random.default_rng(seed).choice(keep, max_points, replace=False))
+    return keep
+
+
 def write_ply(path: Path, points: np.ndarray, colors: Optional[np.ndarray] = None) -> None:
     """Binary PLY of points [N, 3] (float32) with optional colours [N, 3] (uint8)."""
     points = np.ascontiguousarray(points, dtype="<f4").reshape(-1, 3)
@@ -136,15 +152,8 @@ class ReconstructionWriter:
         if pts is not None:
             conf_key = self.conf_key if self.conf_key in arrays else "world_points_conf"
             conf = arrays[conf_key].reshape(-1).astype(np.float32)
-            finite = np.isfinite(pts).all(axis=1) & np.isfinite(conf)
-            if self.conf_threshold is not None:
-                bar = self.conf_threshold
-            else:
-                bar = np.percentile(conf[finite], self.conf_percentile) if finite.any() else np.inf
-            keep = np.flatnonzero(finite & (conf >= bar))
-            if len(keep) > self.max_points_per_frame:
-                keep = np.random.default_rng(frame_index).choice(keep, self.max_points_per_frame, replace=False)
-                keep.sort()
+            keep = confident_indices(pts, conf, self.max_points_per_frame, frame_index, self.conf_threshold,
+                                     self.conf_percentile)
             self.points.append(pts[keep])
             if rgb is not None:
                 self.colors.append(rgb.reshape(3, -1).T[keep])

@@ -26,20 +26,18 @@ def _wxyz(R: np.ndarray) -> np.ndarray:
 
 
 def confident_points(outputs: Mapping[str, np.ndarray], image: Optional[np.ndarray], max_points: int,
-                     conf_key: str = "depth_conf", seed: int = 0, points_from: str = "depth") -> tuple[np.ndarray, np.ndarray]:
-    """One frame's points [N, 3] and colours [N, 3] (uint8): the top half by ``conf_key``
-    (as points.ply keeps them), at most ``max_points``, chosen deterministically; ``points_from``
+                     conf_key: str = "depth_conf", seed: int = 0,
+                     points_from: str = "depth") -> tuple[np.ndarray, np.ndarray]:
+    """One frame's points [N, 3] and colours [N, 3] (uint8): the top half by ``conf_key``, at most
+    ``max_points``, chosen as points.ply chooses them (``results.confident_indices``); ``points_from``
     as in ``results.frame_world_points`` (depth + cameras by default, or the point head)."""
-    from ..results import frame_world_points
+    from ..results import confident_indices, frame_world_points
 
     pts = frame_world_points(outputs, points_from)
     if pts is None:
         return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8)
     conf = np.asarray(outputs.get(conf_key, outputs.get("world_points_conf")), dtype=np.float32).reshape(-1)
-    finite = np.isfinite(pts).all(1) & np.isfinite(conf)
-    keep = np.flatnonzero(finite & (conf >= np.median(conf[finite]))) if finite.any() else np.zeros(0, int)
-    if len(keep) > max_points:
-        keep = np.sort(np.random.default_rng(seed).choice(keep, max_points, replace=False))
+    keep = confident_indices(pts, conf, max_points, seed)
     if image is None:
         return pts[keep], np.full((len(keep), 3), 160, np.uint8)
     rgb = _rgb(image)
