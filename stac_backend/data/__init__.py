@@ -19,7 +19,7 @@ from .io import read_sequence, write_sequence
 from .render import RenderOutput, render_frames
 from .scene import Scene, make_scene
 from .sequence import SyntheticSequence, make_sequence, to_first_camera_frame
-from .splits import HELD_OUT_SEED, SPLIT_COUNT, SPLITS, VALIDATION_SEED, split_of, split_overlapping
+from .splits import HELD_OUT_SEED, SPLIT_COUNT, SPLITS, VALIDATION_SEED, split_overlapping
 from .trajectory import TRAJECTORIES, make_trajectory
 
 __all__ = [
@@ -27,7 +27,6 @@ __all__ = [
     "VALIDATION_SEED",
     "SPLIT_COUNT",
     "SPLITS",
-    "split_of",
     "split_overlapping",
     "SyntheticSequence",
     "make_sequence",

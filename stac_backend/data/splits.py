@@ -16,8 +16,3 @@ def split_overlapping(first_seed: int, count: int) -> str | None:
         if first_seed < first + SPLIT_COUNT and first_seed + count > first:
             return name
     return None
-
-
-def split_of(seed: int) -> str | None:
-    """The split a scene seed belongs to (None: free for training)."""
-    return split_overlapping(seed, 1)

@@ -8,7 +8,7 @@ import torch
 
 import pytest
 
-from stac_backend.data import HELD_OUT_SEED, SPLIT_COUNT, VALIDATION_SEED, split_of
+from stac_backend.data import HELD_OUT_SEED, SPLIT_COUNT, VALIDATION_SEED, split_overlapping
 from stac_backend.training.train import confidence_l1, main, pool_seed0, scene_scale
 
 
@@ -57,5 +57,5 @@ def test_training_pools_never_render_held_out_or_validation_scenes():
     with pytest.raises(ValueError, match="validation scenes"):
         pool_seed0(20, 0, 96)
     assert HELD_OUT_SEED + SPLIT_COUNT <= 1_100_000 and VALIDATION_SEED == 2_000_000
-    assert [split_of(s) for s in (999_999, 1_000_000, 1_009_999, 1_010_000, 2_000_003)] == [
+    assert [split_overlapping(s, 1) for s in (999_999, 1_000_000, 1_009_999, 1_010_000, 2_000_003)] == [
         None, "held-out", "held-out", None, "validation"]
