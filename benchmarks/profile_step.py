@@ -39,6 +39,58 @@ def sync_trace(step) -> str:
     return f"{sum(counts.values())} in total\n" + "\n".join(lines) + "\n"
 
 
+def gpu_idle(prof, wall_s: float, min_gap_us: float = 5.0, top: int = 12) -> str:
+    """Where the GPU waits for the host in one profiled step: kernel time against the step's wall
+    time, and the idle gaps between kernels grouped by what the host was running when it launched
+    the kernel that ended the gap (the innermost ``cache.*`` range, else the outermost operator)."""
+    from torch.autograd import DeviceType
+
+    device = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    kernels = sorted((e for e in device if not e.is_user_annotation), key=lambda e: e.time_range.start)
+    if not kernels:
+        return "no GPU activity recorded\n"
+    launches = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CPU and e.linked_correlation_id:
+            launches[e.linked_correlation_id] = e
+
+    def launched_from(kernel) -> str:
+        cpu = launches.get(kernel.linked_correlation_id)
+        outer = None
+        while cpu is not None:
+            if cpu.name.startswith("cache."):
+                return cpu.name
+            outer = cpu
+            cpu = cpu.cpu_parent
+        return outer.name[:60] if outer is not None else "(launch not linked)"
+
+    busy, end, idle_total = 0.0, kernels[0].time_range.start, 0.0
+    groups: Counter = Counter()
+    counts: Counter = Counter()
+    previous = None
+    for k in kernels:
+        start, stop = k.time_range.start, k.time_range.end
+        if start > end:
+            gap = start - end
+            idle_total += gap
+            if gap >= min_gap_us:
+                where = launched_from(k)
+                if where == "(launch not linked)" and previous is not None:
+                    where = f"(after kernel {previous.name[:50]})"
+                groups[where] += gap
+                counts[where] += 1
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+        previous = k
+    span = end - kernels[0].time_range.start
+    lines = [f"GPU busy {busy / 1e3:.2f} ms of a {span / 1e3:.2f} ms kernel span "
+             f"({wall_s * 1e3:.2f} ms step wall time unprofiled); idle between kernels {idle_total / 1e3:.2f} ms,",
+             f"gaps of >= {min_gap_us:g} us by what launched the kernel after the gap:"]
+    for where, gap in groups.most_common(top):
+        lines.append(f"  {gap / 1e3:8.2f} ms in {counts[where]:5d} gaps  {where}")
+    return "\n".join(lines) + "\n"
+
+
 PHASES = ("begin_step", "prepare", "absorb", "end_step", "on_evict", "_attach_positions", "_file_queued", "_retrieve")
 
 
@@ -80,6 +132,8 @@ def main() -> int:
                    help="also a table of the cache policy's phases (profiler ranges cache.*) with their GPU time")
     p.add_argument("--by-line", type=int, default=0, metavar="N",
                    help="also a table of GPU time grouped by the N innermost Python frames that launched it")
+    p.add_argument("--idle", action="store_true",
+                   help="also the GPU's idle time in the profiled step, by what the host was launching")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -115,6 +169,8 @@ def main() -> int:
         for e in sorted(rows, key=lambda e: -e.cpu_time_total):
             text += (f"  {e.key:28s} calls {e.count:4d}  kernels {e.device_time_total / 1e3:8.2f} ms  "
                      f"host {e.cpu_time_total / 1e3:8.2f} ms\n")
+    if args.idle:
+        text += "\nGPU idle time in the profiled step:\n" + gpu_idle(prof, wall)
     if args.by_line:
         lines = prof.key_averages(group_by_stack_n=args.by_line).table(
             sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=50, max_src_column_width=90)

@@ -218,8 +218,9 @@ class StacCache(HeavyHitterCache):
         self.dropped_tokens += valid.numel() - n_valid
         self.pooled_tokens += n_valid
         if n_valid:
+            # Layers, heads and in-range voxels come from this cache: no value checks (syncs).
             self._pool.insert(layers[kept], heads[kept], k[kept], v[kept], score[kept], coords[kept],
-                              self._queued_step)
+                              self._queued_step, check_values=False)
 
     def _retrieve(self, info: StepInfo, latest: int) -> None:
         first = next(iter(self.layers.values()))

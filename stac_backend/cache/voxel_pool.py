@@ -265,6 +265,7 @@ class VoxelPool:
         # Inserts through the kernel count on the device (merged, gated, pivots created, carried
         # tokens dropped at the carry cap): no synchronisation per insert.
         self._kernel_counts: Tensor | None = None
+        self._layer_indices: dict[tuple[int, ...], Tensor] = {}  # retrieve_layers' layer lists on the device
 
     # ------------------------------------------------------------------ sizes and memory
     @staticmethod
@@ -470,6 +471,8 @@ class VoxelPool:
         score: Tensor,
         coords: Tensor,
         step: int,
+        *,
+        check_values: bool = True,
     ) -> None:
         """File ``M`` evicted tokens into their voxels (see module docstring).
 
@@ -483,6 +486,9 @@ class VoxelPool:
             coords: LongTensor [M, 3] voxel coordinates (from ``voxel_coords``; pass only
                 valid tokens).
             step: current stream step, used for least-recently-used eviction.
+            check_values: False skips the range checks of ``layer``, ``head`` and ``coords``
+                values (shapes and dtypes are still checked). Each is a device->host
+                synchronisation; a caller that built the values in range (``StacCache``) skips them.
         """
         D = self.head_dim
         if isinstance(step, bool) or not isinstance(step, int):
@@ -492,16 +498,16 @@ class VoxelPool:
         M = head.shape[0]
         if head.is_floating_point() or head.dtype == torch.bool:
             raise ValueError(f"head must be an integer tensor, got {head.dtype}")
-        layers = self._layer_ids(layer, M)
+        layers = self._layer_ids(layer, M, check_values)
         for name, t, shape in (("k", k, (M, D)), ("v", v, (M, D)), ("score", score, (M,))):
             if not isinstance(t, Tensor) or tuple(t.shape) != shape:
                 raise ValueError(f"{name} must have shape {shape}, got {getattr(t, 'shape', t)!r}")
         if not isinstance(coords, Tensor) or tuple(coords.shape) != (M, 3):
             raise ValueError(f"coords must have shape {(M, 3)}, got {getattr(coords, 'shape', coords)!r}")
         head = head.to(self.device, torch.int64)
-        if M and bool(((head < 0) | (head >= self.num_heads)).any()):
+        if check_values and M and bool(((head < 0) | (head >= self.num_heads)).any()):
             raise ValueError(f"head values must be in [0, {self.num_heads})")
-        keys = self._keys(coords, "coords")
+        keys = self._keys(coords, "coords", check_range=check_values)
         if M == 0:
             return
         self._inserted_tokens += M
@@ -566,14 +572,14 @@ class VoxelPool:
         order = torch.argsort(g, stable=True)  # new tokens stay before carried ones in a row
         return g[order], k, v, s[order], src[order]
 
-    def _layer_ids(self, layer: int | Tensor, M: int) -> Tensor:
+    def _layer_ids(self, layer: int | Tensor, M: int, check_values: bool = True) -> Tensor:
         """The layer of every token as a LongTensor [M] on the pool's device (validated)."""
         L = self.num_layers
         if isinstance(layer, Tensor):
             if layer.dim() != 1 or layer.shape[0] != M or layer.is_floating_point() or layer.dtype == torch.bool:
                 raise ValueError(f"layer must be an int or an integer tensor [{M}], got {layer.dtype} {tuple(layer.shape)}")
             layer = layer.to(self.device, torch.int64)
-            if M and bool(((layer < 0) | (layer >= L)).any()):
+            if check_values and M and bool(((layer < 0) | (layer >= L)).any()):
                 raise ValueError(f"layer values must be in [0, {L})")
             return layer
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < L:
@@ -857,6 +863,15 @@ class VoxelPool:
         candidate = torch.zeros(self._cap + 1, dtype=torch.bool, device=self.device).index_fill_(0, at, True)
         return rows, candidate[: self._cap]
 
+    def _layer_index(self, layers: list[int]) -> Tensor:
+        """``layers`` as a device tensor, made once per list: a host->device copy from pageable
+        memory synchronises the stream, draining the GPU's queue every step."""
+        key = tuple(layers)
+        cached = self._layer_indices.get(key)
+        if cached is None:
+            cached = self._layer_indices[key] = torch.tensor(layers, dtype=torch.int64).to(self.device)
+        return cached
+
     def _gather_retrieved(
         self, layers: list[int], rows: Tensor, candidate: Tensor, max_tokens: int, include_buffer: bool
     ) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
@@ -869,7 +884,7 @@ class VoxelPool:
         H, D, P, B = self.num_heads, self.head_dim, self.max_pivots, self.buffer_size
         t, dev = self._tensors, self.device
         nl, R = len(layers), rows.numel()
-        ll = torch.tensor(layers, dtype=torch.int64, device=dev)[:, None, None]
+        ll = self._layer_index(layers)[:, None, None]
         hh = torch.arange(H, device=dev)[None, :, None]
         rr = rows[None, None, :]
         # ---- pivots, ranked by W per (layer, head); ties: voxel key, then slot ----

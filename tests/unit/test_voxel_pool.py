@@ -613,3 +613,31 @@ def test_pool_kernels_in_triton_interpreter():
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-1000:]
+
+
+def test_unchecked_insert_equals_the_checked_one_and_checked_values_still_refuse():
+    """check_values=False (StacCache's in-range values, no synchronisations) files exactly as the
+    default; the default still refuses out-of-range layers, heads and coordinates."""
+    L, H = 3, 2
+    gen = torch.Generator().manual_seed(4)
+    M = 400
+    layers = torch.randint(0, L, (M,), generator=gen)
+    heads = torch.randint(0, H, (M,), generator=gen)
+    keys = F.normalize(torch.randn(M, D, generator=gen), dim=-1)
+    scores = torch.rand(M, generator=gen)
+    coords = torch.randint(-3, 3, (M, 3), generator=gen)
+    pools = [VoxelPool(L, H, D, buffer_size=4, max_pivots=4, merge_cos=0.5, max_voxels=64, initial_voxels=8)
+             for _ in range(2)]
+    for step in range(3):
+        for pool, check in zip(pools, (True, False)):
+            pool.insert(layers, heads, keys, keys * 2, scores, coords + step, step, check_values=check)
+    checked, unchecked = (p.export_state() for p in pools)
+    assert checked.keys() == unchecked.keys()
+    for name in checked:
+        assert torch.equal(checked[name], unchecked[name]), name
+    with pytest.raises(ValueError, match="layer values"):
+        pools[0].insert(layers + L, heads, keys, keys, scores, coords, 3)
+    with pytest.raises(ValueError, match="head values"):
+        pools[0].insert(layers, heads + H, keys, keys, scores, coords, 3)
+    with pytest.raises(ValueError, match="outside the supported range"):
+        pools[0].insert(layers, heads, keys, keys, scores, coords + (1 << 30), 3)
