@@ -51,11 +51,12 @@ def gpu_idle(prof, wall_s: float, min_gap_us: float = 5.0, top: int = 12) -> str
         return "no GPU activity recorded\n"
     launches = {}
     for e in prof.events():
-        if e.device_type == DeviceType.CPU and e.linked_correlation_id:
-            launches[e.linked_correlation_id] = e
+        link = getattr(e, "linked_correlation_id", 0)  # not in every torch version
+        if e.device_type == DeviceType.CPU and link:
+            launches[link] = e
 
     def launched_from(kernel) -> str:
-        cpu = launches.get(kernel.linked_correlation_id)
+        cpu = launches.get(getattr(kernel, "linked_correlation_id", 0))
         outer = None
         while cpu is not None:
             if cpu.name.startswith("cache."):
