@@ -68,6 +68,10 @@ VARIANTS: dict[str, dict] = {
     "new": {"switches": {"compile": True, "fp8": False},
             "env": {"STAC_COMPILE": "1", "STAC_FP8": "0"},
             "args": []},
+    # the compiled parts captured in CUDA graphs (calls of at most 8 frames: one or two streams)
+    "new_graphs": {"switches": {"compile": True, "cuda_graphs": True, "fp8": False},
+                   "env": {"STAC_COMPILE": "1", "STAC_CUDA_GRAPHS": "1", "STAC_FP8": "0"},
+                   "args": []},
 }
 # Dense bf16 tensor-core peaks of the data sheets (TFLOP/s, without sparsity), by device_key.
 SPEC_BF16_TFLOPS = {"h100": 989.4, "h200": 989.4, "a100": 312.0}
@@ -384,7 +388,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--width", type=int, default=518)
     p.add_argument("--chunk", type=int, default=4)
     p.add_argument("--cache-overrides", default="{}", help="JSON of CacheConfig fields over the stac defaults")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated names of VARIANTS ({', '.join(VARIANTS)})")
+    p.add_argument("--variants", default="baseline,new",
+                   help=f"comma-separated names of VARIANTS ({', '.join(VARIANTS)})")
     p.add_argument("--streams", default="1,8,16,32,48")
     p.add_argument("--warmup-frames", type=int, default=24, help="frames per stream stepped before timing (caches filled)")
     p.add_argument("--timed-frames", type=int, default=8, help="frames per stream timed")

@@ -139,7 +139,8 @@ def build_model(
     ``cuda_graphs``: on CUDA, give the cache-free parts CUDA graphs (``cuda_graphs.py``; None: only
     if ``STAC_CUDA_GRAPHS=1``); ``model.cuda_graph_stats`` then counts captures and replays.
     ``compile``: torch.compile the cache-free parts (``compiled.py``; None: only if
-    ``STAC_COMPILE=1``); ``model.compiled_parts`` then holds the counters. It replaces CUDA graphs.
+    ``STAC_COMPILE=1``); ``model.compiled_parts`` then holds the counters. With both, the graphs
+    capture the compiled parts' kernels (one replay per part instead of one launch per kernel).
     ``fp8``: FP8 GEMMs for the blocks' large linear layers (``fp8.py``; None: only if
     ``STAC_FP8=1``); refused with a RuntimeError on a device without FP8 support.
     """
@@ -163,10 +164,10 @@ def build_model(
     model = model.to(device=device, dtype=dtype).eval()
     if fp8 if fp8 is not None else fp8_by_env():
         use_fp8_gemms(model)
-    compiling = compile if compile is not None else compile_by_env()
-    if compiling:
+    if compile if compile is not None else compile_by_env():
         compile_static_parts(model)
-    elif on_cuda and (cuda_graphs if cuda_graphs is not None else enabled_by_env()):
+    # After compiling: a graph then captures the compiled kernels (graphs first would be replaced).
+    if on_cuda and (cuda_graphs if cuda_graphs is not None else enabled_by_env()):
         graph_static_parts(model)
     return model
 

@@ -21,7 +21,10 @@ the model: afterwards a call of a shape never compiled runs eagerly (same number
 ``build_model(..., compile=True)`` turns it on (the serving setting ``COMPILE=auto``, the default,
 does for CUDA instances that warm up: 1.12x the eager step at 8 streams on an H100,
 docs/performance.md); ``STAC_COMPILE_MODE`` picks the torch.compile mode (default "default"; e.g.
-"max-autotune-no-cudagraphs").
+"max-autotune-no-cudagraphs"). Inductor's own CUDA graphs ("reduce-overhead") do not fit: one
+compiled function serves every block of a kind, and a replay overwrites the output of the previous
+block while the next one still reads it. ``STAC_CUDA_GRAPHS=1`` on top of compiling captures the
+compiled parts in graphs of their own that copy their outputs out (``cuda_graphs.py``).
 """
 
 from __future__ import annotations
@@ -239,7 +242,9 @@ def compile_static_parts(model: nn.Module, mode: Optional[str] = None, backend: 
     if existing is not None:
         return existing
     if getattr(model, "cuda_graph_stats", None) is not None:
-        raise ValueError("this model already replays CUDA graphs (STAC_CUDA_GRAPHS); compile or graph it, not both")
+        # The graphs hold the eager forwards: compile first, then graph (as build_model does).
+        raise ValueError("this model already replays CUDA graphs (STAC_CUDA_GRAPHS): compile it before giving "
+                         "it graphs, e.g. build_model(..., compile=True, cuda_graphs=True)")
     device = next(model.parameters()).device
     missing = compiler_available(device) if backend == "inductor" else None
     if missing:

@@ -17,7 +17,10 @@ seeds, all three trajectory kinds) and training samples random windows from it; 
 held-out scene (seeds 1,000,000 to 1,009,999, which the quality benchmarks score) or a validation
 scene (2,000,000 to 2,009,999, where checkpoints are compared). Checkpoints (``last.pt``: weights +
 optimizer + step, loadable with weights_only=True) are written every ``--save-every`` steps and at
-the end; ``model.safetensors`` holds the weights and config for serving.
+the end; ``model.safetensors`` holds the weights and config for serving. With ``--ema DECAY`` the
+run also keeps an exponential moving average of the weights (``model_ema*.safetensors``, and in
+``last.pt`` to resume it): with the small batches of long windows the weights of the last step are
+noisy, and their average is the steadier checkpoint to compare on validation scenes.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import math
 import random
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -182,15 +186,19 @@ def main(argv=None) -> int:
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--resume", type=Path, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="also keep an exponential moving average of the weights with this decay per step (0: off)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    if not 0.0 <= args.ema < 1.0:
+        p.error(f"--ema must be in [0, 1), got {args.ema}")
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     model = build_model(args.preset, device=args.device, seed=args.seed, cuda_graphs=False, compile=False, fp8=False).train()
     model.dpt_frames_chunk = None  # all frames through the heads at once
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    step = 0
+    step, ema_state = 0, None
     if args.resume is not None:
         if args.resume.suffix == ".safetensors":  # weights only (e.g. carried between machines)
             from ..model import load_checkpoint
@@ -204,8 +212,10 @@ def main(argv=None) -> int:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             step = int(state["step"])
+            ema_state = state.get("ema")
         rng = random.Random(args.seed + step)
         print(f"resumed from {args.resume} at step {step}", flush=True)
+    ema = WeightAverage(model, args.ema, ema_state) if args.ema else None
     t0 = time.time()
     pool = render_pool(args.pool, args.pool_frames, args.height, args.width, args.device, seed0=pool_seed0(args.seed, step, args.pool))
     print(f"rendered {args.pool} x {args.pool_frames} frames in {time.time() - t0:.1f} s", flush=True)
@@ -223,24 +233,66 @@ def main(argv=None) -> int:
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        if ema is not None:
+            ema.update()
         step += 1
         if step % 50 == 0:
             row = {"step": step, "lr": lr, "seconds": round(time.time() - t0, 1), **{k: round(float(v), 4) for k, v in losses.items()}}
             history.append(row)
             print(json.dumps(row), flush=True)
         if step % args.save_every == 0:
-            save(model, optimizer, step, args.out)
-    save(model, optimizer, step, args.out)
+            save(model, optimizer, step, args.out, ema)
+    save(model, optimizer, step, args.out, ema)
     (args.out / "history.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "history": history}, indent=1))
     print(f"done: {step} steps in {time.time() - t0:.0f} s", flush=True)
     return 0
 
 
-def save(model, optimizer, step: int, out: Path) -> None:
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, out / "last.pt")
+class WeightAverage:
+    """An exponential moving average of a model's floating-point parameters (float32 copies)."""
+
+    def __init__(self, model, decay: float, state: dict | None = None):
+        self.model, self.decay = model, decay
+        self.params = {n: p for n, p in model.named_parameters() if p.dtype.is_floating_point}
+        self.average = {n: p.detach().float().clone() for n, p in self.params.items()}
+        if state:  # resumed: the average the run had, where it has the parameter
+            for n, value in state.items():
+                if n in self.average:
+                    self.average[n].copy_(value)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        names = list(self.params)
+        torch._foreach_lerp_([self.average[n] for n in names], [self.params[n].detach().float() for n in names],
+                             1.0 - self.decay)
+
+    @contextmanager
+    def swapped_in(self):
+        """The model holds the averaged weights inside the block, its own again after it."""
+        with torch.no_grad():
+            own = {n: p.detach().clone() for n, p in self.params.items()}
+            for n, p in self.params.items():
+                p.copy_(self.average[n])
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(own[n])
+
+
+def save(model, optimizer, step: int, out: Path, ema: WeightAverage | None = None) -> None:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+    if ema is not None:
+        state["ema"] = ema.average
+    torch.save(state, out / "last.pt")
     model.eval()
     save_checkpoint(model, out / "model.safetensors")
     save_checkpoint(model, out / "model_fp16.safetensors", dtype=torch.float16)  # the shippable file
+    if ema is not None:
+        with ema.swapped_in():
+            save_checkpoint(model, out / "model_ema.safetensors")
+            save_checkpoint(model, out / "model_ema_fp16.safetensors", dtype=torch.float16)
     (out / "state.json").write_text(json.dumps({"step": step}))
     model.train()
 

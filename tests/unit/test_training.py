@@ -7,6 +7,7 @@ import json
 import torch
 
 import pytest
+from safetensors.torch import load_file
 
 from stac_backend.data import HELD_OUT_SEED, SPLIT_COUNT, VALIDATION_SEED, split_overlapping
 from stac_backend.training.train import confidence_l1, main, pool_seed0, scene_scale
@@ -45,6 +46,29 @@ def test_two_steps_then_resume(tmp_path):
     assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 2
     assert main(args[:-2] + ["--max-steps", "3", "--resume", str(tmp_path / "run" / "last.pt"), "--out", str(tmp_path / "run2")]) == 0
     assert json.loads((tmp_path / "run2" / "state.json").read_text())["step"] == 3
+
+
+def test_weight_average_saved_and_resumed(tmp_path):
+    torch.set_num_threads(1)
+    args = ["--preset", "tiny", "--device", "cpu", "--pool", "2", "--pool-frames", "6", "--batch", "1", "--frames", "4",
+            "--height", "28", "--width", "42", "--max-steps", "2", "--ema", "0.5", "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    run = tmp_path / "run"
+    state = torch.load(run / "last.pt", weights_only=True)
+    weights, averaged = load_file(run / "model.safetensors"), load_file(run / "model_ema.safetensors")
+    assert set(weights) == set(averaged)
+    name = "aggregator.camera_token"
+    # the file holds the average the state holds, and it differs from the last step's weights
+    assert torch.equal(averaged[name], state["ema"][name]) and not torch.equal(averaged[name], weights[name])
+    assert torch.equal(weights[name], state["model"][name])  # the model's own weights came back after saving
+    assert main(args[:-4] + ["--max-steps", "3", "--ema", "0.5", "--resume", str(run / "last.pt"),
+                             "--out", str(tmp_path / "run2")]) == 0
+    resumed = torch.load(tmp_path / "run2" / "last.pt", weights_only=True)
+    step3 = resumed["model"][name]
+    # one more step of the average, from the resumed one: avg3 = (avg2 + w3) / 2
+    torch.testing.assert_close(resumed["ema"][name], (state["ema"][name] + step3) / 2)
+    with pytest.raises(SystemExit):
+        main(args[:-4] + ["--ema", "1.0", "--out", str(tmp_path / "bad")])
 
 
 def test_training_pools_never_render_held_out_or_validation_scenes():
