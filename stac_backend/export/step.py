@@ -304,24 +304,17 @@ def traceable(model: VGGT, height: int, width: int) -> Iterator[None]:
             table = embed.position_embedding(gh, gw, torch.float32).detach().clone()
         embed.position_embedding = lambda grid_h, grid_w, dtype, table=table: table.to(dtype)
         patched.append((embed, "position_embedding"))
-    from ..model.dpt_head import uv_position_embedding
-
     for head in (model.depth_head, model.point_head):
         if head is None or not head.use_pos_embed:
             continue
-        sizes = [(c, gh, gw) for c in (p.out_channels for p in head.projects)]
-        sizes.append((head.scratch.output_conv1.out_channels, int(gh * head.patch_size / head.down_ratio),
-                      int(gw * head.patch_size / head.down_ratio)))
-        embeds = {
-            (c, h, w): 0.1 * uv_position_embedding(h, w, c, width / height, "cpu", torch.float32).to(torch.float32)
-            for c, h, w in sizes
-        }
+        # float32 constants made before tracing (the graph holds them, not their sines and cosines)
+        embeds = head.position_embeddings((height, width), "cpu", torch.float32)
 
-        def add_pos_embed(x: Tensor, image_w: int, image_h: int, embeds=embeds) -> Tensor:
-            return x + embeds[(x.shape[1], x.shape[-2], x.shape[-1])].to(x.device)
+        def position_embeddings(image_hw, device, dtype, embeds=embeds) -> tuple[Tensor, ...]:
+            return tuple(e.to(device) for e in embeds)
 
-        head._add_pos_embed = add_pos_embed
-        patched.append((head, "_add_pos_embed"))
+        head.position_embeddings = position_embeddings
+        patched.append((head, "position_embeddings"))
 
         def dpt_forward(layers, image_hw, patch_start_idx, frames_chunk_size=8, head=head):
             # DPTHead.forward loops over groups of frames with range(0, streams * frames, chunk),

@@ -116,8 +116,9 @@ def _dense_block(block: Block, x: Tensor, pos: Optional[Tensor], cos: Optional[T
     return _after_attention(block, x, torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
 
-def _dpt_frames(head: nn.Module, layers: list, image_hw: tuple[int, int], patch_start_idx: int, frames: int):
-    return head._eager_forward_frames(layers, image_hw, patch_start_idx, 0, frames)
+def _dpt_frames(head: nn.Module, layers: list, image_hw: tuple[int, int], patch_start_idx: int, frames: int,
+                pos_embeds: Optional[tuple]):
+    return head._eager_forward_frames(layers, image_hw, patch_start_idx, 0, frames, pos_embeds)
 
 
 # ---------------------------------------------------------------------------------- wrappers
@@ -231,7 +232,14 @@ class CompiledDPTFrames:
     def __call__(self, layers, image_hw, patch_start_idx, start, end):
         wanted = set(self.head.intermediate_layer_idx)
         chunk = [t[start:end] if (i in wanted and t is not None) else None for i, t in enumerate(layers)]
-        return self.parts.call("dpt_frames", self.head, chunk, tuple(int(v) for v in image_hw), int(patch_start_idx), end - start)
+        image_hw = tuple(int(v) for v in image_hw)
+        # The positional embeddings are constants made (once) outside the graph, which reads them
+        # instead of recomputing their sines and cosines for every pixel of every frame.
+        embeds = None
+        if self.head.use_pos_embed:
+            weight = self.head.projects[0].weight
+            embeds = self.head.position_embeddings(image_hw, weight.device, weight.dtype)
+        return self.parts.call("dpt_frames", self.head, chunk, image_hw, int(patch_start_idx), end - start, embeds)
 
 
 def compile_static_parts(model: nn.Module, mode: Optional[str] = None, backend: str = "inductor") -> CompiledParts:

@@ -93,6 +93,7 @@ class DPTHead(nn.Module):
         self.use_pos_embed = pos_embed
         self.feature_only = feature_only
         self.down_ratio = down_ratio
+        self._position_embeddings: dict[tuple, tuple[Tensor, ...]] = {}  # by (H, W, device, dtype); not state
         oc = list(out_channels)
 
         self.norm = nn.LayerNorm(dim_in)
@@ -120,9 +121,22 @@ class DPTHead(nn.Module):
                 nn.Conv2d(features // 2, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, output_dim, 1)
             )
 
-    def _add_pos_embed(self, x: Tensor, image_w: int, image_h: int) -> Tensor:
-        emb = uv_position_embedding(x.shape[-2], x.shape[-1], x.shape[1], image_w / image_h, x.device, x.dtype)
-        return x + 0.1 * emb.to(x.dtype)
+    def position_embeddings(self, image_hw: tuple[int, int], device, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        """What is added to each of the four projected maps and to the upsampled output for frames
+        of ``image_hw``: 0.1 x their sinusoidal embeddings, in the maps' order. They depend on the
+        frame size alone, so they are made once per (size, device, dtype) and kept: made per call,
+        their float64 sine and cosine over every output pixel cost ~2% of a vggt-1b step's GPU time."""
+        key = (int(image_hw[0]), int(image_hw[1]), str(device), dtype)
+        found = self._position_embeddings.get(key)
+        if found is None:
+            H, W = key[:2]
+            ph, pw = H // self.patch_size, W // self.patch_size
+            sizes = [(p.out_channels, ph, pw) for p in self.projects]
+            sizes.append((self.scratch.output_conv1.out_channels, int(ph * self.patch_size / self.down_ratio),
+                          int(pw * self.patch_size / self.down_ratio)))
+            found = tuple(0.1 * uv_position_embedding(h, w, c, W / H, device, dtype).to(dtype) for c, h, w in sizes)
+            self._position_embeddings[key] = found
+        return found
 
     def forward(
         self, layers: Sequence[Optional[Tensor]], image_hw: tuple[int, int], patch_start_idx: int, frames_chunk_size: int = 8
@@ -145,7 +159,9 @@ class DPTHead(nn.Module):
         conf = torch.cat([p[1] for p in parts], dim=0)
         return pred.reshape(B, S, *pred.shape[2:]), conf.reshape(B, S, *conf.shape[2:])
 
-    def _forward_frames(self, layers, image_hw, patch_start_idx, start, end):
+    def _forward_frames(self, layers, image_hw, patch_start_idx, start, end, pos_embeds=None):
+        """Frames start..end of the flattened layers. ``pos_embeds``: ``position_embeddings``'s
+        result, given by a caller that made it outside a compiled graph (else looked up here)."""
         H, W = image_hw
         ph, pw = H // self.patch_size, W // self.patch_size
         maps = []
@@ -156,7 +172,9 @@ class DPTHead(nn.Module):
             x = x.permute(0, 2, 1).reshape(B * S, x.shape[-1], ph, pw)
             x = self.projects[i](x)
             if self.use_pos_embed:
-                x = self._add_pos_embed(x, W, H)
+                if pos_embeds is None:
+                    pos_embeds = self.position_embeddings((H, W), x.device, x.dtype)
+                x = x + pos_embeds[i]
             maps.append(self.resize_layers[i](x))
 
         s = self.scratch
@@ -169,7 +187,7 @@ class DPTHead(nn.Module):
         size = (int(ph * self.patch_size / self.down_ratio), int(pw * self.patch_size / self.down_ratio))
         out = F.interpolate(out, size=size, mode="bilinear", align_corners=True)
         if self.use_pos_embed:
-            out = self._add_pos_embed(out, W, H)
+            out = out + pos_embeds[-1]
         if self.feature_only:
             return out.reshape(B, S, *out.shape[1:])
         out = s.output_conv2(out)

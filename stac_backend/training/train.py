@@ -237,7 +237,7 @@ def main(argv=None) -> int:
             ema.update()
         step += 1
         if step % 50 == 0:
-            row = {"step": step, "lr": lr, "seconds": round(time.time() - t0, 1), **{k: round(float(v), 4) for k, v in losses.items()}}
+            row = {"step": step, "lr": lr, "seconds": round(time.time() - t0, 1), **{k: round(float(v.detach()), 4) for k, v in losses.items()}}
             history.append(row)
             print(json.dumps(row), flush=True)
         if step % args.save_every == 0:
