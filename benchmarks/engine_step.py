@@ -13,7 +13,8 @@ that a compiled or patched model cannot leak into the next), with its environmen
 and its switches passed as keyword arguments to ``build_model``, ``TorchRuntime`` or
 ``CacheConfig`` where one of them takes that name; a switch none of them takes reaches the engine
 through its environment variable only (the JSON records which way each went). ``baseline`` is the
-engine as it was before these switches: every new feature off.
+engine as it was before these switches: every new feature off. ``--variants`` picks which run
+(default ``baseline,new``; ``new_graphs`` adds CUDA graphs over the compiled parts).
 
 Per variant (``--phase variant``): the model is built and ``TorchRuntime.warmup`` run (its time is
 the compile time of a compiling engine); a large bf16 matmul is timed (the measured GEMM peak);
