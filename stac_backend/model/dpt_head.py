@@ -121,6 +121,10 @@ class DPTHead(nn.Module):
                 nn.Conv2d(features // 2, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, output_dim, 1)
             )
 
+    def _output_hw(self, ph: int, pw: int) -> tuple[int, int]:
+        """Size of the upsampled output map for a patch grid of ph x pw."""
+        return int(ph * self.patch_size / self.down_ratio), int(pw * self.patch_size / self.down_ratio)
+
     def position_embeddings(self, image_hw: tuple[int, int], device, dtype: torch.dtype) -> tuple[Tensor, ...]:
         """What is added to each of the four projected maps and to the upsampled output for frames
         of ``image_hw``: 0.1 x their sinusoidal embeddings, in the maps' order. They depend on the
@@ -132,8 +136,7 @@ class DPTHead(nn.Module):
             H, W = key[:2]
             ph, pw = H // self.patch_size, W // self.patch_size
             sizes = [(p.out_channels, ph, pw) for p in self.projects]
-            sizes.append((self.scratch.output_conv1.out_channels, int(ph * self.patch_size / self.down_ratio),
-                          int(pw * self.patch_size / self.down_ratio)))
+            sizes.append((self.scratch.output_conv1.out_channels, *self._output_hw(ph, pw)))
             found = tuple(0.1 * uv_position_embedding(h, w, c, W / H, device, dtype).to(dtype) for c, h, w in sizes)
             self._position_embeddings[key] = found
         return found
@@ -184,8 +187,7 @@ class DPTHead(nn.Module):
         out = s.refinenet2(out, l2, size=l1.shape[2:])
         out = s.refinenet1(out, l1)
         out = s.output_conv1(out)
-        size = (int(ph * self.patch_size / self.down_ratio), int(pw * self.patch_size / self.down_ratio))
-        out = F.interpolate(out, size=size, mode="bilinear", align_corners=True)
+        out = F.interpolate(out, size=self._output_hw(ph, pw), mode="bilinear", align_corners=True)
         if self.use_pos_embed:
             out = out + pos_embeds[-1]
         if self.feature_only:
