@@ -91,6 +91,14 @@ class Aggregator(nn.Module):
         special = torch.cat([camera, registers], dim=2)
         return torch.cat([special.reshape(B * S, -1, patches.shape[-1]), patches], dim=1)
 
+    def step_frames(self) -> Optional[int]:
+        """Streams x frames of the step running now (or of the last one; None before any): how
+        big a global block's call is (CUDA graphs are kept to small ones, cuda_graphs.py)."""
+        if not self._positions:
+            return None
+        _, _, streams, frames, _, _ = self._positions[0]
+        return streams * frames
+
     def _token_positions(self, grid_h: int, grid_w: int, B: int, S: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """Token positions for frame attention [B*S, P, 2] and global attention [B, S*P, 2].
 

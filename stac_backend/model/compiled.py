@@ -206,21 +206,29 @@ class CompiledBlockForward:
         self.block, self.parts = block, parts
 
     def __call__(self, x: Tensor, pos: Optional[Tensor] = None, attend=None) -> Tensor:
-        block = self.block
-        cos = sin = None
-        rope = block.attn.rope
-        if rope is not None:
-            if pos is None:
-                raise ValueError("this attention layer uses RoPE and needs token positions")
-            cos, sin = rope.tables(pos, block.attn.head_dim // 2, x.device, x.dtype)
-        else:
-            pos = None
         if attend is None:
-            return self.parts.call("dense_block", block, x, pos, cos, sin)
-        q, k, v = self.parts.call("qkv_heads", block, x, pos, cos, sin)
+            return self.parts.call("dense_block", self.block, x, *self._rope_inputs(x, pos))
+        return self.attention_outputs(x, attend(*self.attention_inputs(x, pos)))
+
+    def attention_inputs(self, x: Tensor, pos: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The compiled half before a cache's attention: q, k, v."""
+        return self.parts.call("qkv_heads", self.block, x, *self._rope_inputs(x, pos))
+
+    def attention_outputs(self, x: Tensor, attended: Tensor) -> Tensor:
+        """The compiled half after a cache's attention."""
         # One memory layout whatever kernel attended (they differ by cache state): a graph is
         # specialised to its inputs' strides, and a few MB of copy cost less than another graph.
-        return self.parts.call("after_attention", block, x, attend(q, k, v).contiguous())
+        return self.parts.call("after_attention", self.block, x, attended.contiguous())
+
+    def _rope_inputs(self, x: Tensor, pos: Optional[Tensor]) -> tuple:
+        """(pos, cos, sin) for the graphs: RoPE's tables looked up here, or three Nones without RoPE."""
+        rope = self.block.attn.rope
+        if rope is None:
+            return None, None, None
+        if pos is None:
+            raise ValueError("this attention layer uses RoPE and needs token positions")
+        cos, sin = rope.tables(pos, self.block.attn.head_dim // 2, x.device, x.dtype)
+        return pos, cos, sin
 
 
 class CompiledDPTFrames:

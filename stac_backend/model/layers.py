@@ -129,5 +129,17 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
 
     def forward(self, x: Tensor, pos: Optional[Tensor] = None, attend: Optional[AttendFn] = None) -> Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x), pos=pos, attend=attend))
+        q, k, v = self.attention_inputs(x, pos)
+        return self.attention_outputs(x, (attend or dense_attention)(q, k, v))
+
+    # The block in two halves around its attention, so that a caller can run each half on its own
+    # (CUDA graphs of the blocks whose attention reads a cache, cuda_graphs.py).
+    def attention_inputs(self, x: Tensor, pos: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """norm1 -> q, k, v [B, heads, N, head_dim] after q/k norm and RoPE."""
+        return self.attn.project_qkv(self.norm1(x), pos)
+
+    def attention_outputs(self, x: Tensor, attended: Tensor) -> Tensor:
+        """The attention's output [B, heads, N, head_dim] -> proj -> LayerScale -> residual, then the MLP half."""
+        B, N, C = x.shape
+        x = x + self.ls1(self.attn.proj(attended.transpose(1, 2).reshape(B, N, C)))
         return x + self.ls2(self.mlp(self.norm2(x)))

@@ -10,7 +10,7 @@ from torch import nn
 
 from stac_backend.engine import Stream, push_many
 from stac_backend.model import build_model, config_with, get_preset
-from stac_backend.model.cuda_graphs import GraphedForward, GraphStats, graph_static_parts, leading_frames
+from stac_backend.model.cuda_graphs import GraphedForward, GraphSet, GraphStats, graph_static_parts, leading_frames
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
@@ -24,7 +24,7 @@ def test_cpu_model_gets_no_graphs():
 def test_graphed_forward_runs_cpu_and_autograd_calls_eagerly():
     layer = nn.Linear(8, 8)
     stats = GraphStats()
-    layer.forward = GraphedForward(layer, "linear", layer.forward, None, stats, max_frames=8, frames=leading_frames)
+    layer.forward = GraphedForward(layer, "linear", layer.forward, GraphSet(None, stats, max_frames=8), leading_frames)
     x = torch.randn(4, 8)
     assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))  # autograd on
     with torch.inference_mode():
@@ -36,6 +36,14 @@ def test_graphed_forward_runs_cpu_and_autograd_calls_eagerly():
 def _model(graphs: bool):
     config = config_with(get_preset("tiny"), init_values=1.0, camera_init_values=1.0)
     return build_model(config, device="cuda", seed=0, cuda_graphs=graphs)
+
+
+def _graphs_and_replays_per_step(config) -> tuple[int, int]:
+    """Graphs of one input shape and their replays per step: the patch embedding, every frame block
+    and both DPT heads whole; every global block and camera-trunk block in two halves (the trunk
+    runs once per refinement iteration)."""
+    captured = 1 + config.depth + 2 + 2 * config.depth + 2 * config.camera_trunk_depth
+    return captured, captured + 2 * config.camera_trunk_depth * (config.camera_iterations - 1)
 
 
 def _frames(count: int, seed: int) -> torch.Tensor:
@@ -59,11 +67,10 @@ def test_graphed_stream_equals_eager(policy):
     for copy, returned in kept:
         assert torch.equal(copy, returned)
     stats = graphed.cuda_graph_stats
-    depth = graphed.config.depth
-    # patch embed + every frame block + depth and point heads, each captured once (one shape)
+    captured, replays = _graphs_and_replays_per_step(graphed.config)
     assert stats.failed == []
-    assert stats.captured == 1 + depth + 2
-    assert stats.replays == 4 * (1 + depth + 2)
+    assert stats.captured == captured  # each once: one shape
+    assert stats.replays == 4 * replays
 
 
 @needs_cuda
@@ -78,7 +85,7 @@ def test_batched_steps_graph_small_batches_and_run_big_ones_eagerly():
         for a, b in zip(*outs):
             for name in b:
                 torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-5)
-    depth = graphed.config.depth
+    captured, calls_per_step = _graphs_and_replays_per_step(graphed.config)
     assert stats.failed == []
-    assert stats.captured == 1 + depth + 2
-    assert stats.eager_calls == 1 + depth + 2  # the one three-stream step
+    assert stats.captured == captured
+    assert stats.eager_calls == calls_per_step  # the one three-stream step
