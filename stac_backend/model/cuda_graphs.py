@@ -98,7 +98,8 @@ class GraphSet:
 
     def buffer(self, role: str, position: int, like: Tensor) -> Tensor:
         """The shared static buffer for a tensor like ``like`` at ``position`` of a graph's inputs or outputs."""
-        key = (role, position, tuple(like.shape), like.dtype, like.device, like.stride())
+        # Inference tensors cannot be written outside inference mode: buffers per mode.
+        key = (role, position, tuple(like.shape), like.dtype, like.device, like.stride(), torch.is_inference_mode_enabled())
         if key not in self.buffers:
             self.buffers[key] = torch.empty_like(like)
         return self.buffers[key]
