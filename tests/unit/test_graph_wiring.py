@@ -5,7 +5,6 @@ GPU (tests/gpu/test_cuda_graphs.py)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from stac_backend.cache import CacheConfig
@@ -16,14 +15,6 @@ from stac_backend.model.cuda_graphs import CacheBlockGraphs, GraphedForward, gra
 from stac_backend.model.layers import Block
 
 FILLING = CacheConfig(policy="stac", chunk=2, window=2, hh=2, conf_threshold=0.0, retrieval_start_frame=0, retrieval_every=1)
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 def _stream(model, steps: int = 3) -> list[dict]:
