@@ -105,10 +105,8 @@ def _rotate(rope, x: Tensor, pos: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def _after_attention(block: Block, x: Tensor, attended: Tensor) -> Tensor:
-    """proj -> LayerScale -> residual -> norm2 -> MLP -> LayerScale -> residual."""
-    B, N, C = x.shape
-    x = x + block.ls1(block.attn.proj(attended.transpose(1, 2).reshape(B, N, C)))
-    return x + block.ls2(block.mlp(block.norm2(x)))
+    """proj -> LayerScale -> residual -> norm2 -> MLP -> LayerScale -> residual: the eager half, traced."""
+    return block.attention_outputs(x, attended)
 
 
 def _dense_block(block: Block, x: Tensor, pos: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor]) -> Tensor:

@@ -97,11 +97,13 @@ class SelfAttention(nn.Module):
             q, k = self.rope(q, pos), self.rope(k, pos)
         return q, k, v
 
+    def project_out(self, attended: Tensor) -> Tensor:
+        """The attention's output [B, heads, N, head_dim] -> proj -> [B, N, dim]."""
+        B, _, N, _ = attended.shape
+        return self.proj(attended.transpose(1, 2).reshape(B, N, -1))
+
     def forward(self, x: Tensor, pos: Optional[Tensor] = None, attend: Optional[AttendFn] = None) -> Tensor:
-        B, N, C = x.shape
-        q, k, v = self.project_qkv(x, pos)
-        out = (attend or dense_attention)(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return self.project_out((attend or dense_attention)(*self.project_qkv(x, pos)))
 
 
 class Block(nn.Module):
@@ -140,6 +142,5 @@ class Block(nn.Module):
 
     def attention_outputs(self, x: Tensor, attended: Tensor) -> Tensor:
         """The attention's output [B, heads, N, head_dim] -> proj -> LayerScale -> residual, then the MLP half."""
-        B, N, C = x.shape
-        x = x + self.ls1(self.attn.proj(attended.transpose(1, 2).reshape(B, N, C)))
+        x = x + self.ls1(self.attn.project_out(attended))
         return x + self.ls2(self.mlp(self.norm2(x)))
