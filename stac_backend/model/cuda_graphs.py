@@ -93,7 +93,8 @@ class GraphSet:
 
     def __init__(self, pool, stats: GraphStats, max_frames: int):
         self.pool, self.stats, self.max_frames = pool, stats, max_frames
-        self.lock = threading.Lock()
+        # Re-entrant: a graphed part whose eager form calls another graphed part must not deadlock.
+        self.lock = threading.RLock()
         self.buffers: dict[tuple, Tensor] = {}
 
     def buffer(self, role: str, position: int, like: Tensor) -> Tensor:
