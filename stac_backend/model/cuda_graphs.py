@@ -93,7 +93,8 @@ class GraphSet:
 
     def __init__(self, pool, stats: GraphStats, max_frames: int):
         self.pool, self.stats, self.max_frames = pool, stats, max_frames
-        # Re-entrant: a graphed part whose eager form calls another graphed part must not deadlock.
+        # Re-entrant, so that a graphed part calling another would not deadlock; the parts that
+        # graph_static_parts picks are disjoint (none calls another), which the shared buffers need.
         self.lock = threading.RLock()
         self.buffers: dict[tuple, Tensor] = {}
 
