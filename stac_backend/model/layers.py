@@ -4,9 +4,10 @@ Module and parameter names follow the original code (``norm1``, ``attn.qkv``, ``
 so released state dicts load without renaming.
 
 Attention is split in two so that caches can be plugged in without the model knowing about them:
-``SelfAttention`` computes q, k, v (with q/k LayerNorm and 2D RoPE applied, i.e. exactly what a
-key/value cache stores) and hands them to an ``attend(q, k, v)`` callable, which by default is plain
-scaled-dot-product attention over the given tokens.
+``SelfAttention.project_qkv`` computes q, k, v (with q/k LayerNorm and 2D RoPE applied, i.e. exactly
+what a key/value cache stores), the block hands them to an ``attend(q, k, v)`` callable (by default
+plain scaled-dot-product attention over the given tokens) and ``SelfAttention.project_out`` projects
+the result.
 """
 
 from __future__ import annotations
@@ -101,9 +102,6 @@ class SelfAttention(nn.Module):
         """The attention's output [B, heads, N, head_dim] -> proj -> [B, N, dim]."""
         B, _, N, _ = attended.shape
         return self.proj(attended.transpose(1, 2).reshape(B, N, -1))
-
-    def forward(self, x: Tensor, pos: Optional[Tensor] = None, attend: Optional[AttendFn] = None) -> Tensor:
-        return self.project_out((attend or dense_attention)(*self.project_qkv(x, pos)))
 
 
 class Block(nn.Module):
