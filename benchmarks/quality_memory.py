@@ -14,6 +14,8 @@ trunk's cache of 64 frames is counted in every bound):
 - ``stac``: the reference hot cache (window 4, hh 2, retrieval 2) with ``memory_budget_bytes`` =
   the budget, so its voxel pool gets the rest (``max_voxels`` unset); where that does not fit, hh
   then retrieval shrink (the first fitting of (4,2,2), (4,1,2), (4,0,2), (4,0,1)).
+- ``stac_no_retrieval`` (an ablation, only when asked for): ``stac``'s setting at that budget
+  with ``retrieval=0``, so the same hot cache with nothing brought back from the pool.
 A budget too small for a policy's smallest setting is reported as not fitting. The full cache is
 run once as the reference. Scenes are held out (seeds from 1,000,000); no setting is tuned on them.
 
@@ -45,6 +47,10 @@ from stac_backend.model import build_model
 from stac_backend.results import run_record
 
 BOUNDED = ("window", "sink_window", "heavy_hitter", "stac")
+# An ablation, not a policy (--policies stac_no_retrieval): stac with the same window, hh and budget
+# but nothing retrieved from its pool, i.e. its hot cache alone. Against stac at the same budget it
+# shows what the retrieved pivots add or cost.
+ABLATION = "stac_no_retrieval"
 STAC_HOT_SETTINGS = ((4, 2, 2), (4, 1, 2), (4, 0, 2), (4, 0, 1))  # (window, hh, retrieval), preferred first
 SHOWN = (("comp_mean", "comp (m)"), ("acc_mean", "acc (m)"), ("ate_rmse", "ATE (m)"), ("abs_rel", "Abs Rel"))
 # The points unprojected from predicted depth and cameras (score_prediction's second point score),
@@ -86,6 +92,9 @@ def config_for_budget(policy: str, budget: int, model, tokens_per_frame: int, ch
     if policy == "heavy_hitter":
         window = max(chunk, 4)
         return largest(lambda n: CacheConfig(policy=policy, chunk=chunk, window=window, hh=n), 0, frames)
+    if policy == ABLATION:  # stac's setting at this budget, its spatial memory never read
+        config = config_for_budget("stac", budget, model, tokens_per_frame, chunk, frames, stac_overrides)
+        return None if config is None else config.replace(retrieval=0)
     if policy == "stac":
         for window, hh, retrieval in STAC_HOT_SETTINGS:
             config = CacheConfig(policy="stac", chunk=chunk, window=max(window, chunk), hh=hh, retrieval=retrieval,
@@ -179,7 +188,7 @@ def main() -> int:
             pred, info = stream_sequence(model, seq.images, config)
             metrics = score_prediction(pred, gt, settings, segments)
             relevant = {"full": (), "window": ("window",), "sink_window": ("window",), "heavy_hitter": ("window", "hh"),
-                        "stac": ("window", "hh", "retrieval")}[policy]
+                        "stac": ("window", "hh", "retrieval"), ABLATION: ("window", "hh", "retrieval")}[policy]
             settings_used = {k: getattr(config, k) for k in relevant}
             if policy == "stac":
                 settings_used["pool_voxels"] = make_cache(config, cache_geometry(model)).pool_voxels(tokens)

@@ -59,3 +59,13 @@ def test_the_table_adds_the_points_from_depth_where_every_run_has_them(bench):
     assert with_them[2].endswith("| 0.125 | 0.375 |")
     without = bench.table(_report(False)).splitlines()  # a file from before they were scored
     assert "depth + cameras" not in without[0] and len(without[0].split("|")) == len(with_them[0].split("|")) - 2
+
+
+def test_the_ablation_is_stacs_setting_with_nothing_retrieved(bench, tiny_model):
+    frames, tokens = 400, tiny_model.config.tokens_per_frame(56, 84)
+    budget = int(0.1 * full_cache_bytes_per_frame(tiny_model.config, 56, 84) * frames)
+    stac = bench.config_for_budget("stac", budget, tiny_model, tokens, 4, frames, {"voxel_size": 0.2})
+    ablation = bench.config_for_budget(bench.ABLATION, budget, tiny_model, tokens, 4, frames, {"voxel_size": 0.2})
+    assert ablation == stac.replace(retrieval=0)  # same policy, hot cache, budget and voxels
+    assert bench.bound_of(ablation, tiny_model, tokens) <= budget
+    assert not any(ablation.retrieves_at(first, 4, step) for step, first in enumerate(range(0, frames, 4), start=1))
