@@ -27,6 +27,10 @@ configs keep their meaning):
   COMPILE          auto (default) | 0 | 1: torch runtime only: the cache-free parts of a step torch.compiled,
                    every bucket compiled by the warm-up (docs/performance.md); auto: on for CUDA
                    instances that warm up (STAC_COMPILE=0|1 in the server's environment decides instead)
+  CUDA_GRAPHS      auto (default) | 0 | 1: torch runtime only: the cache-free parts of the one- and
+                   two-stream steps replayed as CUDA graphs (of the compiled parts where COMPILE is on),
+                   captured by the warm-up; auto: STAC_CUDA_GRAPHS=0|1 in the server's environment
+                   decides (off when unset: the graphs' static buffers stay held at any load)
   FP8              0 (default) | 1: torch runtime only: FP8 GEMMs for the blocks' linear layers (compute
                    capability 8.9+; refused elsewhere); STAC_FP8=1 also does
   RUNTIME          torch (default) | onnxruntime | tensorrt (the runtime registry of engine/runtime.py)
@@ -89,6 +93,7 @@ class ServeSettings:
     strategy: str = "oldest"  # sequence batching strategy: "oldest" or "direct" (see docs/serving.md)
     runtime: str = "torch"  # a name of engine/runtime.py's registry
     compile: Optional[bool] = None  # COMPILE above (None: auto)
+    cuda_graphs: Optional[bool] = None  # CUDA_GRAPHS above (None: auto)
     fp8: bool = False  # FP8 above
     onnx_model: str = ""  # RUNTIME=onnxruntime: path of the exported graph (relative to the model folder)
     ort_threads: int = 0
@@ -154,6 +159,8 @@ def to_parameters(s: ServeSettings) -> dict[str, str]:
         params.update({"RUNTIME": s.runtime, "ONNX_MODEL": s.onnx_model, "ORT_THREADS": str(s.ort_threads)})
     if s.compile is not None:
         params["COMPILE"] = "1" if s.compile else "0"
+    if s.cuda_graphs is not None:
+        params["CUDA_GRAPHS"] = "1" if s.cuda_graphs else "0"
     if s.fp8:
         params["FP8"] = "1"
     if s.output_dtype != "float32":
@@ -212,6 +219,7 @@ def settings_from_config(model_config: dict[str, Any], instance_kind: str = "CPU
         stream_keys=stream_keys,
         runtime=text("RUNTIME", "torch").lower(),
         compile=switch_or_auto("COMPILE", text("COMPILE", "auto")),
+        cuda_graphs=switch_or_auto("CUDA_GRAPHS", text("CUDA_GRAPHS", "auto")),
         fp8=text("FP8", "0").lower() in ("1", "true", "yes", "on"),
         onnx_model=text("ONNX_MODEL", ""),
         ort_threads=int(text("ORT_THREADS", "0")),

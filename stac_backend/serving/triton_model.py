@@ -147,6 +147,7 @@ def build_sessions(model_config: dict[str, Any], instance_kind: str, device_id: 
         log.warning("no CHECKPOINT parameter: serving random weights for preset %s", preset)
     model = build_model(preset, checkpoint=checkpoint or None, device=device, dtype=dtype,
                         compile=compile_choice(settings.compile, device, model_config, instance_kind),
+                        cuda_graphs=settings.cuda_graphs,  # auto leaves STAC_CUDA_GRAPHS to decide
                         fp8=settings.fp8 or None)  # FP8 off leaves STAC_FP8 to decide
     runtime = make_runtime("torch", model=model, cache_config=CacheConfig.from_dict(settings.cache_config))
     return StreamSessions(runtime, limits)

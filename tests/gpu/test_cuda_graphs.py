@@ -89,3 +89,33 @@ def test_batched_steps_graph_small_batches_and_run_big_ones_eagerly():
     assert stats.failed == []
     assert stats.captured == captured
     assert stats.eager_calls == calls_per_step  # the one three-stream step
+
+
+@needs_cuda
+@pytest.mark.parametrize("graphs", ["1", "0", "auto"])
+def test_serving_cuda_graphs_parameter_and_warmup_captures(monkeypatch, graphs):
+    """CUDA_GRAPHS=1 on a GPU instance (compiling by default) gives the compiled model graphs, and
+    after the warm-up a one-stream step captures and compiles nothing new; 0 and auto (with
+    STAC_CUDA_GRAPHS unset) give none."""
+    from stac_backend.serving.triton_model import build_sessions
+
+    monkeypatch.delenv("STAC_COMPILE", raising=False)
+    monkeypatch.delenv("STAC_CUDA_GRAPHS", raising=False)
+    config = {"parameters": {"PRESET": {"string_value": "tiny"}, "WARMUP": {"string_value": "56x84"},
+                             "CACHE_CONFIG": {"string_value": '{"policy": "stac"}'},
+                             "CUDA_GRAPHS": {"string_value": graphs}}}
+    runtime = build_sessions(config, "KIND_GPU", 0, None).runtime
+    model = runtime.model
+    assert model.compiled_parts is not None  # COMPILE auto: on for a GPU instance that warms up
+    if graphs != "1":
+        assert not hasattr(model, "cuda_graph_stats")
+        return
+    runtime.warmup((56, 84), (1, 2))
+    captured, signatures = model.cuda_graph_stats.captured, model.compiled_parts.stats.signatures
+    assert captured > 0
+    stream = runtime.open_stream()
+    for t in range(3):
+        runtime.step([stream], [stream.validate(_frames(4, 10 + t))])
+    assert model.cuda_graph_stats.captured == captured  # the warm-up captured the one-stream shapes
+    assert model.compiled_parts.stats.signatures == signatures
+    assert model.cuda_graph_stats.replays > 0

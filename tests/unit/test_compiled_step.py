@@ -149,3 +149,17 @@ def test_compile_auto_is_on_for_cuda_instances_that_warm_up(monkeypatch):
     assert compile_choice(False, "cuda:0", {"parameters": {}}, "KIND_GPU") is False
     monkeypatch.setenv("STAC_COMPILE", "0")
     assert compile_choice(None, "cuda:0", {"parameters": {}}, "KIND_GPU") is None  # the environment decides
+
+
+def test_serving_settings_carry_the_cuda_graphs_switch():
+    from stac_backend.serving.settings import ServeSettings, settings_from_config, to_parameters
+
+    assert "CUDA_GRAPHS" not in to_parameters(ServeSettings())  # auto
+    for value, text in ((True, "1"), (False, "0")):
+        params = to_parameters(ServeSettings(cuda_graphs=value))
+        assert params["CUDA_GRAPHS"] == text
+        back = settings_from_config({"parameters": {k: {"string_value": v} for k, v in params.items()}})
+        assert back.cuda_graphs is value
+    assert settings_from_config({"parameters": {}}).cuda_graphs is None
+    with pytest.raises(ValueError, match="CUDA_GRAPHS must be auto, 0 or 1"):
+        settings_from_config({"parameters": {"CUDA_GRAPHS": {"string_value": "sometimes"}}})
