@@ -14,6 +14,9 @@ trunk's cache of 64 frames is counted in every bound):
 - ``stac``: the reference hot cache (window 4, hh 2, retrieval 2) with ``memory_budget_bytes`` =
   the budget, so its voxel pool gets the rest (``max_voxels`` unset); where that does not fit, hh
   then retrieval shrink (the first fitting of (4,2,2), (4,1,2), (4,0,2), (4,0,1)).
+- ``stac:W/HH/R`` (only when asked for): ``stac`` with that window, hh and retrieval and the
+  budget's rest in its pool, to compare ways of spending one budget (on validation scenes,
+  ``--split validation``, so that no setting is chosen on the held-out ones);
 - ``stac_no_retrieval`` (an ablation, only when asked for): ``stac``'s setting at that budget
   with ``retrieval=0``, so the same hot cache with nothing brought back from the pool.
 A budget too small for a policy's smallest setting is reported as not fitting. The full cache is
@@ -36,7 +39,7 @@ import torch
 
 from stac_backend.assets import EMBEDDED_CHECKPOINT
 from stac_backend.cache import CacheConfig, CameraCache, make_cache
-from stac_backend.data import HELD_OUT_SEED
+from stac_backend.data import SPLITS
 from stac_backend.engine import full_cache_bytes_per_frame
 from stac_backend.engine.stream import cache_geometry
 from stac_backend.evaluation.report import provenance
@@ -92,6 +95,11 @@ def config_for_budget(policy: str, budget: int, model, tokens_per_frame: int, ch
     if policy == "heavy_hitter":
         window = max(chunk, 4)
         return largest(lambda n: CacheConfig(policy=policy, chunk=chunk, window=window, hh=n), 0, frames)
+    if policy.startswith("stac:"):  # a chosen hot cache "stac:WINDOW/HH/RETRIEVAL", the pool gets the rest
+        window, hh, retrieval = (int(x) for x in policy[len("stac:"):].split("/"))
+        config = CacheConfig(policy="stac", chunk=chunk, window=max(window, chunk), hh=hh, retrieval=retrieval,
+                             max_voxels=None, memory_budget_bytes=budget, **stac_overrides)
+        return config if fits(config) else None
     if policy == ABLATION:  # stac's setting at this budget, its spatial memory never read
         config = config_for_budget("stac", budget, model, tokens_per_frame, chunk, frames, stac_overrides)
         return None if config is None else config.replace(retrieval=0)
@@ -111,7 +119,9 @@ def main() -> int:
     p.add_argument("--lap-frames", type=int, default=300, help="frames per lap (the stream has laps x this)")
     p.add_argument("--laps", type=int, default=2)
     p.add_argument("--sequences", type=int, default=2, help="held-out scenes (seeds 1,000,000 on)")
-    p.add_argument("--first-scene", type=int, default=0, help="start at this held-out scene (to split a run)")
+    p.add_argument("--first-scene", type=int, default=0, help="start at this scene of the split (to split a run)")
+    p.add_argument("--split", choices=sorted(SPLITS), default="held-out",
+                   help="the scenes' seeds: held-out (reported) or validation (for choosing settings)")
     p.add_argument("--height", type=int, default=84)
     p.add_argument("--width", type=int, default=112)
     p.add_argument("--chunk", type=int, default=4)
@@ -162,13 +172,15 @@ def main() -> int:
                               max_reference_points=args.max_reference_points,
                               point_frame_stride=args.point_frame_stride)
     segments = lap_segments(args.lap_frames, args.laps)
-    report = {"run": run_record("quality_memory", args.device), "provenance": provenance(args.device), "checkpoint": args.checkpoint.name,
-              "frames": frames, "laps": args.laps, "lap_frames": args.lap_frames, "image_hw": [args.height, args.width],
+    # validation runs choose settings and are kept apart from the reported held-out ones
+    benchmark = "quality_memory" if args.split == "held-out" else f"quality_memory_{args.split}"
+    report = {"run": run_record(benchmark, args.device), "provenance": provenance(args.device), "checkpoint": args.checkpoint.name,
+              "split": args.split, "frames": frames, "laps": args.laps, "lap_frames": args.lap_frames, "image_hw": [args.height, args.width],
               "chunk": args.chunk, "tokens_per_frame": tokens, "full_cache_bytes_at_length": full_bytes,
               "budget_fractions": fractions, "stac_overrides": stac_overrides, "metric_settings": settings.to_dict(),
               "revisit_segments": segments, "sequences": []}
     for s in range(args.first_scene, args.first_scene + args.sequences):
-        seed = HELD_OUT_SEED + s
+        seed = SPLITS[args.split] + s
         seq = revisit_loop(args.lap_frames, args.laps, args.height, args.width, seed=seed)
         gt = {"depth": seq.depth, "valid": seq.valid, "world_points": seq.world_points, "extrinsics": seq.extrinsics}
         runs = []
@@ -188,9 +200,10 @@ def main() -> int:
             pred, info = stream_sequence(model, seq.images, config)
             metrics = score_prediction(pred, gt, settings, segments)
             relevant = {"full": (), "window": ("window",), "sink_window": ("window",), "heavy_hitter": ("window", "hh"),
-                        "stac": ("window", "hh", "retrieval"), ABLATION: ("window", "hh", "retrieval")}[policy]
+                        "stac": ("window", "hh", "retrieval"), ABLATION: ("window", "hh", "retrieval")}[
+                            "stac" if policy.startswith("stac:") else policy]
             settings_used = {k: getattr(config, k) for k in relevant}
-            if policy == "stac":
+            if policy == "stac" or policy.startswith("stac:"):
                 settings_used["pool_voxels"] = make_cache(config, cache_geometry(model)).pool_voxels(tokens)
             runs.append(row | {"fits": True, "settings": settings_used, **info, "metrics": metrics})
             m = metrics["all"]
@@ -291,7 +304,7 @@ def plot(report: dict, path: Path) -> None:
     handles, labels = axes.flat[0].get_legend_handles_labels()
     axes.flat[-1].legend(handles, labels, loc="center")
     fig.suptitle(f"quality vs memory: {report['laps']} laps x {report['lap_frames']} frames at "
-                 f"{report['image_hw'][1]}x{report['image_hw'][0]}, {len(report['sequences'])} held-out scene(s), "
+                 f"{report['image_hw'][1]}x{report['image_hw'][0]}, {len(report['sequences'])} {report.get('split', 'held-out')} scene(s), "
                  f"{report['checkpoint']} (lower is better)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

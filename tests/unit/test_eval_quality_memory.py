@@ -69,3 +69,12 @@ def test_the_ablation_is_stacs_setting_with_nothing_retrieved(bench, tiny_model)
     assert ablation == stac.replace(retrieval=0)  # same policy, hot cache, budget and voxels
     assert bench.bound_of(ablation, tiny_model, tokens) <= budget
     assert not any(ablation.retrieves_at(first, 4, step) for step, first in enumerate(range(0, frames, 4), start=1))
+
+
+def test_a_chosen_stac_hot_cache_gets_the_rest_of_the_budget_in_its_pool(bench, tiny_model):
+    frames, tokens = 400, tiny_model.config.tokens_per_frame(56, 84)
+    budget = int(0.25 * full_cache_bytes_per_frame(tiny_model.config, 56, 84) * frames)
+    config = bench.config_for_budget("stac:4/8/2", budget, tiny_model, tokens, 4, frames, {})
+    assert (config.policy, config.window, config.hh, config.retrieval) == ("stac", 4, 8, 2)
+    assert config.memory_budget_bytes == budget and bench.bound_of(config, tiny_model, tokens) <= budget
+    assert bench.config_for_budget(f"stac:4/{frames}/2", budget, tiny_model, tokens, 4, frames, {}) is None  # too big
