@@ -11,17 +11,18 @@ then replayed (one launch instead of dozens to hundreds):
   (norm, qkv, q/k norm, RoPE) and the part after it (projection, MLP): the cache's attention
   between them changes shape every step, may wait for the host, and stays eager.
 
-Off by default (``STAC_CUDA_GRAPHS=1`` or ``build_model(..., cuda_graphs=True)`` turns it on): on
-the H100 where it was measured (docs/performance.md, `cuda_graphs_ab_h100`) the eager step was not
-launch-bound and graphs changed nothing beyond run-to-run noise. On a compiled model
-(``STAC_COMPILE=1`` as well) the graphs capture the compiled parts' kernels and remove their
-wrappers' host time: there, one stream ran 1.07-1.12x faster with the whole parts graphed
-(`engine_step_graphs_h100`). The graphs of one model share their static buffers and a memory pool
-(``GraphSet``). The module tree and its state dict are unchanged: only the instances' ``forward``
-is replaced. A graph is used only in inference (no autograd, module in eval mode, not while
-exporting) and for small inputs (``STAC_CUDA_GRAPH_MAX_FRAMES``, default 8 frames per call: the one-
-and two-camera steps where launch overhead matters; bigger batched steps amortise it and would pay
-the static buffers in memory). Anything else - and any input whose capture fails - runs eagerly.
+Off by default: on the H100 where it was measured (docs/performance.md, `cuda_graphs_ab_h100`) the
+eager step was not launch-bound and graphs changed nothing beyond run-to-run noise. On a compiled
+model (``STAC_COMPILE=1`` as well) the graphs capture the compiled parts' kernels and remove their
+wrappers' host time: there, one stream ran 1.11x faster on an H100 (16.3 against 18.3 ms/frame,
+`engine_step_graphs_h100`), and bigger batched steps no faster. The graphs of one model share their
+static buffers and a memory pool (``GraphSet``). ``build_model(..., cuda_graphs=True)``,
+``STAC_CUDA_GRAPHS=1`` or the serving parameter ``CUDA_GRAPHS=1`` turns them on. The module tree
+and its state dict are unchanged: only the instances' ``forward`` is replaced. A graph is used only
+in inference (no autograd, module in eval mode, not while exporting) and for small inputs
+(``STAC_CUDA_GRAPH_MAX_FRAMES``, default 8 frames per call: the one- and two-camera steps where
+launch overhead matters; bigger batched steps amortise it and would pay the static buffers in
+memory). Anything else - and any input whose capture fails - runs eagerly.
 """
 
 from __future__ import annotations
