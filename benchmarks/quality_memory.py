@@ -20,7 +20,8 @@ trunk's cache of 64 frames is counted in every bound):
 - ``stac_no_retrieval`` (an ablation, only when asked for): ``stac``'s setting at that budget
   with ``retrieval=0``, so the same hot cache with nothing brought back from the pool.
 A budget too small for a policy's smallest setting is reported as not fitting. The full cache is
-run once as the reference. Scenes are held out (seeds from 1,000,000); no setting is tuned on them.
+run once as the reference. Scenes are held out (seeds from 1,000,000); no setting is tuned on them
+(``--split validation``, seeds from 2,000,000, is where settings are compared).
 
 Metrics (``stac_backend.evaluation.scoring``): accuracy / completeness / NC after Sim(3) + ICP,
 depth Abs Rel after median scaling, ATE; the revisit lap is scored under the whole stream's
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -118,7 +120,7 @@ def main() -> int:
     p.add_argument("--checkpoint", type=Path, default=EMBEDDED_CHECKPOINT)
     p.add_argument("--lap-frames", type=int, default=300, help="frames per lap (the stream has laps x this)")
     p.add_argument("--laps", type=int, default=2)
-    p.add_argument("--sequences", type=int, default=2, help="held-out scenes (seeds 1,000,000 on)")
+    p.add_argument("--sequences", type=int, default=2, help="scenes of the split (held-out: seeds 1,000,000 on)")
     p.add_argument("--first-scene", type=int, default=0, help="start at this scene of the split (to split a run)")
     p.add_argument("--split", choices=sorted(SPLITS), default="held-out",
                    help="the scenes' seeds: held-out (reported) or validation (for choosing settings)")
@@ -163,6 +165,9 @@ def main() -> int:
     stac_overrides = json.loads(args.stac_overrides)
     fractions = [float(f) for f in args.budgets.split(",")]
     policies = [n.strip() for n in args.policies.split(",") if n.strip()]
+    unknown = [n for n in policies if n not in BOUNDED + (ABLATION,) and not re.fullmatch(r"stac:\d+/\d+/\d+", n)]
+    if unknown:
+        p.error(f"unknown policies {unknown}: choose from {', '.join(BOUNDED + (ABLATION,))} or stac:WINDOW/HH/RETRIEVAL")
     frames = args.lap_frames * args.laps
     tokens = model.config.tokens_per_frame(args.height, args.width)
     dtype = next(model.parameters()).dtype
