@@ -204,11 +204,11 @@ def main() -> int:
                 continue
             pred, info = stream_sequence(model, seq.images, config)
             metrics = score_prediction(pred, gt, settings, segments)
+            # by the policy the config runs (stac for the ablation and the chosen hot caches too)
             relevant = {"full": (), "window": ("window",), "sink_window": ("window",), "heavy_hitter": ("window", "hh"),
-                        "stac": ("window", "hh", "retrieval"), ABLATION: ("window", "hh", "retrieval")}[
-                            "stac" if policy.startswith("stac:") else policy]
+                        "stac": ("window", "hh", "retrieval")}[config.policy]
             settings_used = {k: getattr(config, k) for k in relevant}
-            if policy == "stac" or policy.startswith("stac:"):
+            if config.policy == "stac" and config.retrieval:  # a pool that is read
                 settings_used["pool_voxels"] = make_cache(config, cache_geometry(model)).pool_voxels(tokens)
             runs.append(row | {"fits": True, "settings": settings_used, **info, "metrics": metrics})
             m = metrics["all"]

@@ -104,14 +104,9 @@ def _rotate(rope, x: Tensor, pos: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([rope._rotate(y_part, pos[..., 0], cos, sin), rope._rotate(x_part, pos[..., 1], cos, sin)], dim=-1)
 
 
-def _after_attention(block: Block, x: Tensor, attended: Tensor) -> Tensor:
-    """proj -> LayerScale -> residual -> norm2 -> MLP -> LayerScale -> residual: the eager half, traced."""
-    return block.attention_outputs(x, attended)
-
-
 def _dense_block(block: Block, x: Tensor, pos: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor]) -> Tensor:
     q, k, v = _qkv_heads(block, x, pos, cos, sin)
-    return _after_attention(block, x, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    return block.attention_outputs(x, torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
 
 def _dpt_frames(head: nn.Module, layers: list, image_hw: tuple[int, int], patch_start_idx: int, frames: int,
@@ -137,7 +132,8 @@ class CompiledParts:
         self.functions: dict[str, tuple[Callable, Callable]] = {
             name: (torch.compile(fn, **options), fn)
             for name, fn in (("dense_block", _dense_block), ("qkv_heads", _qkv_heads),
-                             ("after_attention", _after_attention), ("dpt_frames", _dpt_frames))
+                             # the eager half after the attention, traced as it is (one definition)
+                             ("after_attention", Block.attention_outputs), ("dpt_frames", _dpt_frames))
         }
 
     def call(self, name: str, *args):
