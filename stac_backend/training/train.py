@@ -3,6 +3,9 @@
     python -m stac_backend.training.train --preset small --device cuda --minutes 8 --out runs/small
     python -m stac_backend.training.train ... --resume runs/small/last.pt      # continue a run
 
+A deeper model grown from a trained one (``grow.py``) trains the same way: ``--resume`` with the
+grown ``.safetensors`` and no ``--preset`` takes the model's size from the file.
+
 The model is trained exactly as it streams: one batched forward under the block-causal mask of
 chunks of ``--chunk`` frames (frames see earlier chunks and their own chunk), so the trained model
 is consistent with ``Stream``. Targets are metric and in the first camera's frame (VGGT's
@@ -40,6 +43,7 @@ import torch.nn.functional as F
 from ..data import SPLIT_COUNT, SPLITS, make_sequence, split_overlapping
 from ..data.sequence import to_first_camera_frame
 from ..model import build_model, save_checkpoint
+from ..model.checkpoint import read_state_dict
 from ..model.pose import extri_intri_to_pose_encoding
 
 TRAJECTORIES = ("loop", "back_and_forth", "random_walk")
@@ -169,7 +173,8 @@ def compute_losses(model, batch, chunk: int, conf_alpha: float = 1.0):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small")
+    p.add_argument("--preset", default=None,
+                   help="model size (default: the --resume checkpoint's recorded config, else small)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--height", type=int, default=84)
     p.add_argument("--width", type=int, default=112)
@@ -195,7 +200,8 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    model = build_model(args.preset, device=args.device, seed=args.seed, cuda_graphs=False, compile=False, fp8=False).train()
+    model = build_model(model_config(args.preset, args.resume), device=args.device, seed=args.seed, cuda_graphs=False,
+                        compile=False, fp8=False).train()
     model.dpt_frames_chunk = None  # all frames through the heads at once
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     step, ema_state = 0, None
@@ -248,6 +254,18 @@ def main(argv=None) -> int:
     return 0
 
 
+def model_config(preset: str | None, resume: Path | None):
+    """The model to train: the preset named, else the one the checkpoint to resume records (a grown
+    model has no preset of its own: grow.py), else ``small``."""
+    if preset is not None:
+        return preset
+    if resume is not None:
+        _, recorded = read_state_dict(resume)
+        if recorded is not None:
+            return recorded
+    return "small"
+
+
 class WeightAverage:
     """An exponential moving average of a model's floating-point parameters (float32 copies)."""
 
@@ -282,7 +300,7 @@ class WeightAverage:
 
 
 def save(model, optimizer, step: int, out: Path, ema: WeightAverage | None = None) -> None:
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": model.config.to_json()}
     if ema is not None:
         state["ema"] = ema.average
     torch.save(state, out / "last.pt")
