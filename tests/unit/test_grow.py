@@ -10,7 +10,7 @@ import torch
 
 from stac_backend.cache import CacheConfig
 from stac_backend.engine import Stream
-from stac_backend.model import build_model, config_with, save_checkpoint
+from stac_backend.model import build_model, save_checkpoint
 from stac_backend.training.grow import grow_depth, grown_index
 from stac_backend.training.grow import main as grow_main
 from stac_backend.training.train import main as train_main
@@ -20,7 +20,6 @@ from conftest import make_tiny_model
 
 @pytest.fixture(scope="module")
 def tiny_and_grown():
-    torch.manual_seed(0)
     model = make_tiny_model(seed=3)
     return model, grow_depth(model, 3)
 
