@@ -62,10 +62,11 @@ class CacheConfig:
     full_growth: float = 1.0
     # heavy_hitter / stac only: how each layer's hot store is held. "compact" joins a step's new
     # tokens onto the store and gathers the kept ones after pruning (two copies of the store per
-    # step); "slots" preallocates the store at its bound (pinned + window + hh + chunk frames) and
-    # writes in place: new tokens fill the slots evicted tokens left (cache/slot_store.py). Same
-    # tokens kept and pooled; the attention sums its keys in another order, so outputs agree to
-    # float rounding, not bit for bit. Between steps it holds the chunk's share as well.
+    # step), in time order. "slots" preallocates the store at its resting bound (pinned + window +
+    # hh frames, plus one sink slot) and writes in place: a step's new tokens are attended beside it
+    # and the kept ones fill the slots evicted tokens left (cache/slot_store.py). Same tokens kept
+    # and pooled, the same memory bound; the attention sums its keys in another order, so outputs
+    # agree to float rounding, not bit for bit.
     store: str = "compact"
     # heavy_hitter / stac only: score keys from every N-th query of the step instead of all of them
     # (rows 0, N, 2N, ... of the step's tokens; the sum is scaled by queries / rows used). 1 is

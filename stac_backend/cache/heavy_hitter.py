@@ -10,9 +10,10 @@ Subclasses (the ``stac`` policy) receive the evicted tokens through ``on_evict``
 keys (retrieved pivots, with a logit bias) through ``extra_keys``.
 
 With ``CacheConfig.store="slots"`` each layer's store is a ``SlotLayerTokens``: preallocated at
-the bound and written in place, not in time order. Everything that needs an order here (ties of
-the ranking, the order evictions are handed over, the exported state) uses (frame, in-frame
-index), which is the default store's order, so both stores keep and hand over the same tokens.
+its resting bound and written in place, not in time order, with a step's new tokens staged beside
+it until the step's end. Everything that needs an order here (ties of the ranking, the order
+evictions are handed over, the exported state) uses (frame, in-frame index), which is the compact
+store's order, so both stores keep and hand over the same tokens.
 """
 
 from __future__ import annotations
@@ -101,9 +102,11 @@ class HeavyHitterCache(CachePolicy):
     def _slot_store(self, layer: int, k: Tensor) -> SlotLayerTokens:
         """The layer's slot store, made at the first step (or from an imported compact store)."""
         store = self.layers.get(layer)
+        capacity = self.hot_frames(during_step=False) * self._step.tokens_per_frame
         if isinstance(store, SlotLayerTokens):
-            return store
-        capacity = self.hot_frames(during_step=True) * self._step.tokens_per_frame
+            if store.capacity == capacity:
+                return store
+            store = store.compact()  # an imported layout of other frame sizes: its tokens, in time order
         if store is None:
             store = SlotLayerTokens.empty(k.shape[0], capacity, k.shape[2], k.dtype, k.device, self.tracks_positions)
         else:
@@ -112,28 +115,33 @@ class HeavyHitterCache(CachePolicy):
         return store
 
     def _prepare_slots(self, layer: int, k: Tensor, v: Tensor) -> KeySet:
-        """``prepare`` on a slot store: the new tokens go into free slots; the key set is (store,
-        extra), the store shown whole (with a mask of live slots where some are free) or as the
-        prefix it fills."""
+        """``prepare`` on a slot store: the new tokens are staged beside it; the key set is (slots,
+        extra, new) as segments, the slots shown whole (with a mask of live slots where some are
+        free) or as the prefix they fill. Nothing of the store is copied."""
         H, M = k.shape[0], k.shape[1]
         store = self._slot_store(layer, k)
         old = store.num_tokens
         frame, index, position = self._step_new_ids(H, M, k.device)
-        store.append(k, v, frame, index, position)
+        store.stage(k, v, frame, index, position)
         keys, values, live = store.keys()
+        staged = store.staged
         extra = self.extra_keys(layer)
-        if extra is None or extra[0].shape[1] == 0:
+        n, n_extra = keys.shape[1], (0 if extra is None else extra[0].shape[1])
+        if n_extra == 0:
+            valid = None
+            if live is not None:
+                valid = torch.ones(H, n + M, dtype=torch.bool, device=k.device)
+                valid[:, :n] = live
             # absorb() counts old + new live keys (no mask needed for that)
             self._pending[layer] = (old, 0, M, None)
-            return KeySet(keys, values, None, live, need_mass=True,
+            return KeySet((keys, staged.k), (values, staged.v), None, valid, need_mass=True,
                           mass_query_stride=self.config.mass_query_stride)
-        n, n_extra = keys.shape[1], extra[0].shape[1]
-        bias, valid = extra_bias_and_valid(extra, n, n + n_extra)
+        bias, valid = extra_bias_and_valid(extra, n, n + n_extra + M)
         if live is not None:
             valid[:, :n] = live
         self._pending[layer] = (old, n_extra, M, valid)
-        return KeySet((keys, extra[0].to(k.dtype)), (values, extra[1].to(v.dtype)), bias, valid, need_mass=True,
-                      mass_skip=(n, n + n_extra), mass_query_stride=self.config.mass_query_stride)
+        return KeySet((keys, extra[0].to(k.dtype), staged.k), (values, extra[1].to(v.dtype), staged.v), bias, valid,
+                      need_mass=True, mass_skip=(n, n + n_extra), mass_query_stride=self.config.mass_query_stride)
 
     def _step_new_ids(self, H: int, M: int, device) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """Frame and in-frame index [H, M] of the step's new tokens and their (not yet known, NaN)
@@ -170,8 +178,12 @@ class HeavyHitterCache(CachePolicy):
         if any(store.num_tokens != n_tokens for store in stores):
             raise RuntimeError("heavy_hitter: layers hold different numbers of tokens")
         n_keep = n_protected + min(budget, n_tokens - n_protected)
-        if stores and n_keep < n_tokens and self.slots:
-            self._prune_slots(info, latest, n_keep, layers, stores)
+        if stores and self.slots:
+            if n_keep < n_tokens:
+                self._prune_slots(info, latest, n_keep, layers, stores)
+            else:
+                for store in stores:
+                    store.commit()  # nothing to evict: the step's tokens move into free slots
         elif stores and n_keep < n_tokens:
             _, priority = self._priority(stores, latest)
             order = torch.argsort(priority, dim=-1, descending=True, stable=True)
@@ -189,51 +201,60 @@ class HeavyHitterCache(CachePolicy):
         """Frames [L, H, N] of every layer's tokens and their ranking priority: MUST_KEEP for the
         protected ones (pinned frames, the recent window), the decayed attention score otherwise."""
         frame = torch.stack([store.frame for store in stores])
+        score = torch.stack([store.score for store in stores])
+        return frame, torch.where(self._protected(frame, latest), torch.full_like(score, MUST_KEEP), score)
+
+    def _protected(self, frame: Tensor, latest: int) -> Tensor:
+        """Tokens of the pinned frames and of the recent window: never evicted."""
         protected = frame > latest - self.config.window
         for f in self.config.pinned_frames:
             protected |= frame == f
-        score = torch.stack([store.score for store in stores])
-        return frame, torch.where(protected, torch.full_like(score, MUST_KEEP), score)
+        return protected
 
     def _prune_slots(self, info: StepInfo, latest: int, n_keep: int, layers: list[int],
                      stores: list[SlotLayerTokens]) -> None:
-        """``end_step``'s pruning on slot stores: the same ranking in (frame, index) order, so ties
-        break as on the default store (whose order that is); evicted slots are only marked free."""
+        """``end_step``'s pruning on slot stores: the same ranking over the slots and the staged
+        tokens together, in (frame, index) order, so ties break as on the compact store (whose order
+        that is); evicted slots are only marked free and the kept staged tokens fill free slots."""
         n_tokens = stores[0].num_tokens
-        frame, priority = self._priority(stores, latest)  # [L, H, S]
+        frame = torch.stack([store.combined("frame") for store in stores])  # [L, H, S + 1 + M]
+        index = torch.stack([store.combined("index") for store in stores])
+        score = torch.stack([store.combined("score") for store in stores])
+        priority = torch.where(self._protected(frame, latest), torch.full_like(score, MUST_KEEP), score)
         priority = torch.where(frame >= 0, priority, torch.full_like(priority, -MUST_KEEP))  # free slots rank last
-        by_time = time_order(frame, torch.stack([store.index for store in stores]))  # free slots last
+        by_time = time_order(frame, index)  # free slots last
         rank = torch.argsort(priority.gather(-1, by_time), dim=-1, descending=True, stable=True)
-        # Ranked: kept tokens (n_keep), evicted ones (up to n_tokens), then the slots already free.
-        order = by_time.gather(-1, rank)
+        # Ranked: kept tokens (n_keep), evicted ones (up to n_tokens), then the free slots.
+        kept = by_time.gather(-1, rank[..., :n_keep])
         evict = by_time.gather(-1, rank[..., n_keep:n_tokens].sort(dim=-1).values)  # (frame, index) order per head
         heads = torch.arange(evict.shape[1], device=evict.device).repeat_interleave(evict.shape[2])
         for i, (layer, store) in enumerate(zip(layers, stores)):
             self.on_evict(layer, store, heads, evict[i].reshape(-1), info)
             self.evicted_tokens += evict[i].numel()
-            store.evict(evict[i], order[i, :, n_keep:].clone(), n_keep)
+            store.commit(kept[i], evict[i])
 
     def on_evict(self, layer: int, store: LayerTokens, heads: Tensor, tokens: Tensor, info: StepInfo) -> None:
-        """Evicted tokens are dropped here; ``stac`` pools them. ``heads``/``tokens``: the head and the
-        index into ``store`` of each evicted token, head by head, and within a head in (frame, in-frame
-        index) order (the default store's order; a slot store's slots are not in that order)."""
+        """Evicted tokens are dropped here; ``stac`` pools them (``store.take(heads, tokens)``).
+        ``heads``/``tokens``: the head and the index into ``store`` of each evicted token (on a slot
+        store, into its slots and staged tokens, ``SlotLayerTokens.take``), head by head, and within
+        a head in (frame, in-frame index) order (the compact store's order; slots are not in it)."""
 
     # ------------------------------------------------------------------ memory
     def hot_frames(self, during_step: bool = True) -> int:
         """Frame-equivalents per (layer, head) the hot store holds at most: pinned + window + hh,
-        plus the chunk during a step (a slot store holds that capacity between steps too)."""
+        plus the chunk during a step."""
         frames = len(self.config.pinned_frames) + self.config.window + self.config.hh
-        return frames + (self.config.chunk if during_step or self.slots else 0)
+        return frames + (self.config.chunk if during_step else 0)
 
     def hot_bytes_bound(self, tokens_per_frame: int, during_step: bool = True) -> int:
         """Most bytes the hot store holds: during a step, (pinned + window + hh + chunk)
         frame-equivalents per (layer, head), each token with its score (and position); between
-        steps (``during_step=False``) the chunk's share is pruned away again (not with
-        ``store="slots"``: its buffers keep their capacity)."""
+        steps (``during_step=False``) the chunk's share is pruned away again. A slot store has one
+        slot more per (layer, head), its sink."""
         g = self.geometry
-        frames = self.hot_frames(during_step)
+        tokens = self.hot_frames(during_step) * tokens_per_frame + (1 if self.slots else 0)
         per_token = bytes_per_token(g.head_dim, g.element_size, with_score=True, with_position=self.tracks_positions)
-        return g.num_layers * g.num_heads * frames * tokens_per_frame * per_token
+        return g.num_layers * g.num_heads * tokens * per_token
 
     def bytes_bound(self, tokens_per_frame: int) -> int:
         """Most bytes this policy ever holds for a stream of frames of this size."""
@@ -275,21 +296,39 @@ class HeavyHitterCache(CachePolicy):
     # ------------------------------------------------------------------ state
     def export_state(self) -> dict[str, Tensor]:
         """``hot_k``/``hot_v`` [L, H, N, D], ``hot_frame``/``hot_index``/``hot_score`` [L, H, N]
-        (``hot_pos`` [L, H, N, 3] where positions are tracked) and ``evicted_tokens``."""
+        (``hot_pos`` [L, H, N, 3] where positions are tracked) and ``evicted_tokens``; from slot
+        stores also their layout: ``hot_slot`` [L, H, N] int32 (each token's slot) and
+        ``hot_capacity`` (0-d), so that a slot store continues bit for bit after an import."""
         if self._step is not None or self._pending:
             raise RuntimeError("export_state() is only valid between steps")
         g = self.geometry
-        # A slot store exports its live tokens in (frame, index) order: the default store's state.
+        # A slot store exports its live tokens in (frame, index) order: the compact store's state.
+        slot_stores = [self.layers[i] for i in sorted(self.layers) if isinstance(self.layers[i], SlotLayerTokens)]
         layers = {i: s.compact() if isinstance(s, SlotLayerTokens) else s for i, s in self.layers.items()}
         state = export_layers(layers, g.num_heads, g.head_dim, g.dtype, g.device, True, self.tracks_positions)
         state["evicted_tokens"] = torch.tensor(self.evicted_tokens, dtype=torch.int64)
+        if slot_stores and len(slot_stores) == len(self.layers):
+            state["hot_slot"] = torch.stack([s.occupied_slots().to(torch.int32) for s in slot_stores])
+            state["hot_capacity"] = torch.tensor(slot_stores[0].capacity, dtype=torch.int64)
         return state
 
     def import_state(self, state: dict[str, Tensor]) -> None:
+        """A state of either store. A slot store's layout (``hot_slot``, ``hot_capacity``) is restored
+        where this cache keeps slot stores too, and ignored by a compact one (both continue with the
+        same tokens; only the slot layout makes the attention sum its keys in the original order)."""
         names = ["hot_k", "hot_v", "hot_frame", "hot_index", "hot_score", "evicted_tokens"]
-        check_state_names(self.name, state, names + (["hot_pos"] if self.tracks_positions else []))
+        check_state_names(self.name, state, names + (["hot_pos"] if self.tracks_positions else []),
+                          optional=("hot_slot", "hot_capacity"))
+        if ("hot_slot" in state) != ("hot_capacity" in state):
+            raise ValueError(f"{self.name} state: hot_slot and hot_capacity come together")
         g = self.geometry
         layers = import_layers(state, g.num_heads, g.head_dim, g.device, True, self.tracks_positions)
+        if self.slots and "hot_slot" in state:
+            slots, capacity = state["hot_slot"], int(state["hot_capacity"])
+            if tuple(slots.shape) != tuple(state["hot_frame"].shape):
+                raise ValueError(f"{self.name} state: hot_slot {tuple(slots.shape)} must match hot_frame "
+                                 f"{tuple(state['hot_frame'].shape)}")
+            layers = {i: SlotLayerTokens.from_tokens(store, capacity, slots[i]) for i, store in layers.items()}
         self.reset()
-        self.layers = layers  # compact; a slot store is made from them at the next step
+        self.layers = layers  # compact ones become slot stores at the next step (in time order)
         self.evicted_tokens = int(state["evicted_tokens"])

@@ -3,7 +3,9 @@
 Streams hold caches of different lengths (and some policies add biased or padded keys), so the
 key sets are right-padded to the longest and masked. When no stream needs per-key probability
 mass and no bias is present, the call is plain scaled-dot-product attention (fast fused kernels);
-otherwise the blockwise attention that also returns per-key mass.
+otherwise the attention that also returns per-key mass: on CUDA the fused Triton kernels, which
+read each stream's key segments where they lie (only the small bias/valid masks are padded), else
+the blockwise reference over the padded keys.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class KeySet:
 
     # [H, Nk, D]: retained past tokens (+ retrieved ones) + the step's new tokens; or a tuple of
     # such tensors (segments along the key axis, e.g. views of a store and the retrieved tokens),
-    # which a batched call copies straight into its padded key buffer instead of joining first.
+    # which the fused kernel reads where they lie, and other paths copy into one buffer.
     k: Union[Tensor, tuple[Tensor, ...]]
     v: Union[Tensor, tuple[Tensor, ...]]
     bias: Optional[Tensor] = None  # [H, Nk] float32 additive logit bias (e.g. log C of pivots)
@@ -63,6 +65,42 @@ def _write_segments(dst: Tensor, x: Union[Tensor, tuple[Tensor, ...]]) -> None:
 # On CUDA with OpenAI Triton installed, the fused kernel replaces the blockwise reference
 # (STAC_FUSED_ATTENTION=0 turns it off, e.g. to compare).
 USE_FUSED = os.environ.get("STAC_FUSED_ATTENTION", "1") != "0"
+# Opt-in (STAC_SEGMENTED_ATTENTION=1): the fused kernel reads each stream's key segments where they
+# lie instead of a joined (one stream) or padded (several) copy. It removes those copies, but on an
+# H100 the engine with it and the slot store together ran slower than without both
+# (docs/performance.md), so it stays off until a profile says which part loses.
+USE_SEGMENTED = os.environ.get("STAC_SEGMENTED_ATTENTION", "0") == "1"
+# Tests set this to run the fused kernels on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1).
+_FUSED_OFF_CUDA = False
+
+
+def _fused(q: Tensor) -> bool:
+    """Whether the mass-returning attention on q's device is the fused Triton kernel."""
+    if not USE_FUSED or not (q.is_cuda or _FUSED_OFF_CUDA):
+        return False
+    from ..kernels.attention_mass import HAVE_TRITON, fused_available
+
+    return fused_available(q.device) or (_FUSED_OFF_CUDA and HAVE_TRITON)
+
+
+def _segmented(q: Tensor) -> bool:
+    """Whether this call reads the key segments in place (the segmented fused kernel)."""
+    return USE_SEGMENTED and _fused(q)
+
+
+def _segment_pairs(s: KeySet) -> list[tuple[Tensor, Tensor]]:
+    """The set's keys as (k, v) segment pairs for the segmented kernel (joined if k and v are split differently)."""
+    ks, vs = _segments(s.k), _segments(s.v)
+    if [t.shape[1] for t in ks] != [t.shape[1] for t in vs]:
+        return [(_joined(s.k), _joined(s.v))]
+    return list(zip(ks, vs))
+
+
+def _fused_segmented(q, sets, bias, valid, need_mass, mass_keys, mass_query_stride):
+    from ..kernels.attention_mass import fused_segmented_attention_with_key_mass
+
+    return fused_segmented_attention_with_key_mass(q, [_segment_pairs(s) for s in sets], bias, valid, need_mass,
+                                                   mass_keys=mass_keys, mass_query_stride=mass_query_stride)
 
 
 def _attention_with_mass(q, k, v, bias, valid, need_mass, mass_keys=None, mass_query_stride=1):
@@ -101,24 +139,52 @@ def attend_key_sets(q: Tensor, sets: Sequence[KeySet]) -> tuple[Tensor, list[Opt
     need_mass = any(s.need_mass for s in sets)
     if len(sets) == 1:
         s = sets[0]
-        k, v = _joined(s.k)[None], _joined(s.v)[None]
         if not need_mass and s.bias is None and s.valid is None:
-            return F.scaled_dot_product_attention(q, k, v), [None]
+            return F.scaled_dot_product_attention(q, _joined(s.k)[None], _joined(s.v)[None]), [None]
         bias = None if s.bias is None else s.bias[None]
         valid = None if s.valid is None else s.valid[None]
         mass_keys = _mass_keys(sets, 1, q.shape[1], s.num_keys, q.device) if need_mass else None
-        out, mass = _attention_with_mass(q, k, v, bias, valid, need_mass, mass_keys, s.mass_query_stride)
+        if _segmented(q):
+            out, mass = _fused_segmented(q, sets, bias, valid, need_mass, mass_keys, s.mass_query_stride)
+        else:
+            out, mass = _attention_with_mass(q, _joined(s.k)[None], _joined(s.v)[None], bias, valid, need_mass,
+                                             mass_keys, s.mass_query_stride)
         return out, [mass[0] if s.need_mass else None]
 
-    H, D = q.shape[1], q.shape[3]
+    H = q.shape[1]
     lengths = [s.num_keys for s in sets]
     longest = max(lengths)
-    # Only the padding is zeroed (a padded key is masked, but 0 x a garbage value could be NaN).
-    keys = q.new_empty(len(sets), H, longest, D)
-    values = q.new_empty(len(sets), H, longest, _segments(sets[0].v)[0].shape[2])
     valid = torch.zeros(len(sets), H, longest, dtype=torch.bool, device=q.device)
     has_bias = any(s.bias is not None for s in sets)
     bias = torch.zeros(len(sets), H, longest, device=q.device) if has_bias else None
+    for b, s in enumerate(sets):
+        n = lengths[b]
+        valid[b, :, :n] = True if s.valid is None else s.valid
+        if s.bias is not None:
+            bias[b, :, :n] = s.bias
+    if not need_mass and not has_bias:
+        keys, values = _padded_keys(q, sets, lengths, longest)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=valid[:, :, None, :])
+        return out, [None] * len(sets)
+    mass_keys = _mass_keys(sets, len(sets), H, longest, q.device)
+    stride = min(s.mass_query_stride for s in sets if s.need_mass) if need_mass else 1
+    if _segmented(q):
+        # The segmented kernel treats keys past a stream's end as absent, so valid matters only
+        # where some set has one (without bias or valid it skips the bias loads).
+        any_valid = any(s.valid is not None for s in sets)
+        out, mass = _fused_segmented(q, sets, bias, valid if any_valid else None, need_mass, mass_keys, stride)
+    else:
+        keys, values = _padded_keys(q, sets, lengths, longest)
+        out, mass = _attention_with_mass(q, keys, values, bias, valid, True, mass_keys, stride)
+    return out, [mass[b, :, : lengths[b]] if s.need_mass else None for b, s in enumerate(sets)]
+
+
+def _padded_keys(q: Tensor, sets: Sequence[KeySet], lengths: list[int], longest: int) -> tuple[Tensor, Tensor]:
+    """Every set's keys and values copied into [B, H, longest, D] buffers, right-padded with zeros."""
+    H, D = q.shape[1], q.shape[3]
+    # Only the padding is zeroed (a padded key is masked, but 0 x a garbage value could be NaN).
+    keys = q.new_empty(len(sets), H, longest, D)
+    values = q.new_empty(len(sets), H, longest, _segments(sets[0].v)[0].shape[2])
     for b, s in enumerate(sets):
         n = lengths[b]
         _write_segments(keys[b], s.k)
@@ -126,13 +192,4 @@ def attend_key_sets(q: Tensor, sets: Sequence[KeySet]) -> tuple[Tensor, list[Opt
         if n < longest:
             keys[b, :, n:] = 0
             values[b, :, n:] = 0
-        valid[b, :, :n] = True if s.valid is None else s.valid
-        if s.bias is not None:
-            bias[b, :, :n] = s.bias
-    if not need_mass and not has_bias:
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=valid[:, :, None, :])
-        return out, [None] * len(sets)
-    mass_keys = _mass_keys(sets, len(sets), H, longest, q.device)
-    stride = min(s.mass_query_stride for s in sets if s.need_mass) if need_mass else 1
-    out, mass = _attention_with_mass(q, keys, values, bias, valid, True, mass_keys, stride)
-    return out, [mass[b, :, : lengths[b]] if s.need_mass else None for b, s in enumerate(sets)]
+    return keys, values

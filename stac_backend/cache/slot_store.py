@@ -1,20 +1,28 @@
-"""A layer's hot store preallocated at its bound and written in place (``CacheConfig.store="slots"``).
+"""A layer's hot store preallocated at its resting bound and written in place (``CacheConfig.store="slots"``).
 
-The default store (``LayerTokens``) joins old and new tokens with ``torch.cat`` every step and,
+The compact store (``LayerTokens``) joins old and new tokens with ``torch.cat`` every step and,
 after pruning, gathers the kept tokens into new tensors: two copies of the whole store per step.
-Here every field is allocated once at the capacity the policy can ever hold during a step, and:
+Here every field is allocated once, at the most the policy keeps between steps (pinned + window +
+hh frame-equivalents per head), and:
 
-- a step's new tokens are scattered into free slots, per head (heads keep different tokens);
-- eviction moves no data: it marks the slots free (``frame = -1``), and the next step's new
-  tokens fill them.
+- a step's new tokens are staged beside the store (``stage``): attention reads the store and the
+  staged tokens as two key segments, so nothing is joined;
+- at the step's end the ranking runs over store and staged tokens together (``commit``): evicted
+  slots are marked free (``frame = -1``) and the staged tokens that are kept are written into
+  free slots. Only the kept new tokens move; the store never holds more than its resting bound,
+  so it costs no more memory than the compact store between steps.
 
 So the slots are not in time order. Whoever needs an order sorts by (frame, in-frame index):
-``time_order`` gives it. A free slot is recognised by ``frame < 0`` (frames are >= 0), which costs
-no memory beyond the fields the default store has.
+``time_order`` gives it. A free slot is recognised by ``frame < 0`` (frames are >= 0).
+
+Every buffer has one slot more than the capacity, the sink: staged tokens that are not kept
+(possible only when a step has more frames than the recent window protects) are written there by
+the same scatter that places the kept ones, so the scatter needs no host-side count. The sink is
+never attended and never counted as a token.
 
 While the live slots are a prefix (start of a stream, before the first eviction) attention runs
-over a view of that prefix; once the store is full (the steady state at a fixed chunk size) over
-the whole buffer; otherwise over the whole buffer with a per-head key-valid mask.
+over a view of that prefix; once the store is full (the steady state) over all of it; otherwise
+over all of it with a per-head key-valid mask.
 """
 
 from __future__ import annotations
@@ -37,120 +45,203 @@ def time_order(frame: Tensor, index: Tensor) -> Tensor:
     return torch.argsort(key, dim=-1, stable=True)
 
 
-class SlotLayerTokens:
-    def __init__(self, k: Tensor, v: Tensor, frame: Tensor, index: Tensor, score: Tensor, position: Optional[Tensor],
-                 free: Tensor, num_tokens: int, prefix: bool):
-        self.k, self.v = k, v  # [H, S, D], S = capacity
-        self.frame = frame  # [H, S] int32; FREE for a free slot
-        self.index = index  # [H, S] int32
-        self.score = score  # [H, S] float32
-        self.position = position  # [H, S, 3] float32, or None
-        self.free = free  # [H, S - num_tokens] int64: each head's free slots, taken from the front
-        self._num_tokens = num_tokens  # live tokens per head (every head holds the same number)
-        self.prefix = prefix  # live slots are exactly 0 .. num_tokens - 1 in every head
-        self.new_slots: Optional[Tensor] = None  # [H, M] int64: the slots of the last append's tokens
-        self.attended = 0  # keys of the store in the last key set (a prefix, or all slots)
+class StagedTokens:
+    """A step's new tokens of one layer, beside the store until the step's end [H, M, ...]."""
 
-    @classmethod
-    def empty(cls, num_heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device,
-              with_position: bool) -> "SlotLayerTokens":
-        H, S = num_heads, capacity
-        free = torch.arange(S, device=device).expand(H, -1).contiguous()
-        position = torch.full((H, S, 3), float("nan"), device=device) if with_position else None
-        return cls(torch.zeros(H, S, head_dim, dtype=dtype, device=device), torch.zeros(H, S, head_dim, dtype=dtype, device=device),
-                   torch.full((H, S), FREE, dtype=torch.int32, device=device), torch.zeros(H, S, dtype=torch.int32, device=device),
-                   torch.zeros(H, S, device=device), position, free, 0, True)
-
-    @classmethod
-    def from_tokens(cls, store: LayerTokens, capacity: int) -> "SlotLayerTokens":
-        """A slot store holding ``store``'s tokens in its first slots (e.g. an imported state)."""
-        H, n, D = store.k.shape
-        if n > capacity:
-            raise RuntimeError(f"slot store: {n} tokens per head exceed its capacity of {capacity}")
-        out = cls.empty(H, capacity, D, store.k.dtype, store.k.device, store.position is not None)
-        for name in ("k", "v", "frame", "index", "score", "position"):
-            src = getattr(store, name)
-            if src is not None:
-                getattr(out, name)[:, :n] = src
-        out.free = out.free[:, n:].contiguous()
-        out._num_tokens = n
-        return out
+    def __init__(self, k: Tensor, v: Tensor, frame: Tensor, index: Tensor, position: Optional[Tensor]):
+        self.k, self.v = k, v
+        self.frame, self.index = frame, index
+        self.score = torch.zeros(frame.shape, device=k.device)  # set by absorb_scores
+        self.position = position  # [H, M, 3] or None; written at the step's end
 
     @property
     def num_tokens(self) -> int:
-        return self._num_tokens
-
-    @property
-    def capacity(self) -> int:
         return self.k.shape[1]
 
     def tensors(self) -> list[Tensor]:
         return [t for t in (self.k, self.v, self.frame, self.index, self.score, self.position) if t is not None]
 
+
+class SlotLayerTokens:
+    def __init__(self, k: Tensor, v: Tensor, frame: Tensor, index: Tensor, score: Tensor, position: Optional[Tensor],
+                 num_tokens: int, prefix: bool):
+        self.k, self.v = k, v  # [H, S + 1, D]: S = capacity, plus the sink slot
+        self.frame = frame  # [H, S + 1] int32; FREE for a free slot (the sink is always FREE)
+        self.index = index  # [H, S + 1] int32
+        self.score = score  # [H, S + 1] float32
+        self.position = position  # [H, S + 1, 3] float32, or None
+        self._num_tokens = num_tokens  # live tokens per head in the slots (every head holds the same number)
+        self.prefix = prefix  # live slots are exactly 0 .. num_tokens - 1 in every head
+        self.staged: Optional[StagedTokens] = None  # the step's new tokens, until commit()
+        self.attended = 0  # slots in the last key set (a prefix, or every slot)
+
+    @classmethod
+    def empty(cls, num_heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device,
+              with_position: bool) -> "SlotLayerTokens":
+        H, S = num_heads, capacity + 1
+        position = torch.full((H, S, 3), float("nan"), device=device) if with_position else None
+        return cls(torch.zeros(H, S, head_dim, dtype=dtype, device=device), torch.zeros(H, S, head_dim, dtype=dtype, device=device),
+                   torch.full((H, S), FREE, dtype=torch.int32, device=device), torch.zeros(H, S, dtype=torch.int32, device=device),
+                   torch.zeros(H, S, device=device), position, 0, True)
+
+    @classmethod
+    def from_tokens(cls, store: LayerTokens, capacity: int, slots: Optional[Tensor] = None) -> "SlotLayerTokens":
+        """A slot store holding ``store``'s tokens: in the slots ``slots`` [H, n] (each token's slot,
+        as ``occupied_slots`` recorded them), or else in the first slots in order (e.g. an imported
+        compact state)."""
+        H, n, D = store.k.shape
+        if n > capacity:
+            raise RuntimeError(f"slot store: {n} tokens per head exceed its capacity of {capacity}")
+        out = cls.empty(H, capacity, D, store.k.dtype, store.k.device, store.position is not None)
+        first = torch.arange(n, device=store.k.device).expand(H, n)
+        if slots is None:
+            slots = first
+        else:
+            slots = slots.to(device=store.k.device, dtype=torch.int64)
+            ordered = slots.sort(dim=1).values
+            if (tuple(slots.shape) != (H, n)
+                    or n and (int(ordered[:, 0].min()) < 0 or int(ordered[:, -1].max()) >= capacity
+                              or bool((ordered[:, 1:] == ordered[:, :-1]).any()))):
+                raise ValueError(f"slot store: slots must be [{H}, {n}] distinct indices per head below the capacity {capacity}")
+        for name in ("k", "v", "frame", "index", "score", "position"):
+            src = getattr(store, name)
+            if src is not None:
+                idx = slots if src.dim() == 2 else slots.unsqueeze(-1).expand(-1, -1, src.shape[-1])
+                getattr(out, name).scatter_(1, idx, src)
+        out._num_tokens = n
+        out.prefix = bool(torch.equal(slots, first))
+        return out
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per head: the live slots and, during a step, the staged new tokens."""
+        return self._num_tokens + (self.staged.num_tokens if self.staged is not None else 0)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1] - 1
+
+    def tensors(self) -> list[Tensor]:
+        own = [t for t in (self.k, self.v, self.frame, self.index, self.score, self.position) if t is not None]
+        return own + (self.staged.tensors() if self.staged is not None else [])
+
     def memory_bytes(self) -> int:
-        # The free-slot list is bookkeeping of at most a step's tokens; the held buffers are the
-        # capacity, which is what the policy's bound counts.
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def live(self) -> Tensor:
-        """[H, S] bool: slots holding a token."""
-        return self.frame >= 0
+        """[H, S] bool: slots holding a token (the sink excluded)."""
+        return self.frame[:, : self.capacity] >= 0
 
     # ------------------------------------------------------------------ step
-    def append(self, k: Tensor, v: Tensor, frame: Tensor, index: Tensor, position: Optional[Tensor]) -> None:
-        """Write a step's tokens [H, M, ...] into free slots (their scores arrive in ``absorb_scores``)."""
-        M = k.shape[1]
-        if M > self.free.shape[1]:
-            raise RuntimeError(f"slot store: {M} new tokens per head but {self.free.shape[1]} free slots "
-                               f"(capacity {self.capacity}); more frames per step than the cache's chunk?")
-        slots, self.free = self.free[:, :M], self.free[:, M:]
-        self.new_slots = slots
-        rows = slots.unsqueeze(-1)
-        self.k.scatter_(1, rows.expand(-1, -1, k.shape[2]), k)
-        self.v.scatter_(1, rows.expand(-1, -1, v.shape[2]), v)
-        self.frame.scatter_(1, slots, frame)
-        self.index.scatter_(1, slots, index)
-        if self.position is not None:
-            self.position.scatter_(1, rows.expand(-1, -1, 3), position)
-        self._num_tokens += M
+    def stage(self, k: Tensor, v: Tensor, frame: Tensor, index: Tensor, position: Optional[Tensor]) -> None:
+        """Hold a step's new tokens [H, M, ...] beside the store until ``commit`` (their scores arrive
+        in ``absorb_scores``, their positions in ``write_new_positions``). k and v are copied: the
+        caller's tensors may be views of a larger activation that should not outlive the layer."""
+        if self.staged is not None:
+            raise RuntimeError("slot store: a step's tokens are already staged (commit() was not called)")
+        self.staged = StagedTokens(k.clone(memory_format=torch.contiguous_format),
+                                   v.clone(memory_format=torch.contiguous_format), frame, index,
+                                   None if position is None else position.clone())
 
     def keys(self) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """What attention sees of the store: keys, values [H, n, D] and a key-valid mask [H, n] (None
-        where every key shown is live)."""
+        """What attention sees of the slots: keys, values [H, n, D] and a key-valid mask [H, n] (None
+        where every key shown is live). The staged tokens are a segment of their own."""
         if self.prefix or self._num_tokens == self.capacity:
             n = self._num_tokens
             self.attended = n
             return self.k[:, :n], self.v[:, :n], None
         self.attended = self.capacity
-        return self.k, self.v, self.live()
+        return self.k[:, : self.capacity], self.v[:, : self.capacity], self.live()
 
     def absorb_scores(self, score: Tensor, old: int, n_extra: int, gamma: float) -> None:
-        """Scores [H, attended + extra] of the last key set (stored slots first): decay and add for
-        the tokens held before this step, set for the ones this step wrote. Slots that are free
-        get a meaningless value: they are never ranked."""
-        del old, n_extra  # the slots written this step say which tokens are new
-        stored = score[:, : self.attended]
-        new = stored.gather(1, self.new_slots)
-        self.score[:, : self.attended].mul_(gamma).add_(stored)
-        self.score.scatter_(1, self.new_slots, new)
+        """Scores [H, attended + extra + staged] of the last key set (slots, extra keys, the staged
+        tokens): decay and add for the slots, set for the staged tokens. Free slots get a
+        meaningless value: they are never ranked."""
+        del old
+        n = self.attended
+        self.score[:, :n].mul_(gamma).add_(score[:, :n])
+        self.staged.score = score[:, n + n_extra :]
 
     def write_new_positions(self, position: Tensor) -> None:
-        """Positions [1 or H, M, 3] of the tokens the last append wrote."""
-        H, M = self.new_slots.shape
-        self.position.scatter_(1, self.new_slots.unsqueeze(-1).expand(-1, -1, 3), position.expand(H, M, 3))
+        """Positions [1 or H, M, 3] of the staged tokens."""
+        staged = self.staged
+        staged.position = position.expand(staged.k.shape[0], -1, -1).clone()
 
-    def evict(self, evicted: Tensor, free: Tensor, num_tokens: int) -> None:
-        """Mark ``evicted`` [H, E] free; ``free`` [H, S - num_tokens] becomes the free-slot list."""
-        self.frame.scatter_(1, evicted, FREE)
-        self.free = free
-        self._num_tokens = num_tokens
-        if evicted.shape[1]:
+    # ------------------------------------------------------- end of step
+    def combined(self, name: str) -> Tensor:
+        """Field ``name`` of the slots (sink included) followed by the staged tokens' [H, S + 1 + M, ...]:
+        the token space ``commit`` and ``take`` index (bookkeeping fields only: small)."""
+        return torch.cat([getattr(self, name), getattr(self.staged, name)], dim=1)
+
+    def take(self, heads: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """k, v, score and position of (head, token) pairs in the combined space (slots, then
+        staged tokens at ``S + 1 + j``)."""
+        first_new = self.capacity + 1
+        is_new = tokens >= first_new
+        slot, new = tokens.clamp(max=first_new - 1), (tokens - first_new).clamp(min=0)
+
+        def pick(mine: Optional[Tensor], staged: Optional[Tensor]) -> Optional[Tensor]:
+            if mine is None:
+                return None
+            a, b = mine[heads, slot], staged[heads, new]
+            return torch.where(is_new.view(-1, *([1] * (a.dim() - 1))), b, a)
+
+        st = self.staged
+        return pick(self.k, st.k), pick(self.v, st.v), pick(self.score, st.score), pick(self.position, st.position)
+
+    def head_tokens(self, head: int) -> tuple[Tensor, Tensor]:
+        """Frame [S + 1 (+ M)] and position [.., 3] of every slot of one head (free ones have frame
+        FREE) and, during a step, of its staged tokens."""
+        frame, position = self.frame[head], self.position[head]
+        if self.staged is None:
+            return frame, position
+        return torch.cat([frame, self.staged.frame[head]]), torch.cat([position, self.staged.position[head]])
+
+    def commit(self, kept: Optional[Tensor] = None, evicted: Optional[Tensor] = None) -> None:
+        """End the step: ``evicted`` [H, E] (combined indices) leave, ``kept`` [H, K] (combined
+        indices, K = the tokens per head from now on) stay; the kept staged tokens move into free
+        slots (lowest first). Without ``kept`` every staged token is kept (no pruning this step)."""
+        staged, S = self.staged, self.capacity
+        first_new = S + 1
+        H, M = staged.frame.shape
+        if evicted is not None and evicted.shape[1]:
+            # Evicted staged tokens map to the sink, which stays free.
+            self.frame.scatter_(1, evicted.clamp(max=S), FREE)
             self.prefix = False
-        self.new_slots = None
+        if kept is None:
+            stays = torch.ones(H, M, dtype=torch.bool, device=self.k.device)
+            n_tokens = self._num_tokens + M
+        else:
+            mark = torch.zeros(H, first_new + M, dtype=torch.bool, device=self.k.device)
+            stays = mark.scatter_(1, kept, True)[:, first_new:]
+            n_tokens = kept.shape[1]
+        # Free slots first, lowest first (the sink counts as taken): staged token j, the r-th kept
+        # one of its head, goes to its head's r-th free slot; tokens not kept go to the sink.
+        taken = self.frame >= 0
+        taken[:, S] = True
+        free_first = torch.argsort(taken.to(torch.int8), dim=1, stable=True)
+        rank = (torch.cumsum(stays.to(torch.int32), dim=1) - 1).clamp(min=0).long()
+        dest = torch.where(stays, free_first.gather(1, rank), torch.full_like(rank, S))
+        rows = dest.unsqueeze(-1)
+        self.k.scatter_(1, rows.expand(-1, -1, self.k.shape[2]), staged.k)
+        self.v.scatter_(1, rows.expand(-1, -1, self.v.shape[2]), staged.v)
+        self.frame.scatter_(1, dest, staged.frame)
+        self.index.scatter_(1, dest, staged.index)
+        self.score.scatter_(1, dest, staged.score)
+        if self.position is not None:
+            self.position.scatter_(1, rows.expand(-1, -1, 3), staged.position)
+        self.frame[:, S] = FREE
+        self._num_tokens = n_tokens
+        self.staged = None
+
+    def occupied_slots(self) -> Tensor:
+        """The slot [H, n] of each live token, in (frame, in-frame index) order per head: with
+        ``compact`` it records the layout, which ``from_tokens`` restores exactly."""
+        return time_order(self.frame, self.index)[:, : self._num_tokens]
 
     def compact(self) -> LayerTokens:
-        """The live tokens as a default store, in (frame, in-frame index) order per head (copies)."""
-        order = time_order(self.frame, self.index)[:, : self._num_tokens]
+        """The live tokens as a compact store, in (frame, in-frame index) order per head (copies)."""
+        order = self.occupied_slots()
 
         def take(t: Optional[Tensor]) -> Optional[Tensor]:
             if t is None:

@@ -202,8 +202,7 @@ class StacCache(HeavyHitterCache):
             self._queued_step = self.steps
         # Filed in (frame, index) order per head, as end_step hands them over and the reference
         # pools them (arrival order decides ties).
-        self._queued.append((layer, heads, store.k[heads, tokens], store.v[heads, tokens], store.score[heads, tokens],
-                             store.position[heads, tokens]))
+        self._queued.append((layer, heads, *store.take(heads, tokens)))
 
     def _file_queued(self) -> None:
         """One batched insert of every queued eviction (all layers) into the pool."""
@@ -223,10 +222,10 @@ class StacCache(HeavyHitterCache):
                               self._queued_step, check_values=False)
 
     def _retrieve(self, info: StepInfo, latest: int) -> None:
-        first = next(iter(self.layers.values()))
-        coords, valid = self._voxels(first.position[0])
-        valid &= first.frame[0] > latest - self.config.window  # the recent window's tokens
-        valid &= first.frame[0] >= 0  # not a free slot (store="slots"); always true otherwise
+        frame, position = next(iter(self.layers.values())).head_tokens(0)
+        coords, valid = self._voxels(position)
+        valid &= frame > latest - self.config.window  # the recent window's tokens
+        valid &= frame >= 0  # not a free slot (store="slots"); always true otherwise
         budget = self.config.retrieval * info.tokens_per_frame
         layers = list(self.layers)
         # Masks, not selections: no host synchronisation until the result sizes, so this queues

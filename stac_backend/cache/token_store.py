@@ -52,6 +52,15 @@ class LayerTokens:
         """Positions [1 or H, M, 3] of the last M tokens (the step's new ones: they were appended)."""
         self.position[:, -position.shape[1] :] = position
 
+    def take(self, heads: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+        """k, v, score and position of (head, token) pairs (copies)."""
+        return (self.k[heads, tokens], self.v[heads, tokens], None if self.score is None else self.score[heads, tokens],
+                None if self.position is None else self.position[heads, tokens])
+
+    def head_tokens(self, head: int) -> tuple[Tensor, Tensor]:
+        """Frame [N] and position [N, 3] of every token one head holds."""
+        return self.frame[head], self.position[head]
+
     def select(self, keep: Tensor) -> "LayerTokens":
         """Tokens at per-head indices keep [H, K] (a new store; self is unchanged)."""
         def take(t: Optional[Tensor]) -> Optional[Tensor]:

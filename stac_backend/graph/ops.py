@@ -66,8 +66,10 @@ PLUGIN_VERSION = "1"
 
 # ---------------------------------------------------------------------- reference objects
 def _config(**fields) -> CacheConfig:
-    """A CacheConfig for the reference objects (chunk is irrelevant to them; keep it valid)."""
+    """A CacheConfig for the reference objects (chunk is irrelevant to them; keep it valid). They hold
+    the state's stores as compact ``LayerTokens`` (time order), so they take the compact store."""
     fields.setdefault("chunk", 1)
+    fields.setdefault("store", "compact")
     fields["pinned_frames"] = tuple(int(f) for f in fields.get("pinned_frames", (0,)))
     return CacheConfig(**fields)
 

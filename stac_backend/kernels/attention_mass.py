@@ -18,13 +18,19 @@ have bias -inf there (padding of a batch, a policy's retrieved keys) skip it and
 ``bias`` is an additive per-key logit bias (log C for merged pivots); invalid (padding) keys are
 passed as a bias of -inf. Keys whose bias is -inf receive mass 0; a query with no finite key gets
 output 0. Inputs bf16/fp16/fp32 on CUDA, head dim 16..256 (power of two).
+
+``_forward_segmented`` / ``_key_mass_segmented`` are the same passes over keys held in pieces
+(``fused_segmented_attention_with_key_mass``): each batch row's keys are a list of segments, e.g. a
+view of a cache store, retrieved tokens and the step's new tokens, read where they lie through a
+table of their offsets instead of being copied into one padded buffer first.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from array import array
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -39,8 +45,15 @@ except ImportError:  # pragma: no cover - CPU-only installs
 
 LOG2E = 1.4426950408889634
 
+# The segmented kernels' table has one row per (batch row, segment): where the segment's k and v
+# data start, as element offsets from q's data (the kernels address every segment from the q
+# pointer), their head strides in elements, the segment's key count and its first key's index in
+# the row's concatenated keys. Tokens are D elements apart in every segment.
+SEGMENT_FIELDS = ("k_offset", "v_offset", "k_head_stride", "v_head_stride", "length", "start")
+
 
 if HAVE_TRITON:
+    SEG_FIELDS = tl.constexpr(len(SEGMENT_FIELDS))
 
     @triton.jit
     def _forward_block(
@@ -108,6 +121,16 @@ if HAVE_TRITON:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
+        m_i, l_i, acc = _forward_keys(q, m_i, l_i, acc, K_base, V_base, BIAS_base, stride_kn, stride_vn, N, qk_scale,
+                                      HAS_BIAS, D, BLOCK_N, PRECISION, HALF_EXP)
+        _forward_store(m_i, l_i, acc, OUT, LSE, b, h, bh, offs_m, offs_d, stride_ob, stride_oh, stride_om, M)
+
+    @triton.jit
+    def _forward_keys(
+        q, m_i, l_i, acc, K_base, V_base, BIAS_base, stride_kn, stride_vn, N, qk_scale,
+        HAS_BIAS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, HALF_EXP: tl.constexpr,
+    ):
+        """The online softmax over N keys at K_base/V_base: whole blocks unmasked, then the ragged tail."""
         n_full = (N // BLOCK_N) * BLOCK_N
         for start_n in range(0, n_full, BLOCK_N):
             m_i, l_i, acc = _forward_block(q, m_i, l_i, acc, start_n, K_base, V_base, BIAS_base, stride_kn, stride_vn, N,
@@ -115,12 +138,53 @@ if HAVE_TRITON:
         if n_full < N:
             m_i, l_i, acc = _forward_block(q, m_i, l_i, acc, n_full, K_base, V_base, BIAS_base, stride_kn, stride_vn, N,
                                            qk_scale, HAS_BIAS, True, D, BLOCK_N, PRECISION, HALF_EXP)
+        return m_i, l_i, acc
+
+    @triton.jit
+    def _forward_store(m_i, l_i, acc, OUT, LSE, b, h, bh, offs_m, offs_d, stride_ob, stride_oh, stride_om, M):
+        """Normalise and store the output rows and their log-sum-exp (+inf, output 0 where no key was finite)."""
         has_key = l_i > 0
         out = tl.where(has_key[:, None], acc / tl.where(has_key, l_i, 1.0)[:, None], 0.0)
         o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_m[:, None] < M)
         lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
         tl.store(LSE + bh * M + offs_m, lse, mask=offs_m < M)
+
+    @triton.jit
+    def _forward_segmented(
+        Q, SEGS, BIAS, OUT, LSE,
+        stride_qb, stride_qh, stride_qm,
+        stride_bb, stride_bh,
+        stride_ob, stride_oh, stride_om,
+        H, M, S, qk_scale,
+        HAS_BIAS: tl.constexpr, D: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr, HALF_EXP: tl.constexpr,
+    ):
+        """``_forward`` over keys held in separate tensors: batch row b's keys are its S segments
+        (``SEGS`` [B, S, SEG_FIELDS], see ``_segment_table``) one after the other, each read in place.
+        The segments are addressed from Q: their offsets and head strides are multiples of ALIGN
+        elements (16 bytes) and Q is 16-byte aligned, so the key/value loads stay 128-bit wide."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < M, other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for s in range(S):
+            seg = SEGS + (b * S + s) * SEG_FIELDS
+            K_base = Q + tl.multiple_of(tl.load(seg + 0), ALIGN) + h * tl.multiple_of(tl.load(seg + 2), ALIGN)
+            V_base = Q + tl.multiple_of(tl.load(seg + 1), ALIGN) + h * tl.multiple_of(tl.load(seg + 3), ALIGN)
+            n = tl.load(seg + 4).to(tl.int32)
+            start = tl.load(seg + 5).to(tl.int32)
+            BIAS_base = BIAS + b * stride_bb + h * stride_bh + start
+            m_i, l_i, acc = _forward_keys(q, m_i, l_i, acc, K_base, V_base, BIAS_base, D, D, n, qk_scale,
+                                          HAS_BIAS, D, BLOCK_N, PRECISION, HALF_EXP)
+        _forward_store(m_i, l_i, acc, OUT, LSE, b, h, bh, offs_m, offs_d, stride_ob, stride_oh, stride_om, M)
 
     @triton.jit
     def _exp2_f16(x):
@@ -189,12 +253,22 @@ if HAVE_TRITON:
             bias = tl.load(BIAS + b * stride_bb + h * stride_bh + offs_n, mask=in_n, other=float("-inf"))  # log2 units
         else:
             bias = tl.where(in_n, 0.0, float("-inf"))
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+        mass = _key_mass_sum(k, bias, q_ptrs, LSE + bh * M + offs_m, stride_qm, M, qk_scale,
+                             BLOCK_M, BLOCK_N, PRECISION, METHOD)
+        tl.store(MASS + bh * N + offs_n, mass, mask=in_n)
+
+    @triton.jit
+    def _key_mass_sum(
+        k, bias, q_ptrs, lse_ptrs, stride_qm, M, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, METHOD: tl.constexpr,
+    ):
+        """The mass of a block of keys (k [BLOCK_N, D], bias in log2 units): their probabilities
+        summed over the M queries."""
         if METHOD == 0:
             acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         else:
             acc = tl.zeros([BLOCK_N, 16], tl.float32)
-        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-        lse_ptrs = LSE + bh * M + offs_m
         m_full = (M // BLOCK_M) * BLOCK_M
         # A block of keys that all have bias -inf (padding, or keys whose mass nobody reads) has
         # mass 0: its pass over the queries is skipped.
@@ -206,10 +280,53 @@ if HAVE_TRITON:
                 acc = _key_mass_block(k, bias, acc, q_ptrs + m_full * stride_qm, lse_ptrs + m_full, m_full, M,
                                       qk_scale, True, BLOCK_M, PRECISION, METHOD)
         if METHOD == 0:
-            mass = tl.sum(acc, 1)
+            return tl.sum(acc, 1)
+        return tl.max(acc, 1)  # 16 equal columns
+
+    @triton.jit
+    def _key_mass_segmented(
+        Q, SEGS, SLOT_BLOCKS, BIAS, LSE, MASS,
+        stride_qb, stride_qh, stride_qm,
+        stride_bb, stride_bh,
+        H, M, S, N, qk_scale,
+        HAS_BIAS: tl.constexpr, D: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr, METHOD: tl.constexpr,
+    ):
+        """``_key_mass`` over segmented keys (``_forward_segmented``). The programs along axis 0
+        cover segment slot 0's key blocks, then slot 1's, ...: slot s's start at program
+        SLOT_BLOCKS[s] (non-decreasing, SLOT_BLOCKS[0] = 0), as many as the longest segment s of any
+        row has. Where a row's segment is shorter (or absent) the program's keys are masked and it
+        stores nothing. N: the concatenated length of MASS's key axis."""
+        pid_n = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        # this program's slot: the last whose first program is at or before it (S is small)
+        slot = tl.full([], 0, tl.int32)
+        slot_begin = tl.full([], 0, tl.int32)
+        for s in range(1, S):
+            begin = tl.load(SLOT_BLOCKS + s).to(tl.int32)
+            later = pid_n >= begin
+            slot = tl.where(later, s, slot)
+            slot_begin = tl.where(later, begin, slot_begin)
+        first = (pid_n - slot_begin) * BLOCK_N
+        seg = SEGS + (b * S + slot) * SEG_FIELDS
+        K_base = Q + tl.multiple_of(tl.load(seg + 0), ALIGN) + h * tl.multiple_of(tl.load(seg + 2), ALIGN)
+        n = tl.load(seg + 4).to(tl.int32)
+        start = tl.load(seg + 5).to(tl.int32)
+        offs_n = first + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        offs_m = tl.arange(0, BLOCK_M)
+        in_n = offs_n < n
+        k = tl.load(K_base + offs_n[:, None] * D + offs_d[None, :], mask=in_n[:, None], other=0.0)
+        if HAS_BIAS:
+            bias = tl.load(BIAS + b * stride_bb + h * stride_bh + start + offs_n, mask=in_n, other=float("-inf"))
         else:
-            mass = tl.max(acc, 1)  # 16 equal columns
-        tl.store(MASS + bh * N + offs_n, mass, mask=in_n)
+            bias = tl.where(in_n, 0.0, float("-inf"))
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+        mass = _key_mass_sum(k, bias, q_ptrs, LSE + bh * M + offs_m, stride_qm, M, qk_scale,
+                             BLOCK_M, BLOCK_N, PRECISION, METHOD)
+        tl.store(MASS + bh * N + start + offs_n, mass, mask=in_n)
 
 
 def _log2_bias(bias: Optional[Tensor], valid: Optional[Tensor], B: int, H: int, N: int, device) -> Optional[Tensor]:
@@ -284,12 +401,7 @@ def fused_attention_with_key_mass(
         return out, None
     if not isinstance(mass_query_stride, int) or mass_query_stride < 1:
         raise ValueError(f"mass_query_stride must be a positive integer, got {mass_query_stride!r}")
-    mass_q, mass_lse, mass_m = q, lse, M
-    if mass_query_stride > 1:
-        # A strided view of q (the kernel takes any row stride) and the matching LSE rows.
-        mass_q = q[:, :, ::mass_query_stride]
-        mass_lse = lse[:, ::mass_query_stride].contiguous()
-        mass_m = mass_q.shape[2]
+    mass_q, mass_lse, mass_m = _mass_queries(q, lse, mass_query_stride)
     mass_bias, has_mass_bias = full_bias, has_bias
     if mass_keys is not None:
         mass_bias = _log2_bias(bias, mass_keys if valid is None else mass_keys & valid, B, H, N, q.device)
@@ -309,6 +421,173 @@ def fused_attention_with_key_mass(
     if mass_m != M:
         mass *= M / mass_m
     return out, mass
+
+
+def _readable_in_place(t: Tensor, q: Tensor) -> bool:
+    """Whether the segmented kernels can read the [H, n, D] segment ``t`` where it lies: tokens D
+    elements apart, unit last stride, data 16 bytes from q's data times some integer and a head
+    stride of whole 16 bytes (what their alignment hints promise, so loads are 128-bit)."""
+    if (t.data_ptr() - q.data_ptr()) % 16:
+        return False
+    if t.is_contiguous():  # (the common case, checked first: this runs per segment per layer)
+        return True
+    H, n, D = t.shape
+    head, token, last = t.stride()
+    return last == 1 and (token == D or n == 1) and (head * t.element_size() % 16 == 0 or H == 1)
+
+
+def _in_place_or_copy(t: Tensor, q: Tensor, keep: list) -> Tensor:
+    """``t`` in q's dtype, as the segmented kernels can read it: itself, or a copy (appended to ``keep``)."""
+    if t.dtype != q.dtype:
+        t = t.to(q.dtype)
+    if _readable_in_place(t, q):
+        return t
+    t = t.contiguous()
+    if not _readable_in_place(t, q):  # contiguous already but misaligned: a fresh allocation is aligned
+        t = t.clone()
+    keep.append(t)
+    return t
+
+
+class _SegmentTable(NamedTuple):
+    table: Tensor  # int64 [B * S * len(SEGMENT_FIELDS)] on q's device, rows padded to S segments with empty ones
+    S: int
+    lengths: list[int]  # each row's key count
+    # int64 [S + 1] on q's device: the key-mass kernel's first program of each segment slot (slot s
+    # takes ceil(longest segment s of any row / block_n) programs), then their total
+    slot_blocks: Tensor
+    mass_programs: int
+    copies: list[Tensor]  # of the segments not readable in place: they must outlive the launches
+
+
+def _segment_table(q: Tensor, segments, block_n: int) -> _SegmentTable:
+    """The segmented kernels' tables for ``segments`` (see ``fused_segmented_attention_with_key_mass``).
+
+    This runs on the host per layer and step, so it keeps to plain Python ints.
+    """
+    B, H, _, D = q.shape
+    S = max((len(row) for row in segments), default=0)
+    values, lengths, keep = array("q"), [], []
+    slot_length = [0] * S
+    q_ptr, size = q.data_ptr(), q.element_size()
+    for row in segments:
+        start = 0
+        for s, (k, v) in enumerate(row):
+            n = k.shape[1]
+            if k.shape != (H, n, D) or v.shape != (H, n, D):
+                raise ValueError(f"segment k/v must be [H, n, D] = [{H}, n, {D}]: {tuple(k.shape)} {tuple(v.shape)}")
+            if k.device != q.device or v.device != q.device:
+                raise ValueError(f"segments must be on q's device {q.device}: {k.device} {v.device}")
+            if n == 0:
+                values.extend((0, 0, 0, 0, 0, start))
+                continue
+            k, v = _in_place_or_copy(k, q, keep), _in_place_or_copy(v, q, keep)
+            values.extend(((k.data_ptr() - q_ptr) // size, (v.data_ptr() - q_ptr) // size,
+                           k.stride(0) if H > 1 else 0, v.stride(0) if H > 1 else 0, n, start))
+            slot_length[s] = max(slot_length[s], n)
+            start += n
+        for _ in range(S - len(row)):
+            values.extend((0, 0, 0, 0, 0, start))
+        lengths.append(start)
+    n_table = len(values)
+    values.append(0)
+    for n in slot_length:
+        values.append(values[-1] + -(-n // block_n))
+    # One host-to-device copy for both tables, from pinned memory so that it never waits for the
+    # GPU's queue to drain (a copy from pageable memory may).
+    table = torch.frombuffer(values, dtype=torch.int64)
+    if q.is_cuda:
+        table = table.pin_memory()
+    table = table.to(q.device, non_blocking=True)
+    return _SegmentTable(table[:n_table], S, lengths, table[n_table:], values[-1], keep)
+
+
+def fused_segmented_attention_with_key_mass(
+    q: Tensor, segments, bias: Optional[Tensor] = None, valid: Optional[Tensor] = None, need_mass: bool = True,
+    block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 3,
+    mass_block_m: int = 64, mass_block_n: int = 128, mass_num_warps: int = 4, mass_num_stages: int = 3,
+    mass_method: str = "auto", mass_keys: Optional[Tensor] = None, forward_exp: str = "auto",
+    mass_query_stride: int = 1,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """``fused_attention_with_key_mass`` over keys held in pieces, read where they lie (no padded copy).
+
+    q [B,H,M,D]; ``segments``: B lists, row b's a list of (k, v) pairs, each [H, n, D] (n may be
+    0) in q's dtype on q's device. Row b's keys are its segments one after the other; N = the
+    longest row's count. bias/valid/mass_keys [B,H,N] are in those concatenated coordinates; keys
+    past a row's end are absent whatever they say (probability 0, mass 0). Returns out [B,H,M,D]
+    and mass [B,H,N] float32 (or None), what ``fused_attention_with_key_mass`` gives on the
+    zero-padded concatenation with the padding invalid, up to float rounding (the blocks of keys
+    are taken per segment).
+
+    A segment is read in place when its tokens are D elements apart, with unit last stride, and
+    it lies a multiple of 16 bytes from q with a head stride of whole 16 bytes (e.g. any slice
+    ``buffer[:, :n]`` of a contiguous [H, capacity, D] buffer); any other is copied first.
+    """
+    if not HAVE_TRITON:
+        raise RuntimeError("the fused attention kernel needs OpenAI Triton (pip install triton) and a CUDA GPU")
+    B, H, M, D = q.shape
+    if D & (D - 1) or not 16 <= D <= 256:
+        raise ValueError(f"head dim must be a power of two in [16, 256], got {D}")
+    if len(segments) != B:
+        raise ValueError(f"{B} query rows but {len(segments)} rows of segments")
+    if not isinstance(mass_query_stride, int) or mass_query_stride < 1:
+        raise ValueError(f"mass_query_stride must be a positive integer, got {mass_query_stride!r}")
+    if q.stride(-1) != 1 or q.data_ptr() % 16:
+        # the segments are addressed from q's pointer, which must be 16-byte aligned for wide loads
+        q = q.clone(memory_format=torch.contiguous_format)
+    segs = _segment_table(q, segments, mass_block_n)  # (holds the copies made until both kernels are queued)
+    N = max(segs.lengths, default=0)
+    full_bias = _log2_bias(bias, valid, B, H, N, q.device)
+    has_bias = full_bias is not None
+    if not has_bias:
+        full_bias = q  # unused placeholder pointer
+    out = torch.empty_like(q)
+    lse = torch.empty(B * H, M, device=q.device, dtype=torch.float32)
+    qk_scale = LOG2E / math.sqrt(D)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    align = 16 // q.element_size()
+    bias_strides = (full_bias.stride(0), full_bias.stride(1)) if has_bias else (0, 0)
+    _forward_segmented[(triton.cdiv(M, block_m), B * H)](
+        q, segs.table, full_bias, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        *bias_strides,
+        out.stride(0), out.stride(1), out.stride(2),
+        H, M, segs.S, qk_scale,
+        HAS_BIAS=has_bias, D=D, ALIGN=align, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision,
+        HALF_EXP=resolve_forward_exp(forward_exp, q) == "float16x2",
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if not need_mass:
+        return out, None
+    mass_q, mass_lse, mass_m = _mass_queries(q, lse, mass_query_stride)
+    mass_bias, has_mass_bias = full_bias, has_bias
+    if mass_keys is not None:
+        mass_bias = _log2_bias(bias, mass_keys if valid is None else mass_keys & valid, B, H, N, q.device)
+        has_mass_bias = True
+        bias_strides = (mass_bias.stride(0), mass_bias.stride(1))
+    # keys past a row's end get no program that stores: their mass is this zero
+    mass = torch.zeros(B, H, N, device=q.device, dtype=torch.float32)
+    if segs.mass_programs:
+        _key_mass_segmented[(segs.mass_programs, B * H)](
+            mass_q, segs.table, segs.slot_blocks, mass_bias, mass_lse, mass,
+            mass_q.stride(0), mass_q.stride(1), mass_q.stride(2),
+            *bias_strides,
+            H, mass_m, segs.S, N, qk_scale,
+            HAS_BIAS=has_mass_bias, D=D, ALIGN=align, BLOCK_M=mass_block_m, BLOCK_N=mass_block_n,
+            PRECISION=precision, METHOD=MASS_METHODS[resolve_mass_method(mass_method, q)],
+            num_warps=mass_num_warps, num_stages=mass_num_stages,
+        )
+    if mass_m != M:
+        mass *= M / mass_m
+    return out, mass
+
+
+def _mass_queries(q: Tensor, lse: Tensor, mass_query_stride: int) -> tuple[Tensor, Tensor, int]:
+    """The query rows the mass pass reads (a strided view of q: rows 0, S, 2S, ...), their LSE rows and their count."""
+    if mass_query_stride == 1:
+        return q, lse, q.shape[2]
+    mass_q = q[:, :, ::mass_query_stride]
+    return mass_q, lse[:, ::mass_query_stride].contiguous(), mass_q.shape[2]
 
 
 # How the key-mass pass sums each key's probabilities over the queries (kernel constexpr METHOD):

@@ -258,3 +258,135 @@ def test_mass_from_every_nth_query_matches_reference(stride):
     assert torch.equal(out, out_all)
     assert ((mass.double() - ref_mass).abs().max() / M).item() <= 2e-5
     assert torch.equal(mass[~valid], torch.zeros_like(mass[~valid]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmented keys (fused_segmented_attention_with_key_mass): each row's keys read where they lie
+# ---------------------------------------------------------------------------------------------
+
+
+def _segment_rows(g, H, D):
+    """Rows of (k, v) segments of every kind the kernels meet: a slice of a larger cache buffer (read
+    in place), an empty segment, fresh tensors, a view with tokens H*D apart and one misaligned
+    from q (both copied first), lengths on and off the block sizes, and a row far shorter than
+    the longest."""
+    buffer = torch.randn(2, H, 200, D, generator=g, device=DEVICE)  # [k/v, H, capacity, D]
+    # [k/v, H, 50, D] with tokens H*D apart
+    token_major = torch.randn(2, 50, H, D, generator=g, device=DEVICE).transpose(1, 2)
+    flat = torch.randn(2, 3 + H * 20 * D, generator=g, device=DEVICE)
+    misaligned = flat[:, 3:].view(2, H, 20, D)  # 12 bytes past a 16-byte boundary
+
+    def fresh(n):
+        return _fresh_segment(g, H, n, D)
+
+    return [
+        [(buffer[0, :, :70], buffer[1, :, :70]), fresh(0), fresh(64), (token_major[0], token_major[1]),
+         (misaligned[0], misaligned[1])],
+        [fresh(9)],
+        [fresh(30), fresh(129), fresh(1), fresh(0)],
+    ]
+
+
+def _fresh_segment(g, H, n, D):
+    return tuple(torch.randn(H, n, D, generator=g, device=DEVICE) for _ in range(2))
+
+
+def _padded_concatenation(rows, H, D):
+    """The rows' keys and values joined and right-padded with zeros: [B, H, N, D] each, and each row's count."""
+    lengths = [sum(k.shape[1] for k, _ in row) for row in rows]
+    k = torch.zeros(len(rows), H, max(lengths), D, device=DEVICE)
+    v = torch.zeros_like(k)
+    for b, row in enumerate(rows):
+        if row:
+            k[b, :, : lengths[b]] = torch.cat([s for s, _ in row], dim=1)
+            v[b, :, : lengths[b]] = torch.cat([s for _, s in row], dim=1)
+    return k, v, lengths
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("with_mass_keys", [False, True])
+def test_segmented_keys_equal_the_padded_concatenation(stride, with_mass_keys):
+    """Out and mass over segments equal ``fused_attention_with_key_mass`` on the joined, padded keys
+    (the padding invalid there); keys past a row's end get mass 0 though valid and mass_keys say
+    they are read; only the segments that are not readable in place are copied."""
+    from stac_backend.kernels.attention_mass import _segment_table, fused_segmented_attention_with_key_mass
+
+    g = torch.Generator(device=DEVICE).manual_seed(4)
+    H, M, D = 2, 37, 16
+    rows = _segment_rows(g, H, D)
+    k, v, lengths = _padded_concatenation(rows, H, D)
+    B, N = len(rows), k.shape[2]
+    q = torch.randn(B, H, M, D, generator=g, device=DEVICE)
+    bias = torch.randn(B, H, N, generator=g, device=DEVICE).abs().log1p()
+    valid = torch.rand(B, H, N, generator=g, device=DEVICE) > 0.1
+    in_row = torch.arange(N, device=DEVICE)[None, None, :] < torch.tensor(lengths, device=DEVICE)[:, None, None]
+    mass_keys = None
+    if with_mass_keys:
+        mass_keys = torch.ones(B, H, N, dtype=torch.bool, device=DEVICE)
+        mass_keys[0, :, 20:150] = False  # a range of unread keys across segments and whole blocks
+    ref_out, ref_mass = fused_attention_with_key_mass(q, k, v, bias, valid & in_row, mass_keys=mass_keys,
+                                                      mass_query_stride=stride)
+    out, mass = fused_segmented_attention_with_key_mass(q, rows, bias, valid, mass_keys=mass_keys,
+                                                        mass_query_stride=stride)
+    assert mass.shape == (B, H, N) and mass.dtype == torch.float32
+    assert (out - ref_out).abs().max().item() <= 2e-5
+    assert ((mass - ref_mass).abs().max() / M).item() <= 2e-5
+    absent = ~(valid & in_row) if mass_keys is None else ~(valid & in_row & mass_keys)
+    assert torch.equal(mass[absent], torch.zeros_like(mass[absent]))
+    copies = _segment_table(q, rows, 128).copies
+    assert len(copies) == 4  # k and v of the token-major view and of the misaligned one
+
+
+def test_segmented_keys_without_bias_or_valid():
+    """No bias and no valid mask (no bias loads): keys past each row's end are still absent; a
+    segment slot empty in every row takes no mass programs; an empty row gets output 0 and mass 0;
+    without need_mass the output is the same and no mass comes back."""
+    from stac_backend.kernels.attention_mass import fused_segmented_attention_with_key_mass
+
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    H, M, D = 2, 20, 16
+    rows = [[_fresh_segment(g, H, n, D) for n in lengths] for lengths in ((9, 0, 40), (30, 0, 1, 129), ())]
+    k, v, lengths = _padded_concatenation(rows, H, D)
+    B, N = len(rows), k.shape[2]
+    q = torch.randn(B, H, M, D, generator=g, device=DEVICE)
+    in_row = torch.arange(N, device=DEVICE)[None, None, :] < torch.tensor(lengths, device=DEVICE)[:, None, None]
+    ref_out, ref_mass = fused_attention_with_key_mass(q, k, v, valid=in_row.expand(B, H, N))
+    out, mass = fused_segmented_attention_with_key_mass(q, rows)
+    assert (out - ref_out).abs().max().item() <= 2e-5
+    assert ((mass - ref_mass).abs().max() / M).item() <= 2e-5
+    assert torch.equal(out[-1], torch.zeros_like(out[-1])) and torch.equal(mass[-1], torch.zeros_like(mass[-1]))
+    out_only, none = fused_segmented_attention_with_key_mass(q, rows, need_mass=False)
+    assert none is None and torch.equal(out_only, out)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_attend_key_sets_on_the_segmented_kernel_equals_the_reference_path(monkeypatch, batch):
+    """attend_key_sets with segmented key sets (bias, valid, skipped keys, a mass query stride) gives
+    on the fused kernel (reading the segments in place) what the blockwise reference gives on the
+    padded keys: same outputs, same per-stream masses."""
+    from stac_backend.cache import key_sets
+    from stac_backend.cache.key_sets import KeySet, attend_key_sets
+
+    g = torch.Generator(device=DEVICE).manual_seed(6)
+    H, M, D = 2, 24, 16
+    sets = []
+    for b, row in enumerate(_segment_rows(g, H, D)[:batch]):
+        n = sum(k.shape[1] for k, _ in row)
+        bias = torch.randn(H, n, generator=g, device=DEVICE).abs().log1p() if b != 1 else None
+        valid = torch.rand(H, n, generator=g, device=DEVICE) > 0.1 if b != 2 else None
+        sets.append(KeySet(tuple(k for k, _ in row), tuple(v for _, v in row), bias, valid, need_mass=b != 1,
+                           mass_skip=(5, 40) if b == 0 else None, mass_query_stride=2 if b == 0 else 1))
+    q = torch.randn(batch, H, M, D, generator=g, device=DEVICE)
+    monkeypatch.setattr(key_sets, "USE_FUSED", False)
+    ref_out, ref_masses = attend_key_sets(q, sets)
+    monkeypatch.setattr(key_sets, "USE_FUSED", True)
+    monkeypatch.setattr(key_sets, "_FUSED_OFF_CUDA", True)
+    monkeypatch.setattr(key_sets, "USE_SEGMENTED", True)
+    assert key_sets._segmented(q)
+    out, masses = attend_key_sets(q, sets)
+    assert (out - ref_out).abs().max().item() <= 2e-5
+    for mass, ref, s in zip(masses, ref_masses, sets):
+        assert (mass is None) == (ref is None) == (not s.need_mass)
+        if mass is not None:
+            assert mass.shape == ref.shape == (H, s.num_keys)
+            assert ((mass - ref).abs().max() / M).item() <= 2e-5

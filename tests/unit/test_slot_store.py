@@ -27,8 +27,8 @@ def frames():
     return torch.rand(sum(CHUNKS), 3, 56, 84, generator=torch.Generator().manual_seed(5))
 
 
-def config(policy: str, store: str) -> CacheConfig:
-    return CacheConfig(policy=policy, store=store, **SMALL)
+def config(policy: str, store: str, **overrides) -> CacheConfig:
+    return CacheConfig(policy=policy, store=store, **{**SMALL, **overrides})
 
 
 def kept(store) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,6 +36,14 @@ def kept(store) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(store, SlotLayerTokens):
         store = store.compact()
     return store.frame, store.index
+
+
+LAYOUT = ("cache.hot_slot", "cache.hot_capacity", "hot_slot", "hot_capacity")  # a slot store's own layout
+
+
+def content(state: dict) -> dict:
+    """A state without the slot layout: what both stores hold."""
+    return {name: t for name, t in state.items() if name not in LAYOUT}
 
 
 def assert_states_equal(a: dict, b: dict) -> None:
@@ -47,9 +55,9 @@ def assert_states_equal(a: dict, b: dict) -> None:
             assert torch.equal(a[name], b[name]), name
 
 
-def run_pair(model, frames, policy):
+def run_pair(model, frames, policy, **overrides):
     """Both stores side by side, comparing what they keep after every step."""
-    streams = {store: Stream(model, cache=config(policy, store)) for store in ("compact", "slots")}
+    streams = {store: Stream(model, cache=config(policy, store, **overrides)) for store in ("compact", "slots")}
     outs = {store: [] for store in streams}
     start, capacity, buffers = 0, None, None
     P = model.config.tokens_per_frame(56, 84)
@@ -78,7 +86,9 @@ def run_pair(model, frames, policy):
         assert stream.memory_bytes() <= stream.memory_bound()
         assert slots.memory_bytes() <= slots.resting_bytes_bound(P)
         assert compact.stats()["evicted_tokens"] == slots.stats()["evicted_tokens"]
-    assert capacity == (len(SMALL.get("pinned_frames", (0,))) + SMALL["window"] + SMALL["hh"] + SMALL["chunk"]) * P
+    # the resting bound (pinned + window + hh frames): the step's new tokens are staged beside it
+    c = streams["slots"].cache.config
+    assert capacity == (len(c.pinned_frames) + c.window + c.hh) * P
     joined = {store: {k: torch.cat([o[k] for o in outs[store]]) for k in COMPARED} for store in outs}
     return joined, streams
 
@@ -90,7 +100,7 @@ def test_slots_match_the_default_store(tiny_model, frames, policy):
         torch.testing.assert_close(outs["slots"][name], outs["compact"][name], atol=1e-5, rtol=1e-5, msg=name)
     compact, slots = streams["compact"].cache, streams["slots"].cache
     assert compact.stats()["evicted_tokens"] > 0
-    assert_states_equal(compact.export_state(), slots.export_state())
+    assert_states_equal(compact.export_state(), content(slots.export_state()))
     if policy == "stac":
         stats = compact.stats()
         assert stats["pool_pivots"] > 0 and stats["pooled_tokens"] > 0, stats  # the pool was really used
@@ -102,24 +112,73 @@ def test_slots_match_the_default_store(tiny_model, frames, policy):
         assert_states_equal(compact.pool.export_state(), slots.pool.export_state())
 
 
+def test_commit_places_kept_staged_tokens_and_sinks_the_rest():
+    """The store's own end of step, driven directly: evicted slots free up, the kept staged tokens
+    fill the lowest free slots of their head, staged tokens not kept (a head may keep fewer of
+    them than another) land in the sink and never count. (Through a stream every staged token is
+    kept: a chunk never exceeds the recent window, which protects it.)"""
+    H, S, D = 2, 4, 3
+    store = SlotLayerTokens.empty(H, S, D, torch.float32, "cpu", with_position=False)
+    ids = lambda *f: torch.tensor([f] * H, dtype=torch.int32)
+    store.stage(torch.arange(H * 3 * D, dtype=torch.float32).view(H, 3, D), torch.zeros(H, 3, D), ids(0, 0, 0), ids(0, 1, 2), None)
+    store.commit()  # no pruning: a prefix of 3
+    assert store.num_tokens == 3 and store.prefix and torch.equal(store.frame[:, :3], ids(0, 0, 0))
+    new_k = 100 + torch.arange(H * 2 * D, dtype=torch.float32).view(H, 2, D)
+    store.stage(new_k, torch.zeros(H, 2, D), ids(1, 1), ids(0, 1), None)
+    assert store.num_tokens == 5
+    first_new = S + 1  # combined index of staged token 0
+    # head 0 evicts slot 1 and staged token 1; head 1 evicts slots 0 and 2 and keeps both staged
+    kept = torch.tensor([[0, 2, first_new, 3], [1, first_new, first_new + 1, 3]])
+    evicted = torch.tensor([[1, first_new + 1], [0, 2]])
+    store.commit(kept[:, :3], evicted)
+    assert store.num_tokens == 3 and not store.prefix and store.staged is None
+    assert torch.equal(store.frame[0], torch.tensor([0, 1, 0, -1, -1], dtype=torch.int32))  # staged 0 -> slot 1
+    assert torch.equal(store.k[0, 1], new_k[0, 0])
+    assert torch.equal(store.frame[1], torch.tensor([1, 0, 1, -1, -1], dtype=torch.int32))  # slots 0 and 2
+    assert torch.equal(store.k[1, 0], new_k[1, 0]) and torch.equal(store.k[1, 2], new_k[1, 1])
+    assert torch.equal(store.live().sum(1), torch.tensor([3, 3]))
+
+
 def test_slot_state_round_trip(tiny_model, frames):
-    """A slot stream's exported state continues in a new slot stream (and in a default one) as the
-    original does, to float rounding: the imported tokens sit in other slots."""
+    """A slot stream's exported state records its layout: a new slot stream continues bit for bit; a
+    compact stream takes the same tokens and continues to float rounding (it sums its keys in time
+    order); a slot stream given the state without its layout too (the tokens fill its first slots)."""
     cache = config("stac", "slots")
     original = Stream(tiny_model, cache=cache)
     for i in range(0, 10, 2):
         original.push(frames[i : i + 2])
     state = original.export_state()
+    assert "cache.hot_slot" in state and not original.cache.layers[0].prefix  # a layout worth restoring
     restored = {}
-    for store in ("slots", "compact"):
-        restored[store] = Stream(tiny_model, cache=config("stac", store))
-        restored[store].import_state(state)
-        assert_states_equal(restored[store].export_state(), state)
+    for name, store, given in (("exact", "slots", state), ("compact", "compact", state),
+                               ("no layout", "slots", content(state))):
+        restored[name] = Stream(tiny_model, cache=config("stac", store))
+        restored[name].import_state(given)
+        assert_states_equal(content(restored[name].export_state()), content(state))
+    assert_states_equal(restored["exact"].export_state(), state)
+    assert restored["exact"].memory_bytes() == original.memory_bytes()
     expected = original.push(frames[10:12])
-    for store, stream in restored.items():
+    for name, stream in restored.items():
         out = stream.push(frames[10:12])
-        for name in COMPARED:
-            torch.testing.assert_close(out[name], expected[name], atol=1e-5, rtol=1e-5, msg=name)
+        for output in COMPARED:
+            if name == "exact":
+                assert torch.equal(out[output], expected[output]), output
+            else:
+                torch.testing.assert_close(out[output], expected[output], atol=1e-5, rtol=1e-5, msg=output)
+
+
+def test_a_bad_slot_layout_is_refused(tiny_model, frames):
+    stream = Stream(tiny_model, cache=config("stac", "slots"))
+    for i in range(0, 6, 2):
+        stream.push(frames[i : i + 2])
+    state = stream.export_state()
+    slots = state["cache.hot_slot"].clone()
+    slots[0, 0, 1] = slots[0, 0, 0]  # two tokens in one slot
+    with pytest.raises(ValueError, match="distinct indices"):
+        Stream(tiny_model, cache=config("stac", "slots")).import_state({**state, "cache.hot_slot": slots})
+    with pytest.raises(ValueError, match="come together"):
+        Stream(tiny_model, cache=config("stac", "slots")).import_state(
+            {n: t for n, t in state.items() if n != "cache.hot_capacity"})
 
 
 def test_batched_slot_streams_match_alone(tiny_model, frames):
@@ -146,7 +205,7 @@ def test_batched_slot_streams_match_alone(tiny_model, frames):
         ref = s.push(chunk)
         for name in COMPARED:
             torch.testing.assert_close(outs[b][name], ref[name], atol=1e-5, rtol=1e-5, msg=f"stream {b}: {name}")
-        assert_states_equal(batched[b].cache.export_state(), s.cache.export_state())
+        assert_states_equal(content(batched[b].cache.export_state()), content(s.cache.export_state()))
 
 
 def test_store_is_validated():
