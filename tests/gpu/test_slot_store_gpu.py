@@ -1,5 +1,5 @@
 """The in-place hot store (``CacheConfig.store="slots"``) on a GPU: batched stac streams give the
-same outputs as the default store through the GPU's attention kernels, including the steps where a
+same outputs as the compact store through the GPU's attention kernels, including the steps where a
 store is not yet full and its free slots are masked out of the attention."""
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ HW = (56, 84)
 SETTINGS = dict(policy="stac", conf_threshold=0.0, retrieval_start_frame=4, retrieval_every=1, voxel_size=0.05)
 
 
-def test_slots_match_the_default_store_on_cuda(cuda_tiny_model):
+@pytest.mark.parametrize("segmented", [False, True], ids=["padded keys", "segments in place"])
+def test_slots_match_the_default_store_on_cuda(cuda_tiny_model, monkeypatch, segmented):
+    """Both ways the fused attention can read the slot store's key set: copied into padded buffers
+    (the default) or segment by segment where it lies (STAC_SEGMENTED_ATTENTION=1)."""
+    from stac_backend.cache import key_sets
+
+    monkeypatch.setattr(key_sets, "USE_SEGMENTED", segmented)
     generator = torch.Generator().manual_seed(7)
     frames = [torch.rand(23, 3, *HW, generator=generator) for _ in range(3)]
     runtimes = {store: TorchRuntime(cuda_tiny_model, CacheConfig(store=store, **SETTINGS)) for store in ("compact", "slots")}
