@@ -96,6 +96,23 @@ if HAVE_TRITON:
         return m_new, l_i, acc
 
     @triton.jit
+    def _forward_start(Q, stride_qb, stride_qh, stride_qm, H, M, D: tl.constexpr, BLOCK_M: tl.constexpr):
+        """A forward program's (batch row, head, query block): its indices, its queries and the
+        online softmax's empty state (running max, normaliser, output accumulator)."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < M, other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        return b, h, bh, offs_m, offs_d, q, m_i, l_i, acc
+
+    @triton.jit
     def _forward(
         Q, K, V, BIAS, OUT, LSE,
         stride_qb, stride_qh, stride_qm,
@@ -107,20 +124,10 @@ if HAVE_TRITON:
         HAS_BIAS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr, HALF_EXP: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, D)
-        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=offs_m[:, None] < M, other=0.0)
+        b, h, bh, offs_m, offs_d, q, m_i, l_i, acc = _forward_start(Q, stride_qb, stride_qh, stride_qm, H, M, D, BLOCK_M)
         K_base = K + b * stride_kb + h * stride_kh
         V_base = V + b * stride_vb + h * stride_vh
         BIAS_base = BIAS + b * stride_bb + h * stride_bh
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
         m_i, l_i, acc = _forward_keys(q, m_i, l_i, acc, K_base, V_base, BIAS_base, stride_kn, stride_vn, N, qk_scale,
                                       HAS_BIAS, D, BLOCK_N, PRECISION, HALF_EXP)
         _forward_store(m_i, l_i, acc, OUT, LSE, b, h, bh, offs_m, offs_d, stride_ob, stride_oh, stride_om, M)
@@ -164,17 +171,7 @@ if HAVE_TRITON:
         (``SEGS`` [B, S, SEG_FIELDS], see ``_segment_table``) one after the other, each read in place.
         The segments are addressed from Q: their offsets and head strides are multiples of ALIGN
         elements (16 bytes) and Q is 16-byte aligned, so the key/value loads stay 128-bit wide."""
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, D)
-        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=offs_m[:, None] < M, other=0.0)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        b, h, bh, offs_m, offs_d, q, m_i, l_i, acc = _forward_start(Q, stride_qb, stride_qh, stride_qm, H, M, D, BLOCK_M)
         for s in range(S):
             seg = SEGS + (b * S + s) * SEG_FIELDS
             K_base = Q + tl.multiple_of(tl.load(seg + 0), ALIGN) + h * tl.multiple_of(tl.load(seg + 2), ALIGN)
@@ -341,6 +338,23 @@ def _log2_bias(bias: Optional[Tensor], valid: Optional[Tensor], B: int, H: int, 
     return full.contiguous()
 
 
+def _kernel_bias(bias: Optional[Tensor], valid: Optional[Tensor], B: int, H: int, N: int, q: Tensor):
+    """The kernels' bias argument: (tensor in log2 units, whether there is one, its batch and head
+    strides); without one, q stands in as a pointer that is never read."""
+    full = _log2_bias(bias, valid, B, H, N, q.device)
+    if full is None:
+        return q, False, (0, 0)
+    return full, True, (full.stride(0), full.stride(1))
+
+
+def _mass_bias(bias, valid, mass_keys: Optional[Tensor], B: int, H: int, N: int, q: Tensor, output_pass_bias):
+    """The key-mass pass's bias argument: the output pass's, or with the keys whose mass nobody reads
+    (``mass_keys`` False) at -inf too, so that their blocks skip the pass."""
+    if mass_keys is None:
+        return output_pass_bias
+    return _kernel_bias(bias, mass_keys if valid is None else mass_keys & valid, B, H, N, q)
+
+
 def fused_attention_with_key_mass(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, valid: Optional[Tensor] = None, need_mass: bool = True,
     block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 3,
@@ -375,16 +389,12 @@ def fused_attention_with_key_mass(
     # The kernels take any batch/head/row strides; only the head dim must be unit-stride, so the
     # views the caches hand over (slices of larger buffers) are not copied.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    full_bias = _log2_bias(bias, valid, B, H, N, q.device)
-    has_bias = full_bias is not None
-    if not has_bias:
-        full_bias = q  # unused placeholder pointer
+    full_bias, has_bias, bias_strides = _kernel_bias(bias, valid, B, H, N, q)
     out = torch.empty_like(q)
     lse = torch.empty(B * H, M, device=q.device, dtype=torch.float32)
     qk_scale = LOG2E / math.sqrt(D)
     # fp32 inputs get exact fp32 products (tl.dot would otherwise use TF32 on tensor cores)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    bias_strides = (full_bias.stride(0), full_bias.stride(1)) if has_bias else (0, 0)
     _forward[(triton.cdiv(M, block_m), B * H)](
         q, k, v, full_bias, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
@@ -402,11 +412,8 @@ def fused_attention_with_key_mass(
     if not isinstance(mass_query_stride, int) or mass_query_stride < 1:
         raise ValueError(f"mass_query_stride must be a positive integer, got {mass_query_stride!r}")
     mass_q, mass_lse, mass_m = _mass_queries(q, lse, mass_query_stride)
-    mass_bias, has_mass_bias = full_bias, has_bias
-    if mass_keys is not None:
-        mass_bias = _log2_bias(bias, mass_keys if valid is None else mass_keys & valid, B, H, N, q.device)
-        has_mass_bias = True
-        bias_strides = (mass_bias.stride(0), mass_bias.stride(1))
+    mass_bias, has_mass_bias, bias_strides = _mass_bias(bias, valid, mass_keys, B, H, N, q,
+                                                        (full_bias, has_bias, bias_strides))
     mass = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
     _key_mass[(triton.cdiv(N, mass_block_n), B * H)](
         mass_q, k, mass_bias, mass_lse, mass,
@@ -537,16 +544,12 @@ def fused_segmented_attention_with_key_mass(
         q = q.clone(memory_format=torch.contiguous_format)
     segs = _segment_table(q, segments, mass_block_n)  # (holds the copies made until both kernels are queued)
     N = max(segs.lengths, default=0)
-    full_bias = _log2_bias(bias, valid, B, H, N, q.device)
-    has_bias = full_bias is not None
-    if not has_bias:
-        full_bias = q  # unused placeholder pointer
+    full_bias, has_bias, bias_strides = _kernel_bias(bias, valid, B, H, N, q)
     out = torch.empty_like(q)
     lse = torch.empty(B * H, M, device=q.device, dtype=torch.float32)
     qk_scale = LOG2E / math.sqrt(D)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     align = 16 // q.element_size()
-    bias_strides = (full_bias.stride(0), full_bias.stride(1)) if has_bias else (0, 0)
     _forward_segmented[(triton.cdiv(M, block_m), B * H)](
         q, segs.table, full_bias, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
@@ -560,11 +563,8 @@ def fused_segmented_attention_with_key_mass(
     if not need_mass:
         return out, None
     mass_q, mass_lse, mass_m = _mass_queries(q, lse, mass_query_stride)
-    mass_bias, has_mass_bias = full_bias, has_bias
-    if mass_keys is not None:
-        mass_bias = _log2_bias(bias, mass_keys if valid is None else mass_keys & valid, B, H, N, q.device)
-        has_mass_bias = True
-        bias_strides = (mass_bias.stride(0), mass_bias.stride(1))
+    mass_bias, has_mass_bias, bias_strides = _mass_bias(bias, valid, mass_keys, B, H, N, q,
+                                                        (full_bias, has_bias, bias_strides))
     # keys past a row's end get no program that stores: their mass is this zero
     mass = torch.zeros(B, H, N, device=q.device, dtype=torch.float32)
     if segs.mass_programs:
