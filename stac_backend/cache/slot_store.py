@@ -136,12 +136,12 @@ class SlotLayerTokens:
     def stage(self, k: Tensor, v: Tensor, frame: Tensor, index: Tensor, position: Optional[Tensor]) -> None:
         """Hold a step's new tokens [H, M, ...] beside the store until ``commit`` (their scores arrive
         in ``absorb_scores``, their positions in ``write_new_positions``). k and v are copied: the
-        caller's tensors may be views of a larger activation that should not outlive the layer."""
+        caller's tensors may be views of a larger activation that should not outlive the layer. The
+        ids and positions are kept as given: staged fields are only read, or replaced whole."""
         if self.staged is not None:
             raise RuntimeError("slot store: a step's tokens are already staged (commit() was not called)")
         self.staged = StagedTokens(k.clone(memory_format=torch.contiguous_format),
-                                   v.clone(memory_format=torch.contiguous_format), frame, index,
-                                   None if position is None else position.clone())
+                                   v.clone(memory_format=torch.contiguous_format), frame, index, position)
 
     def keys(self) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """What attention sees of the slots: keys, values [H, n, D] and a key-valid mask [H, n] (None
@@ -165,7 +165,7 @@ class SlotLayerTokens:
     def write_new_positions(self, position: Tensor) -> None:
         """Positions [1 or H, M, 3] of the staged tokens."""
         staged = self.staged
-        staged.position = position.expand(staged.k.shape[0], -1, -1).clone()
+        staged.position = position.expand(staged.k.shape[0], -1, -1)
 
     # ------------------------------------------------------- end of step
     def combined(self, name: str) -> Tensor:
