@@ -26,7 +26,7 @@ from torch import Tensor
 from .base import CacheGeometry, CachePolicy, KeySet, StepInfo, check_state_names
 from .camera import camera_budget_share
 from .config import CacheConfig
-from .slot_store import SlotLayerTokens, time_order
+from .slot_store import SlotArena, SlotLayerTokens, commit_layers, time_order
 from .token_store import LayerTokens, bytes_per_token, export_layers, import_layers, step_token_ids
 
 MUST_KEEP = float("inf")
@@ -53,6 +53,7 @@ class HeavyHitterCache(CachePolicy):
         self.geometry = geometry
         self.layers: dict[int, LayerTokens | SlotLayerTokens] = {}
         self.slots = config.store == "slots"
+        self._arena: Optional[SlotArena] = None  # the slot stores' buffers (store="slots")
         self.evicted_tokens = 0
         self._step: Optional[StepInfo] = None
         self._pending: dict[int, tuple] = {}  # layer -> what absorb() needs from prepare()
@@ -100,19 +101,22 @@ class HeavyHitterCache(CachePolicy):
                       mass_query_stride=self.config.mass_query_stride)
 
     def _slot_store(self, layer: int, k: Tensor) -> SlotLayerTokens:
-        """The layer's slot store, made at the first step (or from an imported compact store)."""
+        """The layer's slot store, made at the first step (or from an imported compact store) as a
+        layer of the stream's arena."""
         store = self.layers.get(layer)
         capacity = self.hot_frames(during_step=False) * self._step.tokens_per_frame
+        if isinstance(store, SlotLayerTokens) and store.capacity == capacity:
+            return store
+        if self._arena is None or self._arena.capacity != capacity:
+            self._arena = SlotArena(self.geometry.num_layers, k.shape[0], capacity, k.shape[2], k.dtype, k.device,
+                                    self.tracks_positions)
+        fresh = self._arena.layer(layer)
         if isinstance(store, SlotLayerTokens):
-            if store.capacity == capacity:
-                return store
             store = store.compact()  # an imported layout of other frame sizes: its tokens, in time order
-        if store is None:
-            store = SlotLayerTokens.empty(k.shape[0], capacity, k.shape[2], k.dtype, k.device, self.tracks_positions)
-        else:
-            store = SlotLayerTokens.from_tokens(store, capacity)
-        self.layers[layer] = store
-        return store
+        if store is not None:
+            fresh = SlotLayerTokens.from_tokens(store, capacity, into=fresh)
+        self.layers[layer] = fresh
+        return fresh
 
     def _prepare_slots(self, layer: int, k: Tensor, v: Tensor) -> KeySet:
         """``prepare`` on a slot store: the new tokens are staged beside it; the key set is (slots,
@@ -182,8 +186,7 @@ class HeavyHitterCache(CachePolicy):
             if n_keep < n_tokens:
                 self._prune_slots(info, latest, n_keep, layers, stores)
             else:
-                for store in stores:
-                    store.commit()  # nothing to evict: the step's tokens move into free slots
+                commit_layers(stores)  # nothing to evict: the step's tokens move into free slots
         elif stores and n_keep < n_tokens:
             _, priority = self._priority(stores, latest)
             order = torch.argsort(priority, dim=-1, descending=True, stable=True)
@@ -227,11 +230,17 @@ class HeavyHitterCache(CachePolicy):
         # Ranked: kept tokens (n_keep), evicted ones (up to n_tokens), then the free slots.
         kept = by_time.gather(-1, rank[..., :n_keep])
         evict = by_time.gather(-1, rank[..., n_keep:n_tokens].sort(dim=-1).values)  # (frame, index) order per head
+        self.on_evict_layers(layers, stores, evict, info)
+        self.evicted_tokens += evict.numel()
+        commit_layers(stores, kept, evict)
+
+    def on_evict_layers(self, layers: list[int], stores: list[SlotLayerTokens], evict: Tensor, info: StepInfo) -> None:
+        """Every layer's evictions of a step on slot stores, ``evict`` [L, H, E] (indices into each
+        store's slots and staged tokens, in (frame, in-frame index) order per head): ``on_evict``
+        layer by layer here; ``stac`` takes them for all layers at once."""
         heads = torch.arange(evict.shape[1], device=evict.device).repeat_interleave(evict.shape[2])
         for i, (layer, store) in enumerate(zip(layers, stores)):
             self.on_evict(layer, store, heads, evict[i].reshape(-1), info)
-            self.evicted_tokens += evict[i].numel()
-            store.commit(kept[i], evict[i])
 
     def on_evict(self, layer: int, store: LayerTokens, heads: Tensor, tokens: Tensor, info: StepInfo) -> None:
         """Evicted tokens are dropped here; ``stac`` pools them (``store.take(heads, tokens)``).
@@ -285,6 +294,7 @@ class HeavyHitterCache(CachePolicy):
 
     def reset(self) -> None:
         self.layers.clear()
+        self._arena = None
         self._step = None
         self._new_ids = None
         self.evicted_tokens = 0
@@ -323,12 +333,19 @@ class HeavyHitterCache(CachePolicy):
             raise ValueError(f"{self.name} state: hot_slot and hot_capacity come together")
         g = self.geometry
         layers = import_layers(state, g.num_heads, g.head_dim, g.device, True, self.tracks_positions)
+        arena = None
         if self.slots and "hot_slot" in state:
             slots, capacity = state["hot_slot"], int(state["hot_capacity"])
             if tuple(slots.shape) != tuple(state["hot_frame"].shape):
                 raise ValueError(f"{self.name} state: hot_slot {tuple(slots.shape)} must match hot_frame "
                                  f"{tuple(state['hot_frame'].shape)}")
-            layers = {i: SlotLayerTokens.from_tokens(store, capacity, slots[i]) for i, store in layers.items()}
+            if len(layers) != g.num_layers:
+                raise ValueError(f"{self.name} state: {len(layers)} layers, the model has {g.num_layers}")
+            arena = SlotArena(g.num_layers, g.num_heads, capacity, g.head_dim, state["hot_k"].dtype, g.device,
+                              self.tracks_positions)
+            layers = {i: SlotLayerTokens.from_tokens(store, capacity, slots[i], into=arena.layer(i))
+                      for i, store in layers.items()}
         self.reset()
         self.layers = layers  # compact ones become slot stores at the next step (in time order)
+        self._arena = arena
         self.evicted_tokens = int(state["evicted_tokens"])

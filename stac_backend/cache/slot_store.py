@@ -23,6 +23,11 @@ never attended and never counted as a token.
 While the live slots are a prefix (start of a stream, before the first eviction) attention runs
 over a view of that prefix; once the store is full (the steady state) over all of it; otherwise
 over all of it with a per-head key-valid mask.
+
+A stream's layers live in one ``SlotArena`` (each field one tensor [L, H, S + 1, ...], each
+layer's store a view of it, and the step's staged keys and values one [L, H, M, D] buffer), so
+``commit_layers`` ends the step of every layer with one scatter per field instead of one per
+layer and field: the host launches a few kernels per stream, not a few per layer.
 """
 
 from __future__ import annotations
@@ -45,6 +50,157 @@ def time_order(frame: Tensor, index: Tensor) -> Tensor:
     return torch.argsort(key, dim=-1, stable=True)
 
 
+class SlotArena:
+    """Every layer's slot buffers of one stream, one tensor per field [L, H, S + 1, ...]; ``layer(i)``
+    is layer i's store (views). The staged keys and values of a step are one [L, H, M, D] buffer
+    from the first ``stage`` of the step until ``commit_layers`` (or the last layer's ``commit``)."""
+
+    def __init__(self, num_layers: int, num_heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device,
+                 with_position: bool):
+        L, H, S = num_layers, num_heads, capacity + 1
+        self.capacity = capacity
+        self.k = torch.zeros(L, H, S, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(L, H, S, head_dim, dtype=dtype, device=device)
+        self.frame = torch.full((L, H, S), FREE, dtype=torch.int32, device=device)
+        self.index = torch.zeros(L, H, S, dtype=torch.int32, device=device)
+        self.score = torch.zeros(L, H, S, device=device)
+        self.position = torch.full((L, H, S, 3), float("nan"), device=device) if with_position else None
+        self.staged_k: Optional[Tensor] = None
+        self.staged_v: Optional[Tensor] = None
+        self.staged_layers = 0  # layers staged and not yet committed this step
+
+    @property
+    def num_layers(self) -> int:
+        return self.k.shape[0]
+
+    def layer(self, i: int) -> "SlotLayerTokens":
+        if not 0 <= i < self.num_layers:
+            raise ValueError(f"slot arena: layer {i} outside 0 .. {self.num_layers - 1}")
+        position = None if self.position is None else self.position[i]
+        return SlotLayerTokens(self.k[i], self.v[i], self.frame[i], self.index[i], self.score[i], position, 0, True,
+                               arena=self, layer=i)
+
+    def stage(self, i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Copy layer i's new keys and values [H, M, D] into the step's buffer; their views there."""
+        if self.staged_k is None or self.staged_k.shape[2] != k.shape[1]:
+            shape = (self.num_layers,) + tuple(k.shape)
+            self.staged_k = torch.empty(shape, dtype=self.k.dtype, device=self.k.device)
+            self.staged_v = torch.empty(shape, dtype=self.v.dtype, device=self.v.device)
+        self.staged_k[i].copy_(k)
+        self.staged_v[i].copy_(v)
+        self.staged_layers += 1
+        return self.staged_k[i], self.staged_v[i]
+
+    def unstage(self, layers: int = 1) -> None:
+        """``layers`` layers committed: the step's buffer goes once none is left staged."""
+        self.staged_layers -= layers
+        if self.staged_layers <= 0:
+            self.staged_k = self.staged_v = None
+            self.staged_layers = 0
+
+
+def _commit(fields: dict, staged: dict, kept: Optional[Tensor], evicted: Optional[Tensor]) -> int:
+    """The end of a step on slot buffers with any leading dims (one layer's [H, ...] or a stream's
+    [L, H, ...]); returns the tokens per head from now on (-1: the slots' count plus M).
+
+    ``fields``: k, v [..., S + 1, D], frame, index, score [..., S + 1] and position [..., S + 1, 3]
+    (or None); ``staged`` the same fields for the M staged tokens. ``evicted`` [..., E] and ``kept``
+    [..., K] index the combined space (slots, then staged token j at S + 1 + j): evicted slots are
+    marked free, and staged token j, the r-th kept one of its head, goes to its head's r-th free
+    slot (lowest first; the sink counts as taken); tokens not kept go to the sink. Without
+    ``kept`` every staged token stays."""
+    frame = fields["frame"]
+    S = frame.shape[-1] - 1
+    M = staged["frame"].shape[-1]
+    lead = frame.shape[:-1]
+    if evicted is not None and evicted.shape[-1]:
+        frame.scatter_(-1, evicted.clamp(max=S), FREE)  # evicted staged tokens map to the sink
+    if kept is None:
+        stays = torch.ones(lead + (M,), dtype=torch.bool, device=frame.device)
+    else:
+        mark = torch.zeros(lead + (S + 1 + M,), dtype=torch.bool, device=frame.device)
+        stays = mark.scatter_(-1, kept, True)[..., S + 1 :]
+    taken = frame >= 0
+    taken[..., S] = True
+    free_first = torch.argsort(taken.to(torch.int8), dim=-1, stable=True)
+    rank = (torch.cumsum(stays.to(torch.int32), dim=-1) - 1).clamp(min=0).long()
+    dest = torch.where(stays, free_first.gather(-1, rank), torch.full_like(rank, S))
+    for name in ("k", "v", "frame", "index", "score", "position"):
+        field = fields[name]
+        if field is None:
+            continue
+        src = staged[name]
+        index = dest if field.dim() == dest.dim() else dest.unsqueeze(-1).expand(*dest.shape, field.shape[-1])
+        field.scatter_(dest.dim() - 1, index, src.expand(index.shape))
+    frame[..., S] = FREE
+    return -1 if kept is None else kept.shape[-1]
+
+
+def _one_arena(stores: list["SlotLayerTokens"]) -> Optional[SlotArena]:
+    """The arena whose layers 0 .. L-1 ``stores`` are, in order, each with its step staged; else None."""
+    arena = stores[0].arena if stores else None
+    if (arena is not None and len(stores) == arena.num_layers and arena.staged_k is not None
+            and all(store.arena is arena and store.layer == i and store.staged is not None
+                    for i, store in enumerate(stores))):
+        return arena
+    return None
+
+
+def _staged_of_all(stores: list["SlotLayerTokens"], name: str) -> Optional[Tensor]:
+    """Staged field ``name`` of every layer [L, H, M, ...]: a view where all layers share one tensor
+    (the step's ids), else stacked."""
+    parts = [getattr(store.staged, name) for store in stores]
+    if parts[0] is None:
+        return None
+    if all(p is parts[0] for p in parts):
+        return parts[0].expand((len(parts),) + tuple(parts[0].shape))
+    return torch.stack(parts)
+
+
+def commit_layers(stores: list["SlotLayerTokens"], kept: Optional[Tensor] = None, evicted: Optional[Tensor] = None) -> None:
+    """``SlotLayerTokens.commit`` of every layer of a stream, ``kept``/``evicted`` [L, H, ...]: on
+    their arena's [L, ...] tensors at once where the stores are that arena's layers 0 .. L-1 in
+    order, else layer by layer."""
+    arena = _one_arena(stores)
+    if arena is None:
+        for i, store in enumerate(stores):
+            store.commit(None if kept is None else kept[i], None if evicted is None else evicted[i])
+        return
+    fields = {name: getattr(arena, name) for name in ("k", "v", "frame", "index", "score", "position")}
+    staged = {"k": arena.staged_k, "v": arena.staged_v,
+              **{name: _staged_of_all(stores, name) for name in ("frame", "index", "score", "position")}}
+    n_tokens = _commit(fields, staged, kept, evicted)
+    evicting = evicted is not None and evicted.shape[-1] > 0
+    for store in stores:
+        store.end_commit(n_tokens, evicting)
+    arena.unstage(len(stores))
+
+
+def take_layers(stores: list["SlotLayerTokens"], tokens: Tensor) -> Optional[tuple[Tensor, Tensor, Tensor, Optional[Tensor]]]:
+    """``SlotLayerTokens.take`` for every layer at once: k, v, score and position of the tokens
+    ``tokens`` [L, H, E] (combined indices), flattened layer by layer, then head by head; None
+    where the stores are not one arena's layers (then take them layer by layer)."""
+    arena = _one_arena(stores)
+    if arena is None:
+        return None
+    L, H, E = tokens.shape
+    first_new = arena.capacity + 1
+    layer = torch.arange(L, device=tokens.device).view(L, 1, 1).expand(L, H, E)
+    head = torch.arange(H, device=tokens.device).view(1, H, 1).expand(L, H, E)
+    is_new = tokens >= first_new
+    slot, new = tokens.clamp(max=first_new - 1), (tokens - first_new).clamp(min=0)
+
+    def pick(mine: Optional[Tensor], staged: Optional[Tensor]) -> Optional[Tensor]:
+        if mine is None:
+            return None
+        a, b = mine[layer, head, slot], staged[layer, head, new]
+        picked = torch.where(is_new.view(L, H, E, *([1] * (a.dim() - 3))), b, a)
+        return picked.reshape(L * H * E, *a.shape[3:])
+
+    return (pick(arena.k, arena.staged_k), pick(arena.v, arena.staged_v),
+            pick(arena.score, _staged_of_all(stores, "score")), pick(arena.position, _staged_of_all(stores, "position")))
+
+
 class StagedTokens:
     """A step's new tokens of one layer, beside the store until the step's end [H, M, ...]."""
 
@@ -64,7 +220,7 @@ class StagedTokens:
 
 class SlotLayerTokens:
     def __init__(self, k: Tensor, v: Tensor, frame: Tensor, index: Tensor, score: Tensor, position: Optional[Tensor],
-                 num_tokens: int, prefix: bool):
+                 num_tokens: int, prefix: bool, arena: Optional[SlotArena] = None, layer: int = 0):
         self.k, self.v = k, v  # [H, S + 1, D]: S = capacity, plus the sink slot
         self.frame = frame  # [H, S + 1] int32; FREE for a free slot (the sink is always FREE)
         self.index = index  # [H, S + 1] int32
@@ -74,25 +230,27 @@ class SlotLayerTokens:
         self.prefix = prefix  # live slots are exactly 0 .. num_tokens - 1 in every head
         self.staged: Optional[StagedTokens] = None  # the step's new tokens, until commit()
         self.attended = 0  # slots in the last key set (a prefix, or every slot)
+        self.arena, self.layer = arena, layer  # whose views the buffers are, and which layer of it
 
     @classmethod
     def empty(cls, num_heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device,
               with_position: bool) -> "SlotLayerTokens":
-        H, S = num_heads, capacity + 1
-        position = torch.full((H, S, 3), float("nan"), device=device) if with_position else None
-        return cls(torch.zeros(H, S, head_dim, dtype=dtype, device=device), torch.zeros(H, S, head_dim, dtype=dtype, device=device),
-                   torch.full((H, S), FREE, dtype=torch.int32, device=device), torch.zeros(H, S, dtype=torch.int32, device=device),
-                   torch.zeros(H, S, device=device), position, 0, True)
+        """A store of its own (an arena of one layer)."""
+        return SlotArena(1, num_heads, capacity, head_dim, dtype, device, with_position).layer(0)
 
     @classmethod
-    def from_tokens(cls, store: LayerTokens, capacity: int, slots: Optional[Tensor] = None) -> "SlotLayerTokens":
+    def from_tokens(cls, store: LayerTokens, capacity: int, slots: Optional[Tensor] = None,
+                    into: Optional["SlotLayerTokens"] = None) -> "SlotLayerTokens":
         """A slot store holding ``store``'s tokens: in the slots ``slots`` [H, n] (each token's slot,
         as ``occupied_slots`` recorded them), or else in the first slots in order (e.g. an imported
-        compact state)."""
+        compact state). ``into``: an empty store of that capacity to fill (an arena's layer)."""
         H, n, D = store.k.shape
         if n > capacity:
             raise RuntimeError(f"slot store: {n} tokens per head exceed its capacity of {capacity}")
-        out = cls.empty(H, capacity, D, store.k.dtype, store.k.device, store.position is not None)
+        out = into if into is not None else cls.empty(H, capacity, D, store.k.dtype, store.k.device,
+                                                       store.position is not None)
+        if out.capacity != capacity or out.num_tokens:
+            raise RuntimeError(f"slot store: expected an empty store of capacity {capacity}")
         first = torch.arange(n, device=store.k.device).expand(H, n)
         if slots is None:
             slots = first
@@ -140,8 +298,8 @@ class SlotLayerTokens:
         ids and positions are kept as given: staged fields are only read, or replaced whole."""
         if self.staged is not None:
             raise RuntimeError("slot store: a step's tokens are already staged (commit() was not called)")
-        self.staged = StagedTokens(k.clone(memory_format=torch.contiguous_format),
-                                   v.clone(memory_format=torch.contiguous_format), frame, index, position)
+        k, v = self.arena.stage(self.layer, k, v)
+        self.staged = StagedTokens(k, v, frame, index, position)
 
     def keys(self) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """What attention sees of the slots: keys, values [H, n, D] and a key-valid mask [H, n] (None
@@ -200,38 +358,19 @@ class SlotLayerTokens:
     def commit(self, kept: Optional[Tensor] = None, evicted: Optional[Tensor] = None) -> None:
         """End the step: ``evicted`` [H, E] (combined indices) leave, ``kept`` [H, K] (combined
         indices, K = the tokens per head from now on) stay; the kept staged tokens move into free
-        slots (lowest first). Without ``kept`` every staged token is kept (no pruning this step)."""
-        staged, S = self.staged, self.capacity
-        first_new = S + 1
-        H, M = staged.frame.shape
-        if evicted is not None and evicted.shape[1]:
-            # Evicted staged tokens map to the sink, which stays free.
-            self.frame.scatter_(1, evicted.clamp(max=S), FREE)
+        slots (lowest first). Without ``kept`` every staged token is kept (no pruning this step).
+        ``commit_layers`` does this for every layer of a stream at once."""
+        fields = {name: getattr(self, name) for name in ("k", "v", "frame", "index", "score", "position")}
+        staged = {name: getattr(self.staged, name) for name in fields}
+        n_tokens = _commit(fields, staged, kept, evicted)
+        self.end_commit(n_tokens, evicted is not None and evicted.shape[-1] > 0)
+        self.arena.unstage()
+
+    def end_commit(self, n_tokens: int, evicted: bool) -> None:
+        """The host-side counts after a commit (``n_tokens`` -1: the staged tokens were all added)."""
+        self._num_tokens = self._num_tokens + self.staged.num_tokens if n_tokens < 0 else n_tokens
+        if evicted:
             self.prefix = False
-        if kept is None:
-            stays = torch.ones(H, M, dtype=torch.bool, device=self.k.device)
-            n_tokens = self._num_tokens + M
-        else:
-            mark = torch.zeros(H, first_new + M, dtype=torch.bool, device=self.k.device)
-            stays = mark.scatter_(1, kept, True)[:, first_new:]
-            n_tokens = kept.shape[1]
-        # Free slots first, lowest first (the sink counts as taken): staged token j, the r-th kept
-        # one of its head, goes to its head's r-th free slot; tokens not kept go to the sink.
-        taken = self.frame >= 0
-        taken[:, S] = True
-        free_first = torch.argsort(taken.to(torch.int8), dim=1, stable=True)
-        rank = (torch.cumsum(stays.to(torch.int32), dim=1) - 1).clamp(min=0).long()
-        dest = torch.where(stays, free_first.gather(1, rank), torch.full_like(rank, S))
-        rows = dest.unsqueeze(-1)
-        self.k.scatter_(1, rows.expand(-1, -1, self.k.shape[2]), staged.k)
-        self.v.scatter_(1, rows.expand(-1, -1, self.v.shape[2]), staged.v)
-        self.frame.scatter_(1, dest, staged.frame)
-        self.index.scatter_(1, dest, staged.index)
-        self.score.scatter_(1, dest, staged.score)
-        if self.position is not None:
-            self.position.scatter_(1, rows.expand(-1, -1, 3), staged.position)
-        self.frame[:, S] = FREE
-        self._num_tokens = n_tokens
         self.staged = None
 
     def occupied_slots(self) -> Tensor:

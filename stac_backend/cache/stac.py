@@ -35,6 +35,7 @@ from torch import Tensor
 from .base import CacheGeometry, StepInfo
 from .config import CacheConfig
 from .heavy_hitter import HeavyHitterCache
+from .slot_store import take_layers
 from .token_store import LayerTokens
 from .voxel_pool import VoxelPool
 
@@ -204,12 +205,28 @@ class StacCache(HeavyHitterCache):
         # pools them (arrival order decides ties).
         self._queued.append((layer, heads, *store.take(heads, tokens)))
 
+    def on_evict_layers(self, layers: list[int], stores: list, evict: Tensor, info: StepInfo) -> None:
+        """Slot stores of one arena: every layer's evicted tokens taken at once (one gather per field,
+        not one per layer), queued in the order ``on_evict`` would queue them (layer, head, time)."""
+        taken = take_layers(stores, evict) if layers == list(range(len(layers))) else None
+        if taken is None:
+            super().on_evict_layers(layers, stores, evict, info)
+            return
+        if self._queued_step != self.steps:
+            self._file_queued()
+            self._queued_step = self.steps
+        L, H, E = evict.shape
+        layer_ids = torch.arange(L, device=evict.device).view(L, 1, 1).expand(L, H, E).reshape(-1)
+        heads = torch.arange(H, device=evict.device).view(1, H, 1).expand(L, H, E).reshape(-1)
+        self._queued.append((layer_ids, heads, *taken))
+
     def _file_queued(self) -> None:
         """One batched insert of every queued eviction (all layers) into the pool."""
         queued, self._queued = self._queued, []
         if not queued:
             return
-        layers = torch.cat([torch.full_like(q[1], q[0]) for q in queued])
+        # (an entry's layer: one int, or one per token where all layers were queued at once)
+        layers = torch.cat([q[0] if isinstance(q[0], Tensor) else torch.full_like(q[1], q[0]) for q in queued])
         heads, k, v, score, points = (torch.cat([q[i] for q in queued]) for i in range(1, 6))
         coords, valid = self._voxels(points)
         kept = valid.nonzero().squeeze(1)  # one synchronisation per step, for all six selections

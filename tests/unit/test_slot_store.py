@@ -139,6 +139,24 @@ def test_commit_places_kept_staged_tokens_and_sinks_the_rest():
     assert torch.equal(store.live().sum(1), torch.tensor([3, 3]))
 
 
+def test_a_stream_ends_each_step_of_all_layers_at_once(tiny_model, frames, monkeypatch):
+    """A stream's slot stores are views of one arena, and the end of a step (evictions or not)
+    takes the evicted tokens of every layer and writes every layer at once: the per-layer take and
+    commit never run. Between steps the step's staged buffer is gone."""
+    stream = Stream(tiny_model, cache=config("stac", "slots"))
+    monkeypatch.setattr(SlotLayerTokens, "commit", lambda *a, **k: pytest.fail("per-layer commit"))
+    monkeypatch.setattr(SlotLayerTokens, "take", lambda *a, **k: pytest.fail("per-layer take"))
+    start = 0
+    for n in CHUNKS[:8]:
+        stream.push(frames[start : start + n])
+        start += n
+        stores = list(stream.cache.layers.values())
+        arena = stores[0].arena
+        assert all(s.arena is arena for s in stores) and [s.layer for s in stores] == list(range(len(stores)))
+        assert arena.staged_k is None and all(s.staged is None for s in stores)
+    assert stream.cache.stats()["evicted_tokens"] > 0
+
+
 def test_slot_state_round_trip(tiny_model, frames):
     """A slot stream's exported state records its layout: a new slot stream continues bit for bit; a
     compact stream takes the same tokens and continues to float rounding (it sums its keys in time
