@@ -3,9 +3,9 @@
 Streams hold caches of different lengths (and some policies add biased or padded keys), so the
 key sets are right-padded to the longest and masked. When no stream needs per-key probability
 mass and no bias is present, the call is plain scaled-dot-product attention (fast fused kernels);
-otherwise the attention that also returns per-key mass: on CUDA the fused Triton kernels, which
-read each stream's key segments where they lie (only the small bias/valid masks are padded), else
-the blockwise reference over the padded keys.
+otherwise the attention that also returns per-key mass: on CUDA the fused Triton kernels, over the
+padded keys or (``STAC_SEGMENTED_ATTENTION=1``) over each stream's key segments where they lie,
+with only the small bias/valid masks padded; elsewhere the blockwise reference over padded keys.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ class KeySet:
 
     # [H, Nk, D]: retained past tokens (+ retrieved ones) + the step's new tokens; or a tuple of
     # such tensors (segments along the key axis, e.g. views of a store and the retrieved tokens),
-    # which the fused kernel reads where they lie, and other paths copy into one buffer.
+    # which a batched call copies straight into its padded key buffer (the segmented kernel reads
+    # them where they lie instead).
     k: Union[Tensor, tuple[Tensor, ...]]
     v: Union[Tensor, tuple[Tensor, ...]]
     bias: Optional[Tensor] = None  # [H, Nk] float32 additive logit bias (e.g. log C of pivots)
