@@ -26,7 +26,7 @@ from torch import Tensor
 from .base import CacheGeometry, CachePolicy, KeySet, StepInfo, check_state_names
 from .camera import camera_budget_share
 from .config import CacheConfig
-from .slot_store import SlotArena, SlotLayerTokens, commit_layers, time_order
+from .slot_store import SlotArena, SlotLayerTokens, combined_layers, commit_layers, time_order
 from .token_store import LayerTokens, bytes_per_token, export_layers, import_layers, step_token_ids
 
 MUST_KEEP = float("inf")
@@ -220,9 +220,9 @@ class HeavyHitterCache(CachePolicy):
         tokens together, in (frame, index) order, so ties break as on the compact store (whose order
         that is); evicted slots are only marked free and the kept staged tokens fill free slots."""
         n_tokens = stores[0].num_tokens
-        frame = torch.stack([store.combined("frame") for store in stores])  # [L, H, S + 1 + M]
-        index = torch.stack([store.combined("index") for store in stores])
-        score = torch.stack([store.combined("score") for store in stores])
+        frame = combined_layers(stores, "frame")  # [L, H, S + 1 + M]
+        index = combined_layers(stores, "index")
+        score = combined_layers(stores, "score")
         priority = torch.where(self._protected(frame, latest), torch.full_like(score, MUST_KEEP), score)
         priority = torch.where(frame >= 0, priority, torch.full_like(priority, -MUST_KEEP))  # free slots rank last
         by_time = time_order(frame, index)  # free slots last
@@ -235,18 +235,16 @@ class HeavyHitterCache(CachePolicy):
         commit_layers(stores, kept, evict)
 
     def on_evict_layers(self, layers: list[int], stores: list[SlotLayerTokens], evict: Tensor, info: StepInfo) -> None:
-        """Every layer's evictions of a step on slot stores, ``evict`` [L, H, E] (indices into each
-        store's slots and staged tokens, in (frame, in-frame index) order per head): ``on_evict``
-        layer by layer here; ``stac`` takes them for all layers at once."""
-        heads = torch.arange(evict.shape[1], device=evict.device).repeat_interleave(evict.shape[2])
-        for i, (layer, store) in enumerate(zip(layers, stores)):
-            self.on_evict(layer, store, heads, evict[i].reshape(-1), info)
+        """What ``on_evict`` is for slot stores, for every layer at once: ``evict`` [L, H, E] indexes
+        the space of ``slot_store.combined_layers`` (slots, then staged tokens), in (frame, in-frame
+        index) order per head; ``slot_store.take_layers`` reads the tokens. Dropped here; ``stac``
+        pools them."""
 
     def on_evict(self, layer: int, store: LayerTokens, heads: Tensor, tokens: Tensor, info: StepInfo) -> None:
-        """Evicted tokens are dropped here; ``stac`` pools them (``store.take(heads, tokens)``).
-        ``heads``/``tokens``: the head and the index into ``store`` of each evicted token (on a slot
-        store, into its slots and staged tokens, ``SlotLayerTokens.take``), head by head, and within
-        a head in (frame, in-frame index) order (the compact store's order; slots are not in it)."""
+        """Evicted tokens of a compact store are dropped here; ``stac`` pools them
+        (``store.take(heads, tokens)``). ``heads``/``tokens``: the head and the index into ``store``
+        of each evicted token, head by head, and within a head in (frame, in-frame index) order.
+        Slot stores hand their evictions to ``on_evict_layers`` instead."""
 
     # ------------------------------------------------------------------ memory
     def hot_frames(self, during_step: bool = True) -> int:

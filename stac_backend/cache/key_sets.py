@@ -107,12 +107,11 @@ def _fused_segmented(q, sets, bias, valid, need_mass, mass_keys, mass_query_stri
 def _attention_with_mass(q, k, v, bias, valid, need_mass, mass_keys=None, mass_query_stride=1):
     """Output and per-key mass; ``mass_keys`` [B, H, N] (bool, or None = all): the keys whose mass
     is read, the others' mass is 0 on every path."""
-    if USE_FUSED and q.is_cuda:
-        from ..kernels.attention_mass import fused_attention_with_key_mass, fused_available
+    if _fused(q):
+        from ..kernels.attention_mass import fused_attention_with_key_mass
 
-        if fused_available(q.device):
-            return fused_attention_with_key_mass(q, k, v, bias, valid, need_mass, mass_keys=mass_keys,
-                                                 mass_query_stride=mass_query_stride)
+        return fused_attention_with_key_mass(q, k, v, bias, valid, need_mass, mass_keys=mass_keys,
+                                             mass_query_stride=mass_query_stride)
     out, mass = attention_with_key_mass(q, k, v, key_bias=bias, key_valid=valid, need_mass=need_mass,
                                         mass_query_stride=mass_query_stride)
     if mass is not None and mass_keys is not None:

@@ -26,8 +26,9 @@ over all of it with a per-head key-valid mask.
 
 A stream's layers live in one ``SlotArena`` (each field one tensor [L, H, S + 1, ...], each
 layer's store a view of it, and the step's staged keys and values one [L, H, M, D] buffer), so
-``commit_layers`` ends the step of every layer with one scatter per field instead of one per
-layer and field: the host launches a few kernels per stream, not a few per layer.
+the end of a step (``combined_layers``, ``take_layers``, ``commit_layers``) handles every layer
+with one operation per field instead of one per layer and field: the host launches a few kernels
+per stream, not a few per layer.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def time_order(frame: Tensor, index: Tensor) -> Tensor:
 class SlotArena:
     """Every layer's slot buffers of one stream, one tensor per field [L, H, S + 1, ...]; ``layer(i)``
     is layer i's store (views). The staged keys and values of a step are one [L, H, M, D] buffer
-    from the first ``stage`` of the step until ``commit_layers`` (or the last layer's ``commit``)."""
+    from the first ``stage`` of the step until ``commit_layers``."""
 
     def __init__(self, num_layers: int, num_heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device,
                  with_position: bool):
@@ -67,7 +68,6 @@ class SlotArena:
         self.position = torch.full((L, H, S, 3), float("nan"), device=device) if with_position else None
         self.staged_k: Optional[Tensor] = None
         self.staged_v: Optional[Tensor] = None
-        self.staged_layers = 0  # layers staged and not yet committed this step
 
     @property
     def num_layers(self) -> int:
@@ -88,20 +88,16 @@ class SlotArena:
             self.staged_v = torch.empty(shape, dtype=self.v.dtype, device=self.v.device)
         self.staged_k[i].copy_(k)
         self.staged_v[i].copy_(v)
-        self.staged_layers += 1
         return self.staged_k[i], self.staged_v[i]
 
-    def unstage(self, layers: int = 1) -> None:
-        """``layers`` layers committed: the step's buffer goes once none is left staged."""
-        self.staged_layers -= layers
-        if self.staged_layers <= 0:
-            self.staged_k = self.staged_v = None
-            self.staged_layers = 0
+    def unstage(self) -> None:
+        """The step is committed: its buffer goes (between steps the arena holds the slots only)."""
+        self.staged_k = self.staged_v = None
 
 
 def _commit(fields: dict, staged: dict, kept: Optional[Tensor], evicted: Optional[Tensor]) -> int:
-    """The end of a step on slot buffers with any leading dims (one layer's [H, ...] or a stream's
-    [L, H, ...]); returns the tokens per head from now on (-1: the slots' count plus M).
+    """The end of a step on a stream's slot buffers [L, H, ...] (any leading dims work); returns the
+    tokens per head from now on (-1: the slots' count plus M).
 
     ``fields``: k, v [..., S + 1, D], frame, index, score [..., S + 1] and position [..., S + 1, 3]
     (or None); ``staged`` the same fields for the M staged tokens. ``evicted`` [..., E] and ``kept``
@@ -136,14 +132,14 @@ def _commit(fields: dict, staged: dict, kept: Optional[Tensor], evicted: Optiona
     return -1 if kept is None else kept.shape[-1]
 
 
-def _one_arena(stores: list["SlotLayerTokens"]) -> Optional[SlotArena]:
-    """The arena whose layers 0 .. L-1 ``stores`` are, in order, each with its step staged; else None."""
+def _one_arena(stores: list["SlotLayerTokens"]) -> SlotArena:
+    """The arena whose layers 0 .. L-1 ``stores`` are, in order, each with its step staged."""
     arena = stores[0].arena if stores else None
-    if (arena is not None and len(stores) == arena.num_layers and arena.staged_k is not None
-            and all(store.arena is arena and store.layer == i and store.staged is not None
-                    for i, store in enumerate(stores))):
-        return arena
-    return None
+    if (arena is None or len(stores) != arena.num_layers or arena.staged_k is None
+            or not all(store.arena is arena and store.layer == i and store.staged is not None
+                       for i, store in enumerate(stores))):
+        raise RuntimeError("slot stores: the end of a step needs every layer of one arena, in order, each staged")
+    return arena
 
 
 def _staged_of_all(stores: list["SlotLayerTokens"], name: str) -> Optional[Tensor]:
@@ -157,32 +153,18 @@ def _staged_of_all(stores: list["SlotLayerTokens"], name: str) -> Optional[Tenso
     return torch.stack(parts)
 
 
-def commit_layers(stores: list["SlotLayerTokens"], kept: Optional[Tensor] = None, evicted: Optional[Tensor] = None) -> None:
-    """``SlotLayerTokens.commit`` of every layer of a stream, ``kept``/``evicted`` [L, H, ...]: on
-    their arena's [L, ...] tensors at once where the stores are that arena's layers 0 .. L-1 in
-    order, else layer by layer."""
+def combined_layers(stores: list["SlotLayerTokens"], name: str) -> Tensor:
+    """Bookkeeping field ``name`` (frame, index or score) of every layer's slots (sink included)
+    followed by its staged tokens' [L, H, S + 1 + M]: the token space the end of a step indexes
+    (staged token j at S + 1 + j)."""
     arena = _one_arena(stores)
-    if arena is None:
-        for i, store in enumerate(stores):
-            store.commit(None if kept is None else kept[i], None if evicted is None else evicted[i])
-        return
-    fields = {name: getattr(arena, name) for name in ("k", "v", "frame", "index", "score", "position")}
-    staged = {"k": arena.staged_k, "v": arena.staged_v,
-              **{name: _staged_of_all(stores, name) for name in ("frame", "index", "score", "position")}}
-    n_tokens = _commit(fields, staged, kept, evicted)
-    evicting = evicted is not None and evicted.shape[-1] > 0
-    for store in stores:
-        store.end_commit(n_tokens, evicting)
-    arena.unstage(len(stores))
+    return torch.cat([getattr(arena, name), _staged_of_all(stores, name)], dim=-1)
 
 
-def take_layers(stores: list["SlotLayerTokens"], tokens: Tensor) -> Optional[tuple[Tensor, Tensor, Tensor, Optional[Tensor]]]:
-    """``SlotLayerTokens.take`` for every layer at once: k, v, score and position of the tokens
-    ``tokens`` [L, H, E] (combined indices), flattened layer by layer, then head by head; None
-    where the stores are not one arena's layers (then take them layer by layer)."""
+def take_layers(stores: list["SlotLayerTokens"], tokens: Tensor) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """k, v, score and position of the tokens ``tokens`` [L, H, E] (indices into the combined space
+    of ``combined_layers``) of every layer at once, flattened layer by layer, then head by head."""
     arena = _one_arena(stores)
-    if arena is None:
-        return None
     L, H, E = tokens.shape
     first_new = arena.capacity + 1
     layer = torch.arange(L, device=tokens.device).view(L, 1, 1).expand(L, H, E)
@@ -201,13 +183,31 @@ def take_layers(stores: list["SlotLayerTokens"], tokens: Tensor) -> Optional[tup
             pick(arena.score, _staged_of_all(stores, "score")), pick(arena.position, _staged_of_all(stores, "position")))
 
 
+def commit_layers(stores: list["SlotLayerTokens"], kept: Optional[Tensor] = None, evicted: Optional[Tensor] = None) -> None:
+    """End the step of every layer of a stream: ``evicted`` [L, H, E] (combined indices) leave,
+    ``kept`` [L, H, K] (combined indices, K = the tokens per head from now on) stay, and the kept
+    staged tokens move into free slots (lowest first), on the arena's [L, ...] tensors at once.
+    Without ``kept`` every staged token stays (no pruning this step)."""
+    arena = _one_arena(stores)
+    if any(store.staged.score is None for store in stores):
+        raise RuntimeError("slot stores: a staged layer has no scores (absorb_scores() was not called)")
+    fields = {name: getattr(arena, name) for name in ("k", "v", "frame", "index", "score", "position")}
+    staged = {"k": arena.staged_k, "v": arena.staged_v,
+              **{name: _staged_of_all(stores, name) for name in ("frame", "index", "score", "position")}}
+    n_tokens = _commit(fields, staged, kept, evicted)
+    evicting = evicted is not None and evicted.shape[-1] > 0
+    for store in stores:
+        store.end_commit(n_tokens, evicting)
+    arena.unstage()
+
+
 class StagedTokens:
     """A step's new tokens of one layer, beside the store until the step's end [H, M, ...]."""
 
     def __init__(self, k: Tensor, v: Tensor, frame: Tensor, index: Tensor, position: Optional[Tensor]):
         self.k, self.v = k, v
         self.frame, self.index = frame, index
-        self.score = torch.zeros(frame.shape, device=k.device)  # set by absorb_scores
+        self.score: Optional[Tensor] = None  # [H, M], set by absorb_scores
         self.position = position  # [H, M, 3] or None; written at the step's end
 
     @property
@@ -228,7 +228,7 @@ class SlotLayerTokens:
         self.position = position  # [H, S + 1, 3] float32, or None
         self._num_tokens = num_tokens  # live tokens per head in the slots (every head holds the same number)
         self.prefix = prefix  # live slots are exactly 0 .. num_tokens - 1 in every head
-        self.staged: Optional[StagedTokens] = None  # the step's new tokens, until commit()
+        self.staged: Optional[StagedTokens] = None  # the step's new tokens, until commit_layers()
         self.attended = 0  # slots in the last key set (a prefix, or every slot)
         self.arena, self.layer = arena, layer  # whose views the buffers are, and which layer of it
 
@@ -292,12 +292,12 @@ class SlotLayerTokens:
 
     # ------------------------------------------------------------------ step
     def stage(self, k: Tensor, v: Tensor, frame: Tensor, index: Tensor, position: Optional[Tensor]) -> None:
-        """Hold a step's new tokens [H, M, ...] beside the store until ``commit`` (their scores arrive
+        """Hold a step's new tokens [H, M, ...] beside the store until ``commit_layers`` (their scores arrive
         in ``absorb_scores``, their positions in ``write_new_positions``). k and v are copied: the
         caller's tensors may be views of a larger activation that should not outlive the layer. The
         ids and positions are kept as given: staged fields are only read, or replaced whole."""
         if self.staged is not None:
-            raise RuntimeError("slot store: a step's tokens are already staged (commit() was not called)")
+            raise RuntimeError("slot store: a step's tokens are already staged (commit_layers() was not called)")
         k, v = self.arena.stage(self.layer, k, v)
         self.staged = StagedTokens(k, v, frame, index, position)
 
@@ -326,27 +326,6 @@ class SlotLayerTokens:
         staged.position = position.expand(staged.k.shape[0], -1, -1)
 
     # ------------------------------------------------------- end of step
-    def combined(self, name: str) -> Tensor:
-        """Field ``name`` of the slots (sink included) followed by the staged tokens' [H, S + 1 + M, ...]:
-        the token space ``commit`` and ``take`` index (bookkeeping fields only: small)."""
-        return torch.cat([getattr(self, name), getattr(self.staged, name)], dim=1)
-
-    def take(self, heads: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-        """k, v, score and position of (head, token) pairs in the combined space (slots, then
-        staged tokens at ``S + 1 + j``)."""
-        first_new = self.capacity + 1
-        is_new = tokens >= first_new
-        slot, new = tokens.clamp(max=first_new - 1), (tokens - first_new).clamp(min=0)
-
-        def pick(mine: Optional[Tensor], staged: Optional[Tensor]) -> Optional[Tensor]:
-            if mine is None:
-                return None
-            a, b = mine[heads, slot], staged[heads, new]
-            return torch.where(is_new.view(-1, *([1] * (a.dim() - 1))), b, a)
-
-        st = self.staged
-        return pick(self.k, st.k), pick(self.v, st.v), pick(self.score, st.score), pick(self.position, st.position)
-
     def head_tokens(self, head: int) -> tuple[Tensor, Tensor]:
         """Frame [S + 1 (+ M)] and position [.., 3] of every slot of one head (free ones have frame
         FREE) and, during a step, of its staged tokens."""
@@ -355,19 +334,8 @@ class SlotLayerTokens:
             return frame, position
         return torch.cat([frame, self.staged.frame[head]]), torch.cat([position, self.staged.position[head]])
 
-    def commit(self, kept: Optional[Tensor] = None, evicted: Optional[Tensor] = None) -> None:
-        """End the step: ``evicted`` [H, E] (combined indices) leave, ``kept`` [H, K] (combined
-        indices, K = the tokens per head from now on) stay; the kept staged tokens move into free
-        slots (lowest first). Without ``kept`` every staged token is kept (no pruning this step).
-        ``commit_layers`` does this for every layer of a stream at once."""
-        fields = {name: getattr(self, name) for name in ("k", "v", "frame", "index", "score", "position")}
-        staged = {name: getattr(self.staged, name) for name in fields}
-        n_tokens = _commit(fields, staged, kept, evicted)
-        self.end_commit(n_tokens, evicted is not None and evicted.shape[-1] > 0)
-        self.arena.unstage()
-
     def end_commit(self, n_tokens: int, evicted: bool) -> None:
-        """The host-side counts after a commit (``n_tokens`` -1: the staged tokens were all added)."""
+        """The host-side counts after ``commit_layers`` (``n_tokens`` -1: the staged tokens were all added)."""
         self._num_tokens = self._num_tokens + self.staged.num_tokens if n_tokens < 0 else n_tokens
         if evicted:
             self.prefix = False

@@ -206,12 +206,9 @@ class StacCache(HeavyHitterCache):
         self._queued.append((layer, heads, *store.take(heads, tokens)))
 
     def on_evict_layers(self, layers: list[int], stores: list, evict: Tensor, info: StepInfo) -> None:
-        """Slot stores of one arena: every layer's evicted tokens taken at once (one gather per field,
-        not one per layer), queued in the order ``on_evict`` would queue them (layer, head, time)."""
-        taken = take_layers(stores, evict) if layers == list(range(len(layers))) else None
-        if taken is None:
-            super().on_evict_layers(layers, stores, evict, info)
-            return
+        """Slot stores: every layer's evicted tokens taken at once (one gather per field, not one per
+        layer), queued in the order ``on_evict`` queues a compact store's (layer, head, time)."""
+        taken = take_layers(stores, evict)
         if self._queued_step != self.steps:
             self._file_queued()
             self._queued_step = self.steps

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stac_backend.cache import CacheConfig
-from stac_backend.cache.slot_store import SlotLayerTokens
+from stac_backend.cache import CacheConfig, slot_store, stac
+from stac_backend.cache.slot_store import SlotLayerTokens, commit_layers
 from stac_backend.engine import Stream
 from stac_backend.engine.stream import push_many
 from stac_backend.model import OUTPUT_NAMES
@@ -121,16 +121,20 @@ def test_commit_places_kept_staged_tokens_and_sinks_the_rest():
     store = SlotLayerTokens.empty(H, S, D, torch.float32, "cpu", with_position=False)
     ids = lambda *f: torch.tensor([f] * H, dtype=torch.int32)
     store.stage(torch.arange(H * 3 * D, dtype=torch.float32).view(H, 3, D), torch.zeros(H, 3, D), ids(0, 0, 0), ids(0, 1, 2), None)
-    store.commit()  # no pruning: a prefix of 3
+    store.keys()
+    store.absorb_scores(torch.zeros(H, 3), 0, 0, 1.0)  # (the attention's mass, as a step hands it over)
+    commit_layers([store])  # no pruning: a prefix of 3
     assert store.num_tokens == 3 and store.prefix and torch.equal(store.frame[:, :3], ids(0, 0, 0))
     new_k = 100 + torch.arange(H * 2 * D, dtype=torch.float32).view(H, 2, D)
     store.stage(new_k, torch.zeros(H, 2, D), ids(1, 1), ids(0, 1), None)
+    store.keys()
+    store.absorb_scores(torch.zeros(H, 5), 0, 0, 1.0)
     assert store.num_tokens == 5
     first_new = S + 1  # combined index of staged token 0
     # head 0 evicts slot 1 and staged token 1; head 1 evicts slots 0 and 2 and keeps both staged
     kept = torch.tensor([[0, 2, first_new, 3], [1, first_new, first_new + 1, 3]])
     evicted = torch.tensor([[1, first_new + 1], [0, 2]])
-    store.commit(kept[:, :3], evicted)
+    commit_layers([store], kept[None, :, :3], evicted[None])
     assert store.num_tokens == 3 and not store.prefix and store.staged is None
     assert torch.equal(store.frame[0], torch.tensor([0, 1, 0, -1, -1], dtype=torch.int32))  # staged 0 -> slot 1
     assert torch.equal(store.k[0, 1], new_k[0, 0])
@@ -141,15 +145,29 @@ def test_commit_places_kept_staged_tokens_and_sinks_the_rest():
 
 def test_a_stream_ends_each_step_of_all_layers_at_once(tiny_model, frames, monkeypatch):
     """A stream's slot stores are views of one arena, and the end of a step (evictions or not)
-    takes the evicted tokens of every layer and writes every layer at once: the per-layer take and
-    commit never run. Between steps the step's staged buffer is gone."""
+    takes the evicted tokens of every layer and writes every layer at once: one take and one write
+    per step, on [layers, heads, ...] tensors. Between steps the step's staged buffer is gone."""
     stream = Stream(tiny_model, cache=config("stac", "slots"))
-    monkeypatch.setattr(SlotLayerTokens, "commit", lambda *a, **k: pytest.fail("per-layer commit"))
-    monkeypatch.setattr(SlotLayerTokens, "take", lambda *a, **k: pytest.fail("per-layer take"))
+    calls = []
+
+    def counted(name):
+        original = getattr(slot_store, name)
+
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(slot_store, "_commit", counted("_commit"))
+    monkeypatch.setattr(stac, "take_layers", counted("take_layers"))
     start = 0
     for n in CHUNKS[:8]:
+        calls.clear()
+        evicted = stream.cache.evicted_tokens
         stream.push(frames[start : start + n])
         start += n
+        evicting = stream.cache.evicted_tokens > evicted
+        assert calls == (["take_layers", "_commit"] if evicting else ["_commit"])
         stores = list(stream.cache.layers.values())
         arena = stores[0].arena
         assert all(s.arena is arena for s in stores) and [s.layer for s in stores] == list(range(len(stores)))
