@@ -8,10 +8,10 @@ renderer as deploy/nginx/nginx.conf). The asyncio fleet runs 8 streams through i
   and Triton's request counters add up to exactly the streams routed there; the sum over replicas
   equals what the fleet sent; frame indices run 0..M-1 without a break (a split stream would
   have been refused by the second replica);
-- outputs equal the in-process engine's (<= 1e-4);
+- outputs equal the in-process engine's (within ``MATCH_TOL``, see there);
 - a replica killed (SIGKILL) mid-run: its streams get a clear error, restart with a new START
   and complete on the survivor (outputs equal a fresh stream from the restart frame); the other
-  streams never notice (no error, no restart, continuous indices, exact outputs).
+  streams never notice (no error, no restart, continuous indices, outputs equal the engine's).
 
 Skipped only when nginx or the serving extras are missing (.ci/run installs nginx).
 """
@@ -52,6 +52,13 @@ if find_nginx() is None:
 CACHE = {"policy": "stac", "retrieval_start_frame": 8, "voxel_size": 0.01, "conf_threshold": 0.0}
 H, W, CHUNK = 56, 84, 4
 KEYS = ("depth", "depth_conf", "world_points", "pose_enc", "extrinsics")
+# Replica outputs against the in-process engine. Batches form differently in a replica (other GEMM
+# shapes), which on some CPUs adds float noise of ~1e-6; STAC's retrieval takes the pivots nearest
+# the camera, and on a near-tie that noise tips the choice: stream 5006's random frames then move
+# pose_enc by 3e-4 (seen in CI), and under 1e-7 input noise the streams of these tests move by up to
+# 1e-3. A stream whose state leaked into another, was lost or restarted moves pose_enc by > 0.1 and
+# extrinsics by > 0.4, so a bound between the two still catches every such failure.
+MATCH_TOL = 5e-3
 COUNTERS = ("stac_streams_started_total", "stac_frames_total", "stac_failed_requests_total",
             "nv_inference_request_success", "nv_inference_request_failure")
 
@@ -144,7 +151,17 @@ def assert_outputs_equal(record, frames, model, segment_start: int = 0):
         assert got["frame_index"].tolist() == exp["frame_index"].tolist()
         for key in KEYS:
             diff = float(np.abs(got[key] - exp[key]).max())
-            assert diff <= 1e-4, f"stream {record.stream_id} {key} differs by {diff}"
+            assert diff <= MATCH_TOL, f"stream {record.stream_id} {key} differs by {diff}"
+
+
+def test_match_tolerance_catches_a_stream_that_lost_its_state(model):
+    """MATCH_TOL is loose enough for retrieval near-ties and still fails a stream restarted mid-way."""
+    frames = make_frames(5106, 32, H, W, "random")
+    whole = reference(model, frames)
+    restarted = reference(model, frames[16:])
+    for kept, lost in zip(whole[4:], restarted):
+        assert np.abs(kept["pose_enc"] - lost["pose_enc"]).max() > 10 * MATCH_TOL
+        assert np.abs(kept["extrinsics"] - lost["extrinsics"]).max() > 10 * MATCH_TOL
 
 
 def test_streams_stick_to_one_replica_and_match_the_engine(cluster, model):
@@ -220,7 +237,7 @@ def test_killed_replica_streams_restart_on_the_survivor(cluster, model):
         print(r.stream_id, r.segments, r.restart_reasons)
     assert result.errors == 0, result.table()
 
-    for sid in chosen[survivor]:  # untouched: no error, no restart, one continuous segment, exact outputs
+    for sid in chosen[survivor]:  # untouched: no error, no restart, one continuous segment, the engine's outputs
         r = by_id[sid]
         assert r.completed and r.restarts == 0 and r.index_breaks == 0 and r.segments == [0], r.summary()
         assert_outputs_equal(r, frames[sid], model)
