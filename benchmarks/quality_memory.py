@@ -18,7 +18,11 @@ trunk's cache of 64 frames is counted in every bound):
   budget's rest in its pool, to compare ways of spending one budget (on validation scenes,
   ``--split validation``, so that no setting is chosen on the held-out ones);
 - ``stac_no_retrieval`` (an ablation, only when asked for): ``stac``'s setting at that budget
-  with ``retrieval=0``, so the same hot cache with nothing brought back from the pool.
+  with ``retrieval=0``, so the same hot cache with nothing brought back from the pool;
+- ``stac_true_geometry`` (an ablation, only when asked for): ``stac``'s setting at that budget,
+  its cache placing tokens in voxels and finding the ones near the camera by the ground-truth
+  points of each frame instead of the point head's (everything the model outputs is its own), so
+  what the spatial memory brings when its geometry is right.
 A budget too small for a policy's smallest setting is reported as not fitting. The full cache is
 run once as the reference. Scenes are held out (seeds from 1,000,000); no setting is tuned on them
 (``--split validation``, seeds from 2,000,000, is where settings are compared).
@@ -31,6 +35,7 @@ alignment, so drift away from the first lap's map counts against it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -56,6 +61,11 @@ BOUNDED = ("window", "sink_window", "heavy_hitter", "stac")
 # but nothing retrieved from its pool, i.e. its hot cache alone. Against stac at the same budget it
 # shows what the retrieved pivots add or cost.
 ABLATION = "stac_no_retrieval"
+# The other ablation (--policies stac_true_geometry): stac whose cache takes the ground-truth points
+# in place of the point head's. Against stac it separates the spatial memory from the model's
+# geometry: a model whose points are off pools tokens in the wrong voxels and retrieves the wrong ones.
+TRUE_GEOMETRY = "stac_true_geometry"
+ABLATIONS = (ABLATION, TRUE_GEOMETRY)
 STAC_HOT_SETTINGS = ((4, 2, 2), (4, 1, 2), (4, 0, 2), (4, 0, 1))  # (window, hh, retrieval), preferred first
 SHOWN = (("comp_mean", "comp (m)"), ("acc_mean", "acc (m)"), ("ate_rmse", "ATE (m)"), ("abs_rel", "Abs Rel"))
 # The points unprojected from predicted depth and cameras (score_prediction's second point score),
@@ -102,6 +112,8 @@ def config_for_budget(policy: str, budget: int, model, tokens_per_frame: int, ch
         config = CacheConfig(policy="stac", chunk=chunk, window=max(window, chunk), hh=hh, retrieval=retrieval,
                              max_voxels=None, memory_budget_bytes=budget, **stac_overrides)
         return config if fits(config) else None
+    if policy == TRUE_GEOMETRY:  # stac's setting at this budget; the geometry is swapped in while streaming
+        return config_for_budget("stac", budget, model, tokens_per_frame, chunk, frames, stac_overrides)
     if policy == ABLATION:  # stac's setting at this budget, its spatial memory never read
         config = config_for_budget("stac", budget, model, tokens_per_frame, chunk, frames, stac_overrides)
         return None if config is None else config.replace(retrieval=0)
@@ -113,6 +125,28 @@ def config_for_budget(policy: str, budget: int, model, tokens_per_frame: int, ch
                 return config
         return None
     raise ValueError(f"not a bounded policy: {policy}")
+
+
+def use_true_geometry(seq):
+    """A ``stream_sequence`` hook: the stream's stac cache ends each step with the ground-truth
+    points of the step's frames (NaN where the ground truth has none) in place of the point head's,
+    at a confidence above any bar. The model's outputs are untouched; only where the cache pools
+    and retrieves tokens changes. Ground truth and predictions share camera 0's frame in metres."""
+    truth = torch.where(seq.valid[..., None], seq.world_points.float(), torch.full_like(seq.world_points.float(), float("nan")))
+
+    def prepare(stream) -> None:
+        cache = stream.cache
+        end_step = cache.end_step
+
+        def end_step_with_true_points(info):
+            frames = slice(info.frame_offset, info.frame_offset + info.num_frames)
+            points = truth[frames].to(info.world_points.device)[None]
+            confident = torch.full(points.shape[:-1], 1e6, device=points.device)
+            return end_step(dataclasses.replace(info, world_points=points, world_points_conf=confident))
+
+        cache.end_step = end_step_with_true_points
+
+    return prepare
 
 
 def main() -> int:
@@ -165,9 +199,9 @@ def main() -> int:
     stac_overrides = json.loads(args.stac_overrides)
     fractions = [float(f) for f in args.budgets.split(",")]
     policies = [n.strip() for n in args.policies.split(",") if n.strip()]
-    unknown = [n for n in policies if n not in BOUNDED + (ABLATION,) and not re.fullmatch(r"stac:\d+/\d+/\d+", n)]
+    unknown = [n for n in policies if n not in BOUNDED + ABLATIONS and not re.fullmatch(r"stac:\d+/\d+/\d+", n)]
     if unknown:
-        p.error(f"unknown policies {unknown}: choose from {', '.join(BOUNDED + (ABLATION,))} or stac:WINDOW/HH/RETRIEVAL")
+        p.error(f"unknown policies {unknown}: choose from {', '.join(BOUNDED + ABLATIONS)} or stac:WINDOW/HH/RETRIEVAL")
     frames = args.lap_frames * args.laps
     tokens = model.config.tokens_per_frame(args.height, args.width)
     dtype = next(model.parameters()).dtype
@@ -202,7 +236,8 @@ def main() -> int:
                 runs.append(row | {"fits": False})
                 print(f"seed {seed} {policy} @ {fraction:.0%}: smallest setting does not fit", file=sys.stderr)
                 continue
-            pred, info = stream_sequence(model, seq.images, config)
+            prepare = use_true_geometry(seq) if policy == TRUE_GEOMETRY else None
+            pred, info = stream_sequence(model, seq.images, config, prepare=prepare)
             metrics = score_prediction(pred, gt, settings, segments)
             # by the policy the config runs (stac for the ablation and the chosen hot caches too)
             relevant = {"full": (), "window": ("window",), "sink_window": ("window",), "heavy_hitter": ("window", "hh"),

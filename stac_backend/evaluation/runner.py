@@ -36,9 +36,13 @@ def policy_configs(names: Optional[list[str]] = None, chunk: int = 4,
             for name in names}
 
 
-def stream_sequence(model, images: torch.Tensor, config: CacheConfig) -> tuple[dict[str, torch.Tensor], dict]:
-    """Stream ``images`` ``[S, 3, H, W]`` under ``config``; outputs on the CPU in float32, and stats."""
+def stream_sequence(model, images: torch.Tensor, config: CacheConfig,
+                    prepare: Optional[Callable[[Stream], None]] = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Stream ``images`` ``[S, 3, H, W]`` under ``config``; outputs on the CPU in float32, and stats.
+    ``prepare`` gets the new stream before its first frame (ablations use it to alter its cache)."""
     stream = Stream(model, cache=config)
+    if prepare is not None:
+        prepare(stream)
     device = next(model.parameters()).device
     kept: dict[str, list[torch.Tensor]] = {k: [] for k in KEPT_OUTPUTS}
     peak = 0

@@ -78,3 +78,34 @@ def test_a_chosen_stac_hot_cache_gets_the_rest_of_the_budget_in_its_pool(bench, 
     assert (config.policy, config.window, config.hh, config.retrieval) == ("stac", 4, 8, 2)
     assert config.memory_budget_bytes == budget and bench.bound_of(config, tiny_model, tokens) <= budget
     assert bench.config_for_budget(f"stac:4/{frames}/2", budget, tiny_model, tokens, 4, frames, {}) is None  # too big
+
+
+def test_the_true_geometry_ablation_pools_tokens_at_the_ground_truth_points(bench, tiny_model):
+    """stac's setting; its cache's token positions are the ground truth's, while the outputs stay the
+    model's own (before anything is retrieved they equal plain stac's)."""
+    import torch
+
+    from stac_backend.cache.stac import patch_positions
+    from stac_backend.engine import Stream
+
+    frames, tokens = 400, tiny_model.config.tokens_per_frame(56, 84)
+    budget = int(0.1 * full_cache_bytes_per_frame(tiny_model.config, 56, 84) * frames)
+    config = bench.config_for_budget(bench.TRUE_GEOMETRY, budget, tiny_model, tokens, 4, frames, {"conf_threshold": 2.0})
+    assert config is not None and config.policy == "stac" and config.retrieval > 0
+    assert config == bench.config_for_budget("stac", budget, tiny_model, tokens, 4, frames, {"conf_threshold": 2.0})
+    seq = bench.revisit_loop(8, 2, 56, 84, seed=1_000_000)
+    plain, swapped = Stream(tiny_model, cache=config), Stream(tiny_model, cache=config)
+    bench.use_true_geometry(seq)(swapped)
+    with torch.inference_mode():
+        want, got = plain.push(seq.images[:4]), swapped.push(seq.images[:4])
+    for key in ("depth", "world_points", "pose_enc"):
+        assert torch.equal(want[key], got[key])
+    frame, position = next(iter(swapped.cache.layers.values())).head_tokens(0)
+    truth = torch.where(seq.valid[:4, ..., None], seq.world_points[:4].float(), torch.tensor(float("nan")))
+    psi = tiny_model.config.patch_start_idx
+    expected = patch_positions(truth, torch.full(truth.shape[:-1], 1e6), (14, 14), config.conf_threshold)
+    patches = position.reshape(-1, tokens, 3)[:, psi:]  # the step's 4 frames, in order
+    assert frame.reshape(-1, tokens)[:, 0].tolist() == [0, 1, 2, 3]
+    torch.testing.assert_close(patches, expected, equal_nan=True)
+    model_points = next(iter(plain.cache.layers.values())).head_tokens(0)[1].reshape(-1, tokens, 3)[:, psi:]
+    assert not torch.allclose(model_points.nan_to_num(), patches.nan_to_num())  # the swap changed something
