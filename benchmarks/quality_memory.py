@@ -67,7 +67,10 @@ ABLATION = "stac_no_retrieval"
 TRUE_GEOMETRY = "stac_true_geometry"
 ABLATIONS = (ABLATION, TRUE_GEOMETRY)
 STAC_HOT_SETTINGS = ((4, 2, 2), (4, 1, 2), (4, 0, 2), (4, 0, 1))  # (window, hh, retrieval), preferred first
-SHOWN = (("comp_mean", "comp (m)"), ("acc_mean", "acc (m)"), ("ate_rmse", "ATE (m)"), ("abs_rel", "Abs Rel"))
+# "overall" is the mean of accuracy and completeness (DTU's overall, a Chamfer distance): the two
+# trade against each other through the Sim(3) scale that aligns a cloud, their mean much less.
+SHOWN = (("comp_mean", "comp (m)"), ("acc_mean", "acc (m)"), ("overall", "overall (m)"), ("ate_rmse", "ATE (m)"),
+         ("abs_rel", "Abs Rel"))
 # The points unprojected from predicted depth and cameras (score_prediction's second point score),
 # tabled for the whole stream where every run has them (files from before it was scored lack them).
 SHOWN_FROM_DEPTH = (("depth_points_comp_mean", "comp, depth + cameras (m)"),
@@ -273,10 +276,16 @@ def summarize(report: dict) -> dict:
             entry["settings"] = runs[0]["settings"]
             entry["bound_bytes"] = max(r["cache_bytes_bound"] or r["peak_cache_bytes"] for r in runs)
             entry["peak_bytes"] = max(r["peak_cache_bytes"] for r in runs)
-            entry["metrics"] = {seg: {k: sum(r["metrics"][seg][k] for r in runs) / len(runs) for k in runs[0]["metrics"][seg]}
-                                for seg in runs[0]["metrics"]}
+            scores = [{seg: with_overall(m) for seg, m in r["metrics"].items()} for r in runs]
+            entry["metrics"] = {seg: {k: sum(s[seg][k] for s in scores) / len(scores) for k in scores[0][seg]}
+                                for seg in scores[0]}
         summary.append(entry)
     return {"rows": summary}
+
+
+def with_overall(metrics: dict) -> dict:
+    """One segment's scores plus ``overall``, the mean of accuracy and completeness."""
+    return metrics | {"overall": 0.5 * (metrics["acc_mean"] + metrics["comp_mean"])}
 
 
 def table(report: dict) -> str:
@@ -325,7 +334,7 @@ def plot(report: dict, path: Path) -> None:
     rows = [r for r in report["summary"]["rows"] if r["fits"]]
     full = next((r for r in rows if r["policy"] == "full"), None)
     panels = [("all", k, t) for k, t in SHOWN] + [("lap_2", k, t) for k, t in SHOWN if k != "abs_rel"]
-    fig, axes = plt.subplots(2, 4, figsize=(15, 6.5))
+    fig, axes = plt.subplots(2, 5, figsize=(18, 6.5))
     for ax, (segment, key, title) in zip(axes.flat, panels):
         for policy in dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full"):
             points = sorted((100 * r["bound_bytes"] / report["full_cache_bytes_at_length"], r["metrics"][segment][key])

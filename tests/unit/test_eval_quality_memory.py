@@ -45,7 +45,7 @@ def test_a_budget_below_the_smallest_setting_does_not_fit(bench, tiny_model):
 
 
 def _report(with_depth_points: bool) -> dict:
-    metrics = {"comp_mean": 0.5, "acc_mean": 0.25, "ate_rmse": 1.0, "abs_rel": 0.08}
+    metrics = {"comp_mean": 0.5, "acc_mean": 0.25, "overall": 0.375, "ate_rmse": 1.0, "abs_rel": 0.08}
     if with_depth_points:
         metrics |= {"depth_points_comp_mean": 0.125, "depth_points_acc_mean": 0.375}
     row = {"policy": "stac", "budget_fraction": 0.1, "fits": True, "settings": {"window": 4, "hh": 1}, "bound_bytes": 2**20,
@@ -109,3 +109,16 @@ def test_the_true_geometry_ablation_pools_tokens_at_the_ground_truth_points(benc
     torch.testing.assert_close(patches, expected, equal_nan=True)
     model_points = next(iter(plain.cache.layers.values())).head_tokens(0)[1].reshape(-1, tokens, 3)[:, psi:]
     assert not torch.allclose(model_points.nan_to_num(), patches.nan_to_num())  # the swap changed something
+
+
+def test_the_summary_adds_overall_the_mean_of_accuracy_and_completeness(bench):
+    def run(seed_acc, seed_comp):
+        scores = {"acc_mean": seed_acc, "comp_mean": seed_comp, "ate_rmse": 1.0}
+        return {"policy": "stac", "budget_fraction": 0.1, "fits": True, "settings": {}, "cache_bytes_bound": 1,
+                "peak_cache_bytes": 1, "metrics": {"all": scores, "lap_2": dict(scores)}}
+
+    report = {"sequences": [{"seed": 1, "runs": [run(0.25, 0.75)]}, {"seed": 2, "runs": [run(0.5, 1.5)]}]}
+    (row,) = bench.summarize(report)["rows"]
+    assert row["metrics"]["all"] == {"acc_mean": 0.375, "comp_mean": 1.125, "ate_rmse": 1.0, "overall": 0.75}
+    assert row["metrics"]["lap_2"]["overall"] == 0.75
+    assert "overall" not in report["sequences"][0]["runs"][0]["metrics"]["all"]  # the runs as measured stay as they are
