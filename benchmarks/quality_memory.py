@@ -135,7 +135,8 @@ def use_true_geometry(seq):
     points of the step's frames (NaN where the ground truth has none) in place of the point head's,
     at a confidence above any bar. The model's outputs are untouched; only where the cache pools
     and retrieves tokens changes. Ground truth and predictions share camera 0's frame in metres."""
-    truth = torch.where(seq.valid[..., None], seq.world_points.float(), torch.full_like(seq.world_points.float(), float("nan")))
+    points = seq.world_points.float()
+    truth = torch.where(seq.valid[..., None], points, torch.full_like(points, float("nan")))
 
     def prepare(stream) -> None:
         cache = stream.cache

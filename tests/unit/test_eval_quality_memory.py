@@ -112,8 +112,8 @@ def test_the_true_geometry_ablation_pools_tokens_at_the_ground_truth_points(benc
 
 
 def test_the_summary_adds_overall_the_mean_of_accuracy_and_completeness(bench):
-    def run(seed_acc, seed_comp):
-        scores = {"acc_mean": seed_acc, "comp_mean": seed_comp, "ate_rmse": 1.0}
+    def run(acc, comp):
+        scores = {"acc_mean": acc, "comp_mean": comp, "ate_rmse": 1.0}
         return {"policy": "stac", "budget_fraction": 0.1, "fits": True, "settings": {}, "cache_bytes_bound": 1,
                 "peak_cache_bytes": 1, "metrics": {"all": scores, "lap_2": dict(scores)}}
 
