@@ -281,12 +281,50 @@ def summarize(report: dict) -> dict:
             entry["metrics"] = {seg: {k: sum(s[seg][k] for s in scores) / len(scores) for k in scores[0][seg]}
                                 for seg in scores[0]}
         summary.append(entry)
-    return {"rows": summary}
+    return {"rows": summary, "scenes": compare_scenes(report)}
+
+
+def compare_scenes(report: dict) -> dict:
+    """What the means hide: per (policy, budget), each scene's change against its own full cache
+    (relative, on accuracy, completeness, overall and ATE) and how many scenes are within 5% of it
+    on accuracy, completeness and ATE; per budget, how many scenes each bounded policy has the best
+    revisit-lap overall and ATE on."""
+    changes: dict[str, dict] = {}
+    best: dict[str, dict] = {}
+    keys = ("acc_mean", "comp_mean", "overall", "ate_rmse")
+    for seq in report["sequences"]:
+        runs = {(r["policy"], r["budget_fraction"]): r for r in seq["runs"] if r.get("fits")}
+        if ("full", None) not in runs:
+            continue
+        full = with_overall(runs[("full", None)]["metrics"]["all"])
+        for (policy, fraction), run in runs.items():
+            if policy == "full":
+                continue
+            m = with_overall(run["metrics"]["all"])
+            entry = changes.setdefault(f"{policy} @ {fraction:g}", {k: [] for k in keys} | {"within_5pct": 0, "scenes": 0})
+            relative = {k: m[k] / full[k] - 1 for k in keys}
+            for k in keys:
+                entry[k].append(relative[k])
+            entry["scenes"] += 1
+            entry["within_5pct"] += all(relative[k] <= 0.05 for k in ("acc_mean", "comp_mean", "ate_rmse"))
+        for fraction in {f for (p, f) in runs if p in BOUNDED and f is not None}:
+            lap = {p: with_overall(runs[(p, fraction)]["metrics"]["lap_2"]) for p in BOUNDED if (p, fraction) in runs}
+            counts = best.setdefault(f"{fraction:g}", {"overall": {}, "ate_rmse": {}})
+            for k in counts:
+                winner = min(lap, key=lambda p: lap[p][k])
+                counts[k][winner] = counts[k].get(winner, 0) + 1
+    ranges = {name: {k: [min(v[k]), max(v[k])] for k in keys} | {"within_5pct": v["within_5pct"], "scenes": v["scenes"]}
+              for name, v in changes.items()}
+    return {"change_against_full": ranges, "best_on_revisit_lap": dict(sorted(best.items(), key=lambda kv: float(kv[0])))}
 
 
 def with_overall(metrics: dict) -> dict:
-    """One segment's scores plus ``overall``, the mean of accuracy and completeness."""
-    return metrics | {"overall": 0.5 * (metrics["acc_mean"] + metrics["comp_mean"])}
+    """One segment's scores plus ``overall``, the mean of accuracy and completeness (and the same
+    of the points from depth + cameras where they were scored)."""
+    added = {"overall": 0.5 * (metrics["acc_mean"] + metrics["comp_mean"])}
+    if "depth_points_acc_mean" in metrics:
+        added["depth_points_overall"] = 0.5 * (metrics["depth_points_acc_mean"] + metrics["depth_points_comp_mean"])
+    return metrics | added
 
 
 def table(report: dict) -> str:

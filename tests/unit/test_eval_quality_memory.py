@@ -122,3 +122,28 @@ def test_the_summary_adds_overall_the_mean_of_accuracy_and_completeness(bench):
     assert row["metrics"]["all"] == {"acc_mean": 0.375, "comp_mean": 1.125, "ate_rmse": 1.0, "overall": 0.75}
     assert row["metrics"]["lap_2"]["overall"] == 0.75
     assert "overall" not in report["sequences"][0]["runs"][0]["metrics"]["all"]  # the runs as measured stay as they are
+
+
+def test_the_scene_comparison_gives_each_scenes_change_against_its_own_full_cache(bench):
+    def run(policy, fraction, acc, comp, ate, lap_ate):
+        return {"policy": policy, "budget_fraction": fraction, "fits": True, "settings": {}, "cache_bytes_bound": 1,
+                "peak_cache_bytes": 1, "metrics": {"all": {"acc_mean": acc, "comp_mean": comp, "ate_rmse": ate},
+                                                   "lap_2": {"acc_mean": acc, "comp_mean": comp, "ate_rmse": lap_ate}}}
+
+    scenes = [
+        [run("full", None, 1.0, 1.0, 1.0, 1.0), run("stac", 0.1, 1.04, 0.5, 1.0, 0.5), run("window", 0.1, 2.0, 2.0, 2.0, 0.25)],
+        [run("full", None, 2.0, 2.0, 2.0, 2.0), run("stac", 0.1, 3.0, 2.0, 2.0, 2.0), run("window", 0.1, 2.0, 4.0, 2.0, 4.0)],
+    ]
+    report = {"sequences": [{"seed": i, "runs": runs} for i, runs in enumerate(scenes)]}
+    compared = bench.compare_scenes(report)
+    stac = compared["change_against_full"]["stac @ 0.1"]
+    assert stac["acc_mean"] == pytest.approx([0.04, 0.5]) and stac["comp_mean"] == pytest.approx([-0.5, 0.0])
+    assert stac["overall"] == pytest.approx([-0.23, 0.25]) and stac["ate_rmse"] == [0.0, 0.0]
+    assert (stac["within_5pct"], stac["scenes"]) == (1, 2)  # the first scene only (the second is 50% less accurate)
+    assert compared["best_on_revisit_lap"] == {"0.1": {"overall": {"stac": 2}, "ate_rmse": {"window": 1, "stac": 1}}}
+
+
+def test_overall_of_the_points_from_depth_where_they_were_scored(bench):
+    scores = {"acc_mean": 0.25, "comp_mean": 0.75, "depth_points_acc_mean": 0.5, "depth_points_comp_mean": 1.5}
+    assert bench.with_overall(scores)["depth_points_overall"] == 1.0
+    assert "depth_points_overall" not in bench.with_overall({"acc_mean": 0.25, "comp_mean": 0.75})
