@@ -16,9 +16,11 @@ convention): depth, world points and the 9-number pose encoding. Losses:
   gradient term on depth, as VGGT trains its dense heads.
 
 Scenes are pre-rendered into a pool (``--pool`` sequences of ``--pool-frames`` frames, different
-seeds, all three trajectory kinds) and training samples random windows from it; no pool renders a
-held-out scene (seeds 1,000,000 to 1,009,999, which the quality benchmarks score) or a validation
-scene (2,000,000 to 2,009,999, where checkpoints are compared). Checkpoints (``last.pt``: weights +
+seeds, all three trajectory kinds) and training samples random windows from it (with
+``--revisit-fraction``, that share of them driving more than once around a pooled loop, so that
+the model sees places come back); no pool renders a held-out scene (seeds 1,000,000 to 1,009,999,
+which the quality benchmarks score) or a validation scene (2,000,000 to 2,009,999, where
+checkpoints are compared). Checkpoints (``last.pt``: weights +
 optimizer + step, loadable with weights_only=True) are written every ``--save-every`` steps and at
 the end; ``model.safetensors`` holds the weights and config for serving. With ``--ema DECAY`` the
 run also keeps an exponential moving average of the weights (``model_ema*.safetensors``, and in
@@ -76,14 +78,42 @@ def render_pool(count: int, frames: int, height: int, width: int, device: str, s
     return {k: torch.stack(v) for k, v in parts.items()}
 
 
-def sample_batch(pool, batch: int, frames: int, generator: random.Random, max_stride: int = 2):
+def loop_rows(count: int) -> list[int]:
+    """The pool rows ``render_pool`` renders as one closed lap of the ``loop`` trajectory."""
+    return [i for i in range(count) if TRAJECTORIES[i % len(TRAJECTORIES)] == "loop"]
+
+
+def revisit_window(total: int, frames: int, generator: random.Random) -> list[int]:
+    """Frame indices of a window that drives more than once around a one-lap loop of ``total``
+    frames: the smallest stride that covers 1.25 laps in ``frames`` frames, wrapping past the
+    lap's end (its last frame is its first, so the lap has ``total - 1`` distinct frames). With
+    an odd lap and stride 2 the second lap falls between the first's frames, as the held-out
+    revisit loops do (``evaluation.synthetic.revisit_loop``)."""
+    lap = total - 1
+    if frames < 2 or lap < 2:
+        raise ValueError(f"a revisit window needs >= 2 frames from a lap of >= 3, got {frames} from {total}")
+    stride = max(1, math.ceil(1.25 * lap / (frames - 1)))
+    start = generator.randrange(lap)
+    return [(start + stride * k) % lap for k in range(frames)]
+
+
+def sample_batch(pool, batch: int, frames: int, generator: random.Random, max_stride: int = 2,
+                 revisit_fraction: float = 0.0):
     """``batch`` windows of ``frames`` frames, every 1st..``max_stride``-th frame of a pooled
     sequence (stride 1 twice as likely as each other): longer strides make windows that span a
-    loop, so the model learns to use frames far back in its cache."""
+    loop, so the model learns to use frames far back in its cache. A ``revisit_fraction`` of the
+    windows instead drives more than once around a pooled loop (``revisit_window``), so that late
+    frames come back to places the window's first frames saw: what a bounded cache's spatial
+    memory is for, and what windows shorter than a lap never show the model."""
     n, total = pool["images"].shape[:2]
     strides = (1,) + tuple(range(1, max_stride + 1))
+    loops = loop_rows(n)
     rows, cols = [], []
     for _ in range(batch):
+        if loops and revisit_fraction > 0 and generator.random() < revisit_fraction:
+            rows.append(generator.choice(loops))
+            cols.append(revisit_window(total, frames, generator))
+            continue
         stride = min(generator.choice(strides), max(1, (total - 1) // max(1, frames - 1)))
         start = generator.randrange(0, total - stride * (frames - 1))
         rows.append(generator.randrange(n))
@@ -181,6 +211,8 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=8, help="frames per training window")
     p.add_argument("--chunk", type=int, default=4)
     p.add_argument("--max-stride", type=int, default=2, help="windows take every 1st..Nth frame of a pooled sequence")
+    p.add_argument("--revisit-fraction", type=float, default=0.0,
+                   help="share of windows that drive more than once around a pooled loop (0: none)")
     p.add_argument("--conf-alpha", type=float, default=1.0, help="confidence regulariser: conf 2 = alpha/2 relative error")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--pool", type=int, default=384, help="pre-rendered training sequences")
@@ -197,6 +229,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not 0.0 <= args.ema < 1.0:
         p.error(f"--ema must be in [0, 1), got {args.ema}")
+    if not 0.0 <= args.revisit_fraction <= 1.0:
+        p.error(f"--revisit-fraction must be in [0, 1], got {args.revisit_fraction}")
+    if args.revisit_fraction > 0 and not loop_rows(args.pool):
+        p.error("--revisit-fraction needs a pool with a loop sequence (--pool >= 1)")
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -232,7 +268,7 @@ def main(argv=None) -> int:
         lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / args.max_steps))))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = sample_batch(pool, args.batch, args.frames, rng, args.max_stride)
+        batch = sample_batch(pool, args.batch, args.frames, rng, args.max_stride, args.revisit_fraction)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             losses = compute_losses(model, batch, args.chunk, args.conf_alpha)
         optimizer.zero_grad(set_to_none=True)

@@ -10,7 +10,8 @@ import pytest
 from safetensors.torch import load_file
 
 from stac_backend.data import HELD_OUT_SEED, SPLIT_COUNT, VALIDATION_SEED, split_overlapping
-from stac_backend.training.train import confidence_l1, main, pool_seed0, scene_scale
+from stac_backend.training.train import (TRAJECTORIES, confidence_l1, loop_rows, main, pool_seed0, revisit_window,
+                                         sample_batch, scene_scale)
 
 
 def test_scene_scale_is_the_mean_valid_point_distance():
@@ -46,6 +47,46 @@ def test_two_steps_then_resume(tmp_path):
     assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 2
     assert main(args[:-2] + ["--max-steps", "3", "--resume", str(tmp_path / "run" / "last.pt"), "--out", str(tmp_path / "run2")]) == 0
     assert json.loads((tmp_path / "run2" / "state.json").read_text())["step"] == 3
+
+
+def test_a_revisit_window_goes_more_than_once_around_the_lap_between_its_first_frames():
+    import random
+
+    total = 300  # one closed lap: frame 299 is frame 0, so 299 distinct frames
+    window = revisit_window(total, 256, random.Random(3))
+    assert len(window) == 256 and all(0 <= i < total - 1 for i in window)
+    stride = (window[1] - window[0]) % (total - 1)
+    assert stride == 2  # the smallest covering 1.25 laps
+    assert stride * 255 >= 1.25 * (total - 1)
+    first_lap = set(window[: (total - 1) // 2 + 1])
+    revisits = window[(total - 1) // 2 + 1:]
+    # an odd lap at stride 2: the second time round falls between the first lap's frames
+    assert revisits and not first_lap & set(revisits)
+    with pytest.raises(ValueError, match="revisit window"):
+        revisit_window(2, 8, random.Random(0))
+
+
+def test_revisit_windows_come_from_the_pools_loops_at_the_asked_share():
+    import random
+
+    n, total = 6, 40
+    rows = torch.arange(n).view(n, 1).expand(n, total)
+    pool = {"images": torch.zeros(n, total, 1), "row": rows, "frame": torch.arange(total).expand(n, total)}
+    assert [TRAJECTORIES[i % 3] for i in loop_rows(n)] == ["loop", "loop"]
+    batch = sample_batch(pool, 64, 16, random.Random(0), max_stride=1, revisit_fraction=1.0)
+    assert set(batch["row"][:, 0].tolist()) <= set(loop_rows(n))
+    assert all(len(set(r.tolist())) == 16 and max(r.tolist()) < total - 1 for r in batch["frame"])
+    plain = sample_batch(pool, 64, 16, random.Random(0), max_stride=1)
+    assert all(r.tolist() == list(range(r[0], r[0] + 16)) for r in plain["frame"])
+
+
+def test_training_with_revisit_windows_runs_and_refuses_a_bad_share(tmp_path):
+    torch.set_num_threads(1)
+    args = ["--preset", "tiny", "--device", "cpu", "--pool", "3", "--pool-frames", "7", "--batch", "2", "--frames", "4",
+            "--height", "28", "--width", "42", "--max-steps", "1", "--out", str(tmp_path / "run")]
+    assert main(args + ["--revisit-fraction", "1.0"]) == 0
+    with pytest.raises(SystemExit):
+        main(args + ["--revisit-fraction", "1.5"])
 
 
 def test_weight_average_saved_and_resumed(tmp_path):
