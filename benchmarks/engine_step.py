@@ -147,6 +147,15 @@ def gemm_peak_tflops(device, dtype, size: int, repeats: int = 50) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ one variant
+def warmup_spent(warm) -> str:
+    """Why a share can be spent before its first row: the warm-up's compile counts against it, and
+    with a cold Inductor cache (a fresh machine) it can take most of a short share."""
+    if not isinstance(warm, dict) or warm.get("seconds") is None:
+        return ""
+    return (f" (the warm-up took {warm['seconds']:.0f} s; a cold compile cache costs most of it, and a rerun "
+            "that finds the cache loads instead)")
+
+
 def run_variant(args) -> int:
     """The ``--phase variant`` process: one engine's rows, latency and roofline into ``--part-out``."""
     import torch
@@ -189,7 +198,8 @@ def run_variant(args) -> int:
     frames = torch.randint(0, 256, (64, 3, args.height, args.width), dtype=torch.uint8, generator=generator).to(device)
     for n in (int(x) for x in args.streams.split(",")):
         if time.perf_counter() > deadline - args.latency_reserve_s:
-            row = {"streams": n, "status": f"skipped: the variant's time share of {args.deadline_s:.0f} s is spent"}
+            row = {"streams": n, "status": f"skipped: the variant's time share of {args.deadline_s:.0f} s is spent"
+                                            + warmup_spent(warm)}
         else:
             held = [r["cache_bytes_per_stream"] for r in part["rows"] if r.get("status") == "ok"]
             try:

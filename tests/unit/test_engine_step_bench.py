@@ -198,6 +198,8 @@ def test_a_spent_budget_cuts_rows_cleanly(tmp_path):
                        "--latency-frames", "8"]) == 0
     data = json.loads(part.read_text())
     assert [r["status"].startswith("skipped: the variant's time share") for r in data["rows"]] == [True, True]
+    # the skip says what spent the share: the warm-up, whose compile is slow on a cold cache
+    assert all(f"the warm-up took {data['warmup']['seconds']:.0f} s" in r["status"] for r in data["rows"])
     assert data["latency"]["status"].startswith("cut at frame 0") and data["latency"]["samples"] == []
 
 
