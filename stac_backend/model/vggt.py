@@ -65,20 +65,32 @@ class VGGT(nn.Module):
         )
 
     # ------------------------------------------------------------------ offline
-    def forward(self, images: Tensor, chunk_size: Optional[int] = None) -> dict[str, Tensor]:
-        """All frames at once: images [B, S, 3, H, W] (or [S, 3, H, W]) float in [0, 1]."""
+    def forward(self, images: Tensor, chunk_size: Optional[int] = None, frame_mask: Optional[Tensor] = None
+                ) -> dict[str, Tensor]:
+        """All frames at once: images [B, S, 3, H, W] (or [S, 3, H, W]) float in [0, 1].
+
+        ``frame_mask`` ([S, S] or [B, S, S], bool: which frames each frame's tokens may attend to)
+        replaces the global blocks' mask, e.g. to train under what a bounded cache holds; the
+        camera trunk keeps the mask of ``chunk_size``.
+        """
         if images.dim() == 4:
             images = images.unsqueeze(0)
         B, S, _, H, W = images.shape
         global_attention: GlobalAttention = DenseGlobalAttention()
         camera_attention: CameraAttention = DenseCameraAttention()
+        P = self.config.tokens_per_frame(H, W)
         if chunk_size is not None:
             frame_chunk = torch.arange(S, device=images.device) // chunk_size
             camera_mask = frame_chunk[:, None] >= frame_chunk[None, :]
-            P = self.config.tokens_per_frame(H, W)
             token_chunk = frame_chunk.repeat_interleave(P)
             global_attention = DenseGlobalAttention(token_chunk[:, None] >= token_chunk[None, :])
             camera_attention = DenseCameraAttention(camera_mask)
+        if frame_mask is not None:
+            if frame_mask.shape[-2:] != (S, S) or frame_mask.dtype != torch.bool:
+                raise ValueError(f"frame_mask must be bool [S, S] or [B, S, S] with S={S}, got "
+                                 f"{frame_mask.dtype} {tuple(frame_mask.shape)}")
+            tokens = frame_mask.repeat_interleave(P, dim=-2).repeat_interleave(P, dim=-1)
+            global_attention = DenseGlobalAttention(tokens if tokens.dim() == 2 else tokens[:, None])
         return self.forward_step(images, 0, global_attention, camera_attention)
 
     # ------------------------------------------------------------------ streaming

@@ -18,14 +18,16 @@ convention): depth, world points and the 9-number pose encoding. Losses:
 Scenes are pre-rendered into a pool (``--pool`` sequences of ``--pool-frames`` frames, different
 seeds, all three trajectory kinds) and training samples random windows from it (with
 ``--revisit-fraction``, that share of them driving more than once around a pooled loop, so that
-the model sees places come back); no pool renders a held-out scene (seeds 1,000,000 to 1,009,999,
+the model sees places come back; with ``--bounded-fraction``, that share of them attending only to
+what a bounded cache shaped like ``stac``'s would hold, so that it learns to use a few retrieved
+frames instead of the whole past); no pool renders a held-out scene (seeds 1,000,000 to 1,009,999,
 which the quality benchmarks score) or a validation scene (2,000,000 to 2,009,999, where
-checkpoints are compared). Checkpoints (``last.pt``: weights +
-optimizer + step, loadable with weights_only=True) are written every ``--save-every`` steps and at
-the end; ``model.safetensors`` holds the weights and config for serving. With ``--ema DECAY`` the
-run also keeps an exponential moving average of the weights (``model_ema*.safetensors``, and in
-``last.pt`` to resume it): with the small batches of long windows the weights of the last step are
-noisy, and their average is the steadier checkpoint to compare on validation scenes.
+checkpoints are compared). Checkpoints (``last.pt``: weights + optimizer + step, loadable with
+weights_only=True) are written every ``--save-every`` steps and at the end; ``model.safetensors``
+holds the weights and config for serving. With ``--ema DECAY`` the run also keeps an exponential
+moving average of the weights (``model_ema*.safetensors``, and in ``last.pt`` to resume it): with
+the small batches of long windows the weights of the last step are noisy, and their average is the
+steadier checkpoint to compare on validation scenes.
 """
 
 from __future__ import annotations
@@ -184,12 +186,54 @@ def camera_loss(pred, target):
     return (trans + quat_err + 0.5 * fov).mean()
 
 
-def compute_losses(model, batch, chunk: int, conf_alpha: float = 1.0):
+def camera_centres(pose_enc, image_hw) -> torch.Tensor:
+    """World positions [B, S, 3] of the cameras of pose encodings [B, S, 9]."""
+    from ..model.pose import pose_encoding_to_extri_intri
+
+    extr, _ = pose_encoding_to_extri_intri(pose_enc.float(), image_hw)
+    R, t = extr[..., :3, :3], extr[..., :3, 3]
+    return -(R.transpose(-1, -2) @ t[..., None])[..., 0]
+
+
+def bounded_frame_mask(centres, chunk: int, window: int, retrieval: int) -> torch.Tensor:
+    """[B, S, S] bool: the frames a bounded cache shaped like ``stac``'s holds when each chunk runs -
+    its own chunk, frame 0 (pinned), the ``window`` frames before the chunk, and the ``retrieval``
+    older frames whose cameras are nearest the chunk's mean camera position (``centres`` [B, S, 3]),
+    a frame-level stand-in for the pooled tokens ``stac`` retrieves near the camera. Heavy hitters
+    (kept by attention score) are not modelled. Never a later chunk: the mask stays causal."""
+    B, S, _ = centres.shape
+    mask = torch.zeros(B, S, S, dtype=torch.bool, device=centres.device)
+    for start in range(0, S, chunk):
+        stop = min(start + chunk, S)
+        rows = mask[:, start:stop]  # a view: written in place
+        rows[:, :, start:stop] = True
+        rows[:, :, 0] = True
+        rows[:, :, max(0, start - window):start] = True
+        older = start - window  # frames 1 .. older-1 have left the window
+        if retrieval > 0 and older > 1:
+            here = centres[:, start:stop].mean(1)
+            distance = (centres[:, 1:older] - here[:, None]).norm(dim=-1)
+            nearest = distance.topk(min(retrieval, older - 1), dim=1, largest=False).indices + 1
+            rows.scatter_(2, nearest[:, None, :].expand(-1, stop - start, -1), True)
+    return mask
+
+
+def compute_losses(model, batch, chunk: int, conf_alpha: float = 1.0, bounded: tuple[int, int] | None = None,
+                   bounded_rows: torch.Tensor | None = None):
+    """The losses of one batch. With ``bounded`` = (window, retrieval), the samples that
+    ``bounded_rows`` [B] marks run under ``bounded_frame_mask`` instead of the full causal mask."""
     pose_t, points_t = rebase_to_first(batch)
     images = batch["images"].float()
     depth_t = batch["depth"].float()
     valid = batch["valid"] & (depth_t > 0)
-    out = model(images, chunk_size=chunk)
+    frame_mask = None
+    if bounded is not None and bounded_rows is not None and bool(bounded_rows.any()):
+        S = images.shape[1]
+        causal = torch.arange(S, device=images.device) // chunk
+        causal = causal[:, None] >= causal[None, :]
+        limited = bounded_frame_mask(camera_centres(pose_t, images.shape[-2:]), chunk, *bounded)
+        frame_mask = torch.where(bounded_rows.to(images.device)[:, None, None], limited, causal)
+    out = model(images, chunk_size=chunk, frame_mask=frame_mask)
     scale = scene_scale(points_t, valid)
     losses = {
         "camera": camera_loss(out["pose_enc"].float(), pose_t),
@@ -213,6 +257,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-stride", type=int, default=2, help="windows take every 1st..Nth frame of a pooled sequence")
     p.add_argument("--revisit-fraction", type=float, default=0.0,
                    help="share of windows that drive more than once around a pooled loop (0: none)")
+    p.add_argument("--bounded-fraction", type=float, default=0.0,
+                   help="share of windows whose global attention sees only what a stac-shaped bounded cache holds (0: none)")
+    p.add_argument("--bounded-window", type=int, default=4, help="recent frames the bounded mask keeps")
+    p.add_argument("--bounded-retrieval", type=int, default=2,
+                   help="older frames the bounded mask brings back, those whose cameras are nearest")
     p.add_argument("--conf-alpha", type=float, default=1.0, help="confidence regulariser: conf 2 = alpha/2 relative error")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--pool", type=int, default=384, help="pre-rendered training sequences")
@@ -231,6 +280,10 @@ def main(argv=None) -> int:
         p.error(f"--ema must be in [0, 1), got {args.ema}")
     if not 0.0 <= args.revisit_fraction <= 1.0:
         p.error(f"--revisit-fraction must be in [0, 1], got {args.revisit_fraction}")
+    if not 0.0 <= args.bounded_fraction <= 1.0:
+        p.error(f"--bounded-fraction must be in [0, 1], got {args.bounded_fraction}")
+    if args.bounded_window < 0 or args.bounded_retrieval < 0:
+        p.error("--bounded-window and --bounded-retrieval must be >= 0")
     if args.revisit_fraction > 0 and not loop_rows(args.pool):
         p.error("--revisit-fraction needs a pool with a loop sequence (--pool >= 1)")
     torch.manual_seed(args.seed)
@@ -269,8 +322,12 @@ def main(argv=None) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = sample_batch(pool, args.batch, args.frames, rng, args.max_stride, args.revisit_fraction)
+        bounded_rows = None  # drawn only when asked for, so that other runs sample the windows they always did
+        if args.bounded_fraction > 0:
+            bounded_rows = torch.tensor([rng.random() < args.bounded_fraction for _ in range(args.batch)])
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            losses = compute_losses(model, batch, args.chunk, args.conf_alpha)
+            losses = compute_losses(model, batch, args.chunk, args.conf_alpha,
+                                    (args.bounded_window, args.bounded_retrieval), bounded_rows)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -10,8 +10,8 @@ import pytest
 from safetensors.torch import load_file
 
 from stac_backend.data import HELD_OUT_SEED, SPLIT_COUNT, VALIDATION_SEED, split_overlapping
-from stac_backend.training.train import (TRAJECTORIES, confidence_l1, loop_rows, main, pool_seed0, revisit_window,
-                                         sample_batch, scene_scale)
+from stac_backend.training.train import (TRAJECTORIES, bounded_frame_mask, confidence_l1, loop_rows, main, pool_seed0,
+                                         revisit_window, sample_batch, scene_scale)
 
 
 def test_scene_scale_is_the_mean_valid_point_distance():
@@ -124,3 +124,49 @@ def test_training_pools_never_render_held_out_or_validation_scenes():
     assert HELD_OUT_SEED + SPLIT_COUNT <= 1_100_000 and VALIDATION_SEED == 2_000_000
     assert [split_overlapping(s, 1) for s in (999_999, 1_000_000, 1_009_999, 1_010_000, 2_000_003)] == [
         None, "held-out", "held-out", None, "validation"]
+
+
+def test_the_bounded_mask_holds_the_chunk_frame_0_the_window_and_the_nearest_older_frames():
+    # cameras on a line out and back: frame i at x = min(i, 24 - i), so frame 24 - j is where frame j was
+    S, chunk, window, retrieval = 24, 4, 4, 2
+    x = torch.tensor([float(min(i, 24 - i)) for i in range(S)])
+    centres = torch.stack([x, torch.zeros(S), torch.zeros(S)], dim=-1)[None]
+    mask = bounded_frame_mask(centres, chunk, window, retrieval)[0]
+    causal = (torch.arange(S) // chunk)[:, None] >= (torch.arange(S) // chunk)[None, :]
+    assert not (mask & ~causal).any()  # never a later chunk
+    seen = lambda frame: set(torch.nonzero(mask[frame]).flatten().tolist())  # noqa: E731
+    assert seen(0) == {0, 1, 2, 3} and seen(5) == {0, 1, 2, 3, 4, 5, 6, 7}
+    # frames 20-23 sit at x = 4..1, mean 2.5: the nearest frames older than the window (16-19) are 2 and 3
+    assert seen(21) == {0, 2, 3, 16, 17, 18, 19, 20, 21, 22, 23}
+    assert all(len(seen(f)) <= chunk + 1 + window + retrieval for f in range(S))
+    # with a window as long as the stream it is the causal mask
+    assert torch.equal(bounded_frame_mask(centres, chunk, S, retrieval)[0], causal)
+
+
+def test_a_frame_mask_of_the_chunks_is_the_chunked_forward():
+    from stac_backend.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny", seed=0).eval()
+    images = torch.rand(1, 6, 3, 28, 42)
+    chunk = (torch.arange(6) // 2)
+    with torch.no_grad():
+        chunked = model(images, chunk_size=2)
+        masked = model(images, chunk_size=2, frame_mask=chunk[:, None] >= chunk[None, :])
+        batched = model(images, chunk_size=2, frame_mask=(chunk[:, None] >= chunk[None, :])[None])
+        limited = model(images, chunk_size=2, frame_mask=torch.eye(6, dtype=torch.bool))
+    for key in ("pose_enc", "depth", "world_points"):
+        assert torch.equal(chunked[key], masked[key]) and torch.equal(chunked[key], batched[key])
+    assert not torch.allclose(chunked["depth"][:, 2:], limited["depth"][:, 2:])
+    with pytest.raises(ValueError, match="frame_mask"):
+        model(images, chunk_size=2, frame_mask=torch.ones(5, 5, dtype=torch.bool))
+
+
+def test_training_under_the_bounded_mask_runs_and_refuses_a_bad_share(tmp_path):
+    torch.set_num_threads(1)
+    args = ["--preset", "tiny", "--device", "cpu", "--pool", "2", "--pool-frames", "12", "--batch", "2", "--frames", "12",
+            "--chunk", "2", "--height", "28", "--width", "42", "--max-steps", "1", "--bounded-window", "2",
+            "--out", str(tmp_path / "run")]
+    assert main(args + ["--bounded-fraction", "1.0"]) == 0
+    with pytest.raises(SystemExit):
+        main(args + ["--bounded-fraction", "-0.1"])
