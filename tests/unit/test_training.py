@@ -66,7 +66,7 @@ def test_a_revisit_window_goes_more_than_once_around_the_lap_between_its_first_f
         revisit_window(2, 8, random.Random(0))
 
 
-def test_revisit_windows_come_from_the_pools_loops_at_the_asked_share():
+def test_revisit_windows_come_from_the_pools_loops_and_plain_windows_never_wrap():
     import random
 
     n, total = 6, 40
