@@ -34,6 +34,13 @@ OUTPUT_NAMES = (
 )
 
 
+def chunk_causal_mask(num_frames: int, chunk_size: int, device=None) -> Tensor:
+    """[S, S] bool: frame i may attend to frame j when j's chunk is not after i's - what a stream
+    with chunks of ``chunk_size`` frames realises."""
+    chunk = torch.arange(num_frames, device=device) // chunk_size
+    return chunk[:, None] >= chunk[None, :]
+
+
 class VGGT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -80,10 +87,9 @@ class VGGT(nn.Module):
         camera_attention: CameraAttention = DenseCameraAttention()
         P = self.config.tokens_per_frame(H, W)
         if chunk_size is not None:
-            frame_chunk = torch.arange(S, device=images.device) // chunk_size
-            camera_mask = frame_chunk[:, None] >= frame_chunk[None, :]
-            token_chunk = frame_chunk.repeat_interleave(P)
-            global_attention = DenseGlobalAttention(token_chunk[:, None] >= token_chunk[None, :])
+            camera_mask = chunk_causal_mask(S, chunk_size, images.device)
+            tokens = camera_mask.repeat_interleave(P, dim=0).repeat_interleave(P, dim=1)
+            global_attention = DenseGlobalAttention(tokens)
             camera_attention = DenseCameraAttention(camera_mask)
         if frame_mask is not None:
             if frame_mask.shape[-2:] != (S, S) or frame_mask.dtype != torch.bool:

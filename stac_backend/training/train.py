@@ -48,7 +48,8 @@ from ..data import SPLIT_COUNT, SPLITS, make_sequence, split_overlapping
 from ..data.sequence import to_first_camera_frame
 from ..model import build_model, save_checkpoint
 from ..model.checkpoint import read_state_dict
-from ..model.pose import extri_intri_to_pose_encoding
+from ..model.pose import camera_centers, extri_intri_to_pose_encoding, pose_encoding_to_extri_intri
+from ..model.vggt import chunk_causal_mask
 
 TRAJECTORIES = ("loop", "back_and_forth", "random_walk")
 # A training pool never renders a held-out scene (the quality benchmarks') or a validation scene
@@ -127,8 +128,6 @@ def sample_batch(pool, batch: int, frames: int, generator: random.Random, max_st
 
 def rebase_to_first(batch):
     """Re-express a window's targets in its own first frame (the model's world frame)."""
-    from ..model.pose import pose_encoding_to_extri_intri
-
     pose = batch["pose"].float()
     B, S = pose.shape[:2]
     H, W = batch["depth"].shape[-2:]
@@ -186,15 +185,6 @@ def camera_loss(pred, target):
     return (trans + quat_err + 0.5 * fov).mean()
 
 
-def camera_centres(pose_enc, image_hw) -> torch.Tensor:
-    """World positions [B, S, 3] of the cameras of pose encodings [B, S, 9]."""
-    from ..model.pose import pose_encoding_to_extri_intri
-
-    extr, _ = pose_encoding_to_extri_intri(pose_enc.float(), image_hw)
-    R, t = extr[..., :3, :3], extr[..., :3, 3]
-    return -(R.transpose(-1, -2) @ t[..., None])[..., 0]
-
-
 def bounded_frame_mask(centres, chunk: int, window: int, retrieval: int) -> torch.Tensor:
     """[B, S, S] bool: the frames a bounded cache shaped like ``stac``'s holds when each chunk runs -
     its own chunk, frame 0 (pinned), the ``window`` frames before the chunk, and the ``retrieval``
@@ -228,10 +218,9 @@ def compute_losses(model, batch, chunk: int, conf_alpha: float = 1.0, bounded: t
     valid = batch["valid"] & (depth_t > 0)
     frame_mask = None
     if bounded is not None and bounded_rows is not None and bool(bounded_rows.any()):
-        S = images.shape[1]
-        causal = torch.arange(S, device=images.device) // chunk
-        causal = causal[:, None] >= causal[None, :]
-        limited = bounded_frame_mask(camera_centres(pose_t, images.shape[-2:]), chunk, *bounded)
+        causal = chunk_causal_mask(images.shape[1], chunk, images.device)
+        extrinsics, _ = pose_encoding_to_extri_intri(pose_t, images.shape[-2:])
+        limited = bounded_frame_mask(camera_centers(extrinsics), chunk, *bounded)
         frame_mask = torch.where(bounded_rows.to(images.device)[:, None, None], limited, causal)
     out = model(images, chunk_size=chunk, frame_mask=frame_mask)
     scale = scene_scale(points_t, valid)
@@ -284,8 +273,6 @@ def main(argv=None) -> int:
         p.error(f"--bounded-fraction must be in [0, 1], got {args.bounded_fraction}")
     if args.bounded_window < 0 or args.bounded_retrieval < 0:
         p.error("--bounded-window and --bounded-retrieval must be >= 0")
-    if args.revisit_fraction > 0 and not loop_rows(args.pool):
-        p.error("--revisit-fraction needs a pool with a loop sequence (--pool >= 1)")
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
