@@ -85,16 +85,17 @@ class VGGT(nn.Module):
         B, S, _, H, W = images.shape
         global_attention: GlobalAttention = DenseGlobalAttention()
         camera_attention: CameraAttention = DenseCameraAttention()
-        P = self.config.tokens_per_frame(H, W)
+        if frame_mask is not None and (frame_mask.shape[-2:] != (S, S) or frame_mask.dtype != torch.bool):
+            raise ValueError(f"frame_mask must be bool [S, S] or [B, S, S] with S={S}, got "
+                             f"{frame_mask.dtype} {tuple(frame_mask.shape)}")
         if chunk_size is not None:
             camera_mask = chunk_causal_mask(S, chunk_size, images.device)
-            tokens = camera_mask.repeat_interleave(P, dim=0).repeat_interleave(P, dim=1)
-            global_attention = DenseGlobalAttention(tokens)
             camera_attention = DenseCameraAttention(camera_mask)
+            if frame_mask is None:
+                frame_mask = camera_mask
         if frame_mask is not None:
-            if frame_mask.shape[-2:] != (S, S) or frame_mask.dtype != torch.bool:
-                raise ValueError(f"frame_mask must be bool [S, S] or [B, S, S] with S={S}, got "
-                                 f"{frame_mask.dtype} {tuple(frame_mask.shape)}")
+            # expanded to tokens once: [S*P, S*P] is large for long training windows
+            P = self.config.tokens_per_frame(H, W)
             tokens = frame_mask.repeat_interleave(P, dim=-2).repeat_interleave(P, dim=-1)
             global_attention = DenseGlobalAttention(tokens if tokens.dim() == 2 else tokens[:, None])
         return self.forward_step(images, 0, global_attention, camera_attention)
