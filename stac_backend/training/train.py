@@ -10,7 +10,11 @@ The model is trained exactly as it streams: one batched forward under the block-
 chunks of ``--chunk`` frames (frames see earlier chunks and their own chunk), so the trained model
 is consistent with ``Stream``. Targets are metric and in the first camera's frame (VGGT's
 convention): depth, world points and the 9-number pose encoding. Losses:
-- camera: Huber on the pose encoding (translation, quaternion with sign ambiguity removed, fov);
+- camera: on the pose encoding (translation, quaternion with sign ambiguity removed, fov), either
+  Huber with the translation in metres (``--camera-loss huber``, the embedded model's) or L1 with
+  the translation relative to the scene's mean point distance (``--camera-loss relative``, as VGGT
+  trains: a Huber loss in metres caps the gradient of a translation error past 0.1 m at a tenth of
+  the rotation's), weighted by ``--camera-weight`` in the total;
 - depth and points: confidence-weighted L1 (errors relative to the scene's mean point distance, so
   confidences are scale-free) minus alpha * log(confidence) on valid pixels, plus a first-order
   gradient term on depth, as VGGT trains its dense heads.
@@ -176,12 +180,27 @@ def depth_gradient_loss(pred, target, valid):
     return (dx(pred) - dx(target)).abs()[vx].mean() + (dy(pred) - dy(target)).abs()[vy].mean()
 
 
-def camera_loss(pred, target):
+CAMERA_LOSSES = ("huber", "relative")
+
+
+def camera_loss(pred, target, scale=None, kind: str = "huber"):
+    """Pose-encoding loss of [B, S, 9] predictions. ``huber``: Huber (delta 0.1) on the translation in
+    metres and on the fov, L1 on the quaternion. ``relative``: L1 on all three, the translation
+    divided by ``scale`` [B] (the scene's mean point distance), so that a pose error costs the same
+    in a small room and a large hall and keeps its full gradient however large it is."""
     quat_p, quat_t = pred[..., 3:7], target[..., 3:7]
     # q and -q are the same rotation
     quat_err = torch.minimum((quat_p - quat_t).abs().sum(-1), (quat_p + quat_t).abs().sum(-1))
-    trans = F.huber_loss(pred[..., :3], target[..., :3], reduction="none", delta=0.1).sum(-1)
-    fov = F.huber_loss(pred[..., 7:], target[..., 7:], reduction="none", delta=0.1).sum(-1)
+    if kind == "huber":
+        trans = F.huber_loss(pred[..., :3], target[..., :3], reduction="none", delta=0.1).sum(-1)
+        fov = F.huber_loss(pred[..., 7:], target[..., 7:], reduction="none", delta=0.1).sum(-1)
+    elif kind == "relative":
+        if scale is None:
+            raise ValueError("the relative camera loss needs the scene scale")
+        trans = (pred[..., :3] - target[..., :3]).abs().sum(-1) / scale.view(-1, *([1] * (pred.dim() - 2)))
+        fov = (pred[..., 7:] - target[..., 7:]).abs().sum(-1)
+    else:
+        raise ValueError(f"unknown camera loss {kind!r}: expected one of {CAMERA_LOSSES}")
     return (trans + quat_err + 0.5 * fov).mean()
 
 
@@ -209,9 +228,11 @@ def bounded_frame_mask(centres, chunk: int, window: int, retrieval: int) -> torc
 
 
 def compute_losses(model, batch, chunk: int, conf_alpha: float = 1.0, bounded: tuple[int, int] | None = None,
-                   bounded_rows: torch.Tensor | None = None):
+                   bounded_rows: torch.Tensor | None = None, camera: tuple[str, float] = ("huber", 1.0)):
     """The losses of one batch. With ``bounded`` = (window, retrieval), the samples that
-    ``bounded_rows`` [B] marks run under ``bounded_frame_mask`` instead of the full causal mask."""
+    ``bounded_rows`` [B] marks run under ``bounded_frame_mask`` instead of the full causal mask.
+    ``camera`` = (kind, weight): the camera loss (``camera_loss``) and its weight in the total; the
+    ``camera`` entry is the loss before weighting, comparable between weights."""
     pose_t, points_t = rebase_to_first(batch)
     images = batch["images"].float()
     depth_t = batch["depth"].float()
@@ -225,12 +246,12 @@ def compute_losses(model, batch, chunk: int, conf_alpha: float = 1.0, bounded: t
     out = model(images, chunk_size=chunk, frame_mask=frame_mask)
     scale = scene_scale(points_t, valid)
     losses = {
-        "camera": camera_loss(out["pose_enc"].float(), pose_t),
+        "camera": camera_loss(out["pose_enc"].float(), pose_t, scale, camera[0]),
         "depth": confidence_l1(out["depth"].float(), out["depth_conf"].float(), depth_t, valid, scale, conf_alpha),
         "depth_grad": depth_gradient_loss(out["depth"].float(), depth_t, valid),
         "points": confidence_l1(out["world_points"].float(), out["world_points_conf"].float(), points_t, valid, scale, conf_alpha),
     }
-    losses["total"] = losses["camera"] + losses["depth"] + losses["depth_grad"] + losses["points"]
+    losses["total"] = camera[1] * losses["camera"] + losses["depth"] + losses["depth_grad"] + losses["points"]
     return losses
 
 
@@ -251,6 +272,9 @@ def main(argv=None) -> int:
     p.add_argument("--bounded-window", type=int, default=4, help="recent frames the bounded mask keeps")
     p.add_argument("--bounded-retrieval", type=int, default=2,
                    help="older frames the bounded mask brings back, those whose cameras are nearest")
+    p.add_argument("--camera-loss", choices=CAMERA_LOSSES, default="huber",
+                   help="huber: translation in metres (the embedded model's); relative: L1, translation over the scene's scale")
+    p.add_argument("--camera-weight", type=float, default=1.0, help="the camera loss's weight in the total")
     p.add_argument("--conf-alpha", type=float, default=1.0, help="confidence regulariser: conf 2 = alpha/2 relative error")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--pool", type=int, default=384, help="pre-rendered training sequences")
@@ -271,6 +295,8 @@ def main(argv=None) -> int:
         p.error(f"--revisit-fraction must be in [0, 1], got {args.revisit_fraction}")
     if not 0.0 <= args.bounded_fraction <= 1.0:
         p.error(f"--bounded-fraction must be in [0, 1], got {args.bounded_fraction}")
+    if not args.camera_weight > 0:
+        p.error(f"--camera-weight must be > 0, got {args.camera_weight}")
     if args.bounded_window < 0 or args.bounded_retrieval < 0:
         p.error("--bounded-window and --bounded-retrieval must be >= 0")
     torch.manual_seed(args.seed)
@@ -314,7 +340,8 @@ def main(argv=None) -> int:
             bounded_rows = torch.tensor([rng.random() < args.bounded_fraction for _ in range(args.batch)])
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             losses = compute_losses(model, batch, args.chunk, args.conf_alpha,
-                                    (args.bounded_window, args.bounded_retrieval), bounded_rows)
+                                    (args.bounded_window, args.bounded_retrieval), bounded_rows,
+                                    (args.camera_loss, args.camera_weight))
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

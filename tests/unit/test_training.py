@@ -10,8 +10,8 @@ import pytest
 from safetensors.torch import load_file
 
 from stac_backend.data import HELD_OUT_SEED, SPLIT_COUNT, VALIDATION_SEED, split_overlapping
-from stac_backend.training.train import (TRAJECTORIES, bounded_frame_mask, confidence_l1, loop_rows, main, pool_seed0,
-                                         revisit_window, sample_batch, scene_scale)
+from stac_backend.training.train import (TRAJECTORIES, bounded_frame_mask, camera_loss, confidence_l1, loop_rows, main,
+                                         pool_seed0, revisit_window, sample_batch, scene_scale)
 
 
 def test_scene_scale_is_the_mean_valid_point_distance():
@@ -170,3 +170,44 @@ def test_training_under_the_bounded_mask_runs_and_refuses_a_bad_share(tmp_path):
     assert main(args + ["--bounded-fraction", "1.0"]) == 0
     with pytest.raises(SystemExit):
         main(args + ["--bounded-fraction", "-0.1"])
+
+
+def _pose(translation, quaternion=(0.0, 0.0, 0.0, 1.0), fov=(1.0, 0.8)):
+    return torch.tensor([*translation, *quaternion, *fov]).view(1, 1, 9)
+
+
+def test_huber_camera_loss_known_answer():
+    """Huber (delta 0.1) per translation and fov component, L1 on the quaternion up to its sign."""
+    target = _pose((0.0, 0.0, 0.0))
+    pred = _pose((1.0, 0.05, 0.0), quaternion=(0.0, 0.0, 0.0, -1.0), fov=(1.0, 0.6))
+    # translation: 1 m past delta (linear part) plus 0.05 m inside it; quaternion: -q is q; fov: 0.2 past delta, weight 0.5
+    expected = (0.1 * (1.0 - 0.05) + 0.5 * 0.05 ** 2) + 0.0 + 0.5 * (0.1 * (0.2 - 0.05))
+    assert torch.allclose(camera_loss(pred, target), torch.tensor(expected))
+
+
+def test_relative_camera_loss_is_scale_free_and_keeps_its_gradient_for_large_errors():
+    target = _pose((0.5, -0.2, 1.0))
+    pred = _pose((1.5, -0.2, 1.0), fov=(1.1, 0.8))
+    small = camera_loss(pred, target, torch.tensor([2.0]), "relative")
+    scaled = lambda pose, k: torch.cat([pose[..., :3] * k, pose[..., 3:]], dim=-1)  # noqa: E731
+    large = camera_loss(scaled(pred, 10.0), scaled(target, 10.0), torch.tensor([20.0]), "relative")
+    assert torch.allclose(small, large)
+    assert torch.allclose(small, torch.tensor(1.0 / 2.0 + 0.5 * 0.1))
+    # a 1 m translation error: d loss / d t is 1 / scale, not Huber's 0.1 cap
+    pred.requires_grad_(True)
+    camera_loss(pred, target, torch.tensor([2.0]), "relative").backward()
+    assert torch.allclose(pred.grad[0, 0, 0], torch.tensor(0.5))
+    with pytest.raises(ValueError, match="scene scale"):
+        camera_loss(pred, target, None, "relative")
+    with pytest.raises(ValueError, match="unknown camera loss"):
+        camera_loss(pred, target, torch.tensor([2.0]), "l2")
+
+
+def test_training_with_the_relative_camera_loss_runs_and_refuses_a_bad_weight(tmp_path):
+    torch.set_num_threads(1)
+    args = ["--preset", "tiny", "--device", "cpu", "--pool", "2", "--pool-frames", "6", "--batch", "1", "--frames", "4",
+            "--height", "28", "--width", "42", "--max-steps", "1", "--camera-loss", "relative", "--out", str(tmp_path / "run")]
+    assert main(args + ["--camera-weight", "5"]) == 0
+    for bad in (["--camera-weight", "0"], ["--camera-loss", "l2"]):
+        with pytest.raises(SystemExit):
+            main(args + bad)
