@@ -13,8 +13,8 @@ convention): depth, world points and the 9-number pose encoding. Losses:
 - camera: on the pose encoding (translation, quaternion with sign ambiguity removed, fov), either
   Huber with the translation in metres (``--camera-loss huber``, the embedded model's) or L1 with
   the translation relative to the scene's mean point distance (``--camera-loss relative``, as VGGT
-  trains: a Huber loss in metres caps the gradient of a translation error past 0.1 m at a tenth of
-  the rotation's), weighted by ``--camera-weight`` in the total;
+  trains: past 0.1 m a Huber loss in metres keeps a translation error's gradient at 0.1 per metre,
+  however large the error), weighted by ``--camera-weight`` in the total;
 - depth and points: confidence-weighted L1 (errors relative to the scene's mean point distance, so
   confidences are scale-free) minus alpha * log(confidence) on valid pixels, plus a first-order
   gradient term on depth, as VGGT trains its dense heads.
