@@ -96,13 +96,17 @@ if HAVE_TRITON:
         return m_new, l_i, acc
 
     @triton.jit
+    def _program_ids(H):
+        """A program's block index along grid axis 0, and its (batch row x head) index along axis 1
+        with the batch row and head it stands for."""
+        bh = tl.program_id(1)
+        return tl.program_id(0), bh, bh // H, bh % H
+
+    @triton.jit
     def _forward_start(Q, stride_qb, stride_qh, stride_qm, H, M, D: tl.constexpr, BLOCK_M: tl.constexpr):
         """A forward program's (batch row, head, query block): its indices, its queries and the
         online softmax's empty state (running max, normaliser, output accumulator)."""
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
+        pid_m, bh, b, h = _program_ids(H)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
         q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
@@ -236,10 +240,7 @@ if HAVE_TRITON:
         HAS_BIAS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr, METHOD: tl.constexpr,
     ):
-        pid_n = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
+        pid_n, bh, b, h = _program_ids(H)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D)
         offs_m = tl.arange(0, BLOCK_M)
@@ -294,10 +295,7 @@ if HAVE_TRITON:
         SLOT_BLOCKS[s] (non-decreasing, SLOT_BLOCKS[0] = 0), as many as the longest segment s of any
         row has. Where a row's segment is shorter (or absent) the program's keys are masked and it
         stores nothing. N: the concatenated length of MASS's key axis."""
-        pid_n = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
+        pid_n, bh, b, h = _program_ids(H)
         # this program's slot: the last whose first program is at or before it (S is small)
         slot = tl.full([], 0, tl.int32)
         slot_begin = tl.full([], 0, tl.int32)
