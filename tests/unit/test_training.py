@@ -10,8 +10,10 @@ import pytest
 from safetensors.torch import load_file
 
 from stac_backend.data import HELD_OUT_SEED, SPLIT_COUNT, VALIDATION_SEED, split_overlapping
-from stac_backend.training.train import (TRAJECTORIES, bounded_frame_mask, camera_loss, confidence_l1, loop_rows, main,
-                                         pool_seed0, revisit_window, sample_batch, scene_scale)
+from stac_backend.model import build_model
+from stac_backend.training.train import (TRAJECTORIES, bounded_frame_mask, camera_loss, compute_losses, confidence_l1,
+                                         loop_rows, main, pool_seed0, render_pool, revisit_window, sample_batch,
+                                         scene_scale)
 
 
 def test_scene_scale_is_the_mean_valid_point_distance():
@@ -201,6 +203,17 @@ def test_relative_camera_loss_is_scale_free_and_keeps_its_gradient_for_large_err
         camera_loss(pred, target, None, "relative")
     with pytest.raises(ValueError, match="unknown camera loss"):
         camera_loss(pred, target, torch.tensor([2.0]), "l2")
+
+
+def test_the_camera_weight_scales_the_camera_term_of_the_total_only():
+    torch.manual_seed(0)
+    model = build_model("tiny", device="cpu", seed=0, cuda_graphs=False, compile=False, fp8=False).eval()
+    batch = {k: v[:1] for k, v in render_pool(1, 4, 28, 42, "cpu", seed0=0).items()}
+    with torch.no_grad():
+        one = compute_losses(model, batch, 2, camera=("relative", 1.0))
+        five = compute_losses(model, batch, 2, camera=("relative", 5.0))
+    assert torch.equal(one["camera"], five["camera"]) and float(one["camera"]) > 0
+    assert torch.allclose(five["total"] - one["total"], 4.0 * one["camera"])
 
 
 def test_training_with_the_relative_camera_loss_runs_and_refuses_a_bad_weight(tmp_path):
