@@ -11,7 +11,8 @@ seeds from 2,000,000 on (also never trained on; compare checkpoints there, not o
 scenes the docs report), looped trajectories (the camera returns to where it started, so bounded
 caches must remember - or retrieve - the beginning). Metrics as the field reports them
 (stac_backend.metrics.evaluate_sequence): accuracy / completeness / normal consistency after
-Sim(3) + ICP, depth Abs Rel and delta < 1.25 after median scaling, ATE / RPE.
+Sim(3) + ICP, depth Abs Rel and delta < 1.25 after median scaling, ATE / RPE, and over every pair
+of frames VGGT's AUC@30 with the median pair rotation / translation-direction errors.
 Baseline for depth: each frame predicted as the constant median of its ground-truth depth.
 """
 
@@ -157,7 +158,8 @@ def write_report(args, results, baseline, done: int) -> dict:
         values = [r["metrics"][key] if "metrics" in r else r[key] for r in rows]
         return float(np.mean(values))
 
-    keys = ("abs_rel", "delta_1.25", "acc_mean", "comp_mean", "nc_mean", "ate_rmse", "rpe_trans", "rpe_rot_deg")
+    keys = ("abs_rel", "delta_1.25", "acc_mean", "comp_mean", "nc_mean", "ate_rmse", "rpe_trans", "rpe_rot_deg",
+            "pose_auc_30", "pair_rot_deg", "pair_trans_deg")
     summary = {name: {k: mean(rows, k) for k in keys} | {"peak_cache_bytes": max(r["peak_cache_bytes"] for r in rows),
                                                           "frames_per_second": mean([{"x": r["frames_per_second"]} for r in rows], "x")}
                for name, rows in results.items()}

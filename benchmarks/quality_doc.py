@@ -219,20 +219,26 @@ def render(report: dict, source: Path, training: Path, previous: Path | None = N
         f"{report['frames']}-frame **{report['trajectory']}** trajectories at {w}x{h}, so the camera comes back to "
         f"where it started; {report['sequences']} sequence(s), means over them.",
         "",
-        "| policy | peak cache MiB | depth Abs Rel | delta<1.25 | acc (m) | comp (m) | NC | ATE (m) | RPE rot (deg) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| policy | peak cache MiB | depth Abs Rel | delta<1.25 | acc (m) | comp (m) | NC | ATE (m) | RPE rot (deg) |"
+        + (" pair rot (deg) | AUC@30 |" if has_pairs(s) else ""),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if has_pairs(s) else ""),
     ]
     for name in POLICIES:
         r = s[name]
         lines.append(f"| {name} | {r['peak_cache_bytes'] / 2**20:.1f} | {r['abs_rel']:.3f} | {r['delta_1.25']:.3f} | "
-                     f"{r['acc_mean']:.3f} | {r['comp_mean']:.3f} | {r['nc_mean']:.3f} | {r['ate_rmse']:.2f} | {r['rpe_rot_deg']:.1f} |")
+                     f"{r['acc_mean']:.3f} | {r['comp_mean']:.3f} | {r['nc_mean']:.3f} | {r['ate_rmse']:.2f} | {r['rpe_rot_deg']:.1f} |"
+                     + (f" {r['pair_rot_deg']:.1f} | {r['pose_auc_30']:.3f} |" if has_pairs(s) else ""))
     b = s["baseline_median_depth"]
     lines += [
-        f"| per-frame median depth (baseline) | - | {b['abs_rel']:.3f} | {b['delta_1.25']:.3f} | - | - | - | - | - |",
+        f"| per-frame median depth (baseline) | - | {b['abs_rel']:.3f} | {b['delta_1.25']:.3f} | - | - | - | - | - |"
+        + (" - | - |" if has_pairs(s) else ""),
         "",
         "Metrics as the field computes them (`stac_backend.metrics`): acc/comp = mean nearest-neighbour",
         "distance after Umeyama Sim(3) + ICP (threshold 0.1), depth after per-sequence median scaling",
-        "(capped at 70 m), ATE/RPE after Sim(3).",
+        "(capped at 70 m), ATE/RPE after Sim(3)"
+        + (("; over every pair of frames, with no alignment (VGGT's camera protocol), the median error of "
+            "the relative rotation (pair rot) and the AUC of the larger of the rotation and translation-direction "
+            "errors for thresholds of 1 to 30 degrees (AUC@30, in [0, 1]).") if has_pairs(s) else "."),
         *metric_caps(report),
         "",
         "What this says:",
@@ -240,6 +246,7 @@ def render(report: dict, source: Path, training: Path, previous: Path | None = N
         f"against {b['abs_rel']:.3f} for the per-frame median-depth baseline.",
         f"- Poses and global point clouds are still rough (ATE {span([s[n]['ate_rmse'] for n in POLICIES], 2)} m in rooms "
         "of a few metres).",
+        *pair_errors_line(s),
         policy_spread(s, training),
     ]
     if conf and conf["50"] < 1.05:
@@ -296,6 +303,24 @@ def render(report: dict, source: Path, training: Path, previous: Path | None = N
         "",
     ]
     return "\n".join(lines)
+
+
+def has_pairs(s: dict) -> bool:
+    """Whether the run scored the pair metrics (runs before they existed did not)."""
+    return all("pose_auc_30" in s[n] and "pair_rot_deg" in s[n] for n in POLICIES if n in s)
+
+
+def pair_errors_line(s: dict) -> list[str]:
+    """What the pair metrics add to the ATE: how far off the cameras' orientations are."""
+    if not has_pairs(s):
+        return []
+    bounded = [n for n in POLICIES if n in s and n != "full"]
+    full = s["full"]
+    return [f"- The ATE scores camera centres only. Over every pair of frames the predicted relative rotation is off by "
+            f"a median of {full['pair_rot_deg']:.1f} degrees with the full cache (AUC@30 {full['pose_auc_30']:.3f}; "
+            f"1 = every pair within 1 degree) and {span([s[n]['pair_rot_deg'] for n in bounded], 1)} degrees with the "
+            f"bounded policies (AUC@30 {span([s[n]['pose_auc_30'] for n in bounded], 3)}): where the cameras look is "
+            "as far from usable as where they are (\"Where the pose error comes from\" below)."]
 
 
 KEPT_FROM = "## Quality against memory budget"

@@ -29,6 +29,8 @@ TABLE_COLUMNS = (
     ("ate_rmse", "ATE (m)", "{:.3f}"),
     ("rpe_trans", "RPE trans (m)", "{:.3f}"),
     ("rpe_rot_deg", "RPE rot (deg)", "{:.2f}"),
+    ("pair_rot_deg", "pair rot (deg)", "{:.1f}"),
+    ("pose_auc_30", "AUC@30", "{:.3f}"),
 )
 
 

@@ -10,6 +10,15 @@ Umeyama Sim(3) on the camera centres, then
   and ``Q`` (GT), ``E_i = (Q_i^-1 Q_{i+delta})^-1 (P_i^-1 P_{i+delta})``; RPE translation is the
   RMS of ``|t(E_i)|`` and RPE rotation the RMS of the rotation angle of ``E_i`` in degrees.
 
+Over every pair of frames (VGGT's camera protocol, from PoseDiffusion), with no alignment at all:
+the relative pose of frames ``i < j`` is ``E_i E_j^-1``; its rotation error is the angle between
+the predicted and true relative rotations, its translation error the angle between the predicted
+and true relative translation directions, up to sign (``min(a, 180 - a)``: the direction of a
+baseline is what a scale-free prediction can get right). ``pose_auc_30`` is the area under the
+accuracy curve of ``max(rotation, translation)`` error for thresholds of 1 to 30 degrees (the mean
+over ``k = 1..30`` of the fraction of pairs below ``k``), in [0, 1]; VGGT reports it x 100. Unlike
+the ATE, which scores camera centres only, it is as strict on where a camera looks as on where it is.
+
 Distances are in GT units (metres).
 """
 
@@ -30,10 +39,16 @@ __all__ = [
     "relative_pose_errors",
     "pose_metrics",
     "rotation_angle",
+    "pair_angle_errors",
+    "pose_auc",
     "POSE_ALIGN_MODES",
+    "PAIR_MAX_FRAMES",
 ]
 
 POSE_ALIGN_MODES = ("sim3", "se3", "none")
+# The pairwise metrics grow with the square of the frames: longer streams are scored on this many
+# evenly spaced frames (at most 79,800 pairs), so that time and memory stay bounded at any length.
+PAIR_MAX_FRAMES = 400
 
 
 def _extrinsics(value, name: str) -> torch.Tensor:
@@ -137,13 +152,73 @@ def relative_pose_errors(
     return error[:, :3, 3].norm(dim=-1), rotation_angle(error[:, :3, :3]) * (180.0 / math.pi)
 
 
+def _pair_frames(num_frames: int, max_frames: int) -> torch.Tensor:
+    if num_frames <= max_frames:
+        return torch.arange(num_frames)
+    return torch.linspace(0, num_frames - 1, max_frames, dtype=torch.float64).round().long()
+
+
+def pair_angle_errors(
+    pred_extrinsics: torch.Tensor, gt_extrinsics: torch.Tensor, *, max_frames: int = PAIR_MAX_FRAMES
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotation and translation-direction errors (degrees) of every pair ``i < j`` of frames, each
+    ``[P]`` (the module docstring says how). Streams longer than ``max_frames`` are scored on that
+    many evenly spaced frames. A pair whose true baseline is zero (a camera back at an earlier
+    pose) has no direction to get right: its translation error is 0 and its rotation alone counts."""
+    pred = world_from_camera(pred_extrinsics)
+    gt = world_from_camera(gt_extrinsics).to(pred.device)
+    if pred.shape != gt.shape:
+        raise ValueError(f"pred and gt must have the same number of frames, got {pred.shape[0]} and {gt.shape[0]}")
+    if pred.shape[0] < 2:
+        raise ValueError(f"pair errors need at least 2 frames, got {pred.shape[0]}")
+    if max_frames < 2:
+        raise ValueError(f"max_frames must be >= 2, got {max_frames}")
+    keep = _pair_frames(pred.shape[0], max_frames).to(pred.device)
+    first, second = torch.triu_indices(len(keep), len(keep), offset=1, device=pred.device)
+    first, second = keep[first], keep[second]
+
+    def relative(poses: torch.Tensor) -> torch.Tensor:
+        # camera_i-from-camera_j = (world-from-camera_i)^-1 (world-from-camera_j) = E_i E_j^-1
+        return torch.linalg.inv(poses[first]) @ poses[second]
+
+    rel_pred, rel_gt = relative(pred), relative(gt)
+    rotation = rotation_angle(rel_pred[:, :3, :3].transpose(1, 2) @ rel_gt[:, :3, :3]) * (180.0 / math.pi)
+    t_pred, t_gt = rel_pred[:, :3, 3], rel_gt[:, :3, 3]
+    # atan2(|a x b|, |a . b|) in [0, 90]: the angle up to sign, well conditioned near 0 (acos is not)
+    translation = torch.rad2deg(torch.atan2(torch.linalg.cross(t_pred, t_gt).norm(dim=-1), (t_pred * t_gt).sum(-1).abs()))
+    gt_length, pred_length = t_gt.norm(dim=-1), t_pred.norm(dim=-1)
+    no_prediction = pred_length <= 1e-12 * pred_length.max().clamp(min=1e-300)  # no direction given: the worst
+    translation = torch.where(no_prediction, torch.full_like(translation, 90.0), translation)
+    degenerate = gt_length <= 1e-9 * gt_length.max().clamp(min=1e-300)
+    return rotation, torch.where(degenerate, torch.zeros_like(translation), translation)
+
+
+def pose_auc(rotation_deg: torch.Tensor, translation_deg: torch.Tensor, max_threshold: int = 30) -> float:
+    """Area under the accuracy curve of ``max(rotation, translation)`` pair errors, thresholds 1 to
+    ``max_threshold`` degrees, in [0, 1] (VGGT's AUC@30 / 100)."""
+    if max_threshold < 1:
+        raise ValueError(f"max_threshold must be >= 1, got {max_threshold}")
+    worst = torch.maximum(rotation_deg, translation_deg)
+    if worst.numel() == 0:
+        raise ValueError("pose_auc needs at least one pair")
+    below = [(worst < k).double().mean() for k in range(1, max_threshold)]
+    below.append((worst <= max_threshold).double().mean())  # the last histogram bin is closed
+    return float(torch.stack(below).mean())
+
+
 def pose_metrics(
     pred_extrinsics: torch.Tensor, gt_extrinsics: torch.Tensor, *, align: str = "sim3", delta: int = 1
 ) -> dict[str, float]:
-    """``ate_rmse``, ``rpe_trans`` (RMS, GT units) and ``rpe_rot_deg`` (RMS, degrees)."""
+    """``ate_rmse``, ``rpe_trans`` (RMS, GT units) and ``rpe_rot_deg`` (RMS, degrees); over every
+    pair of frames, ``pose_auc_30`` and the median rotation / translation-direction errors
+    ``pair_rot_deg`` / ``pair_trans_deg`` (no alignment: ``pair_angle_errors``)."""
     trans, rot = relative_pose_errors(pred_extrinsics, gt_extrinsics, delta=delta, align=align)
+    pair_rot, pair_trans = pair_angle_errors(pred_extrinsics, gt_extrinsics)
     return {
         "ate_rmse": ate_rmse(pred_extrinsics, gt_extrinsics, align=align),
         "rpe_trans": float(trans.square().mean().sqrt()),
         "rpe_rot_deg": float(rot.square().mean().sqrt()),
+        "pose_auc_30": pose_auc(pair_rot, pair_trans, 30),
+        "pair_rot_deg": float(pair_rot.median()),
+        "pair_trans_deg": float(pair_trans.median()),
     }

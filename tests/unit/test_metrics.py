@@ -18,6 +18,8 @@ from stac_backend.metrics import (
     icp,
     nearest_neighbors,
     point_map_normals,
+    pair_angle_errors,
+    pose_auc,
     pose_metrics,
     reconstruction_metrics,
     relative_pose_errors,
@@ -289,6 +291,88 @@ def test_rpe_of_known_perturbations() -> None:
         metrics = pose_metrics(rolled, straight, align=align)
         assert metrics["rpe_rot_deg"] == pytest.approx(2.0, abs=1e-9)
         assert metrics["rpe_trans"] < 1e-9 and metrics["ate_rmse"] < 1e-9
+
+
+def test_pair_errors_vanish_under_a_similarity_and_a_mirrored_baseline_costs_nothing() -> None:
+    gt = _trajectory()
+    world = Sim3(torch.tensor(2.5, dtype=torch.float64), random_rotation(torch.Generator().manual_seed(4)),
+                 torch.tensor([1.0, 2.0, -3.0], dtype=torch.float64))
+    pred = extrinsics_from(world.rotation @ gt[:, :, :3].transpose(1, 2), world.apply(centers_of(gt)))
+    rotation, translation = pair_angle_errors(pred, gt)
+    assert rotation.shape == translation.shape == (12 * 11 // 2,)
+    assert float(rotation.max()) < 1e-9 and float(translation.max()) < 1e-6
+    assert pose_metrics(pred, gt)["pose_auc_30"] == 1.0
+    # Every baseline reversed (centres mirrored through the first camera, rotations exact): a
+    # direction is scored up to sign, as VGGT does, so this costs nothing either.
+    mirrored = extrinsics_from(gt[:, :, :3].transpose(1, 2), 2 * centers_of(gt)[:1] - centers_of(gt))
+    rotation, translation = pair_angle_errors(mirrored, gt)
+    assert float(rotation.max()) < 1e-9 and float(translation.max()) < 1e-6
+
+
+def test_pair_errors_of_known_perturbations() -> None:
+    # Cameras on a line along x, all looking down +z; the prediction turns camera 3 by 10 degrees
+    # about its optical axis and puts camera 5 at a right angle to its true baseline from camera 0.
+    num = 6
+    centers = torch.stack([torch.arange(num, dtype=torch.float64), torch.zeros(num), torch.zeros(num)], -1)
+    eye = torch.eye(3, dtype=torch.float64).expand(num, 3, 3)
+    gt = extrinsics_from(eye, centers)
+    turned = eye.clone()
+    turned[3] = axis_rotation("z", math.radians(10.0))
+    moved = centers.clone()
+    moved[5] = torch.tensor([0.0, 5.0, 0.0], dtype=torch.float64)
+    moved[2] = moved[1]  # no baseline between cameras 1 and 2: no direction predicted
+    rotation, translation = pair_angle_errors(extrinsics_from(turned, moved), gt)
+    first, second = torch.triu_indices(num, num, offset=1)
+    with_3 = (first == 3) | (second == 3)
+    assert torch.allclose(rotation[with_3], torch.full_like(rotation[with_3], 10.0), atol=1e-9)
+    assert float(rotation[~with_3].max()) < 1e-9
+    pair_0_5 = int(((first == 0) & (second == 5)).nonzero())
+    assert float(translation[pair_0_5]) == pytest.approx(90.0, abs=1e-9)
+    assert float(translation[int(((first == 1) & (second == 2)).nonzero())]) == 90.0
+    # Pairs of two unmoved cameras other than 3 keep their baseline's direction exactly.
+    untouched = ~with_3 & (first != 5) & (second != 5) & (first != 2) & (second != 2)
+    assert float(translation[untouched].max()) < 1e-9
+
+
+def test_a_camera_back_at_an_earlier_pose_is_scored_on_rotation_alone() -> None:
+    gt = _trajectory(8)
+    gt[7] = gt[0]  # the loop closes: no baseline between the first and last frame
+    rotation, translation = pair_angle_errors(gt, gt)
+    assert torch.isfinite(translation).all() and float(translation.max()) < 1e-6 and float(rotation.max()) < 1e-9
+
+
+def test_pose_auc_matches_the_histogram_definition() -> None:
+    # VGGT's calculate_auc_np: a histogram of max(rot, trans) over bins [0, 1), ..., [29, 30], then
+    # the mean of its normalised cumulative sum. Computed here independently with numpy.
+    g = torch.Generator().manual_seed(2)
+    rotation = torch.rand(5000, generator=g, dtype=torch.float64) * 45.0
+    translation = torch.rand(5000, generator=g, dtype=torch.float64) * 45.0
+    rotation[:3] = torch.tensor([1.0, 29.0, 30.0], dtype=torch.float64)  # on bin edges
+    translation[:3] = 0.0
+    worst = np.maximum(rotation.numpy(), translation.numpy())
+    histogram, _ = np.histogram(worst, bins=np.arange(31))
+    expected = float(np.mean(np.cumsum(histogram / worst.size)))
+    assert pose_auc(rotation, translation, 30) == pytest.approx(expected, abs=1e-12)
+    # A hand count: errors 0.5, 5.5, 29.5 and 40 degrees -> (5 x 1/4 + 24 x 2/4 + 3/4) / 30.
+    four = torch.tensor([0.5, 5.5, 29.5, 40.0], dtype=torch.float64)
+    assert pose_auc(four, torch.zeros(4, dtype=torch.float64)) == pytest.approx(14.0 / 30.0, abs=1e-12)
+
+
+def test_long_streams_are_paired_on_evenly_spaced_frames() -> None:
+    num = 450
+    angles = torch.linspace(0.0, 3.0, num, dtype=torch.float64)
+    rotations = torch.stack([axis_rotation("z", float(a)) for a in angles])
+    centers = torch.stack([angles.cos(), angles.sin(), torch.zeros(num, dtype=torch.float64)], -1)
+    gt = extrinsics_from(rotations, centers)
+    rotation, _ = pair_angle_errors(gt, gt)
+    assert rotation.shape == (400 * 399 // 2,)
+    assert pair_angle_errors(gt, gt, max_frames=10)[0].shape == (45,)
+    with pytest.raises(ValueError, match="max_frames"):
+        pair_angle_errors(gt, gt, max_frames=1)
+    with pytest.raises(ValueError, match="same number of frames"):
+        pair_angle_errors(gt, gt[:-1])
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        pair_angle_errors(gt[:1], gt[:1])
 
 
 def test_pose_input_validation() -> None:

@@ -57,3 +57,15 @@ def test_points_two_ways_table_and_verdict():
     assert doc.points_two_ways(s)[-1].startswith("With the full cache, depth + cameras is better on completeness (")
     assert "better route" not in doc.points_two_ways(s)[-1]
     assert doc.points_two_ways({"full": {"acc_mean": 0.3}}) == []
+
+
+def test_pair_errors_line_reports_the_span_and_only_when_scored():
+    doc = load_script(SCRIPT, "quality_doc")
+    s = {name: {"pair_rot_deg": rot, "pose_auc_30": auc}
+         for name, rot, auc in zip(("full", "window", "sink_window", "heavy_hitter", "stac"),
+                                   (20.04, 31.0, 30.0, 28.5, 28.5), (0.31, 0.2, 0.21, 0.25, 0.25))}
+    (line,) = doc.pair_errors_line(s)
+    assert "a median of 20.0 degrees with the full cache (AUC@30 0.310;" in line
+    assert "and 28.5-31.0 degrees with the bounded policies (AUC@30 0.200-0.250)" in line
+    del s["stac"]["pose_auc_30"]  # a run from before the pair metrics
+    assert doc.pair_errors_line(s) == [] and not doc.has_pairs(s)
