@@ -33,7 +33,7 @@ import torch
 from stac_backend.assets import EMBEDDED_CHECKPOINT
 from stac_backend.cache import CacheConfig
 from stac_backend.data import SPLITS, make_sequence, to_first_camera_frame
-from stac_backend.engine import Stream
+from stac_backend.evaluation.runner import stream_sequence
 from stac_backend.metrics import pose_metrics
 from stac_backend.metrics.pose import rotation_angle, world_from_camera
 from stac_backend.model import build_model
@@ -55,15 +55,6 @@ def training_pool_loops(training: Path, count: int) -> tuple[list[int], dict]:
     rows = loop_rows(pool)[:count]
     return [first + r for r in rows], {"seed": seed, "pool": pool, "pool_frames": int(args["pool_frames"]),
                                        "resumed_from_step": int(last.get("resumed_from_step", 0)), "first_scene": first}
-
-
-def stream_extrinsics(model, images: torch.Tensor, chunk: int = 4) -> torch.Tensor:
-    stream = Stream(model, cache=CacheConfig(policy="full"))
-    out = []
-    with torch.inference_mode():
-        for i in range(0, images.shape[0], chunk):
-            out.append(stream.push(images[i : i + chunk])["extrinsics"].float().cpu())
-    return torch.cat(out)
 
 
 def rotation_pairs(pred: torch.Tensor, gt: torch.Tensor, first: torch.Tensor, second: torch.Tensor):
@@ -142,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for seed in seeds:
             seq = to_first_camera_frame(make_sequence(args.frames, args.height, args.width, trajectory="loop", seed=seed))
-            pred = stream_extrinsics(model, seq.images.to(args.device))
+            pred = stream_sequence(model, seq.images, CacheConfig(policy="full"))[0]["extrinsics"]
             row = {"seed": seed, **diagnose(pred, seq.extrinsics.float())}
             rows.append(row)
             m = row["metrics"]

@@ -209,6 +209,7 @@ def render(report: dict, source: Path, training: Path, previous: Path | None = N
     pool = stac_runs[0]["cache_stats"]
     conf = stac_runs[0].get("point_conf_percentiles", {})
     bar = report.get("stac_overrides", {}).get("conf_threshold", 2.0)
+    pairs = has_pairs(s)  # runs from before the pair metrics have no such columns
     lines = [
         "# Quality of the embedded model and of each cache policy",
         "",
@@ -220,25 +221,25 @@ def render(report: dict, source: Path, training: Path, previous: Path | None = N
         f"where it started; {report['sequences']} sequence(s), means over them.",
         "",
         "| policy | peak cache MiB | depth Abs Rel | delta<1.25 | acc (m) | comp (m) | NC | ATE (m) | RPE rot (deg) |"
-        + (" pair rot (deg) | AUC@30 |" if has_pairs(s) else ""),
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if has_pairs(s) else ""),
+        + (" pair rot (deg) | AUC@30 |" if pairs else ""),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if pairs else ""),
     ]
     for name in POLICIES:
         r = s[name]
         lines.append(f"| {name} | {r['peak_cache_bytes'] / 2**20:.1f} | {r['abs_rel']:.3f} | {r['delta_1.25']:.3f} | "
                      f"{r['acc_mean']:.3f} | {r['comp_mean']:.3f} | {r['nc_mean']:.3f} | {r['ate_rmse']:.2f} | {r['rpe_rot_deg']:.1f} |"
-                     + (f" {r['pair_rot_deg']:.1f} | {r['pose_auc_30']:.3f} |" if has_pairs(s) else ""))
+                     + (f" {r['pair_rot_deg']:.1f} | {r['pose_auc_30']:.3f} |" if pairs else ""))
     b = s["baseline_median_depth"]
     lines += [
         f"| per-frame median depth (baseline) | - | {b['abs_rel']:.3f} | {b['delta_1.25']:.3f} | - | - | - | - | - |"
-        + (" - | - |" if has_pairs(s) else ""),
+        + (" - | - |" if pairs else ""),
         "",
         "Metrics as the field computes them (`stac_backend.metrics`): acc/comp = mean nearest-neighbour",
         "distance after Umeyama Sim(3) + ICP (threshold 0.1), depth after per-sequence median scaling",
         "(capped at 70 m), ATE/RPE after Sim(3)"
         + (("; over every pair of frames, with no alignment (VGGT's camera protocol), the median error of "
             "the relative rotation (pair rot) and the AUC of the larger of the rotation and translation-direction "
-            "errors for thresholds of 1 to 30 degrees (AUC@30, in [0, 1]).") if has_pairs(s) else "."),
+            "errors for thresholds of 1 to 30 degrees (AUC@30, in [0, 1]).") if pairs else "."),
         *metric_caps(report),
         "",
         "What this says:",
