@@ -18,7 +18,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 __all__ = [
     "NginxConfig",
@@ -340,6 +340,19 @@ class NginxProxy:
         if not self.access_log.exists():
             return []
         return [dict(zip(keys, line.split("\t"))) for line in self.access_log.read_text().splitlines() if line.strip()]
+
+    def wait_for_access_entries(self, done: Callable[[list[dict[str, str]]], bool],
+                                timeout_s: float = 10.0) -> list[dict[str, str]]:
+        """The access log once ``done(entries)`` holds, or as it stands after ``timeout_s``.
+
+        NGINX writes a request's line in its log phase, after the response has gone out, so a
+        client can hold its answer (or its error) a moment before the line exists."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            entries = self.access_entries()
+            if done(entries) or time.monotonic() >= deadline:
+                return entries
+            time.sleep(0.05)
 
     def __enter__(self) -> "NginxProxy":
         return self.start()

@@ -22,7 +22,6 @@ import asyncio
 import importlib.util
 import os
 import signal
-import time
 
 import numpy as np
 import pytest
@@ -111,13 +110,11 @@ def discover_routes(proxy: NginxProxy, servers) -> dict[int, int]:
 
     asyncio.run(probe())
     index = {s.grpc_url: i for i, s in enumerate(servers)}
-    routes = {}
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and len(routes) < len(candidates):
-        for entry in proxy.access_entries():
-            if entry["stream_id"].isdigit() and int(entry["stream_id"]) in candidates:
-                routes[int(entry["stream_id"])] = index[entry["upstream"]]
-        time.sleep(0.05)
+    def probed(entries):
+        return {int(e["stream_id"]): index[e["upstream"]] for e in entries
+                if e["stream_id"].isdigit() and int(e["stream_id"]) in candidates}
+
+    routes = probed(proxy.wait_for_access_entries(lambda entries: len(probed(entries)) == len(candidates)))
     assert len(routes) == len(candidates), "the access log does not name the upstream of every probe"
     return routes
 
@@ -180,7 +177,10 @@ def test_streams_stick_to_one_replica_and_match_the_engine(cluster, model):
     assert agg["frames"] == 8 * 16 and agg["requests"] == 8 * 4
 
     # Per request: NGINX sent every request of a stream to the same replica, the one the probe predicted.
-    entries = [e for e in proxy.access_entries()[log_start:] if e["stream_id"].isdigit()]
+    def routed(entries):
+        return [e for e in entries[log_start:] if e["stream_id"].isdigit()]
+
+    entries = routed(proxy.wait_for_access_entries(lambda entries: len(routed(entries)) >= 8 * 4))
     upstream_of = {}
     for e in entries:
         upstream_of.setdefault(int(e["stream_id"]), set()).add(e["upstream"])

@@ -86,6 +86,7 @@ def test_an_oversized_unary_request_never_reaches_triton(deployment):
     inputs[0].set_data_from_numpy(frames)
     with pytest.raises(InferenceServerException):
         client.infer("stac", inputs, sequence_id=new_stream_id(), sequence_start=True)
-    assert any(e["status"] == "413" for e in proxy.access_entries())
+    refused = lambda entries: any(e["status"] == "413" for e in entries)  # noqa: E731
+    assert refused(proxy.wait_for_access_entries(refused)), "the proxy's log shows no 413"
     assert failed_requests(server) == before
     client.close()
