@@ -13,6 +13,12 @@ relative rotation's angle against the true one, grouped by the true angle:
 * ``gain``: median of predicted angle / true angle (1: the camera head turns as far as the camera);
 * ``error_deg``: median angle between the predicted and the true relative rotation.
 
+And the direction of the turn: for every frame that has turned 20 to 90 degrees from frame 0,
+whether the predicted turn (as a rotation vector, axis times angle) points against the true one
+(a negative dot product). Larger turns are not judged: near half a turn, a turn a little past it
+and one a little short of it, the other way round, are close rotations with opposite vectors. A loop where most such frames turn the wrong way is ``mirrored``: the
+camera head has the direction of travel round the room backwards.
+
 Scenes: the validation split (seeds from 2,000,000, never trained on) and the ``loop`` rows of the
 training pool that the last run in ``--training`` rendered (its ``--seed``, ``--pool`` and the step
 it resumed at fix the pool: ``stac_backend.training.train.pool_seed0``), so that a weakness the
@@ -36,6 +42,7 @@ from stac_backend.data import SPLITS, make_sequence, to_first_camera_frame
 from stac_backend.evaluation.runner import stream_sequence
 from stac_backend.metrics import pose_metrics
 from stac_backend.metrics.pose import rotation_angle, world_from_camera
+from stac_backend.model.pose import matrix_to_quaternion
 from stac_backend.model import build_model
 from stac_backend.results import write_result
 from stac_backend.training.train import loop_rows, pool_seed0
@@ -44,6 +51,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LAGS = (4, 16, 64)
 # Bins of the true relative rotation angle (degrees): small turns up to half a lap.
 ANGLE_BINS = (0.0, 2.0, 5.0, 10.0, 20.0, 45.0, 180.0)
+# The turns from frame 0 (degrees) whose direction is judged: smaller ones have no direction worth
+# judging, and near 180 degrees a rotation vector's direction flips for a small change of rotation.
+DIRECTION_RANGE_DEG = (20.0, 90.0)
 
 
 def training_pool_loops(training: Path, count: int) -> tuple[list[int], dict]:
@@ -67,6 +77,29 @@ def rotation_pairs(pred: torch.Tensor, gt: torch.Tensor, first: torch.Tensor, se
             rotation_angle(rel_p.transpose(1, 2) @ rel_g) * deg)
 
 
+def rotation_vectors(rotation: torch.Tensor) -> torch.Tensor:
+    """[N, 3] axis times angle (radians, in [0, pi]) of [N, 3, 3] rotations."""
+    q = matrix_to_quaternion(rotation.double())  # x, y, z, w
+    q = torch.where(q[:, 3:] < 0, -q, q)  # w >= 0: the angle is at most pi
+    vector = q[:, :3]
+    norm = vector.norm(dim=-1, keepdim=True)
+    angle = 2.0 * torch.atan2(norm, q[:, 3:])
+    return torch.where(norm > 1e-12, vector / norm.clamp_min(1e-12) * angle, torch.zeros_like(vector))
+
+
+def turn_direction(pred: torch.Tensor, gt: torch.Tensor) -> dict:
+    """Of the frames whose turn from frame 0 is in DIRECTION_RANGE_DEG, how many the head turns the wrong way."""
+    p, g = world_from_camera(pred)[:, :3, :3], world_from_camera(gt)[:, :3, :3]
+    true = rotation_vectors(g[:1].transpose(1, 2) @ g)
+    predicted = rotation_vectors(p[:1].transpose(1, 2) @ p)
+    low, high = (math.radians(d) for d in DIRECTION_RANGE_DEG)
+    judged = (true.norm(dim=-1) >= low) & (true.norm(dim=-1) < high)
+    wrong = (true * predicted).sum(-1) < 0
+    frames = int(judged.sum())
+    fraction = float(wrong[judged].float().mean()) if frames else 0.0
+    return {"frames": frames, "wrong_way_fraction": fraction, "mirrored": frames > 0 and fraction > 0.5}
+
+
 def binned(true: np.ndarray, pred: np.ndarray, error: np.ndarray) -> list[dict]:
     rows = []
     for low, high in zip(ANGLE_BINS[:-1], ANGLE_BINS[1:]):
@@ -83,16 +116,25 @@ def diagnose(pred: torch.Tensor, gt: torch.Tensor) -> dict:
     n = gt.shape[0]
     groups = {f"lag_{lag}": (torch.arange(n - lag), torch.arange(lag, n)) for lag in LAGS if lag < n}
     groups["from_frame_0"] = (torch.zeros(n - 1, dtype=torch.long), torch.arange(1, n))
-    result = {"metrics": pose_metrics(pred, gt), "rotation": {}}
+    result = {"metrics": pose_metrics(pred, gt), "direction": turn_direction(pred, gt), "rotation": {}}
     for name, (first, second) in groups.items():
         true, predicted, error = (t.numpy() for t in rotation_pairs(pred, gt, first, second))
         result["rotation"][name] = binned(true, predicted, error)
     return result
 
 
+def mean_metrics(rows: list[dict]) -> dict | None:
+    return {k: float(np.mean([r["metrics"][k] for r in rows])) for k in rows[0]["metrics"]} if rows else None
+
+
 def pooled(rows: list[dict]) -> dict:
-    """Means over loops of the pose metrics, and of each bin's gain and error where every loop has it."""
-    metrics = {k: float(np.mean([r["metrics"][k] for r in rows])) for k in rows[0]["metrics"]}
+    """Means over loops of the pose metrics (all loops, and the mirrored ones apart from the rest), the
+    count of mirrored loops, and the mean of each bin's gain and error over the loops that have it."""
+    mirrored = [r for r in rows if r["direction"]["mirrored"]]
+    direction = {"loops": len(rows), "mirrored_loops": len(mirrored),
+                 "wrong_way_fraction": float(np.mean([r["direction"]["wrong_way_fraction"] for r in rows])),
+                 "metrics_mirrored": mean_metrics(mirrored),
+                 "metrics_not_mirrored": mean_metrics([r for r in rows if not r["direction"]["mirrored"]])}
     rotation = {}
     for name in rows[0]["rotation"]:
         bins = {}
@@ -102,7 +144,7 @@ def pooled(rows: list[dict]) -> dict:
         rotation[name] = [{"true_deg": list(key), "loops": len(v), "pairs": sum(b["pairs"] for b in v),
                            "gain": float(np.mean([b["gain"] for b in v])),
                            "error_deg": float(np.mean([b["error_deg"] for b in v]))} for key, v in sorted(bins.items())]
-    return {"metrics": metrics, "rotation": rotation}
+    return {"metrics": mean_metrics(rows), "direction": direction, "rotation": rotation}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             row = {"seed": seed, **diagnose(pred, seq.extrinsics.float())}
             rows.append(row)
             m = row["metrics"]
-            print(f"{kind} {seed}: ate {m['ate_rmse']:.3f} auc30 {m['pose_auc_30']:.3f} pair rot {m['pair_rot_deg']:.1f} deg",
-                  file=sys.stderr)
+            print(f"{kind} {seed}: ate {m['ate_rmse']:.3f} auc30 {m['pose_auc_30']:.3f} pair rot {m['pair_rot_deg']:.1f} deg,"
+                  f" turns the wrong way on {row['direction']['wrong_way_fraction']:.0%} of frames", file=sys.stderr)
         report["per_loop"][kind] = rows
         report["summary"][kind] = pooled(rows)
         write_result(args.out, report, "pose_diagnosis", args.device)

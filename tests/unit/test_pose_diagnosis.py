@@ -55,3 +55,30 @@ def test_a_camera_head_that_turns_half_as_far_has_gain_one_half():
     assert lag_4["true_deg"] == [10.0, 20.0] and lag_4["pairs"] == 16
     assert lag_4["gain"] == pytest.approx(0.5) and lag_4["error_deg"] == pytest.approx(6.0)
     assert under["metrics"]["pair_rot_deg"] > 0 and exact["metrics"]["pose_auc_30"] == 1.0
+
+
+def test_a_head_that_turns_the_other_way_is_mirrored_and_small_turns_are_not_judged():
+    diag = load_script(SCRIPT, "pose_diagnosis")
+    truth = yaw_trajectory(3.0, frames=30)  # frame t has turned 3t degrees: frames 7..29 (21-87) are judged
+    assert diag.turn_direction(truth.clone(), truth) == {"frames": 23, "wrong_way_fraction": 0.0, "mirrored": False}
+    backwards = diag.turn_direction(yaw_trajectory(-2.0, frames=30), truth)
+    assert backwards == {"frames": 23, "wrong_way_fraction": 1.0, "mirrored": True}
+    # Turning the other way only after 20 frames: 10 of the 23 judged frames are wrong, not mirrored.
+    late = torch.cat([truth[:20], yaw_trajectory(-3.0, frames=30)[20:]])
+    assert diag.turn_direction(late, truth) == {"frames": 23, "wrong_way_fraction": pytest.approx(10 / 23),
+                                                "mirrored": False}
+    assert diag.turn_direction(yaw_trajectory(0.5, frames=30), yaw_trajectory(0.5, frames=30))["frames"] == 0
+    # Turns of 90 degrees and more are not judged: at 7 degrees a frame, of 40 frames only 3..12 (21-84
+    # degrees) and 39 (273 degrees, i.e. 87 the other way round).
+    assert diag.turn_direction(yaw_trajectory(-7.0, frames=40), yaw_trajectory(7.0, frames=40)) == {
+        "frames": 11, "wrong_way_fraction": 1.0, "mirrored": True}
+
+
+def test_rotation_vectors_are_axis_times_angle_up_to_half_a_turn():
+    diag = load_script(SCRIPT, "pose_diagnosis")
+    rotations = yaw_trajectory(30.0, frames=7)[:, :, :3]  # 0 .. 180 degrees about y
+    vectors = diag.rotation_vectors(rotations)
+    angles = vectors.norm(dim=-1)
+    assert torch.allclose(angles, torch.deg2rad(torch.arange(7, dtype=torch.float64) * 30.0), atol=1e-6)
+    assert torch.allclose(vectors[1:6, [0, 2]], torch.zeros(5, 2, dtype=torch.float64), atol=1e-9)
+    assert (vectors[1:6, 1] * vectors[1, 1] > 0).all()  # one sense of turning throughout
