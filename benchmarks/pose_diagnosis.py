@@ -16,8 +16,9 @@ relative rotation's angle against the true one, grouped by the true angle:
 And the direction of the turn: for every frame that has turned 20 to 90 degrees from frame 0,
 whether the predicted turn (as a rotation vector, axis times angle) points against the true one
 (a negative dot product). Larger turns are not judged: near half a turn, a turn a little past it
-and one a little short of it, the other way round, are close rotations with opposite vectors. A loop where most such frames turn the wrong way is ``mirrored``: the
-camera head has the direction of travel round the room backwards.
+and one a little short of it the other way round are close rotations with opposite vectors. A
+loop where most judged frames turn the wrong way is ``mirrored``: the camera head has the
+direction of travel round the room backwards.
 
 Scenes: the validation split (seeds from 2,000,000, never trained on) and the ``loop`` rows of the
 training pool that the last run in ``--training`` rendered (its ``--seed``, ``--pool`` and the step
@@ -42,8 +43,8 @@ from stac_backend.data import SPLITS, make_sequence, to_first_camera_frame
 from stac_backend.evaluation.runner import stream_sequence
 from stac_backend.metrics import pose_metrics
 from stac_backend.metrics.pose import rotation_angle, world_from_camera
-from stac_backend.model.pose import matrix_to_quaternion
 from stac_backend.model import build_model
+from stac_backend.model.pose import matrix_to_quaternion
 from stac_backend.results import write_result
 from stac_backend.training.train import loop_rows, pool_seed0
 

@@ -110,6 +110,7 @@ def discover_routes(proxy: NginxProxy, servers) -> dict[int, int]:
 
     asyncio.run(probe())
     index = {s.grpc_url: i for i, s in enumerate(servers)}
+
     def probed(entries):
         return {int(e["stream_id"]): index[e["upstream"]] for e in entries
                 if e["stream_id"].isdigit() and int(e["stream_id"]) in candidates}
