@@ -20,6 +20,11 @@ and one a little short of it the other way round are close rotations with opposi
 loop where most judged frames turn the wrong way is ``mirrored``: the camera head has the
 direction of travel round the room backwards.
 
+Each loop is also streamed mirrored left-right and scored against the mirrored truth
+(``direction_mirrored_input``). A head that reads the turn from the image motion is right on both
+or wrong on both; where it is right on one and wrong on the other, its direction did not follow
+the images (``direction_ignores_image``): it gave the same turn whichever way the picture moved.
+
 Scenes: the validation split (seeds from 2,000,000, never trained on) and the ``loop`` rows of the
 training pool that the last run in ``--training`` rendered (its ``--seed``, ``--pool`` and the step
 it resumed at fix the pool: ``stac_backend.training.train.pool_seed0``), so that a weakness the
@@ -88,6 +93,13 @@ def rotation_vectors(rotation: torch.Tensor) -> torch.Tensor:
     return torch.where(norm > 1e-12, vector / norm.clamp_min(1e-12) * angle, torch.zeros_like(vector))
 
 
+def mirrored_left_right(extrinsics: torch.Tensor) -> torch.Tensor:
+    """The camera-from-world extrinsics [S, 3, 4] that see the left-right mirror image of the scene:
+    x negated in camera and world coordinates alike (the images flipped about a centred principal point)."""
+    flip = torch.diag(torch.tensor([-1.0, 1.0, 1.0], dtype=extrinsics.dtype))
+    return torch.cat([flip @ extrinsics[..., :3] @ flip, flip @ extrinsics[..., 3:]], dim=-1)
+
+
 def turn_direction(pred: torch.Tensor, gt: torch.Tensor) -> dict:
     """Of the frames whose turn from frame 0 is in DIRECTION_RANGE_DEG, how many the head turns the wrong way."""
     p, g = world_from_camera(pred)[:, :3, :3], world_from_camera(gt)[:, :3, :3]
@@ -99,6 +111,14 @@ def turn_direction(pred: torch.Tensor, gt: torch.Tensor) -> dict:
     frames = int(judged.sum())
     fraction = float(wrong[judged].float().mean()) if frames else 0.0
     return {"frames": frames, "wrong_way_fraction": fraction, "mirrored": frames > 0 and fraction > 0.5}
+
+
+def add_mirrored_input(row: dict, pred_mirrored: torch.Tensor, truth: torch.Tensor) -> dict:
+    """Score the prediction for the left-right mirrored images against the mirrored truth, and say
+    whether the loop's direction was right on one input and wrong on the other."""
+    row["direction_mirrored_input"] = turn_direction(pred_mirrored, mirrored_left_right(truth))
+    row["direction_ignores_image"] = row["direction"]["mirrored"] != row["direction_mirrored_input"]["mirrored"]
+    return row
 
 
 def binned(true: np.ndarray, pred: np.ndarray, error: np.ndarray) -> list[dict]:
@@ -133,6 +153,8 @@ def pooled(rows: list[dict]) -> dict:
     count of mirrored loops, and the mean of each bin's gain and error over the loops that have it."""
     mirrored = [r for r in rows if r["direction"]["mirrored"]]
     direction = {"loops": len(rows), "mirrored_loops": len(mirrored),
+                 "mirrored_loops_mirrored_input": sum(r["direction_mirrored_input"]["mirrored"] for r in rows),
+                 "loops_direction_ignores_image": sum(r["direction_ignores_image"] for r in rows),
                  "wrong_way_fraction": float(np.mean([r["direction"]["wrong_way_fraction"] for r in rows])),
                  "metrics_mirrored": mean_metrics(mirrored),
                  "metrics_not_mirrored": mean_metrics([r for r in rows if not r["direction"]["mirrored"]])}
@@ -176,12 +198,15 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for seed in seeds:
             seq = to_first_camera_frame(make_sequence(args.frames, args.height, args.width, trajectory="loop", seed=seed))
+            truth = seq.extrinsics.float()
             pred = stream_sequence(model, seq.images, CacheConfig(policy="full"))[0]["extrinsics"]
-            row = {"seed": seed, **diagnose(pred, seq.extrinsics.float())}
+            pred_mirrored = stream_sequence(model, seq.images.flip(-1), CacheConfig(policy="full"))[0]["extrinsics"]
+            row = add_mirrored_input({"seed": seed, **diagnose(pred, truth)}, pred_mirrored, truth)
             rows.append(row)
             m = row["metrics"]
             print(f"{kind} {seed}: ate {m['ate_rmse']:.3f} auc30 {m['pose_auc_30']:.3f} pair rot {m['pair_rot_deg']:.1f} deg,"
-                  f" turns the wrong way on {row['direction']['wrong_way_fraction']:.0%} of frames", file=sys.stderr)
+                  f" turns the wrong way on {row['direction']['wrong_way_fraction']:.0%} of frames"
+                  f" ({row['direction_mirrored_input']['wrong_way_fraction']:.0%} mirrored)", file=sys.stderr)
         report["per_loop"][kind] = rows
         report["summary"][kind] = pooled(rows)
         write_result(args.out, report, "pose_diagnosis", args.device)

@@ -82,3 +82,32 @@ def test_rotation_vectors_are_axis_times_angle_up_to_half_a_turn():
     assert torch.allclose(angles, torch.deg2rad(torch.arange(7, dtype=torch.float64) * 30.0), atol=1e-6)
     assert torch.allclose(vectors[1:6, [0, 2]], torch.zeros(5, 2, dtype=torch.float64), atol=1e-9)
     assert (vectors[1:6, 1] * vectors[1, 1] > 0).all()  # one sense of turning throughout
+
+
+def test_the_mirror_image_turns_the_other_way_and_mirroring_twice_is_the_identity():
+    diag = load_script(SCRIPT, "pose_diagnosis")
+    truth = yaw_trajectory(3.0, frames=30)
+    mirrored = diag.mirrored_left_right(truth)
+    assert torch.allclose(diag.mirrored_left_right(mirrored), truth)
+    assert torch.allclose(mirrored[..., :3], yaw_trajectory(-3.0, frames=30)[..., :3])
+    # The camera centres are mirrored in x: t = -R c, so c = -R^T t.
+    centres = -(truth[..., :3].transpose(1, 2) @ truth[..., 3:])[..., 0]
+    mirrored_centres = -(mirrored[..., :3].transpose(1, 2) @ mirrored[..., 3:])[..., 0]
+    assert torch.allclose(mirrored_centres, centres * torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64))
+    assert diag.turn_direction(mirrored, truth)["mirrored"]
+
+
+def test_pooled_counts_the_loops_whose_direction_does_not_follow_the_image():
+    diag = load_script(SCRIPT, "pose_diagnosis")
+    truth = yaw_trajectory(3.0, frames=30)
+    mirror = diag.mirrored_left_right
+    # Predictions as rendered and for the mirrored input: reads the image / ignores it / reads it backwards.
+    heads = {"reads the image": (truth, mirror(truth)), "ignores the image": (truth, truth),
+             "reads it backwards": (mirror(truth), truth)}
+    rows = [diag.add_mirrored_input(diag.diagnose(pred, truth), pred_mirrored, truth)
+            for pred, pred_mirrored in heads.values()]
+    assert [r["direction_ignores_image"] for r in rows] == [False, True, False]
+    direction = diag.pooled(rows)["direction"]
+    assert direction["mirrored_loops"] == 1 and direction["mirrored_loops_mirrored_input"] == 2
+    assert direction["loops_direction_ignores_image"] == 1
+    assert direction["metrics_mirrored"]["pair_rot_deg"] > direction["metrics_not_mirrored"]["pair_rot_deg"]
