@@ -73,11 +73,15 @@ def training_pool_loops(training: Path, count: int) -> tuple[list[int], dict]:
                                        "resumed_from_step": int(last.get("resumed_from_step", 0)), "first_scene": first}
 
 
+def relative_rotations(extrinsics: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """[P, 3, 3] rotations taking camera ``second``'s axes to camera ``first``'s, for each pair."""
+    world = world_from_camera(extrinsics)[:, :3, :3]
+    return world[first].transpose(1, 2) @ world[second]
+
+
 def rotation_pairs(pred: torch.Tensor, gt: torch.Tensor, first: torch.Tensor, second: torch.Tensor):
     """True angle, predicted angle and error angle (degrees) of the relative rotations of the given pairs."""
-    p, g = world_from_camera(pred)[:, :3, :3], world_from_camera(gt)[:, :3, :3]
-    rel_p = p[first].transpose(1, 2) @ p[second]
-    rel_g = g[first].transpose(1, 2) @ g[second]
+    rel_p, rel_g = relative_rotations(pred, first, second), relative_rotations(gt, first, second)
     deg = 180.0 / math.pi
     return (rotation_angle(rel_g) * deg, rotation_angle(rel_p) * deg,
             rotation_angle(rel_p.transpose(1, 2) @ rel_g) * deg)
@@ -102,9 +106,9 @@ def mirrored_left_right(extrinsics: torch.Tensor) -> torch.Tensor:
 
 def turn_direction(pred: torch.Tensor, gt: torch.Tensor) -> dict:
     """Of the frames whose turn from frame 0 is in DIRECTION_RANGE_DEG, how many the head turns the wrong way."""
-    p, g = world_from_camera(pred)[:, :3, :3], world_from_camera(gt)[:, :3, :3]
-    true = rotation_vectors(g[:1].transpose(1, 2) @ g)
-    predicted = rotation_vectors(p[:1].transpose(1, 2) @ p)
+    frame_0, every = torch.zeros(gt.shape[0], dtype=torch.long), torch.arange(gt.shape[0])
+    true = rotation_vectors(relative_rotations(gt, frame_0, every))
+    predicted = rotation_vectors(relative_rotations(pred, frame_0, every))
     low, high = (math.radians(d) for d in DIRECTION_RANGE_DEG)
     judged = (true.norm(dim=-1) >= low) & (true.norm(dim=-1) < high)
     wrong = (true * predicted).sum(-1) < 0
